@@ -1,0 +1,46 @@
+"""The library's exception types, in one place.
+
+Every error raised on purpose by aimz_trainer derives from :class:`AimzTrainerError`, and each
+also derives from the built-in type a Python user would expect (``ValueError`` for bad
+arguments), so ``except ValueError`` keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AimzTrainerError",
+    "ConfigurationError",
+    "DataError",
+    "NonFiniteLossError",
+]
+
+
+class AimzTrainerError(Exception):
+    """Base class of every error aimz_trainer raises on purpose."""
+
+
+class ConfigurationError(AimzTrainerError, ValueError):
+    """A Trainer or fit argument has a value the library cannot use."""
+
+
+class DataError(AimzTrainerError, ValueError):
+    """The training data do not fit the model or the requested batching."""
+
+
+class NonFiniteLossError(AimzTrainerError, FloatingPointError):
+    """The ELBO loss became NaN or infinite.
+
+    Attributes:
+        step: the global step (0-based) whose loss was not finite; the trainer's state is the
+            one from before that step.
+        loss: the offending loss value.
+    """
+
+    def __init__(self, step: int, loss: float) -> None:
+        super().__init__(
+            f"the ELBO loss at step {step} is {loss}; training stopped and trainer.state holds "
+            "the state from before that step. Lower the learning rate, check the data for "
+            "NaN/inf, or pass nonfinite_loss='warn' to stop with a warning instead."
+        )
+        self.step = step
+        self.loss = loss

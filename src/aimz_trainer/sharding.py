@@ -1,0 +1,82 @@
+"""The device mesh and the shardings of batches and state on it.
+
+Training and prediction share one 1-D :class:`jax.sharding.Mesh` whose single axis is named
+``"data"``: minibatch rows are split across it and everything else is replicated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from aimz_trainer.errors import ConfigurationError
+
+__all__ = [
+    "DATA_AXIS",
+    "batch_sharding",
+    "make_mesh",
+    "replicated",
+    "stacked_batch_sharding",
+    "to_global_array",
+]
+
+DATA_AXIS = "data"
+
+
+def make_mesh(devices: int | Sequence[jax.Device] | None = None) -> Mesh:
+    """Build the 1-D ``"data"`` mesh training and prediction run on.
+
+    Args:
+        devices: ``None`` for every device of every process, an ``int`` for the first that many
+            devices, or an explicit sequence of devices.
+
+    Returns:
+        A mesh with one axis, ``"data"``.
+
+    Example:
+        >>> mesh = make_mesh(1)
+        >>> mesh.axis_names, mesh.size
+        (('data',), 1)
+    """
+    available = jax.devices()
+    if devices is None:
+        chosen = available
+    elif isinstance(devices, int) and not isinstance(devices, bool):
+        if not 1 <= devices <= len(available):
+            raise ConfigurationError(
+                f"devices={devices} but {len(available)} device(s) are available; pass an int "
+                f"between 1 and {len(available)}, a list of devices, or None for all of them."
+            )
+        chosen = available[:devices]
+    else:
+        chosen = list(devices)
+        if not chosen or not all(isinstance(d, jax.Device) for d in chosen):
+            raise ConfigurationError(
+                f"devices must be None, an int or a non-empty sequence of jax.Device; got {devices!r}."
+            )
+    return Mesh(np.asarray(chosen), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """The sharding of arrays every device holds whole (SVI state, device-resident data)."""
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Rows (axis 0) split over the ``"data"`` axis."""
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def stacked_batch_sharding(mesh: Mesh) -> NamedSharding:
+    """A stack of K batches: axis 0 counts steps, rows (axis 1) are split over ``"data"``."""
+    return NamedSharding(mesh, P(None, DATA_AXIS))
+
+
+def to_global_array(local: np.ndarray, sharding: NamedSharding, global_shape: tuple[int, ...]) -> jax.Array:
+    """Assemble one global array from this process's part of it (its rows, or all of it when
+    the sharding replicates)."""
+    return jax.make_array_from_process_local_data(sharding, local, global_shape)
