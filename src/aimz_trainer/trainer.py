@@ -344,22 +344,25 @@ class Trainer:
         started: float,
         num_samples: int,
     ) -> TrainState:
-        """Dispatch chunk c, then read chunk c-1's losses while c runs."""
+        """Dispatch chunk c, then read chunk c-1's losses and run its hooks while c runs.
+
+        Hooks therefore fire in fit order, but the devices are one chunk ahead of them.
+        """
         in_flight: tuple[int, jax.Array] | None = None
         chunk_input = first_input
         for index in range(plan.num_chunks):
-            epoch, first_step, _ = plan.chunk(index)
-            if first_step % plan.steps_per_epoch == 0:
-                self.state.epoch = epoch
-                self._call("on_train_epoch_start")
             if index:
                 chunk_input = to_device(next(chunks))
             train_state, chunk_losses = compiled.run_chunk(train_state, device_data, chunk_input)
             self.state.svi_state = train_state.svi_state
             if not index:  # the devices are busy: compile the rest of the fit meanwhile
                 compiled.prepare(train_state, device_data, chunk_input, plan.chunk_lengths(), num_samples)
-            if in_flight is not None:
-                self._finish_chunk(plan, *in_flight, losses, started)
+            if in_flight is not None and not self._finish_chunk(plan, *in_flight, losses, started):
+                return train_state  # a non-finite loss: the chunk just dispatched ran on a frozen state
+            epoch, first_step, _ = plan.chunk(index)
+            if first_step % plan.steps_per_epoch == 0:  # after the previous epoch's end hooks
+                self.state.epoch = epoch
+                self._call("on_train_epoch_start")
             in_flight = (index, chunk_losses)
             if self.should_stop:
                 break
@@ -369,7 +372,9 @@ class Trainer:
 
     def _finish_chunk(
         self, plan: FitPlan, index: int, chunk_losses: jax.Array, losses: list[np.ndarray], started: float
-    ) -> None:
+    ) -> bool:
+        """Bring a chunk's losses to the host and run its hooks; ``False`` after a non-finite
+        loss (in ``"warn"`` mode; ``"raise"`` raises)."""
         host_losses = np.asarray(chunk_losses)
         now = time.perf_counter()
         epoch, first_step, length = plan.chunk(index)
@@ -383,18 +388,18 @@ class Trainer:
             step = first_step + int(bad[0])
             losses.append(host_losses[: bad[0]])
             self.state.step = step
-            self.should_stop = True
             error = NonFiniteLossError(step, float(host_losses[bad[0]]))
             if self.nonfinite_loss == "raise":
                 raise error
-            warnings.warn(str(error), RuntimeWarning, stacklevel=3)
-            return
+            warnings.warn(str(error), RuntimeWarning, stacklevel=4)
+            return False
         losses.append(host_losses)
         self.state.step = first_step + length
         self.callback_metrics["train_loss"] = float(host_losses.mean())
         self._call("on_train_chunk_end", host_losses, range(first_step, first_step + length))
         if self.state.step % plan.steps_per_epoch == 0 or self.state.step == plan.total_steps:
             self._call("on_train_epoch_end")
+        return True
 
     def _progress(self) -> FitProgress:
         return FitProgress(step=self.state.step, epoch=self.state.epoch, metrics=dict(self.callback_metrics))

@@ -1,0 +1,303 @@
+"""Fit benchmark: aimz_trainer's ``Trainer.fit`` against the best hand-written NumPyro loop.
+
+Setting: the ``bnn_binary`` recipe's model (``recipes/bnn_binary.py``: flax nnx MLP
+d -> 32 -> 32 -> 1, AutoNormal, Adam, Trace_ELBO) on n=100,000 rows x d=100, batch 2,000,
+``--epochs`` epochs (default 10), then 500 posterior draws.
+
+The two loops:
+
+- **aimz**: ``Trainer(max_epochs=E, ...).fit(svi, {"X": X, "y": y}, batch_size=2000,
+  num_samples=500)``; a callback records the time of every finished chunk.
+- **handwritten**: X and y on the device; ``svi.init`` called eagerly (a jitted ``svi.init``
+  leaks tracers into the AutoGuide); one jitted call per epoch (state donated) that takes the
+  epoch's permutation, computed on the host with NumPy, and runs ``lax.scan`` over the
+  minibatches, gathering rows on the device; losses fetched once per epoch; then the draws from
+  ``svi.guide.sample_posterior`` (jitted).
+
+Figures, per loop:
+
+- steady steps/s: steps finished after the first epoch divided by the time they took;
+- first step: seconds from the start of the training code (the ``fit`` call; for the
+  hand-written loop, putting X, y on the device and ``svi.init``) to the first finished chunk
+  or epoch;
+- fit wall: the training code through the ready posterior draws;
+- cold wall: the whole process, from spawn to exit (imports, data, compilation, training,
+  draws).
+
+Every run is a fresh subprocess of this script (``--only aimz`` or ``--only handwritten``, which
+prints that run's figures as one JSON line), so each run yields both its steady-state figures
+and its cold wall. The runs alternate between the loops, one at a time, ``--repeats`` times,
+and the medians are reported: machine noise hits both loops alike. The hand-written process
+does not import aimz_trainer (the recipe's ``from aimz_trainer import Trainer`` gets a
+placeholder there), so its cold wall is what a plain NumPyro user pays.
+
+The bars (reported, not asserted): aimz steady steps/s >= 0.9x the hand-written loop, aimz
+first step <= 3 s, aimz cold wall <= 1.1x the hand-written one.
+
+Run it from the repository root::
+
+    .venv/bin/python benchmarks/bench_fit.py [--epochs 10] [--repeats 3]
+
+It prints one JSON line with all figures on stdout; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "bnn_binary.py"
+LOOPS = ("aimz", "handwritten")
+STEPS_PER_SEC_BAR = 0.9
+FIRST_STEP_BAR_S = 3.0
+COLD_WALL_BAR = 1.1
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each loop (medians reported)")
+    parser.add_argument("--num-rows", type=int, default=100_000)
+    parser.add_argument("--num-features", type=int, default=100)
+    parser.add_argument("--hidden", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=2000)
+    parser.add_argument("--num-samples", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", choices=LOOPS, help="run one loop in this process and print its figures")
+    return parser.parse_args(argv)
+
+
+def load_recipe(*, with_trainer: bool) -> ModuleType:
+    """Import ``recipes/bnn_binary.py``; without the trainer, its aimz_trainer import is a placeholder."""
+    spec = importlib.util.spec_from_file_location("bnn_binary", RECIPE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    if with_trainer:
+        spec.loader.exec_module(module)
+        return module
+    placeholder = ModuleType("aimz_trainer")
+    placeholder.Trainer = None  # type: ignore[attr-defined]
+    sys.modules["aimz_trainer"] = placeholder
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules["aimz_trainer"]
+    return module
+
+
+def steady_steps_per_sec(marks: Sequence[tuple[float, int]], steps_per_epoch: int) -> float:
+    """Steps per second between the first mark at or after the end of epoch 1 and the last mark.
+
+    ``marks`` holds ``(time, steps finished)`` pairs, in order.
+    """
+    start_time, start_steps = next((t, s) for t, s in marks if s >= steps_per_epoch)
+    end_time, end_steps = marks[-1]
+    return (end_steps - start_steps) / (end_time - start_time)
+
+
+def run_aimz(args: argparse.Namespace) -> dict[str, Any]:
+    """Fit with the Trainer; its steady speed comes from the times of the chunk-end hooks."""
+    import jax
+    import numpy as np
+
+    from aimz_trainer import Trainer
+    from aimz_trainer.callbacks import Callback, FitProgress
+
+    class ChunkClock(Callback):
+        """Records ``(time, steps finished)`` at every chunk end."""
+
+        def __init__(self) -> None:
+            self.marks: list[tuple[float, int]] = []
+
+        def on_train_chunk_end(
+            self, trainer: Trainer, progress: FitProgress, losses: np.ndarray, steps: range
+        ) -> None:
+            self.marks.append((time.perf_counter(), steps.stop))
+
+    recipe = load_recipe(with_trainer=True)
+    key_data, key_net, key_fit = jax.random.split(jax.random.key(args.seed), 3)
+    X, y, _ = recipe.make_data(args.num_rows, args.num_features, key_data)
+    svi = recipe.make_svi(recipe.make_model(args.num_rows, args.num_features, args.hidden, key_net))
+    clock = ChunkClock()
+    trainer = Trainer(max_epochs=args.epochs, rng_key=key_fit, callbacks=[clock], enable_progress_bar=False)
+
+    started = time.perf_counter()
+    result = trainer.fit(svi, {"X": X, "y": y}, batch_size=args.batch_size, num_samples=args.num_samples)
+    jax.block_until_ready(result.posterior)
+    wall = time.perf_counter() - started
+
+    return {
+        "steps": int(result.losses.size),
+        "final_loss": float(result.losses[-1]),
+        "steps_per_sec": steady_steps_per_sec(clock.marks, trainer.steps_per_epoch),
+        "first_step_s": trainer.timings["first_chunk_s"],
+        "setup_s": trainer.timings["setup_s"],
+        "fit_wall_s": wall,
+        "chunk_ends_s": [round(t - started, 4) for t, _ in clock.marks],
+        "placement": trainer.placement,
+    }
+
+
+def run_handwritten(args: argparse.Namespace) -> dict[str, Any]:
+    """The best hand-written loop: one jitted ``lax.scan`` per epoch over a host-made permutation."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax import lax
+    from numpyro.infer.svi import SVIState
+
+    recipe = load_recipe(with_trainer=False)
+    key_data, key_net, key_fit = jax.random.split(jax.random.key(args.seed), 3)
+    init_key, sample_key = jax.random.split(key_fit)
+    X_host, y_host, _ = recipe.make_data(args.num_rows, args.num_features, key_data)
+    svi = recipe.make_svi(recipe.make_model(args.num_rows, args.num_features, args.hidden, key_net))
+    batch = args.batch_size
+    steps_per_epoch = args.num_rows // batch
+    shuffler = np.random.default_rng(args.seed)
+
+    def epoch(state: SVIState, X: jax.Array, y: jax.Array, order: jax.Array) -> tuple[SVIState, jax.Array]:
+        def step(state: SVIState, rows: jax.Array) -> tuple[SVIState, jax.Array]:
+            return svi.update(state, X[rows], y=y[rows])
+
+        return lax.scan(step, state, order)
+
+    run_epoch = jax.jit(epoch, donate_argnums=0)
+
+    started = time.perf_counter()
+    X, y = jnp.asarray(X_host), jnp.asarray(y_host)
+    state = svi.init(init_key, X[:batch], y=y[:batch])
+    marks: list[tuple[float, int]] = []
+    losses = []
+    for index in range(args.epochs):
+        order = shuffler.permutation(args.num_rows)[: steps_per_epoch * batch].reshape(steps_per_epoch, batch)
+        state, epoch_losses = run_epoch(state, X, y, order)
+        losses.append(np.asarray(epoch_losses))
+        marks.append((time.perf_counter(), (index + 1) * steps_per_epoch))
+    draw = jax.jit(
+        lambda key, params: svi.guide.sample_posterior(key, params, X=X[:batch], sample_shape=(args.num_samples,))
+    )
+    posterior = draw(sample_key, svi.get_params(state))
+    jax.block_until_ready(posterior)
+    wall = time.perf_counter() - started
+
+    all_losses = np.concatenate(losses)
+    return {
+        "steps": int(all_losses.size),
+        "final_loss": float(all_losses[-1]),
+        "steps_per_sec": steady_steps_per_sec(marks, steps_per_epoch),
+        "first_step_s": marks[0][0] - started,
+        "fit_wall_s": wall,
+        "epoch_ends_s": [round(t - started, 4) for t, _ in marks],
+    }
+
+
+def run_one(args: argparse.Namespace) -> dict[str, Any]:
+    """One loop in this process, with the versions and devices it ran on."""
+    figures = run_aimz(args) if args.only == "aimz" else run_handwritten(args)
+    import jax
+    import numpyro
+
+    return {
+        "loop": args.only,
+        **figures,
+        "jax_version": jax.__version__,
+        "numpyro_version": numpyro.__version__,
+        "devices": [str(device) for device in jax.devices()],
+    }
+
+
+def spawn(loop: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Run one loop in a fresh process; add its whole-process wall as ``cold_wall_s``."""
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--only", loop,
+        "--epochs", str(args.epochs),
+        "--num-rows", str(args.num_rows),
+        "--num-features", str(args.num_features),
+        "--hidden", str(args.hidden),
+        "--batch-size", str(args.batch_size),
+        "--num-samples", str(args.num_samples),
+        "--seed", str(args.seed),
+    ]  # fmt: skip
+    started = time.perf_counter()
+    completed = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
+    cold_wall = time.perf_counter() - started
+    figures = json.loads(completed.stdout.strip().splitlines()[-1])
+    return {**figures, "cold_wall_s": cold_wall}
+
+
+def median_of(runs: Sequence[dict[str, Any]], key: str) -> float:
+    return statistics.median(run[key] for run in runs)
+
+
+def compare(args: argparse.Namespace) -> dict[str, Any]:
+    """Alternate fresh-process runs of the two loops; medians, ratios and the bars."""
+    runs: dict[str, list[dict[str, Any]]] = {loop: [] for loop in LOOPS}
+    for repeat in range(args.repeats):
+        order = LOOPS if repeat % 2 == 0 else LOOPS[::-1]
+        for loop in order:
+            run = spawn(loop, args)
+            runs[loop].append(run)
+            print(
+                f"[{repeat + 1}/{args.repeats}] {loop}: {run['steps_per_sec']:,.0f} steps/s steady, "
+                f"first step {run['first_step_s']:.2f} s, fit {run['fit_wall_s']:.2f} s, "
+                f"cold wall {run['cold_wall_s']:.2f} s",
+                file=sys.stderr,
+            )
+    aimz, hand = runs["aimz"], runs["handwritten"]
+    figures: dict[str, Any] = {"benchmark": "fit"}
+    figures.update(
+        n=args.num_rows,
+        num_features=args.num_features,
+        hidden=args.hidden,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        steps=aimz[0]["steps"],
+        num_samples=args.num_samples,
+        repeats=args.repeats,
+    )
+    for loop, loop_runs in runs.items():
+        for key in ("steps_per_sec", "first_step_s", "fit_wall_s", "cold_wall_s"):
+            figures[f"{loop}_{key}"] = median_of(loop_runs, key)
+    figures["aimz_setup_s"] = median_of(aimz, "setup_s")
+    figures["steps_per_sec_ratio"] = figures["aimz_steps_per_sec"] / figures["handwritten_steps_per_sec"]
+    figures["cold_wall_ratio"] = figures["aimz_cold_wall_s"] / figures["handwritten_cold_wall_s"]
+    figures["bars_met"] = {
+        f"steps_per_sec_ratio>={STEPS_PER_SEC_BAR}": figures["steps_per_sec_ratio"] >= STEPS_PER_SEC_BAR,
+        f"aimz_first_step_s<={FIRST_STEP_BAR_S}": figures["aimz_first_step_s"] <= FIRST_STEP_BAR_S,
+        f"cold_wall_ratio<={COLD_WALL_BAR}": figures["cold_wall_ratio"] <= COLD_WALL_BAR,
+    }
+    figures["runs"] = {
+        loop: {key: [run[key] for run in loop_runs] for key in ("steps_per_sec", "first_step_s", "cold_wall_s")}
+        for loop, loop_runs in runs.items()
+    }
+    figures["final_loss"] = {loop: loop_runs[-1]["final_loss"] for loop, loop_runs in runs.items()}
+    figures["aimz_placement"] = aimz[0]["placement"]
+    figures.update(
+        jax_version=aimz[0]["jax_version"],
+        numpyro_version=aimz[0]["numpyro_version"],
+        python=platform.python_version(),
+        devices=aimz[0]["devices"],
+    )
+    return figures
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    figures = run_one(args) if args.only else compare(args)
+    print(json.dumps(figures), flush=True)
+
+
+if __name__ == "__main__":
+    main()
