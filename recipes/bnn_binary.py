@@ -121,7 +121,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "fit_wall_s": wall,
         "posterior_shapes": {site: tuple(draws.shape) for site, draws in result.posterior.items()},
     }
-    print(f"bnn_binary: {args.num_rows:,} rows x {args.num_features}, {summary['devices']} device(s), data on {trainer.placement}")
+    print(
+        f"bnn_binary: {args.num_rows:,} rows x {args.num_features}, {summary['devices']} device(s), "
+        f"data on {trainer.placement}"
+    )
     print("loss per epoch (mean ELBO): " + ", ".join(f"{loss:,.0f}" for loss in per_epoch))
     print(f"final loss {summary['final_loss']:,.1f} after {summary['steps']} steps")
     print(

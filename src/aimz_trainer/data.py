@@ -71,8 +71,7 @@ def validate_data(data: Any, *, name: str = "train_data") -> tuple[dict[str, Arr
         array = value if isinstance(value, np.ndarray | jax.Array) else np.asarray(value)
         if array.dtype.kind not in _NUMERIC_KINDS:
             raise DataError(
-                f"{name}[{key!r}] has dtype {array.dtype}; expected a boolean, integer or "
-                "floating-point array."
+                f"{name}[{key!r}] has dtype {array.dtype}; expected a boolean, integer or floating-point array."
             )
         if array.ndim == 0:
             raise DataError(f"{name}[{key!r}] is a scalar; expected an array with one row per observation.")
@@ -92,9 +91,7 @@ def validate_batch_size(batch_size: Any, n: int, num_devices: int) -> int:
         raise ConfigurationError(f"batch_size must be an int; got {batch_size!r}.")
     batch_size = int(batch_size)
     if not 1 <= batch_size <= n:
-        raise ConfigurationError(
-            f"batch_size must be between 1 and the number of rows ({n}); got {batch_size}."
-        )
+        raise ConfigurationError(f"batch_size must be between 1 and the number of rows ({n}); got {batch_size}.")
     if batch_size % num_devices:
         lower = batch_size - batch_size % num_devices
         upper = lower + num_devices
@@ -123,9 +120,7 @@ def device_data_budget(device: jax.Device, num_local_devices: int) -> int:
 def resolve_placement(placement: Placement, data_bytes: int, budget: int) -> Literal["device", "host"]:
     """Pick where the training arrays live: on the devices if they fit the budget."""
     if placement not in ("auto", "device", "host"):
-        raise ConfigurationError(
-            f"data_placement must be 'auto', 'device' or 'host'; got {placement!r}."
-        )
+        raise ConfigurationError(f"data_placement must be 'auto', 'device' or 'host'; got {placement!r}.")
     if placement == "auto":
         return "device" if data_bytes <= budget else "host"
     return placement

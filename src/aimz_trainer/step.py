@@ -122,7 +122,13 @@ def make_train_chunk(
 
 
 def sample_posterior(
-    svi: SVI, rng_key: jax.Array, params: dict[str, jax.Array], batch: Batch, num_samples: int, *, draws_per_chunk: int = 100
+    svi: SVI,
+    rng_key: jax.Array,
+    params: dict[str, jax.Array],
+    batch: Batch,
+    num_samples: int,
+    *,
+    draws_per_chunk: int = 100,
 ) -> dict[str, jax.Array]:
     """``num_samples`` draws from the guide, ``draws_per_chunk`` at a time (vectorised within a
     chunk, sequential across chunks) so memory stays bounded. Call under :func:`traced_svi`.
@@ -137,7 +143,9 @@ def sample_posterior(
 
 def make_finish(
     svi: SVI, num_samples: int
-) -> Callable[[TrainState, jax.Array, Mapping[str, jax.Array], Any], tuple[dict[str, jax.Array], dict[str, jax.Array] | None]]:
+) -> Callable[
+    [TrainState, jax.Array, Mapping[str, jax.Array], Any], tuple[dict[str, jax.Array], dict[str, jax.Array] | None]
+]:
     """``finish(state, rng_key, device_data, chunk_input) -> (params, posterior)``: the
     constrained variational parameters and ``num_samples`` posterior draws (``None`` for 0)."""
 
@@ -162,7 +170,9 @@ def check_model_accepts(model: Callable[..., Any], keys: list[str]) -> None:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
         return
     accepted = [
-        p.name for p in parameters if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        p.name
+        for p in parameters
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     ]
     unknown = [key for key in keys if key not in accepted]
     if unknown:

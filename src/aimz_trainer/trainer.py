@@ -7,6 +7,7 @@ so the host never waits on a single step.
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -92,9 +93,7 @@ class _Compiled:
         rep, stacked = replicated(mesh), stacked_batch_sharding(mesh)
         shardings = (rep, rep, stacked)
         self._init = jax.jit(make_init(svi), in_shardings=shardings, out_shardings=rep)
-        self._chunk = jax.jit(
-            make_train_chunk(svi), in_shardings=shardings, out_shardings=(rep, rep), donate_argnums=0
-        )
+        self._chunk = jax.jit(make_train_chunk(svi), in_shardings=shardings, out_shardings=(rep, rep), donate_argnums=0)
         self._svi = svi
         self._shardings = (rep, stacked)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="aimz-compile")
@@ -111,15 +110,15 @@ class _Compiled:
         )
         return init.result()(rng_key, device_data, chunk_input)
 
-    def prepare(self, state: TrainState, device_data: Any, chunk_input: Any, lengths: set[int], num_samples: int) -> None:
+    def prepare(
+        self, state: TrainState, device_data: Any, chunk_input: Any, lengths: set[int], num_samples: int
+    ) -> None:
         """Trace what the rest of the fit needs and compile it in the background."""
         for length in lengths - set(self._chunks):
-            shaped = jax.tree.map(lambda leaf: _with_length(leaf, length), chunk_input)
+            shaped = jax.tree.map(functools.partial(_with_length, length=length), chunk_input)
             self._chunks[length] = self._pool.submit(self._chunk.lower(state, device_data, shaped).compile)
         rep, stacked = self._shardings
-        finish = jax.jit(
-            make_finish(self._svi, num_samples), in_shardings=(rep, rep, rep, stacked), out_shardings=rep
-        )
+        finish = jax.jit(make_finish(self._svi, num_samples), in_shardings=(rep, rep, rep, stacked), out_shardings=rep)
         key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep)
         self._finish = self._pool.submit(finish.lower(state, key, device_data, chunk_input).compile)
 
@@ -200,9 +199,7 @@ class Trainer:
         nonfinite_loss: Literal["raise", "warn"] = "raise",
     ) -> None:
         if max_epochs is None and max_steps is None:
-            raise ConfigurationError(
-                "set max_epochs or max_steps (or both): the trainer needs to know when to stop."
-            )
+            raise ConfigurationError("set max_epochs or max_steps (or both): the trainer needs to know when to stop.")
         for name, value in [
             ("max_epochs", max_epochs),
             ("max_steps", max_steps),
@@ -289,7 +286,9 @@ class Trainer:
         )
         self.steps_per_epoch = plan.steps_per_epoch
         init_key, shuffle_key, sample_key = jax.random.split(self.rng_key, 3)
-        data_bytes = sum(int(np.prod(a.shape)) * jax.dtypes.canonicalize_dtype(a.dtype).itemsize for a in arrays.values())
+        data_bytes = sum(
+            int(np.prod(a.shape)) * jax.dtypes.canonicalize_dtype(a.dtype).itemsize for a in arrays.values()
+        )
         local_devices = self.mesh.local_mesh.size
         self.placement = resolve_placement(
             data_placement, data_bytes, device_data_budget(self.mesh.devices.flat[0], local_devices)
@@ -377,7 +376,7 @@ class Trainer:
         loss (in ``"warn"`` mode; ``"raise"`` raises)."""
         host_losses = np.asarray(chunk_losses)
         now = time.perf_counter()
-        epoch, first_step, length = plan.chunk(index)
+        _, first_step, length = plan.chunk(index)
         if "first_chunk_s" not in self.timings:
             self.timings["first_chunk_s"] = now - started
         else:

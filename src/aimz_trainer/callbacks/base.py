@@ -61,9 +61,7 @@ class Callback:
     def on_train_epoch_start(self, trainer: Trainer, progress: FitProgress) -> None:
         """Called before the first chunk of each epoch."""
 
-    def on_train_chunk_end(
-        self, trainer: Trainer, progress: FitProgress, losses: np.ndarray, steps: range
-    ) -> None:
+    def on_train_chunk_end(self, trainer: Trainer, progress: FitProgress, losses: np.ndarray, steps: range) -> None:
         """Called after each compiled chunk with its per-step ``losses`` for global ``steps``."""
 
     def on_train_epoch_end(self, trainer: Trainer, progress: FitProgress) -> None:

@@ -36,9 +36,7 @@ class ProgressBar(Callback):
         self._close()
         self._bar = tqdm(total=trainer.steps_per_epoch, desc=f"epoch {progress.epoch}", leave=False)
 
-    def on_train_chunk_end(
-        self, trainer: Trainer, progress: FitProgress, losses: np.ndarray, steps: range
-    ) -> None:
+    def on_train_chunk_end(self, trainer: Trainer, progress: FitProgress, losses: np.ndarray, steps: range) -> None:
         if self._bar is not None:
             self._bar.update(len(steps))
             self._bar.set_postfix(

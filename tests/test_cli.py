@@ -1,0 +1,35 @@
+"""The ``aimz-trainer`` command runs the reference recipe in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def aimz_trainer(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "aimz_trainer.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=240
+    )
+
+
+@pytest.mark.slow
+def test_run_bnn_binary_prints_the_summary():
+    completed = aimz_trainer(
+        "run", "bnn_binary", "--num-rows", "4000", "--max-epochs", "2", "--batch-size", "500", "--num-samples", "5"
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    out = completed.stdout
+    assert "bnn_binary: 4,000 rows x 100, 1 device(s), data on device" in out
+    assert "final loss" in out and "after 16 steps" in out
+    assert "nn_p_linear1.kernel (5, 100, 32)" in out and "p (5, 500)" in out
+
+
+def test_unknown_recipe_names_the_available_ones():
+    completed = aimz_trainer("run", "no_such_recipe")
+    assert completed.returncode == 2
+    assert "no recipe 'no_such_recipe'" in completed.stderr and "bnn_binary" in completed.stderr
