@@ -15,6 +15,7 @@ from aimz_trainer import (
     ConfigurationError,
     DataError,
     NonFiniteLossError,
+    ProgressBar,
     Trainer,
 )
 
@@ -242,3 +243,19 @@ class TestBadInput:
         svi, data = make_linear(100)
         with pytest.raises(ConfigurationError, match="num_samples must be an int >= 0; got -1"):
             trainer(max_epochs=1).fit(svi, data, batch_size=10, num_samples=-1)
+
+
+class TestProgressBar:
+    def test_added_only_for_a_terminal_outside_ci(self, monkeypatch):
+        monkeypatch.setattr("sys.stdout.isatty", lambda: True)
+        monkeypatch.delenv("CI", raising=False)
+        assert any(isinstance(c, ProgressBar) for c in Trainer(max_epochs=1).callbacks)
+        assert not Trainer(max_epochs=1, enable_progress_bar=False).callbacks
+        monkeypatch.setenv("CI", "true")
+        assert not Trainer(max_epochs=1).callbacks
+
+    def test_draws_one_bar_per_epoch(self, make_linear, capsys):
+        svi, data = make_linear(400)
+        trainer(max_epochs=2, steps_per_chunk=2, callbacks=[ProgressBar()]).fit(svi, data, batch_size=100)
+        err = capsys.readouterr().err
+        assert "epoch 0" in err and "epoch 1" in err and "4/4" in err

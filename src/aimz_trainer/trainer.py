@@ -84,9 +84,9 @@ class _Compiled:
     """The compiled functions of one fit.
 
     Compilation is most of a fit's start-up on a CPU, so it is overlapped: ``init`` compiles
-    on a worker thread while the chunk is traced, and once training runs, the end-of-fit
-    function and the other chunk lengths compile in the background. XLA compiles outside the
-    GIL. Tracing stays on the calling thread: it temporarily touches the user's ``svi``.
+    on a worker thread while the chunk is traced and compiled, and once training runs, other
+    chunk lengths compile in the background. XLA compiles outside the GIL. Tracing stays on
+    the calling thread: it temporarily touches the user's ``svi``.
     """
 
     def __init__(self, svi: SVI, mesh: Mesh) -> None:
@@ -98,7 +98,6 @@ class _Compiled:
         self._shardings = (rep, stacked)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="aimz-compile")
         self._chunks: dict[int, Future[Any]] = {}
-        self._finish: Future[Any] | None = None
 
     def start(self, rng_key: jax.Array, device_data: Any, chunk_input: Any) -> TrainState:
         """Compile init and the first chunk's length; return the initial state."""
@@ -110,27 +109,35 @@ class _Compiled:
         )
         return init.result()(rng_key, device_data, chunk_input)
 
-    def prepare(
-        self, state: TrainState, device_data: Any, chunk_input: Any, lengths: set[int], num_samples: int
-    ) -> None:
-        """Trace what the rest of the fit needs and compile it in the background."""
+    def prepare(self, state: TrainState, device_data: Any, chunk_input: Any, lengths: set[int]) -> None:
+        """Trace the fit's other chunk lengths (an epoch's remainder, a ``max_steps`` cut) and
+        compile them in the background; they are needed within the first epoch."""
         for length in lengths - set(self._chunks):
             shaped = jax.tree.map(functools.partial(_with_length, length=length), chunk_input)
             self._chunks[length] = self._pool.submit(self._chunk.lower(state, device_data, shaped).compile)
-        rep, stacked = self._shardings
-        finish = jax.jit(make_finish(self._svi, num_samples), in_shardings=(rep, rep, rep, stacked), out_shardings=rep)
-        key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep)
-        self._finish = self._pool.submit(finish.lower(state, key, device_data, chunk_input).compile)
 
     def run_chunk(self, state: TrainState, device_data: Any, chunk_input: Any) -> tuple[TrainState, jax.Array]:
         return self._chunks[_chunk_length(chunk_input)].result()(state, device_data, chunk_input)
 
-    def finish(self, state: TrainState, rng_key: jax.Array, device_data: Any, chunk_input: Any) -> Any:
-        """``(params, posterior)`` from the final state."""
-        assert self._finish is not None, "prepare() runs before finish()"
-        result = self._finish.result()(state, rng_key, device_data, chunk_input)
-        self._pool.shutdown()
-        return result
+    def finish(
+        self, state: TrainState, rng_key: jax.Array, device_data: Any, chunk_input: Any, num_samples: int
+    ) -> tuple[dict[str, jax.Array], dict[str, jax.Array] | None]:
+        """``(params, posterior)`` from the final state.
+
+        Compiled here rather than in the background during training: on a 2-core machine a
+        background compile halves training throughput for as long as it runs. Optimization
+        level 1 compiles about 30% faster than the default and runs this once-only function
+        as fast.
+        """
+        self.close()
+        rep, stacked = self._shardings
+        finish = jax.jit(make_finish(self._svi, num_samples), in_shardings=(rep, rep, rep, stacked), out_shardings=rep)
+        lowered = finish.lower(state, rng_key, device_data, chunk_input)
+        return lowered.compile({"xla_backend_optimization_level": 1})(state, rng_key, device_data, chunk_input)
+
+    def close(self) -> None:
+        """Stop the compile thread (waiting for a compile in progress)."""
+        self._pool.shutdown(cancel_futures=True)
 
 
 def _done(value: Any) -> Future[Any]:
@@ -291,7 +298,7 @@ class Trainer:
         )
         local_devices = self.mesh.local_mesh.size
         self.placement = resolve_placement(
-            data_placement, data_bytes, device_data_budget(self.mesh.devices.flat[0], local_devices)
+            data_placement, data_bytes, device_data_budget(self.mesh.local_devices[0], local_devices)
         )
         device_data = _place_on_mesh(arrays, self.mesh) if self.placement == "device" else {}
         source = ChunkSource(
@@ -317,15 +324,16 @@ class Trainer:
         try:
             self._call("on_fit_start")
             train_state = self._loop(
-                plan, compiled, train_state, device_data, first_input, chunks, to_device, losses, started, num_samples
+                plan, compiled, train_state, device_data, first_input, chunks, to_device, losses, started
             )
             self._call("on_fit_end")
-            params, posterior = compiled.finish(train_state, sample_key, device_data, first_input)
+            params, posterior = compiled.finish(train_state, sample_key, device_data, first_input, num_samples)
             self.timings["fit_s"] = time.perf_counter() - started
         except BaseException as exception:
             self._call("on_exception", exception)
             raise
         finally:
+            compiled.close()
             for callback in self.callbacks:
                 callback.teardown(self)
         return FitResult(params=params, losses=np.concatenate(losses), posterior=posterior, state=train_state.svi_state)
@@ -341,7 +349,6 @@ class Trainer:
         to_device: Any,
         losses: list[np.ndarray],
         started: float,
-        num_samples: int,
     ) -> TrainState:
         """Dispatch chunk c, then read chunk c-1's losses and run its hooks while c runs.
 
@@ -355,7 +362,7 @@ class Trainer:
             train_state, chunk_losses = compiled.run_chunk(train_state, device_data, chunk_input)
             self.state.svi_state = train_state.svi_state
             if not index:  # the devices are busy: compile the rest of the fit meanwhile
-                compiled.prepare(train_state, device_data, chunk_input, plan.chunk_lengths(), num_samples)
+                compiled.prepare(train_state, device_data, chunk_input, plan.chunk_lengths())
             if in_flight is not None and not self._finish_chunk(plan, *in_flight, losses, started):
                 return train_state  # a non-finite loss: the chunk just dispatched ran on a frozen state
             epoch, first_step, _ = plan.chunk(index)
