@@ -25,7 +25,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import grain
 import jax
@@ -34,10 +34,13 @@ import numpy as np
 from aimz_trainer.errors import ConfigurationError, DataError
 
 __all__ = [
+    "Chunk",
     "ChunkSource",
     "FitPlan",
     "Placement",
+    "ValidationSource",
     "device_data_budget",
+    "epoch_length",
     "make_chunk_loader",
     "resolve_placement",
     "validate_batch_size",
@@ -126,13 +129,26 @@ def resolve_placement(placement: Placement, data_bytes: int, budget: int) -> Lit
     return placement
 
 
+class Chunk(NamedTuple):
+    """A run of consecutive steps inside one epoch, executed by one compiled call."""
+
+    epoch: int
+    first_step: int
+    num_steps: int
+
+    @property
+    def steps(self) -> range:
+        return range(self.first_step, self.first_step + self.num_steps)
+
+
 @dataclass(frozen=True)
 class FitPlan:
     """How a fit walks through the data: batches per epoch, chunks of steps, when to stop.
 
-    Chunks never cross an epoch boundary. Within an epoch every chunk has ``steps_per_chunk``
-    steps except possibly the last (the remainder), so a fit compiles at most three chunk
-    lengths (full, epoch remainder, and a ``max_steps`` cut), never one per epoch.
+    A chunk ends at every epoch end and at every multiple of each interval in ``boundaries``
+    (logging, validation, checkpoints: the hooks see the fit exactly there), and otherwise
+    after ``steps_per_chunk`` steps. Every chunk is run by the same compiled function, padded
+    to ``steps_per_chunk`` steps with inactive ones, so chunk lengths never cause a compile.
     """
 
     num_rows: int
@@ -140,6 +156,7 @@ class FitPlan:
     steps_per_epoch: int
     steps_per_chunk: int
     total_steps: int
+    chunks: tuple[Chunk, ...]
 
     @classmethod
     def create(
@@ -151,55 +168,64 @@ class FitPlan:
         max_epochs: int | None,
         max_steps: int | None,
         steps_per_chunk: int | None,
+        boundaries: Sequence[int] = (),
     ) -> FitPlan:
-        steps_per_epoch = num_rows // batch_size if drop_last else math.ceil(num_rows / batch_size)
+        steps_per_epoch = epoch_length(num_rows, batch_size, drop_last=drop_last)
         limits = []
         if max_epochs is not None:
             limits.append(max_epochs * steps_per_epoch)
         if max_steps is not None:
             limits.append(max_steps)
+        total_steps = min(limits)
+        steps_per_chunk = steps_per_chunk or default_steps_per_chunk(steps_per_epoch, boundaries)
         return cls(
             num_rows=num_rows,
             batch_size=batch_size,
             steps_per_epoch=steps_per_epoch,
-            steps_per_chunk=steps_per_chunk or default_steps_per_chunk(steps_per_epoch),
-            total_steps=min(limits),
+            steps_per_chunk=steps_per_chunk,
+            total_steps=total_steps,
+            chunks=tuple(_cut_chunks(steps_per_epoch, total_steps, steps_per_chunk, boundaries)),
         )
-
-    @property
-    def chunks_per_epoch(self) -> int:
-        return math.ceil(self.steps_per_epoch / self.steps_per_chunk)
 
     @property
     def num_chunks(self) -> int:
-        full_epochs, rest = divmod(self.total_steps, self.steps_per_epoch)
-        return full_epochs * self.chunks_per_epoch + math.ceil(rest / self.steps_per_chunk)
+        return len(self.chunks)
 
-    def chunk_lengths(self) -> set[int]:
-        """Every chunk length this plan uses (what has to be compiled)."""
-        first_epoch = range(min(self.chunks_per_epoch, self.num_chunks))
-        return {self.chunk(i)[2] for i in first_epoch} | {self.chunk(self.num_chunks - 1)[2]}
-
-    def chunk(self, index: int) -> tuple[int, int, int]:
-        """``(epoch, first global step, number of steps)`` of chunk ``index``."""
-        epoch, position = divmod(index, self.chunks_per_epoch)
-        first_in_epoch = position * self.steps_per_chunk
-        first_step = epoch * self.steps_per_epoch + first_in_epoch
-        length = min(
-            self.steps_per_chunk,
-            self.steps_per_epoch - first_in_epoch,
-            self.total_steps - first_step,
-        )
-        return epoch, first_step, length
+    def is_epoch_end(self, chunk: Chunk) -> bool:
+        end = chunk.first_step + chunk.num_steps
+        return end % self.steps_per_epoch == 0 or end == self.total_steps
 
 
-def default_steps_per_chunk(steps_per_epoch: int, target: int = 50) -> int:
-    """Steps per compiled call: ``target`` or, when one exists, a divisor of the epoch length
-    close below it (so every chunk of an epoch has the same length)."""
-    if steps_per_epoch <= target:
-        return steps_per_epoch
+def epoch_length(num_rows: int, batch_size: int, *, drop_last: bool) -> int:
+    """Steps per epoch: a last partial batch is completed, or dropped with ``drop_last``."""
+    return num_rows // batch_size if drop_last else math.ceil(num_rows / batch_size)
+
+
+def _cut_chunks(steps_per_epoch: int, total_steps: int, steps_per_chunk: int, boundaries: Sequence[int]) -> list[Chunk]:
+    chunks = []
+    for epoch in range(math.ceil(total_steps / steps_per_epoch)):
+        start = epoch * steps_per_epoch
+        end = min(start + steps_per_epoch, total_steps)
+        cuts = {end}
+        for interval in boundaries:
+            cuts.update(range((start // interval + 1) * interval, end, interval))
+        for cut in sorted(cuts):
+            while start < cut:
+                length = min(steps_per_chunk, cut - start)
+                chunks.append(Chunk(epoch, start, length))
+                start += length
+    return chunks
+
+
+def default_steps_per_chunk(steps_per_epoch: int, boundaries: Sequence[int] = (), target: int = 50) -> int:
+    """Steps per compiled call: about ``target``, preferably a divisor of the epoch length and of
+    every boundary interval so that chunks need no padding steps. Padding is cheap (inactive
+    steps skip the update) but not free, and too short a chunk syncs with the host too often."""
+    span = math.gcd(steps_per_epoch, *boundaries)
+    if span <= target:
+        return span if span >= target // 5 else min(target, steps_per_epoch)
     for size in range(target, target // 2 - 1, -1):
-        if steps_per_epoch % size == 0:
+        if span % size == 0:
             return size
     return target
 
@@ -207,8 +233,9 @@ def default_steps_per_chunk(steps_per_epoch: int, target: int = 50) -> int:
 class ChunkSource:
     """A Grain random-access source: record ``c`` holds the row indices of chunk ``c``.
 
-    The indices are this process's columns of each global batch, shape
-    ``(steps, batch_size // process_count)``, so every process reads its share of every step.
+    ``record["rows"]["indices"]`` has shape ``(steps_per_chunk, batch_size // process_count)``:
+    this process's columns of each global batch, so every process reads its share of every
+    step. Rows past ``record["num_steps"]`` are padding (row 0) for the inactive steps.
     """
 
     def __init__(
@@ -230,14 +257,15 @@ class ChunkSource:
     def __len__(self) -> int:
         return self._plan.num_chunks
 
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        epoch, first_step, length = self._plan.chunk(index)
-        first_in_epoch = first_step - epoch * self._plan.steps_per_epoch
-        order = self.epoch_order(epoch)
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        chunk = self._plan.chunks[index]
+        first_in_epoch = chunk.first_step - chunk.epoch * self._plan.steps_per_epoch
         size = self._plan.batch_size
-        rows = order[first_in_epoch * size : (first_in_epoch + length) * size]
-        batches = np.sort(rows.reshape(length, size), axis=1)
-        return {"indices": np.ascontiguousarray(batches[:, self._columns])}
+        rows = self.epoch_order(chunk.epoch)[first_in_epoch * size : (first_in_epoch + chunk.num_steps) * size]
+        batches = np.sort(rows.reshape(chunk.num_steps, size), axis=1)[:, self._columns]
+        indices = np.zeros((self._plan.steps_per_chunk, batches.shape[1]), self._index_dtype)
+        indices[: chunk.num_steps] = batches
+        return {"rows": {"indices": indices}, "num_steps": np.int32(chunk.num_steps)}
 
     @functools.lru_cache(maxsize=2)  # noqa: B019 - one source per fit; two epochs in flight at most
     def epoch_order(self, epoch: int) -> np.ndarray:
@@ -254,14 +282,37 @@ class ChunkSource:
         return order
 
 
+class ValidationSource:
+    """A Grain random-access source of validation batches, in row order, one per record.
+
+    The last batch wraps around to the first rows to keep the batch shape; ``weights`` are 0
+    for those repeated rows so per-observation metrics count every row exactly once.
+    """
+
+    def __init__(self, num_rows: int, batch_size: int, *, process_index: int, process_count: int) -> None:
+        self._num_rows = num_rows
+        self._batch_size = batch_size
+        local = batch_size // process_count
+        self._columns = slice(process_index * local, (process_index + 1) * local)
+
+    def __len__(self) -> int:
+        return math.ceil(self._num_rows / self._batch_size)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        positions = np.arange(index * self._batch_size, (index + 1) * self._batch_size)[self._columns]
+        indices = (positions % self._num_rows).astype(np.int32 if self._num_rows < 2**31 else np.int64)
+        weights = (positions < self._num_rows).astype(np.float32)
+        return {"rows": {"indices": indices[None]}, "weights": weights[None], "num_steps": np.int32(1)}
+
+
 def make_chunk_loader(
-    source: ChunkSource,
+    source: ChunkSource | ValidationSource,
     host_arrays: Mapping[str, np.ndarray] | None,
     *,
     prefetch: int = 2,
 ) -> grain.IterDataset:
-    """The Grain pipeline over ``source``: index chunks, or (with ``host_arrays``) the gathered
-    rows of each chunk, read ahead on Grain's threads."""
+    """The Grain pipeline over ``source``: index records, or (with ``host_arrays``) records
+    whose ``rows`` are the gathered rows themselves, read ahead on Grain's threads."""
     dataset = grain.MapDataset.source(source)
     if host_arrays is not None:
         dataset = dataset.map(functools.partial(_gather_rows, host_arrays))
@@ -270,10 +321,14 @@ def make_chunk_loader(
     )
 
 
-def _gather_rows(arrays: Mapping[str, np.ndarray], record: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    indices = record["indices"]
-    # Cast on the chunk, not the whole array: float64 inputs would otherwise need a full copy.
-    return {
-        key: np.take(array, indices, axis=0).astype(jax.dtypes.canonicalize_dtype(array.dtype), copy=False)
-        for key, array in arrays.items()
-    }
+def _gather_rows(arrays: Mapping[str, np.ndarray], record: dict[str, Any]) -> dict[str, Any]:
+    indices = record["rows"]["indices"][: record["num_steps"]]
+    padding = record["rows"]["indices"].shape[0] - indices.shape[0]
+    rows = {}
+    for key, array in arrays.items():
+        # Cast on the chunk, not the whole array: float64 inputs would otherwise need a full copy.
+        gathered = np.take(array, indices, axis=0).astype(jax.dtypes.canonicalize_dtype(array.dtype), copy=False)
+        if padding:
+            gathered = np.concatenate([gathered, np.zeros((padding, *gathered.shape[1:]), gathered.dtype)])
+        rows[key] = gathered
+    return {**record, "rows": rows}

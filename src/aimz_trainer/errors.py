@@ -11,6 +11,7 @@ __all__ = [
     "AimzTrainerError",
     "ConfigurationError",
     "DataError",
+    "MetricNotFoundError",
     "NonFiniteLossError",
 ]
 
@@ -44,3 +45,25 @@ class NonFiniteLossError(AimzTrainerError, FloatingPointError):
         )
         self.step = step
         self.loss = loss
+
+
+class MetricNotFoundError(AimzTrainerError, KeyError):
+    """A callback monitors a metric the fit does not log.
+
+    Attributes:
+        monitor: the requested name.
+        available: the metric names that exist at that point.
+    """
+
+    def __init__(self, monitor: str, available: list[str], owner: str) -> None:
+        super().__init__(monitor)
+        self.monitor = monitor
+        self.available = available
+        self.owner = owner
+
+    def __str__(self) -> str:
+        hint = " (val_* metrics exist only when the fit gets val_data)" if self.monitor.startswith("val_") else ""
+        return (
+            f"{self.owner} monitors {self.monitor!r}, which this fit does not log{hint}. "
+            f"Available metrics: {self.available}."
+        )

@@ -2,9 +2,10 @@
 
 Each factory returns a plain function meant for :func:`jax.jit`: state in, state out, nothing
 kept on an object. The functions take the training data (``device_data``, possibly empty) and
-a per-step *batch input* (row indices when the data live on the devices, the rows themselves
-when the host gathered them); :func:`batch_from` turns the pair into the model's keyword
-arguments, so every compiled function shares one notion of "a batch".
+a *record* from the data pipeline whose ``rows`` stack K per-step batch inputs (row indices
+when the data live on the devices, the rows themselves when the host gathered them);
+:func:`batch_from` turns the pair into the model's keyword arguments, so every compiled
+function shares one notion of "a batch".
 
 NumPyro's guides and ``SVI.init`` store what they learn about the model (the guide's
 prototype trace, ``svi.constrain_fn``) on the objects themselves. Set up inside a trace, those
@@ -25,8 +26,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.scipy.special import logsumexp
+from numpyro.handlers import seed
 from numpyro.infer import SVI
 from numpyro.infer.svi import SVIState
+from numpyro.infer.util import log_likelihood
 
 from aimz_trainer.errors import DataError
 
@@ -34,14 +38,20 @@ __all__ = [
     "TrainState",
     "batch_from",
     "check_model_accepts",
-    "make_finish",
+    "first_batch",
+    "latent_sites",
     "make_init",
+    "make_params",
+    "make_posterior_sampler",
     "make_train_chunk",
+    "make_validation_step",
+    "pointwise_lpd",
     "sample_posterior",
     "traced_svi",
 ]
 
 Batch = dict[str, jax.Array]
+Record = Mapping[str, Any]
 
 
 class TrainState(NamedTuple):
@@ -57,15 +67,15 @@ class TrainState(NamedTuple):
     finite: jax.Array
 
 
-def batch_from(device_data: Mapping[str, jax.Array], batch_input: Any) -> Batch:
+def batch_from(device_data: Mapping[str, jax.Array], rows: Mapping[str, jax.Array]) -> Batch:
     """The model's keyword arguments for one step.
 
-    With device-resident data, ``batch_input`` holds row indices and the rows are gathered
-    here, on the device; otherwise ``batch_input`` already is the batch.
+    With device-resident data, ``rows`` holds row ``indices`` and the rows are gathered here,
+    on the device; otherwise ``rows`` already is the batch.
     """
     if device_data:
-        return {key: array[batch_input["indices"]] for key, array in device_data.items()}
-    return dict(batch_input)
+        return {key: array[rows["indices"]] for key, array in device_data.items()}
+    return dict(rows)
 
 
 @contextlib.contextmanager
@@ -83,15 +93,16 @@ def traced_svi(svi: SVI, batch: Batch) -> Iterator[None]:
             vars(obj).update(attributes)
 
 
-def _first_batch(device_data: Mapping[str, jax.Array], chunk_input: Any) -> Batch:
-    return batch_from(device_data, jax.tree.map(lambda leaf: leaf[0], chunk_input))
+def first_batch(device_data: Mapping[str, jax.Array], record: Record) -> Batch:
+    """The batch of a record's first step (the prototype batch every traced function uses)."""
+    return batch_from(device_data, jax.tree.map(lambda leaf: leaf[0], record["rows"]))
 
 
-def make_init(svi: SVI) -> Callable[[jax.Array, Mapping[str, jax.Array], Any], TrainState]:
-    """``init(rng_key, device_data, chunk_input) -> TrainState`` from the chunk's first batch."""
+def make_init(svi: SVI) -> Callable[[jax.Array, Mapping[str, jax.Array], Record], TrainState]:
+    """``init(rng_key, device_data, record) -> TrainState`` from the record's first batch."""
 
-    def init(rng_key: jax.Array, device_data: Mapping[str, jax.Array], chunk_input: Any) -> TrainState:
-        batch = _first_batch(device_data, chunk_input)
+    def init(rng_key: jax.Array, device_data: Mapping[str, jax.Array], record: Record) -> TrainState:
+        batch = first_batch(device_data, record)
         with traced_svi(svi, batch):
             svi_state = svi.init(rng_key, **batch)
         return TrainState(svi_state, jnp.asarray(True))
@@ -101,24 +112,45 @@ def make_init(svi: SVI) -> Callable[[jax.Array, Mapping[str, jax.Array], Any], T
 
 def make_train_chunk(
     svi: SVI,
-) -> Callable[[TrainState, Mapping[str, jax.Array], Any], tuple[TrainState, jax.Array]]:
-    """``chunk(state, device_data, chunk_input) -> (state, losses)``: K SVI updates in one
-    ``lax.scan``, K being the leading axis of ``chunk_input``; the K losses come back together.
+) -> Callable[[TrainState, Mapping[str, jax.Array], Record], tuple[TrainState, jax.Array]]:
+    """``chunk(state, device_data, record) -> (state, losses)``: SVI updates in one
+    ``lax.scan`` over the record's K stacked batches, of which the first ``record["num_steps"]``
+    are real; the others skip the update (their loss is NaN), so one compiled function serves
+    every chunk length. The K losses come back together.
     """
 
     def train_chunk(
-        state: TrainState, device_data: Mapping[str, jax.Array], chunk_input: Any
+        state: TrainState, device_data: Mapping[str, jax.Array], record: Record
     ) -> tuple[TrainState, jax.Array]:
-        def step(carry: TrainState, batch_input: Any) -> tuple[TrainState, jax.Array]:
-            updated, loss = svi.update(carry.svi_state, **batch_from(device_data, batch_input))
-            finite = carry.finite & jnp.isfinite(loss)
+        def update(svi_state: SVIState, batch: Batch) -> tuple[SVIState, jax.Array]:
+            return svi.update(svi_state, **batch)
+
+        def skip(svi_state: SVIState, batch: Batch) -> tuple[SVIState, jax.Array]:
+            return svi_state, jnp.asarray(jnp.nan, jnp.result_type(float))
+
+        def step(carry: TrainState, inputs: tuple[jax.Array, Any]) -> tuple[TrainState, jax.Array]:
+            position, rows = inputs
+            real = position < record["num_steps"]
+            updated, loss = lax.cond(real, update, skip, carry.svi_state, batch_from(device_data, rows))
+            finite = carry.finite & (jnp.isfinite(loss) | ~real)
             svi_state = lax.cond(finite, lambda: updated, lambda: carry.svi_state)
             return TrainState(svi_state, finite), loss
 
-        with traced_svi(svi, _first_batch(device_data, chunk_input)):
-            return lax.scan(step, state, chunk_input)
+        positions = jnp.arange(jax.tree.leaves(record["rows"])[0].shape[0])
+        with traced_svi(svi, first_batch(device_data, record)):
+            return lax.scan(step, state, (positions, record["rows"]))
 
     return train_chunk
+
+
+def make_params(svi: SVI) -> Callable[[SVIState, Mapping[str, jax.Array], Record], dict[str, jax.Array]]:
+    """``params(svi_state, device_data, record)``: the constrained variational parameters."""
+
+    def params(svi_state: SVIState, device_data: Mapping[str, jax.Array], record: Record) -> dict[str, jax.Array]:
+        with traced_svi(svi, first_batch(device_data, record)):
+            return svi.get_params(svi_state)
+
+    return params
 
 
 def sample_posterior(
@@ -141,24 +173,83 @@ def sample_posterior(
     )
 
 
-def make_finish(
+def make_posterior_sampler(
     svi: SVI, num_samples: int
-) -> Callable[
-    [TrainState, jax.Array, Mapping[str, jax.Array], Any], tuple[dict[str, jax.Array], dict[str, jax.Array] | None]
-]:
-    """``finish(state, rng_key, device_data, chunk_input) -> (params, posterior)``: the
-    constrained variational parameters and ``num_samples`` posterior draws (``None`` for 0)."""
+) -> Callable[[SVIState, jax.Array, Mapping[str, jax.Array], Record], dict[str, jax.Array]]:
+    """``sample(svi_state, rng_key, device_data, record)``: ``num_samples`` posterior draws."""
 
-    def finish(
-        state: TrainState, rng_key: jax.Array, device_data: Mapping[str, jax.Array], chunk_input: Any
-    ) -> tuple[dict[str, jax.Array], dict[str, jax.Array] | None]:
-        batch = _first_batch(device_data, chunk_input)
+    def sample(
+        svi_state: SVIState, rng_key: jax.Array, device_data: Mapping[str, jax.Array], record: Record
+    ) -> dict[str, jax.Array]:
+        batch = first_batch(device_data, record)
         with traced_svi(svi, batch):
-            params = svi.get_params(state.svi_state)
-            posterior = sample_posterior(svi, rng_key, params, batch, num_samples) if num_samples else None
-        return params, posterior
+            return sample_posterior(svi, rng_key, svi.get_params(svi_state), batch, num_samples)
 
-    return finish
+    return sample
+
+
+def pointwise_lpd(log_likelihoods: Mapping[str, jax.Array]) -> jax.Array:
+    """Per-observation log predictive density from ``(draws, rows, ...)`` log-likelihoods:
+    ``log mean_s p(y_i | theta_s)``, summed over the observed sites and their event dims."""
+    total = None
+    for values in log_likelihoods.values():
+        draws = values.shape[0]
+        per_row = logsumexp(values, axis=0) - jnp.log(draws)
+        per_row = per_row.reshape(per_row.shape[0], -1).sum(axis=1)
+        total = per_row if total is None else total + per_row
+    assert total is not None, "the model has no observed site"
+    return total
+
+
+def make_validation_step(
+    svi: SVI, num_samples: int, num_train_rows: int
+) -> Callable[[SVIState, jax.Array, Mapping[str, jax.Array], Record], tuple[jax.Array, jax.Array | None, jax.Array]]:
+    """``val(svi_state, rng_key, device_data, record) -> (loss, lpd_sum, weight_sum)`` for one
+    validation batch.
+
+    ``loss`` is the SVI loss (the negative ELBO, with the model's own minibatch scaling) on the
+    batch divided by ``num_train_rows``: the held-out negative ELBO per observation, on the
+    scale of the training loss per observation. ``lpd_sum`` sums, over the batch's weighted
+    rows, the log predictive density under ``num_samples`` guide draws (``None`` when the
+    model has no observed site); ``weight_sum`` counts the batch's real rows. ``rng_key`` is
+    split into the keys of the ELBO estimate, of the draws and of the model's plates.
+    """
+
+    def validate(
+        svi_state: SVIState, rng_key: jax.Array, device_data: Mapping[str, jax.Array], record: Record
+    ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+        batch = first_batch(device_data, record)
+        weights = record["weights"][0]
+        loss_key, draw_key, plate_key = jax.random.split(rng_key, 3)
+        with traced_svi(svi, batch):
+            params = svi.get_params(svi_state)
+            loss = svi.loss.loss(loss_key, params, svi.model, svi.guide, **batch, **svi.static_kwargs)
+            latent = latent_sites(svi)
+            observed = [name for name, site in svi.guide.prototype_trace.items() if _is_observed(site)]
+            if not observed:
+                return loss / num_train_rows, None, jnp.sum(weights)
+            draws = sample_posterior(svi, draw_key, params, batch, num_samples)
+            draws = {name: value for name, value in draws.items() if name in latent}
+            # seeded: a subsampling plate draws (unused) indices even on a whole batch.
+            log_likelihoods = log_likelihood(seed(svi.model, plate_key), draws, **batch)
+        lpd = pointwise_lpd({name: log_likelihoods[name] for name in observed})
+        return loss / num_train_rows, jnp.sum(lpd * weights), jnp.sum(weights)
+
+    return validate
+
+
+def latent_sites(svi: SVI) -> set[str]:
+    """Names of the model's latent sample sites (what a guide's draws may substitute); the
+    guide's prototype must be set up (inside :func:`traced_svi`)."""
+    return {
+        name
+        for name, site in svi.guide.prototype_trace.items()
+        if site["type"] == "sample" and not site["is_observed"]
+    }
+
+
+def _is_observed(site: dict[str, Any]) -> bool:
+    return site["type"] == "sample" and site["is_observed"]
 
 
 def check_model_accepts(model: Callable[..., Any], keys: list[str]) -> None:

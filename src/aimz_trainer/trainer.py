@@ -1,17 +1,19 @@
 """The Trainer: validates, compiles, and runs the chunked SVI loop with callbacks.
 
 Python orchestrates around one compiled function. Each call runs K SVI steps; the loop keeps
-one call in flight and reads the previous call's K losses while the devices work on the next,
-so the host never waits on a single step.
+one call in flight and runs the previous call's hooks while the devices work on the next, so
+the host never waits on a single step. At an epoch end, a validation point or a callback's
+step interval the loop waits for the chunk before starting the next one, so that a stop
+requested there takes effect exactly there.
 """
 
 from __future__ import annotations
 
-import functools
+import math
 import time
 import warnings
-from collections.abc import Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -21,29 +23,37 @@ from jax.sharding import Mesh
 from numpyro.infer import SVI
 from numpyro.infer.svi import SVIState
 
-from aimz_trainer.callbacks.base import Callback, FitProgress
+from aimz_trainer.callbacks.base import Callback, FitProgress, overrides_state
+from aimz_trainer.callbacks.posterior import PosteriorSampler
 from aimz_trainer.callbacks.progress import ProgressBar, progress_bar_wanted
 from aimz_trainer.data import (
+    Chunk,
     ChunkSource,
     FitPlan,
     Placement,
+    ValidationSource,
     device_data_budget,
+    epoch_length,
     make_chunk_loader,
     resolve_placement,
     validate_batch_size,
     validate_data,
 )
-from aimz_trainer.errors import ConfigurationError, NonFiniteLossError
+from aimz_trainer.errors import ConfigurationError, DataError, NonFiniteLossError
 from aimz_trainer.sharding import DATA_AXIS, make_mesh, replicated, stacked_batch_sharding, to_global_array
 from aimz_trainer.step import (
     TrainState,
     check_model_accepts,
-    make_finish,
     make_init,
+    make_params,
+    make_posterior_sampler,
     make_train_chunk,
+    make_validation_step,
 )
 
 __all__ = ["FitResult", "Trainer", "TrainerState"]
+
+Record = dict[str, Any]
 
 
 class FitResult(NamedTuple):
@@ -52,8 +62,8 @@ class FitResult(NamedTuple):
     Attributes:
         params: the optimized variational parameters, constrained (``svi.get_params``).
         losses: one ELBO loss per step, as a NumPy array.
-        posterior: site name -> draws from the guide with a leading ``num_samples`` axis, or
-            ``None`` when ``num_samples=0``.
+        posterior: site name -> draws from the guide with a leading ``num_samples`` axis (the
+            latest draws of a :class:`~aimz_trainer.callbacks.PosteriorSampler`), or ``None``.
         state: the final ``SVIState``.
     """
 
@@ -70,7 +80,8 @@ class TrainerState:
     Attributes:
         step: SVI steps finished.
         epoch: current epoch, from 0.
-        svi_state: the newest ``SVIState``; after a non-finite loss, the last good one.
+        svi_state: the ``SVIState`` after ``step`` steps; after a non-finite loss, the last
+            good one.
         rng_key: the key the fit's randomness derives from.
     """
 
@@ -80,78 +91,113 @@ class TrainerState:
     rng_key: jax.Array
 
 
-class _Compiled:
-    """The compiled functions of one fit.
+class FitKeys(NamedTuple):
+    """The independent streams a fit's ``rng_key`` is split into."""
 
-    Compilation is most of a fit's start-up on a CPU, so it is overlapped: ``init`` compiles
-    on a worker thread while the chunk is traced and compiled, and once training runs, other
-    chunk lengths compile in the background. XLA compiles outside the GIL. Tracing stays on
-    the calling thread: it temporarily touches the user's ``svi``.
+    init: jax.Array
+    shuffle: jax.Array
+    sample: jax.Array
+    validation: jax.Array
+
+    @classmethod
+    def split(cls, rng_key: jax.Array) -> FitKeys:
+        return cls(*jax.random.split(rng_key, 4))
+
+
+@dataclass
+class _Placed:
+    """Arrays of one dataset as the compiled functions consume them."""
+
+    device_data: dict[str, jax.Array]  # empty when the host gathers the batches
+    host_arrays: dict[str, np.ndarray] | None  # None when the devices hold the data
+    num_rows: int
+
+
+class _Compiled:
+    """The compiled functions of one fit, and their prototype inputs.
+
+    Compilation is most of a fit's start-up on a CPU, so ``init`` (and validation) compile on
+    a worker thread while the training chunk compiles; XLA compiles outside the GIL. Tracing
+    stays on the calling thread: it temporarily touches the user's ``svi``. Functions needed
+    only after training (parameters, posterior draws) compile on first use: on a 2-core
+    machine a compile in the background halves training throughput for as long as it runs.
     """
 
-    def __init__(self, svi: SVI, mesh: Mesh) -> None:
-        rep, stacked = replicated(mesh), stacked_batch_sharding(mesh)
-        shardings = (rep, rep, stacked)
-        self._init = jax.jit(make_init(svi), in_shardings=shardings, out_shardings=rep)
-        self._chunk = jax.jit(make_train_chunk(svi), in_shardings=shardings, out_shardings=(rep, rep), donate_argnums=0)
+    def __init__(self, svi: SVI, mesh: Mesh, device_data: dict[str, jax.Array], first_record: Record) -> None:
         self._svi = svi
-        self._shardings = (rep, stacked)
+        self._rep = replicated(mesh)
+        self.device_data = device_data
+        # The first step of the first record: what every traced function sets up ``svi`` with.
+        self.prototype = {"rows": jax.tree.map(lambda leaf: leaf[:1], first_record["rows"])}
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="aimz-compile")
-        self._chunks: dict[int, Future[Any]] = {}
+        self._validate: Any = None
+        self._params: Any = None
+        self._samplers: dict[int, Any] = {}
 
-    def start(self, rng_key: jax.Array, device_data: Any, chunk_input: Any) -> TrainState:
-        """Compile init and the first chunk's length; return the initial state."""
-        lowered_init = self._init.lower(rng_key, device_data, chunk_input)
+    def start(self, rng_key: jax.Array, record: Record) -> tuple[TrainState, Callable[..., Any]]:
+        """Compile init and the training chunk; return the initial state and the chunk."""
+        rep = self._rep
+        init = jax.jit(make_init(self._svi), in_shardings=(rep, rep, _record_shardings(rep, record)))
+        lowered_init = init.lower(rng_key, self.device_data, record)
         # init runs once: unoptimized code compiles faster than it loses at run time.
-        init = self._pool.submit(lowered_init.compile, {"xla_backend_optimization_level": 0})
-        self._chunks[_chunk_length(chunk_input)] = _done(
-            self._chunk.lower(lowered_init.out_info, device_data, chunk_input).compile()
+        compiled_init = self._pool.submit(lowered_init.compile, {"xla_backend_optimization_level": 0})
+        chunk = jax.jit(
+            make_train_chunk(self._svi),
+            in_shardings=(rep, rep, _record_shardings(rep, record)),
+            out_shardings=(rep, rep),
         )
-        return init.result()(rng_key, device_data, chunk_input)
+        compiled_chunk = chunk.lower(lowered_init.out_info, self.device_data, record).compile()
+        return compiled_init.result()(rng_key, self.device_data, record), compiled_chunk
 
-    def prepare(self, state: TrainState, device_data: Any, chunk_input: Any, lengths: set[int]) -> None:
-        """Trace the fit's other chunk lengths (an epoch's remainder, a ``max_steps`` cut) and
-        compile them in the background; they are needed within the first epoch."""
-        for length in lengths - set(self._chunks):
-            shaped = jax.tree.map(functools.partial(_with_length, length=length), chunk_input)
-            self._chunks[length] = self._pool.submit(self._chunk.lower(state, device_data, shaped).compile)
+    def prepare_validation(
+        self, state: TrainState, rng_key: jax.Array, data: _Placed, record: Record, num_samples: int, num_train_rows: int
+    ) -> None:
+        """Trace validation now and compile it on the worker thread."""
+        rep = self._rep
+        validate = jax.jit(
+            make_validation_step(self._svi, num_samples, num_train_rows),
+            in_shardings=(rep, rep, rep, _record_shardings(rep, record)),
+            out_shardings=rep,
+        )
+        self._validate = self._pool.submit(validate.lower(state.svi_state, rng_key, data.device_data, record).compile)
 
-    def run_chunk(self, state: TrainState, device_data: Any, chunk_input: Any) -> tuple[TrainState, jax.Array]:
-        return self._chunks[_chunk_length(chunk_input)].result()(state, device_data, chunk_input)
+    def validate(self, svi_state: SVIState, rng_key: jax.Array, device_data: Any, record: Record) -> Any:
+        return self._validate.result()(svi_state, rng_key, device_data, record)
 
-    def finish(
-        self, state: TrainState, rng_key: jax.Array, device_data: Any, chunk_input: Any, num_samples: int
-    ) -> tuple[dict[str, jax.Array], dict[str, jax.Array] | None]:
-        """``(params, posterior)`` from the final state.
+    def params(self, svi_state: SVIState) -> dict[str, jax.Array]:
+        if self._params is None:
+            rep = self._rep
+            params = jax.jit(make_params(self._svi), in_shardings=(rep, rep, _record_shardings(rep, self.prototype)))
+            self._params = _compile_once(params.lower(svi_state, self.device_data, self.prototype))
+        return self._params(svi_state, self.device_data, self.prototype)
 
-        Compiled here rather than in the background during training: on a 2-core machine a
-        background compile halves training throughput for as long as it runs. Optimization
-        level 1 compiles about 30% faster than the default and runs this once-only function
-        as fast.
-        """
-        self.close()
-        rep, stacked = self._shardings
-        finish = jax.jit(make_finish(self._svi, num_samples), in_shardings=(rep, rep, rep, stacked), out_shardings=rep)
-        lowered = finish.lower(state, rng_key, device_data, chunk_input)
-        return lowered.compile({"xla_backend_optimization_level": 1})(state, rng_key, device_data, chunk_input)
+    def sample(self, svi_state: SVIState, rng_key: jax.Array, num_samples: int) -> dict[str, jax.Array]:
+        if num_samples not in self._samplers:
+            rep = self._rep
+            sampler = jax.jit(
+                make_posterior_sampler(self._svi, num_samples),
+                in_shardings=(rep, rep, rep, _record_shardings(rep, self.prototype)),
+                out_shardings=rep,
+            )
+            lowered = sampler.lower(svi_state, rng_key, self.device_data, self.prototype)
+            self._samplers[num_samples] = _compile_once(lowered)
+        return self._samplers[num_samples](svi_state, rng_key, self.device_data, self.prototype)
 
     def close(self) -> None:
-        """Stop the compile thread (waiting for a compile in progress)."""
+        """Stop the worker thread (waiting for a compile in progress)."""
         self._pool.shutdown(cancel_futures=True)
 
 
-def _done(value: Any) -> Future[Any]:
-    future: Future[Any] = Future()
-    future.set_result(value)
-    return future
+def _compile_once(lowered: Any) -> Any:
+    # Optimization level 1 compiles about 30% faster than the default and runs a function that
+    # is called a few times as fast.
+    return lowered.compile({"xla_backend_optimization_level": 1})
 
 
-def _with_length(leaf: jax.Array, length: int) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct((length, *leaf.shape[1:]), leaf.dtype, sharding=leaf.sharding)
-
-
-def _chunk_length(chunk_input: Any) -> int:
-    return jax.tree.leaves(chunk_input)[0].shape[0]
+def _record_shardings(rep: Any, record: Mapping[str, Any]) -> dict[str, Any]:
+    """Shardings of a record's fields: stacked batches are split by rows, counts replicated."""
+    stacked = stacked_batch_sharding(rep.mesh)
+    return {key: rep if key == "num_steps" else stacked for key in record}
 
 
 class Trainer:
@@ -161,15 +207,22 @@ class Trainer:
         max_epochs: stop after this many passes over the data.
         max_steps: stop after this many SVI steps (whichever limit comes first).
         rng_key: the key all randomness of a fit derives from (initialization, shuffling,
-            SVI's own sampling, posterior draws). Defaults to ``jax.random.key(0)``.
-        callbacks: :class:`~aimz_trainer.callbacks.Callback` instances, run in list order.
+            SVI's own sampling, posterior draws, validation draws). Defaults to
+            ``jax.random.key(0)``.
+        callbacks: :class:`~aimz_trainer.callbacks.Callback` instances, run in list order
+            (those that monitor metrics last).
         devices: devices for the default 1-D ``"data"`` mesh: ``None`` (all), a count, or a list.
         mesh: an explicit mesh with a ``"data"`` axis (instead of ``devices``).
-        log_every_n_steps: how often loggers record the per-step loss.
+        log_every_n_steps: how often loggers record the per-step loss; compiled chunks end at
+            its multiples, where loggers also record steps/s and the learning rate.
+        check_val_every_n_epoch: validate after every N-th epoch (when ``val_data`` is given);
+            ``None``: not at epoch ends.
+        val_check_interval: also validate every N steps (an int), or N times per epoch
+            (a float in (0, 1]: every that fraction of an epoch).
         enable_progress_bar: show a progress bar (only when stdout is a terminal and ``CI`` is
             unset).
-        steps_per_chunk: SVI steps per compiled call; default: about 50, a divisor of the epoch
-            length when one is near.
+        steps_per_chunk: SVI steps per compiled call; default: about 50, fitted to the epoch
+            length and the intervals above.
         nonfinite_loss: ``"raise"`` (default) raises :class:`NonFiniteLossError` at the first
             NaN/inf loss; ``"warn"`` stops the fit with a warning and returns what it has. Either
             way the state from before the bad step is kept.
@@ -186,9 +239,12 @@ class Trainer:
         >>> x = np.linspace(-1, 1, 1000, dtype=np.float32); y = 2 * x
         >>> svi = SVI(model, AutoNormal(model), adam(0.05), Trace_ELBO())
         >>> trainer = Trainer(max_epochs=20, rng_key=jax.random.key(0), enable_progress_bar=False)
-        >>> result = trainer.fit(svi, {"x": x, "y": y}, batch_size=100, num_samples=10)
+        >>> result = trainer.fit(svi, {"x": x[:800], "y": y[:800]}, batch_size=100,
+        ...                      val_data={"x": x[800:], "y": y[800:]}, num_samples=10)
         >>> result.losses.shape, result.posterior["w"].shape
-        ((200,), (10,))
+        ((160,), (10,))
+        >>> sorted(trainer.callback_metrics)[:4]
+        ['epoch_time', 'steps_per_sec', 'train_loss', 'train_loss_epoch']
     """
 
     def __init__(
@@ -201,6 +257,8 @@ class Trainer:
         devices: int | Sequence[jax.Device] | None = None,
         mesh: Mesh | None = None,
         log_every_n_steps: int = 50,
+        check_val_every_n_epoch: int | None = 1,
+        val_check_interval: int | float | None = None,
         enable_progress_bar: bool = True,
         steps_per_chunk: int | None = None,
         nonfinite_loss: Literal["raise", "warn"] = "raise",
@@ -211,10 +269,18 @@ class Trainer:
             ("max_epochs", max_epochs),
             ("max_steps", max_steps),
             ("log_every_n_steps", log_every_n_steps),
+            ("check_val_every_n_epoch", check_val_every_n_epoch),
             ("steps_per_chunk", steps_per_chunk),
         ]:
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            if value is not None and not _is_positive_int(value):
                 raise ConfigurationError(f"{name} must be a positive int or None; got {value!r}.")
+        if val_check_interval is not None and not (
+            _is_positive_int(val_check_interval) or (isinstance(val_check_interval, float) and 0 < val_check_interval <= 1)
+        ):
+            raise ConfigurationError(
+                "val_check_interval must be a positive int (steps), a float in (0, 1] (a fraction of "
+                f"an epoch) or None; got {val_check_interval!r}."
+            )
         if nonfinite_loss not in ("raise", "warn"):
             raise ConfigurationError(f"nonfinite_loss must be 'raise' or 'warn'; got {nonfinite_loss!r}.")
         if mesh is not None and devices is not None:
@@ -233,6 +299,8 @@ class Trainer:
         self.max_epochs = max_epochs
         self.max_steps = max_steps
         self.log_every_n_steps = log_every_n_steps
+        self.check_val_every_n_epoch = check_val_every_n_epoch
+        self.val_check_interval = val_check_interval
         self.steps_per_chunk = steps_per_chunk
         self.nonfinite_loss = nonfinite_loss
         self.callbacks = callbacks
@@ -241,13 +309,54 @@ class Trainer:
         self.state = TrainerState(step=0, epoch=0, svi_state=None, rng_key=self.rng_key)
         self.callback_metrics: dict[str, float] = {}
         self.should_stop = False
-        self.steps_per_epoch = 0
+        self.stop_reason: str | None = None
+        self.posterior: dict[str, jax.Array] | None = None
+        self.svi: SVI | None = None
+        self.plan: FitPlan | None = None
         self.placement: Literal["device", "host"] | None = None
         self.timings: dict[str, float] = {}
+        self._compiled: _Compiled | None = None
 
-    def request_stop(self) -> None:
+    @property
+    def steps_per_epoch(self) -> int:
+        """Steps per epoch of the current (or last) fit; 0 before the first fit."""
+        return self.plan.steps_per_epoch if self.plan is not None else 0
+
+    @property
+    def has_validation(self) -> bool:
+        """Whether the current fit validates (it was given ``val_data``)."""
+        return self._validation is not None
+
+    @property
+    def posterior_key(self) -> jax.Array:
+        """The key of the fit's posterior draws (derived from ``rng_key``)."""
+        return FitKeys.split(self.rng_key).sample
+
+    def request_stop(self, reason: str | None = None) -> None:
         """Ask the fit to stop at the next chunk boundary (``on_fit_end`` still runs)."""
         self.should_stop = True
+        self.stop_reason = reason
+
+    def current_params(self) -> dict[str, jax.Array]:
+        """The constrained variational parameters at ``trainer.state`` (compiled on first use).
+
+        Callbacks call this from a hook; it works after ``fit`` too.
+        """
+        return self._require_compiled("current_params").params(self.state.svi_state)
+
+    def sample_posterior(self, num_samples: int, rng_key: jax.Array | None = None) -> dict[str, jax.Array]:
+        """``num_samples`` draws from the guide at ``trainer.state`` (compiled once per count).
+
+        Args:
+            num_samples: number of draws (a positive int).
+            rng_key: defaults to the fit's posterior key (derived from the trainer's
+                ``rng_key``), so the same fit gives the same draws.
+        """
+        if not _is_positive_int(num_samples):
+            raise ConfigurationError(f"num_samples must be a positive int; got {num_samples!r}.")
+        compiled = self._require_compiled("sample_posterior")
+        key = self.posterior_key if rng_key is None else _as_key(rng_key)
+        return compiled.sample(self.state.svi_state, key, num_samples)
 
     def fit(
         self,
@@ -255,6 +364,9 @@ class Trainer:
         train_data: Mapping[str, Any],
         *,
         batch_size: int,
+        val_data: Mapping[str, Any] | None = None,
+        val_batch_size: int | None = None,
+        val_num_samples: int = 20,
         num_samples: int = 0,
         shuffle: bool = True,
         drop_last: bool = False,
@@ -267,7 +379,13 @@ class Trainer:
             train_data: keyword name -> array (NumPy or JAX), one row per observation; each
                 batch is passed to the model as these keyword arguments.
             batch_size: rows per step (the global batch, split over the mesh's devices).
-            num_samples: posterior draws from the guide at the end (0: none).
+            val_data: held-out data with the same keys; validation reports ``val_loss`` (the
+                negative ELBO per training observation, with the current guide) and, for
+                models with an observed site, ``val_lpd`` (mean log predictive density).
+            val_batch_size: rows per validation batch (default: ``batch_size``).
+            val_num_samples: guide draws behind ``val_lpd``.
+            num_samples: posterior draws from the guide at the end (0: none); shorthand for a
+                :class:`~aimz_trainer.callbacks.PosteriorSampler` callback.
             shuffle: a new seeded order of the rows every epoch.
             drop_last: drop the last partial batch instead of completing it (module
                 :mod:`aimz_trainer.data` explains both).
@@ -283,6 +401,18 @@ class Trainer:
         batch_size = validate_batch_size(batch_size, num_rows, self.mesh.size)
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
             raise ConfigurationError(f"num_samples must be an int >= 0; got {num_samples!r}.")
+        val_arrays = _validate_val_data(val_data, arrays) if val_data is not None else None
+        if val_arrays is not None:
+            val_batch_size = self._validate_val_batch_size(val_batch_size or batch_size)
+            if not _is_positive_int(val_num_samples):
+                raise ConfigurationError(f"val_num_samples must be a positive int; got {val_num_samples!r}.")
+        callbacks = self._fit_callbacks(num_samples)
+
+        val_interval = None
+        if val_arrays is not None:
+            val_interval = self._val_interval_steps(epoch_length(num_rows, batch_size, drop_last=drop_last))
+        sync_intervals = [i for c in callbacks if (i := c.step_interval(self)) is not None]
+        sync_intervals += [val_interval] if val_interval is not None else []
         plan = FitPlan.create(
             num_rows,
             batch_size,
@@ -290,130 +420,329 @@ class Trainer:
             max_epochs=self.max_epochs,
             max_steps=self.max_steps,
             steps_per_chunk=self.steps_per_chunk,
+            boundaries=[self.log_every_n_steps, *sync_intervals],
         )
-        self.steps_per_epoch = plan.steps_per_epoch
-        init_key, shuffle_key, sample_key = jax.random.split(self.rng_key, 3)
-        data_bytes = sum(
-            int(np.prod(a.shape)) * jax.dtypes.canonicalize_dtype(a.dtype).itemsize for a in arrays.values()
-        )
-        local_devices = self.mesh.local_mesh.size
-        self.placement = resolve_placement(
-            data_placement, data_bytes, device_data_budget(self.mesh.local_devices[0], local_devices)
-        )
-        device_data = _place_on_mesh(arrays, self.mesh) if self.placement == "device" else {}
+        self.plan = plan
+        self.svi = svi
+        self._keys = FitKeys.split(self.rng_key)
+        self.placement = self._resolve_placement(data_placement, arrays, val_arrays)
+        train = self._place(arrays, num_rows)
         source = ChunkSource(
             plan,
-            seed=_numpy_seed(shuffle_key),
+            seed=_numpy_seed(self._keys.shuffle),
             shuffle=shuffle,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
-        host_arrays = {k: np.asarray(a) for k, a in arrays.items()} if self.placement == "host" else None
-        chunks = iter(make_chunk_loader(source, host_arrays))
-        to_device = _chunk_to_device(self.mesh, batch_size)
+        records = iter(make_chunk_loader(source, train.host_arrays))
+        to_device = _records_to_device(self.mesh, batch_size)
 
         self.callback_metrics = {}
         self.should_stop = False
+        self.stop_reason = None
+        self.posterior = None
         self.state = TrainerState(step=0, epoch=0, svi_state=None, rng_key=self.rng_key)
-        compiled = _Compiled(svi, self.mesh)
-        first_input = to_device(next(chunks))
-        train_state = compiled.start(init_key, device_data, first_input)
+        first_record = to_device(next(records))
+        compiled = self._compiled = _Compiled(svi, self.mesh, train.device_data, first_record)
+        train_state, chunk_fn = compiled.start(self._keys.init, first_record)
+        self._validation = None
+        if val_arrays is not None:
+            self._validation = _Validation(self, val_arrays, val_batch_size, val_num_samples, num_rows, train_state)
+        self.state.svi_state = train_state.svi_state
         self.timings = {"setup_s": time.perf_counter() - started}
 
         losses: list[np.ndarray] = []
+        self._active_callbacks = callbacks
         try:
             self._call("on_fit_start")
-            train_state = self._loop(
-                plan, compiled, train_state, device_data, first_input, chunks, to_device, losses, started
+            run = _Run(
+                self,
+                plan,
+                chunk_fn,
+                train.device_data,
+                first_record,
+                records,
+                to_device,
+                losses,
+                started,
+                sync_intervals,
+                val_interval,
             )
+            train_state = run.loop(train_state)
+            compiled.close()
             self._call("on_fit_end")
-            params, posterior = compiled.finish(train_state, sample_key, device_data, first_input, num_samples)
+            params = compiled.params(train_state.svi_state)
             self.timings["fit_s"] = time.perf_counter() - started
         except BaseException as exception:
-            self._call("on_exception", exception)
+            self._call_on_exception(exception)
             raise
         finally:
             compiled.close()
-            for callback in self.callbacks:
+            for callback in callbacks:
                 callback.teardown(self)
-        return FitResult(params=params, losses=np.concatenate(losses), posterior=posterior, state=train_state.svi_state)
+        return FitResult(
+            params=params,
+            losses=np.concatenate(losses) if losses else np.zeros(0, np.float32),
+            posterior=self.posterior,
+            state=train_state.svi_state,
+        )
 
-    def _loop(
-        self,
-        plan: FitPlan,
-        compiled: _Compiled,
-        train_state: TrainState,
-        device_data: Any,
-        first_input: Any,
-        chunks: Any,
-        to_device: Any,
-        losses: list[np.ndarray],
-        started: float,
-    ) -> TrainState:
-        """Dispatch chunk c, then read chunk c-1's losses and run its hooks while c runs.
+    # -- set-up --------------------------------------------------------------------------------
 
-        Hooks therefore fire in fit order, but the devices are one chunk ahead of them.
-        """
-        in_flight: tuple[int, jax.Array] | None = None
-        chunk_input = first_input
-        for index in range(plan.num_chunks):
-            if index:
-                chunk_input = to_device(next(chunks))
-            train_state, chunk_losses = compiled.run_chunk(train_state, device_data, chunk_input)
-            self.state.svi_state = train_state.svi_state
-            if not index:  # the devices are busy: compile the rest of the fit meanwhile
-                compiled.prepare(train_state, device_data, chunk_input, plan.chunk_lengths())
-            if in_flight is not None and not self._finish_chunk(plan, *in_flight, losses, started):
-                return train_state  # a non-finite loss: the chunk just dispatched ran on a frozen state
-            epoch, first_step, _ = plan.chunk(index)
-            if first_step % plan.steps_per_epoch == 0:  # after the previous epoch's end hooks
-                self.state.epoch = epoch
-                self._call("on_train_epoch_start")
-            in_flight = (index, chunk_losses)
-            if self.should_stop:
-                break
-        if in_flight is not None:
-            self._finish_chunk(plan, *in_flight, losses, started)
-        return train_state
+    def _fit_callbacks(self, num_samples: int) -> list[Callback]:
+        """The fit's callbacks in calling order (monitors last), checked for state collisions."""
+        callbacks = list(self.callbacks)
+        if num_samples:
+            callbacks.append(PosteriorSampler(num_samples))
+        keys: dict[str, Callback] = {}
+        for callback in callbacks:
+            if not overrides_state(callback):
+                continue
+            other = keys.setdefault(callback.state_key, callback)
+            if other is not callback:
+                raise ConfigurationError(
+                    f"two callbacks, {type(other).__name__} and {type(callback).__name__}, save their state "
+                    f"under the same key {callback.state_key!r}, so a checkpoint could not tell them apart. "
+                    "Give one a different state_key (or remove the duplicate)."
+                )
+        interval_errors = [
+            type(c).__name__ for c in callbacks if (i := c.step_interval(self)) is not None and not _is_positive_int(i)
+        ]
+        if interval_errors:
+            raise ConfigurationError(f"step_interval() must return a positive int or None; check {interval_errors}.")
+        return [c for c in callbacks if not c.monitors_metrics] + [c for c in callbacks if c.monitors_metrics]
 
-    def _finish_chunk(
-        self, plan: FitPlan, index: int, chunk_losses: jax.Array, losses: list[np.ndarray], started: float
-    ) -> bool:
-        """Bring a chunk's losses to the host and run its hooks; ``False`` after a non-finite
-        loss (in ``"warn"`` mode; ``"raise"`` raises)."""
-        host_losses = np.asarray(chunk_losses)
-        now = time.perf_counter()
-        _, first_step, length = plan.chunk(index)
-        if "first_chunk_s" not in self.timings:
-            self.timings["first_chunk_s"] = now - started
-        else:
-            self.callback_metrics["steps_per_sec"] = length / (now - self._last_chunk_done)
-        self._last_chunk_done = now
-        bad = np.flatnonzero(~np.isfinite(host_losses))
-        if bad.size:
-            step = first_step + int(bad[0])
-            losses.append(host_losses[: bad[0]])
-            self.state.step = step
-            error = NonFiniteLossError(step, float(host_losses[bad[0]]))
-            if self.nonfinite_loss == "raise":
-                raise error
-            warnings.warn(str(error), RuntimeWarning, stacklevel=4)
-            return False
-        losses.append(host_losses)
-        self.state.step = first_step + length
-        self.callback_metrics["train_loss"] = float(host_losses.mean())
-        self._call("on_train_chunk_end", host_losses, range(first_step, first_step + length))
-        if self.state.step % plan.steps_per_epoch == 0 or self.state.step == plan.total_steps:
-            self._call("on_train_epoch_end")
-        return True
+    def _val_interval_steps(self, steps_per_epoch: int) -> int | None:
+        if self.val_check_interval is None:
+            return None
+        if isinstance(self.val_check_interval, float):
+            return max(1, int(self.val_check_interval * steps_per_epoch))
+        return int(self.val_check_interval)
+
+    def _validate_val_batch_size(self, size: Any) -> int:
+        if not _is_positive_int(size) or size % self.mesh.size:
+            raise ConfigurationError(
+                f"val_batch_size must be a positive int divisible by the {self.mesh.size} device(s); got {size!r}."
+            )
+        return int(size)
+
+    def _resolve_placement(
+        self, placement: Placement, arrays: Mapping[str, Any], val_arrays: Mapping[str, Any] | None
+    ) -> Literal["device", "host"]:
+        data_bytes = sum(_nbytes(a) for a in arrays.values())
+        data_bytes += sum(_nbytes(a) for a in (val_arrays or {}).values())
+        budget = device_data_budget(self.mesh.local_devices[0], self.mesh.local_mesh.size)
+        return resolve_placement(placement, data_bytes, budget)
+
+    def _place(self, arrays: Mapping[str, Any], num_rows: int) -> _Placed:
+        if self.placement == "device":
+            return _Placed(_place_on_mesh(arrays, self.mesh), None, num_rows)
+        return _Placed({}, {k: np.asarray(a) for k, a in arrays.items()}, num_rows)
+
+    def _require_compiled(self, what: str) -> _Compiled:
+        if self._compiled is None or self.state.svi_state is None:
+            raise ConfigurationError(f"{what}() needs a fit: call trainer.fit(...) first (or call it from a hook).")
+        return self._compiled
+
+    # -- hooks ---------------------------------------------------------------------------------
 
     def _progress(self) -> FitProgress:
         return FitProgress(step=self.state.step, epoch=self.state.epoch, metrics=dict(self.callback_metrics))
 
     def _call(self, hook: str, *args: Any) -> None:
         progress = self._progress()
-        for callback in self.callbacks:
+        for callback in self._active_callbacks:
             getattr(callback, hook)(self, progress, *args)
+
+    def _call_on_exception(self, exception: BaseException) -> None:
+        """Every callback hears of the exception, even when another one's handler fails."""
+        progress = self._progress()
+        for callback in getattr(self, "_active_callbacks", ()):
+            try:
+                callback.on_exception(self, progress, exception)
+            except Exception as handler_error:  # noqa: BLE001 - the original exception matters more
+                warnings.warn(
+                    f"{type(callback).__name__}.on_exception raised {handler_error!r} while handling {exception!r}",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+
+    _validation: _Validation | None = None
+    _keys: FitKeys
+
+
+class _Validation:
+    """A fit's validation pass: held-out ELBO and log predictive density, batch by batch."""
+
+    def __init__(
+        self,
+        trainer: Trainer,
+        arrays: dict[str, Any],
+        batch_size: int,
+        num_samples: int,
+        num_train_rows: int,
+        state: TrainState,
+    ) -> None:
+        self._trainer = trainer
+        num_rows = len(next(iter(arrays.values())))
+        self._data = trainer._place(arrays, num_rows)
+        self._source = ValidationSource(
+            num_rows, batch_size, process_index=jax.process_index(), process_count=jax.process_count()
+        )
+        self._to_device = _records_to_device(trainer.mesh, batch_size)
+        self._key = trainer._keys.validation
+        first = self._to_device(self._source[0])
+        assert trainer._compiled is not None
+        trainer._compiled.prepare_validation(state, self._key, self._data, first, num_samples, num_train_rows)
+
+    def is_due(self, chunk: Chunk, epoch_end: bool, interval: int | None) -> bool:
+        end = chunk.first_step + chunk.num_steps
+        every = self._trainer.check_val_every_n_epoch
+        return bool(interval and end % interval == 0) or (epoch_end and every is not None and (chunk.epoch + 1) % every == 0)
+
+    def run(self, svi_state: SVIState) -> dict[str, float]:
+        """Validate ``svi_state``; the same keys every time, so passes compare like for like."""
+        compiled = self._trainer._compiled
+        assert compiled is not None
+        outputs = []
+        for index, record in enumerate(make_chunk_loader(self._source, self._data.host_arrays)):
+            key = jax.random.fold_in(self._key, index)
+            outputs.append(compiled.validate(svi_state, key, self._data.device_data, self._to_device(record)))
+        losses, lpd_sums, weights = (np.asarray(values, np.float64) for values in zip(*jax.device_get(outputs)))
+        metrics = {"val_loss": float(np.sum(losses * weights) / np.sum(weights))}
+        if not np.isnan(lpd_sums).any():
+            metrics["val_lpd"] = float(np.sum(lpd_sums) / np.sum(weights))
+        return metrics
+
+
+class _Run:
+    """One pass of the training loop: dispatch, pipelining, per-chunk bookkeeping, hooks."""
+
+    def __init__(
+        self,
+        trainer: Trainer,
+        plan: FitPlan,
+        chunk_fn: Callable[..., Any],
+        device_data: dict[str, jax.Array],
+        first_record: Record,
+        records: Iterator[Record],
+        to_device: Callable[[Record], Record],
+        losses: list[np.ndarray],
+        started: float,
+        sync_intervals: list[int],
+        val_interval: int | None,
+    ) -> None:
+        self.trainer = trainer
+        self.plan = plan
+        self.chunk_fn = chunk_fn
+        self.device_data = device_data
+        self.first_record = first_record
+        self.records = records
+        self.to_device = to_device
+        self.losses = losses
+        self.started = started
+        self.sync_intervals = sync_intervals
+        self.val_interval = val_interval
+        self.rate_since = (0, started)  # (step, time) the steps/s average counts from
+        self.epoch_started = started
+        self.epoch_losses: list[np.ndarray] = []
+
+    def loop(self, state: TrainState) -> TrainState:
+        """Dispatch chunk c, then run chunk c-1's hooks while c runs; wait at sync chunks."""
+        trainer = self.trainer
+        pending: tuple[Chunk, jax.Array, TrainState] | None = None
+        for index, chunk in enumerate(self.plan.chunks):
+            if trainer.should_stop:
+                break
+            if chunk.first_step % self.plan.steps_per_epoch == 0:  # after the previous epoch's end hooks
+                trainer.state.epoch = chunk.epoch
+                self.epoch_started = time.perf_counter()
+                self.epoch_losses = []
+                trainer._call("on_train_epoch_start")
+            record = self.first_record if index == 0 else self.to_device(next(self.records))
+            new_state, chunk_losses = self.chunk_fn(state, self.device_data, record)
+            if pending is not None and not self.finish(*pending):
+                return pending[2]
+            state = new_state
+            pending = (chunk, chunk_losses, state)
+            if self.is_sync(chunk):
+                if not self.finish(*pending):
+                    return state
+                pending = None
+        if pending is not None:
+            self.finish(*pending)
+        return state
+
+    def is_sync(self, chunk: Chunk) -> bool:
+        end = chunk.first_step + chunk.num_steps
+        return self.plan.is_epoch_end(chunk) or any(end % interval == 0 for interval in self.sync_intervals)
+
+    def finish(self, chunk: Chunk, chunk_losses: jax.Array, state: TrainState) -> bool:
+        """Bring a chunk's losses to the host and run its hooks; ``False`` after a non-finite
+        loss (in ``"warn"`` mode; ``"raise"`` raises)."""
+        trainer = self.trainer
+        host_losses = np.asarray(chunk_losses)[: chunk.num_steps]
+        now = time.perf_counter()
+        if "first_chunk_s" not in trainer.timings:  # compilation and start-up: not a rate
+            trainer.timings["first_chunk_s"] = now - self.started
+            self.rate_since = (chunk.first_step + chunk.num_steps, now)
+        else:
+            # Averaged since the last pause (an epoch's end hooks, validation): with a chunk in
+            # flight, the time between two chunks' results alone says little.
+            steps = chunk.first_step + chunk.num_steps - self.rate_since[0]
+            trainer.callback_metrics["steps_per_sec"] = steps / (now - self.rate_since[1])
+        bad = np.flatnonzero(~np.isfinite(host_losses))
+        if bad.size:
+            self.losses.append(host_losses[: bad[0]])
+            trainer.state.step = chunk.first_step + int(bad[0])
+            trainer.state.svi_state = state.svi_state  # frozen before the bad step
+            error = NonFiniteLossError(trainer.state.step, float(host_losses[bad[0]]))
+            if trainer.nonfinite_loss == "raise":
+                raise error
+            warnings.warn(str(error), RuntimeWarning, stacklevel=5)
+            return False
+        self.losses.append(host_losses)
+        self.epoch_losses.append(host_losses)
+        trainer.state.step = chunk.first_step + chunk.num_steps
+        trainer.state.svi_state = state.svi_state
+        trainer.callback_metrics["train_loss"] = float(host_losses.mean())
+        trainer._call("on_train_chunk_end", host_losses, chunk.steps)
+        epoch_end = self.plan.is_epoch_end(chunk)
+        if epoch_end:
+            trainer.callback_metrics["train_loss_epoch"] = float(np.concatenate(self.epoch_losses).mean())
+            trainer.callback_metrics["epoch_time"] = time.perf_counter() - self.epoch_started
+        validation = trainer._validation
+        if validation is not None and validation.is_due(chunk, epoch_end, self.val_interval):
+            trainer.callback_metrics.update(validation.run(state.svi_state))
+            trainer._call("on_validation_end")
+        if epoch_end:
+            trainer._call("on_train_epoch_end")
+        if self.is_sync(chunk):  # the devices idled through the hooks: restart the average
+            self.rate_since = (chunk.first_step + chunk.num_steps, time.perf_counter())
+        return True
+
+
+def _validate_val_data(val_data: Any, train_arrays: Mapping[str, Any]) -> dict[str, Any]:
+    arrays, _ = validate_data(val_data, name="val_data")
+    if set(arrays) != set(train_arrays):
+        raise DataError(
+            f"val_data must have the same keys as train_data: got {sorted(arrays)}, expected {sorted(train_arrays)}."
+        )
+    for key, array in arrays.items():
+        if array.shape[1:] != train_arrays[key].shape[1:]:
+            raise DataError(
+                f"val_data[{key!r}] rows have shape {array.shape[1:]} but train_data[{key!r}] rows have "
+                f"shape {train_arrays[key].shape[1:]}."
+            )
+    return arrays
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool) and value >= 1
+
+
+def _nbytes(array: Any) -> int:
+    return int(np.prod(array.shape)) * jax.dtypes.canonicalize_dtype(array.dtype).itemsize
 
 
 def _as_key(rng_key: jax.Array | None) -> jax.Array:
@@ -432,7 +761,7 @@ def _numpy_seed(key: jax.Array) -> list[int]:
 
 
 def _place_on_mesh(arrays: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
-    """Replicate the training arrays on every device of the mesh."""
+    """Replicate the arrays on every device of the mesh."""
     sharding = replicated(mesh)
     placed = {}
     for key, array in arrays.items():
@@ -444,14 +773,14 @@ def _place_on_mesh(arrays: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array
     return placed
 
 
-def _chunk_to_device(mesh: Mesh, batch_size: int) -> Any:
-    """Turn a Grain record (this process's columns) into global arrays on the mesh."""
-    sharding = stacked_batch_sharding(mesh)
+def _records_to_device(mesh: Mesh, batch_size: int) -> Callable[[Record], Record]:
+    """Turn a Grain record (this process's columns of each batch) into global arrays."""
+    stacked, rep = stacked_batch_sharding(mesh), replicated(mesh)
 
-    def to_device(record: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-        return {
-            key: to_global_array(local, sharding, (local.shape[0], batch_size, *local.shape[2:]))
-            for key, local in record.items()
-        }
+    def put(local: Any) -> jax.Array:
+        local = np.asarray(local)
+        if local.ndim == 0:
+            return to_global_array(local, rep, ())
+        return to_global_array(local, stacked, (local.shape[0], batch_size, *local.shape[2:]))
 
-    return to_device
+    return lambda record: jax.tree.map(put, record)

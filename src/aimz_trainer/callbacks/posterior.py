@@ -1,0 +1,60 @@
+"""Posterior draws from the guide at the end of a fit, and every N epochs if asked."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import jax
+
+from aimz_trainer.callbacks.base import Callback, FitProgress
+from aimz_trainer.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from aimz_trainer.trainer import Trainer
+
+__all__ = ["PosteriorSampler"]
+
+
+class PosteriorSampler(Callback):
+    """Draws ``num_samples`` posterior samples from the guide (compiled, in one call).
+
+    At the end of the fit the draws go to ``trainer.posterior`` and so to
+    ``FitResult.posterior``: ``trainer.fit(..., num_samples=n)`` is this callback. With
+    ``every_n_epochs``, draws are also taken after every N-th epoch and kept, by epoch, in
+    :attr:`history` (on the devices; mind the memory for large models).
+
+    The final draws use the fit's posterior key, so they equal
+    ``trainer.sample_posterior(num_samples)`` after the fit; the draws of epoch ``e`` use
+    ``jax.random.fold_in`` of that key with ``e + 1``.
+
+    Example:
+        >>> sampler = PosteriorSampler(200, every_n_epochs=5)
+        >>> sampler.history
+        {}
+    """
+
+    def __init__(self, num_samples: int, every_n_epochs: int | None = None) -> None:
+        for name, value in [("num_samples", num_samples), ("every_n_epochs", every_n_epochs)]:
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigurationError(f"PosteriorSampler {name} must be a positive int; got {value!r}.")
+        self.num_samples = num_samples
+        self.every_n_epochs = every_n_epochs
+        self.samples: dict[str, jax.Array] | None = None
+        self.history: dict[int, dict[str, jax.Array]] = {}
+
+    @property
+    def state_key(self) -> str:
+        return f"PosteriorSampler{{'num_samples': {self.num_samples}, 'every_n_epochs': {self.every_n_epochs}}}"
+
+    def on_fit_start(self, trainer: Trainer, progress: FitProgress) -> None:
+        self.samples = None
+        self.history = {}
+
+    def on_train_epoch_end(self, trainer: Trainer, progress: FitProgress) -> None:
+        if self.every_n_epochs and (progress.epoch + 1) % self.every_n_epochs == 0:
+            key = jax.random.fold_in(trainer.posterior_key, progress.epoch + 1)
+            self.history[progress.epoch] = trainer.sample_posterior(self.num_samples, key)
+
+    def on_fit_end(self, trainer: Trainer, progress: FitProgress) -> None:
+        self.samples = trainer.sample_posterior(self.num_samples)
+        trainer.posterior = self.samples

@@ -1,0 +1,92 @@
+"""Training curves, validation metrics, parameter histograms and hyperparameters for
+TensorBoard, written with tensorboardX."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import jax
+import numpy as np
+from tensorboardX import SummaryWriter
+
+from aimz_trainer.callbacks.base import FitProgress
+from aimz_trainer.callbacks.logger import MetricLogger, writable_directory
+
+if TYPE_CHECKING:
+    from aimz_trainer.trainer import Trainer
+
+__all__ = ["TensorBoardLogger"]
+
+HParam = bool | str | float | int
+
+
+class TensorBoardLogger(MetricLogger):
+    """Writes the fit's scalars (see :mod:`aimz_trainer.callbacks.logger`) as TensorBoard events.
+
+    Besides the scalars: at each epoch end a histogram of every variational parameter
+    (``params/<site>_auto_loc``, ``params/<site>_auto_scale`` for an ``AutoNormal`` guide), and
+    at fit end the run's hyperparameters (the trainer's settings, the batch size, the device
+    count and ``hparams``) with the final metrics, for TensorBoard's HParams tab.
+
+    Args:
+        log_dir: the run's directory (created; must be writable). Point TensorBoard at it or
+            at its parent: ``tensorboard --logdir runs``.
+        hparams: extra hyperparameters to record (e.g. the learning rate, the model's width).
+        log_histograms: write the parameter histograms.
+
+    Example:
+        >>> import tempfile
+        >>> logger = TensorBoardLogger(tempfile.mkdtemp(), hparams={"learning_rate": 1e-3})
+    """
+
+    def __init__(
+        self,
+        log_dir: str | os.PathLike[str],
+        *,
+        hparams: Mapping[str, HParam] | None = None,
+        log_histograms: bool = True,
+    ) -> None:
+        super().__init__()
+        self.log_dir = writable_directory(log_dir, "log_dir") if self.is_writer else None
+        self.hparams = dict(hparams or {})
+        self.log_histograms = log_histograms
+        self._writer: SummaryWriter | None = None
+
+    def open(self, trainer: Trainer, resume_step: int) -> None:
+        # purge_step drops events at steps >= resume_step that a previous run left behind.
+        self._writer = SummaryWriter(str(self.log_dir), purge_step=resume_step or None)
+
+    def write(self, step: int, epoch: int, scalars: Mapping[str, float]) -> None:
+        assert self._writer is not None
+        for name, value in scalars.items():
+            self._writer.add_scalar(name, value, global_step=step)
+
+    def on_train_epoch_end(self, trainer: Trainer, progress: FitProgress) -> None:
+        super().on_train_epoch_end(trainer, progress)
+        if self._writer is not None and self.log_histograms:
+            for name, value in jax.device_get(trainer.current_params()).items():
+                self._writer.add_histogram(f"params/{name}", np.asarray(value), global_step=progress.step - 1)
+
+    def on_fit_end(self, trainer: Trainer, progress: FitProgress) -> None:
+        if self._writer is not None:
+            metrics = {f"hparam/{k}": float(v) for k, v in progress.metrics.items() if np.isfinite(v)}
+            self._writer.add_hparams(_run_hparams(trainer) | self.hparams, metrics, name="hparams")
+            self._writer.flush()
+
+    def close(self) -> None:
+        assert self._writer is not None
+        self._writer.close()
+        self._writer = None
+
+
+def _run_hparams(trainer: Trainer) -> dict[str, Any]:
+    settings: dict[str, Any] = {
+        "max_epochs": trainer.max_epochs,
+        "max_steps": trainer.max_steps,
+        "batch_size": trainer.plan.batch_size if trainer.plan else None,
+        "steps_per_epoch": trainer.steps_per_epoch,
+        "num_devices": trainer.mesh.size,
+    }
+    return {name: value for name, value in settings.items() if value is not None}
