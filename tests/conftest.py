@@ -12,6 +12,8 @@ from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoNormal
 from optax import adam
 
+from aimz_trainer import Callback
+
 TRUE_SLOPE, TRUE_INTERCEPT, NOISE = 2.0, -0.5, 0.3
 
 
@@ -48,3 +50,42 @@ def make_linear():
         return linear_svi(num_rows, learning_rate), linear_data(num_rows, seed)
 
     return make
+
+
+class Recorder(Callback):
+    """Records every hook call as (hook, step, epoch)."""
+
+    def __init__(self, stop_after_chunks: int | None = None) -> None:
+        self.calls: list[tuple[str, int, int]] = []
+        self.chunks: list[tuple[np.ndarray, range]] = []
+        self.stop_after_chunks = stop_after_chunks
+
+    def _record(self, hook, progress):
+        self.calls.append((hook, progress.step, progress.epoch))
+
+    def on_fit_start(self, trainer, progress):
+        self._record("fit_start", progress)
+
+    def on_train_epoch_start(self, trainer, progress):
+        self._record("epoch_start", progress)
+
+    def on_train_chunk_end(self, trainer, progress, losses, steps):
+        self._record("chunk_end", progress)
+        self.chunks.append((losses, steps))
+        if self.stop_after_chunks is not None and len(self.chunks) >= self.stop_after_chunks:
+            trainer.request_stop()
+
+    def on_validation_end(self, trainer, progress):
+        self._record("validation_end", progress)
+
+    def on_train_epoch_end(self, trainer, progress):
+        self._record("epoch_end", progress)
+
+    def on_fit_end(self, trainer, progress):
+        self._record("fit_end", progress)
+
+    def on_exception(self, trainer, progress, exception):
+        self._record(f"exception:{type(exception).__name__}", progress)
+
+    def teardown(self, trainer):
+        self.calls.append(("teardown", -1, -1))

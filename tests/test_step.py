@@ -1,77 +1,406 @@
-"""The compiled pieces: chunks equal single updates, and no tracer leaks into the user's SVI."""
+"""The compiled pieces: masked chunks equal NumPyro's own updates, validation equals a hand
+computation, and no tracer leaks into the user's SVI."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pytest
+from jax.scipy.special import logsumexp
+from numpyro.handlers import seed
+from numpyro.infer import SVI, Trace_ELBO, log_likelihood
+from numpyro.infer.autoguide import AutoNormal
+from optax import adam
 
-from aimz_trainer.step import make_finish, make_init, make_train_chunk
+from aimz_trainer.data import ChunkSource, FitPlan, ValidationSource, make_chunk_loader
+from aimz_trainer.errors import DataError
+from aimz_trainer.step import (
+    TrainState,
+    batch_from,
+    check_model_accepts,
+    first_batch,
+    latent_sites,
+    make_init,
+    make_params,
+    make_posterior_sampler,
+    make_train_chunk,
+    make_validation_step,
+    pointwise_lpd,
+    sample_posterior,
+    traced_svi,
+)
 
-from .conftest import linear_svi
+from .conftest import NOISE, linear_data, linear_svi
+
+NUM_ROWS, BATCH, STEPS = 64, 8, 5  # training rows, rows per step, steps per compiled chunk
 
 
-def chunk_input(indices: np.ndarray) -> dict[str, jax.Array]:
-    return {"indices": jnp.asarray(indices)}
+def record(batches: np.ndarray, num_steps: int | None = None) -> dict:
+    """A training record: ``batches`` (real steps, rows) padded with row 0 to ``STEPS`` steps."""
+    indices = np.zeros((STEPS, batches.shape[1]), np.int32)
+    indices[: len(batches)] = batches
+    return {"rows": {"indices": indices}, "num_steps": np.int32(len(batches) if num_steps is None else num_steps)}
 
 
-def test_chunk_of_k_steps_equals_k_numpyro_updates():
-    svi = linear_svi(200)
-    data = {"x": jnp.linspace(-1, 1, 200), "y": jnp.linspace(-2, 3, 200)}
-    indices = np.random.default_rng(0).permutation(200)[:100].reshape(5, 20)
-    key = jax.random.key(3)
-
-    state = jax.jit(make_init(svi))(key, data, chunk_input(indices))
-    chunked, losses = jax.jit(make_train_chunk(svi))(state, data, chunk_input(indices))
-
-    # The same five steps, one NumPyro update at a time (eagerly, as a user would).
-    svi.init(key, x=data["x"][indices[0]], y=data["y"][indices[0]])
-    single = state.svi_state
-    expected = []
-    for batch in indices:
-        single, loss = svi.update(single, x=data["x"][batch], y=data["y"][batch])
-        expected.append(loss)
-
-    np.testing.assert_allclose(losses, np.array(expected), rtol=1e-5)
+def assert_same_state(actual, expected, rtol=1e-5):
     jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-        chunked.svi_state.optim_state[1],
-        single.optim_state[1],
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=rtol, atol=1e-6), actual.optim_state, expected.optim_state
     )
-    assert bool(chunked.finite)
+    np.testing.assert_array_equal(jax.random.key_data(actual.rng_key), jax.random.key_data(expected.rng_key))
 
 
-def test_compiled_functions_leave_svi_and_guide_untouched():
-    svi = linear_svi(100)
-    guide_before, svi_before = dict(vars(svi.guide)), dict(vars(svi))
-    data = {"x": jnp.ones(100), "y": jnp.ones(100)}
-    indices = chunk_input(np.arange(40).reshape(2, 20))
+class Fixture:
+    """One SVI problem and its compiled functions, shared by the module (compiles are slow)."""
 
-    state = jax.jit(make_init(svi))(jax.random.key(0), data, indices)
-    state, _ = jax.jit(make_train_chunk(svi))(state, data, indices)
-    params, posterior = jax.jit(make_finish(svi, 7))(state, jax.random.key(1), data, indices)
+    def __init__(self) -> None:
+        self.svi = linear_svi(NUM_ROWS)
+        self.data = {key: jnp.asarray(value) for key, value in linear_data(NUM_ROWS).items()}
+        self.batches = np.sort(np.random.default_rng(0).permutation(NUM_ROWS)[: STEPS * BATCH].reshape(STEPS, BATCH))
+        self.key = jax.random.key(3)
+        self.init = jax.jit(make_init(self.svi))
+        self.chunk = jax.jit(make_train_chunk(self.svi))
+        self.state = self.init(self.key, self.data, record(self.batches))
+        self._hand = None
 
-    assert vars(svi.guide) == guide_before and vars(svi) == svi_before
-    assert svi.guide.prototype_trace is None
-    assert posterior["w"].shape == (7,) and posterior["mu"].shape == (7, 20)
-    assert set(params) == {"w_auto_loc", "w_auto_scale", "b_auto_loc", "b_auto_scale"}
-    # Eager NumPyro use afterwards still works (a leaked tracer would raise here).
-    svi.init(jax.random.key(0), x=data["x"][:20], y=data["y"][:20])
-    draws = svi.guide.sample_posterior(jax.random.key(2), params, sample_shape=(3,))
-    assert draws["w"].shape == (3,)
+    def batch(self, rows: np.ndarray, data=None) -> dict[str, jax.Array]:
+        data = self.data if data is None else data
+        return {key: array[rows] for key, array in data.items()}
+
+    def hand_updates(self, num_steps: int):
+        """The initial state after ``num_steps`` plain NumPyro updates, and their losses."""
+        if self._hand is None:
+            # A user's eager init sets the guide up; the jitted update then runs as in NumPyro.
+            self.svi.init(self.key, **self.batch(self.batches[0]))
+            self._hand = jax.jit(self.svi.update)
+        state, losses = self.state.svi_state, []
+        for rows in self.batches[:num_steps]:
+            state, loss = self._hand(state, **self.batch(rows))
+            losses.append(loss)
+        return state, np.array(losses)
 
 
-def test_non_finite_loss_freezes_the_state():
-    svi = linear_svi(100)
-    x = np.ones(100, dtype=np.float32)
-    x[45] = np.nan  # the third batch of 20 rows holds the NaN
-    data = {"x": jnp.asarray(x), "y": jnp.ones(100)}
-    indices = chunk_input(np.arange(100).reshape(5, 20))
-    state = jax.jit(make_init(svi))(jax.random.key(0), data, indices)
-    chunk = jax.jit(make_train_chunk(svi))
-    frozen, losses = chunk(state, data, indices)
-    two_steps, _ = chunk(state, data, chunk_input(np.arange(40).reshape(2, 20)))
+@pytest.fixture(scope="module")
+def fx() -> Fixture:
+    return Fixture()
 
-    assert np.isfinite(losses[:2]).all() and not np.isfinite(losses[2])
-    assert not bool(frozen.finite)
-    jax.tree.map(np.testing.assert_array_equal, frozen.svi_state.optim_state, two_steps.svi_state.optim_state)
+
+class TestBatches:
+    def test_batch_from_gathers_rows_of_device_data(self):
+        data = {"x": jnp.arange(10.0), "z": jnp.arange(20).reshape(10, 2)}
+        batch = batch_from(data, {"indices": jnp.array([7, 1, 1])})
+        np.testing.assert_array_equal(batch["x"], [7.0, 1.0, 1.0])
+        np.testing.assert_array_equal(batch["z"], [[14, 15], [2, 3], [2, 3]])
+
+    def test_batch_from_host_rows_is_the_batch(self):
+        rows = {"x": jnp.ones(3), "y": jnp.zeros(3)}
+        batch = batch_from({}, rows)
+        assert batch == rows and batch is not rows
+
+    def test_first_batch_is_the_records_first_step(self):
+        data = {"x": jnp.arange(10.0)}
+        rec = {"rows": {"indices": jnp.array([[4, 5], [6, 7]])}, "num_steps": 2}
+        np.testing.assert_array_equal(first_batch(data, rec)["x"], [4.0, 5.0])
+        host = {"rows": {"x": jnp.array([[1.0, 2.0], [3.0, 4.0]])}, "num_steps": 2}
+        np.testing.assert_array_equal(first_batch({}, host)["x"], [1.0, 2.0])
+
+
+class TestTracedSvi:
+    def test_sets_up_inside_and_restores_after_even_on_error(self):
+        svi = linear_svi(20)
+        batch = {"x": jnp.ones(4), "y": jnp.ones(4)}
+        svi_before, guide_before = dict(vars(svi)), dict(vars(svi.guide))
+        seen = {}
+
+        @jax.jit
+        def fails(batch):
+            with traced_svi(svi, batch):
+                seen["latent"] = latent_sites(svi)
+                seen["constrain_fn"] = svi.constrain_fn
+                raise ValueError("boom")
+
+        with pytest.raises(ValueError, match="boom"):
+            fails(batch)
+        assert seen["latent"] == {"w", "b"}  # not the observed "y" nor the deterministic "mu"
+        assert seen["constrain_fn"] is not None
+        assert vars(svi) == svi_before and vars(svi.guide) == guide_before
+        assert svi.guide.prototype_trace is None
+
+    def test_compiled_functions_leave_svi_and_guide_untouched(self):
+        svi = linear_svi(40)
+        data = {"x": jnp.linspace(-1, 1, 40), "y": jnp.linspace(0, 1, 40)}
+        rec = {"rows": {"indices": jnp.arange(20).reshape(2, 10)}, "num_steps": np.int32(2)}
+        guide_before, svi_before = dict(vars(svi.guide)), dict(vars(svi))
+
+        state = jax.jit(make_init(svi))(jax.random.key(0), data, rec)
+        state, _ = jax.jit(make_train_chunk(svi))(state, data, rec)
+        params = jax.jit(make_params(svi))(state.svi_state, data, rec)
+        posterior = jax.jit(make_posterior_sampler(svi, 7))(state.svi_state, jax.random.key(1), data, rec)
+
+        assert vars(svi.guide) == guide_before and vars(svi) == svi_before
+        assert svi.guide.prototype_trace is None
+        assert posterior["w"].shape == (7,) and posterior["mu"].shape == (7, 10)
+        assert set(params) == {"w_auto_loc", "w_auto_scale", "b_auto_loc", "b_auto_scale"}
+        # Eager NumPyro use afterwards still works (a leaked tracer would raise here).
+        svi.init(jax.random.key(0), x=data["x"][:10], y=data["y"][:10])
+        draws = svi.guide.sample_posterior(jax.random.key(2), params, sample_shape=(3,))
+        assert draws["w"].shape == (3,)
+
+
+class TestTrainChunk:
+    def test_init_is_a_fresh_finite_numpyro_state(self, fx):
+        expected = linear_svi(NUM_ROWS).init(fx.key, **fx.batch(fx.batches[0]))
+        assert isinstance(fx.state, TrainState) and bool(fx.state.finite)
+        assert jax.tree.structure(fx.state.svi_state) == jax.tree.structure(expected)
+        np.testing.assert_array_equal(
+            jax.random.key_data(fx.state.svi_state.rng_key), jax.random.key_data(expected.rng_key)
+        )
+        assert int(fx.state.svi_state.optim_state[0]) == 0
+        params = fx.svi.optim.get_params(fx.state.svi_state.optim_state)
+        assert set(params) == {"w_auto_loc", "w_auto_scale", "b_auto_loc", "b_auto_scale"}
+
+    def test_init_equals_numpyro_init_on_the_first_batch(self, fx):
+        expected = linear_svi(NUM_ROWS).init(fx.key, **fx.batch(fx.batches[0]))
+        assert_same_state(fx.state.svi_state, expected)
+
+    def test_full_chunk_equals_k_numpyro_updates(self, fx):
+        state, losses = fx.chunk(fx.state, fx.data, record(fx.batches))
+        expected_state, expected_losses = fx.hand_updates(STEPS)
+        assert losses.shape == (STEPS,)
+        np.testing.assert_allclose(losses, expected_losses, rtol=1e-5)
+        assert_same_state(state.svi_state, expected_state)
+        assert bool(state.finite)
+
+    @pytest.mark.parametrize("num_steps", [3, 1])
+    def test_masked_chunk_equals_its_real_steps_only(self, fx, num_steps):
+        state, losses = fx.chunk(fx.state, fx.data, record(fx.batches[:num_steps]))
+        expected_state, expected_losses = fx.hand_updates(num_steps)
+        np.testing.assert_allclose(losses[:num_steps], expected_losses, rtol=1e-5)
+        assert np.isnan(losses[num_steps:]).all()
+        assert_same_state(state.svi_state, expected_state)
+        assert bool(state.finite)
+
+    def test_no_real_step_leaves_the_state_alone(self, fx):
+        state, losses = fx.chunk(fx.state, fx.data, record(fx.batches, num_steps=0))
+        assert np.isnan(losses).all() and bool(state.finite)
+        assert_same_state(state.svi_state, fx.state.svi_state, rtol=0)
+
+    def test_inactive_steps_ignore_their_rows(self, fx):
+        """Padding steps skip the update: rows that would give a NaN loss there are harmless."""
+        poisoned = {**fx.data, "x": fx.data["x"].at[0].set(jnp.nan)}
+        batches = fx.batches[:3].copy()
+        batches[batches == 0] = 1  # the real steps avoid row 0; the padding steps read it
+        state, losses = fx.chunk(fx.state, poisoned, record(batches))
+        clean, clean_losses = fx.chunk(fx.state, fx.data, record(batches))
+        assert bool(state.finite) and np.isfinite(losses[:3]).all() and np.isnan(losses[3:]).all()
+        np.testing.assert_array_equal(losses[:3], clean_losses[:3])
+        assert_same_state(state.svi_state, clean.svi_state, rtol=0)
+
+    def test_non_finite_loss_freezes_the_state(self, fx):
+        bad_row = int(fx.batches[2, 3])
+        poisoned = {**fx.data, "x": fx.data["x"].at[bad_row].set(jnp.nan)}
+        assert bad_row not in fx.batches[:2] and bad_row not in fx.batches[3:]
+        frozen, losses = fx.chunk(fx.state, poisoned, record(fx.batches))
+        two_steps, _ = fx.chunk(fx.state, fx.data, record(fx.batches[:2]))
+
+        assert np.isfinite(losses[:2]).all() and not np.isfinite(losses[2])
+        assert not bool(frozen.finite)
+        assert_same_state(frozen.svi_state, two_steps.svi_state, rtol=0)
+
+        # A frozen state stays frozen, even on good batches.
+        again, _ = fx.chunk(frozen, fx.data, record(fx.batches))
+        assert not bool(again.finite)
+        assert_same_state(again.svi_state, two_steps.svi_state, rtol=0)
+
+    def test_host_gathered_rows_train_like_device_indices(self, fx):
+        """The "host" placement (rows gathered by Grain, no device data) gives the same fit."""
+        plan = FitPlan.create(NUM_ROWS, BATCH, drop_last=False, max_epochs=1, max_steps=None, steps_per_chunk=STEPS)
+        src = ChunkSource(plan, seed=[5], shuffle=True, process_index=0, process_count=1)
+        host_arrays = {key: np.asarray(value) for key, value in fx.data.items()}
+        host_chunk = jax.jit(make_train_chunk(fx.svi))
+        device_state = host_state = fx.state
+        for index, rec in enumerate(make_chunk_loader(src, host_arrays)):
+            assert "indices" not in rec["rows"]
+            host_state, host_losses = host_chunk(host_state, {}, rec)
+            device_state, device_losses = fx.chunk(device_state, fx.data, src[index])
+            np.testing.assert_allclose(host_losses, device_losses, rtol=1e-6)
+        assert index == plan.num_chunks - 1 and any(c.num_steps < STEPS for c in plan.chunks)
+        assert_same_state(host_state.svi_state, device_state.svi_state)
+
+
+class TestParamsAndPosterior:
+    def test_params_are_numpyros_constrained_params(self, fx):
+        params = jax.jit(make_params(fx.svi))(fx.state.svi_state, fx.data, record(fx.batches))
+        reference = linear_svi(NUM_ROWS)
+        reference.init(fx.key, **fx.batch(fx.batches[0]))
+        expected = reference.get_params(fx.state.svi_state)
+        assert set(params) == set(expected) == {"w_auto_loc", "w_auto_scale", "b_auto_loc", "b_auto_scale"}
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), params, expected)
+        assert params["w_auto_scale"] > 0 and params["b_auto_scale"] > 0
+
+    def test_sampler_draws_from_the_guide_one_key_per_draw(self, fx):
+        rng_key = jax.random.key(11)
+        sample = jax.jit(make_posterior_sampler(fx.svi, 6))
+        draws = sample(fx.state.svi_state, rng_key, fx.data, record(fx.batches))
+        assert draws["w"].shape == draws["b"].shape == (6,) and draws["mu"].shape == (6, BATCH)
+
+        reference = linear_svi(NUM_ROWS)
+        batch = fx.batch(fx.batches[0])  # deterministic sites are computed on the first batch
+        reference.init(fx.key, **batch)
+        params = reference.get_params(fx.state.svi_state)
+        expected = jax.vmap(lambda key: reference.guide.sample_posterior(key, params, **batch))(
+            jax.random.split(rng_key, 6)
+        )
+        assert set(draws) == set(expected)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), draws, expected)
+        np.testing.assert_allclose(draws["mu"], draws["w"][:, None] * batch["x"] + draws["b"][:, None], rtol=1e-5)
+
+    def test_draws_per_chunk_does_not_change_the_draws(self, fx):
+        batch = fx.batch(fx.batches[0])
+
+        @jax.jit
+        def both(svi_state, key):
+            with traced_svi(fx.svi, batch):
+                params = fx.svi.get_params(svi_state)
+                chunked = sample_posterior(fx.svi, key, params, batch, 7, draws_per_chunk=3)
+                whole = sample_posterior(fx.svi, key, params, batch, 7)
+            return chunked, whole
+
+        chunked, whole = both(fx.state.svi_state, jax.random.key(4))
+        assert chunked["w"].shape == (7,) and chunked["mu"].shape == (7, BATCH)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), chunked, whole)
+        assert len(np.unique(np.asarray(whole["w"]))) == 7
+
+
+class TestPointwiseLpd:
+    def test_matches_numpy_summing_sites_and_event_dims(self):
+        rng = np.random.default_rng(0)
+        a = rng.normal(-2.0, 1.0, size=(5, 4))  # (draws, rows)
+        b = rng.normal(-1.0, 0.5, size=(5, 4, 3))  # (draws, rows, event)
+        expected = np.log(np.mean(np.exp(a), axis=0)) + np.log(np.mean(np.exp(b), axis=0)).sum(axis=1)
+        lpd = jax.jit(pointwise_lpd)({"a": jnp.asarray(a), "b": jnp.asarray(b)})
+        assert lpd.shape == (4,)
+        np.testing.assert_allclose(lpd, expected, rtol=1e-5)
+
+    def test_stable_for_very_unlikely_rows(self):
+        values = np.array([[-1000.0, -3.0], [-1001.0, -4.0], [-1002.0, -5.0]])  # exp(-1000) == 0.0
+        top = values.max(axis=0)
+        expected = top + np.log(np.mean(np.exp(values - top), axis=0))
+        np.testing.assert_allclose(pointwise_lpd({"y": jnp.asarray(values)}), expected, rtol=1e-6)
+
+
+NUM_SAMPLES, VAL_ROWS = 4, 20
+
+
+@pytest.fixture(scope="module")
+def val(fx):
+    """Validation data (a last batch that wraps around), a trained state, the compiled step."""
+    val_data = {key: jnp.asarray(value) for key, value in linear_data(VAL_ROWS, seed=1).items()}
+    source = ValidationSource(VAL_ROWS, BATCH, process_index=0, process_count=1)
+    trained, _ = fx.chunk(fx.state, fx.data, record(fx.batches))
+    step = jax.jit(make_validation_step(fx.svi, NUM_SAMPLES, NUM_ROWS))
+    return val_data, source, trained.svi_state, step
+
+
+class TestValidationStep:
+    def test_outputs_match_numpyro_by_hand(self, fx, val):
+        val_data, source, svi_state, step = val
+        rec = source[len(source) - 1]  # rows 16..19 then 0..3 again with weight 0
+        rng_key = jax.random.key(21)
+        loss, lpd_sum, weight_sum = step(svi_state, rng_key, val_data, rec)
+
+        rows, weights = rec["rows"]["indices"][0], rec["weights"][0]
+        batch = {key: array[rows] for key, array in val_data.items()}
+        reference = linear_svi(NUM_ROWS)
+        reference.init(fx.key, **batch)
+        params = reference.get_params(svi_state)
+        loss_key, draw_key, plate_key = jax.random.split(rng_key, 3)
+        expected_loss = Trace_ELBO().loss(loss_key, params, reference.model, reference.guide, **batch)
+        np.testing.assert_allclose(loss, expected_loss / NUM_ROWS, rtol=1e-5)
+
+        draws = jax.vmap(lambda key: reference.guide.sample_posterior(key, params, **batch))(
+            jax.random.split(draw_key, NUM_SAMPLES)
+        )
+        latent = {name: draws[name] for name in ("w", "b")}
+        ll = log_likelihood(seed(reference.model, plate_key), latent, **batch)["y"]
+        assert ll.shape == (NUM_SAMPLES, BATCH)
+        lpd = logsumexp(ll, axis=0) - np.log(NUM_SAMPLES)
+        np.testing.assert_allclose(lpd_sum, np.sum(lpd * weights), rtol=1e-5)
+        assert float(weight_sum) == 4.0
+
+        # The same number from the normal density itself, in NumPy.
+        mu = np.asarray(latent["w"])[:, None] * np.asarray(batch["x"]) + np.asarray(latent["b"])[:, None]
+        normal = -0.5 * ((np.asarray(batch["y"]) - mu) / NOISE) ** 2 - np.log(NOISE * np.sqrt(2 * np.pi))
+        by_hand = np.log(np.mean(np.exp(normal.astype(np.float64)), axis=0))
+        np.testing.assert_allclose(lpd_sum, np.sum(by_hand * weights), rtol=1e-4)
+
+    def test_weights_only_weigh_the_lpd(self, fx, val):
+        val_data, source, svi_state, step = val
+        rec = source[len(source) - 1]
+        key = jax.random.key(5)
+        outputs = {}
+        for name, weights in [("real", rec["weights"]), ("wrapped", 1 - rec["weights"]), ("all", np.ones((1, BATCH)))]:
+            outputs[name] = step(svi_state, key, val_data, {**rec, "weights": np.asarray(weights, np.float32)})
+        losses = {float(loss) for loss, _, _ in outputs.values()}
+        assert len(losses) == 1  # the loss does not depend on the weights
+        assert [float(w) for _, _, w in outputs.values()] == [4.0, 4.0, 8.0]
+        lpd = {name: float(lpd_sum) for name, (_, lpd_sum, _) in outputs.items()}
+        assert lpd["real"] != lpd["wrapped"]
+        np.testing.assert_allclose(lpd["real"] + lpd["wrapped"], lpd["all"], rtol=1e-5)
+
+    def test_same_key_same_outputs(self, fx, val):
+        val_data, source, svi_state, step = val
+        first = step(svi_state, jax.random.key(1), val_data, source[0])
+        again = step(svi_state, jax.random.key(1), val_data, source[0])
+        other = step(svi_state, jax.random.key(2), val_data, source[0])
+        assert [float(v) for v in first] == [float(v) for v in again]
+        assert float(first[0]) != float(other[0]) and float(first[1]) != float(other[1])
+
+    def test_model_without_observed_site_has_no_lpd(self):
+        def model(x):
+            w = numpyro.sample("w", dist.Normal(0.0, 1.0))
+            numpyro.deterministic("wx", w * x)
+
+        svi = SVI(model, AutoNormal(model), adam(0.05), Trace_ELBO())
+        data = {"x": jnp.arange(6.0)}
+        rec = {"rows": {"indices": np.arange(6)[None]}, "weights": np.ones((1, 6), np.float32), "num_steps": 1}
+        state = jax.jit(make_init(svi))(jax.random.key(0), data, rec)
+        rng_key = jax.random.key(8)
+        loss, lpd_sum, weight_sum = jax.jit(make_validation_step(svi, 3, 12))(state.svi_state, rng_key, data, rec)
+        assert lpd_sum is None and float(weight_sum) == 6.0
+        svi.init(jax.random.key(0), **data)
+        params = svi.get_params(state.svi_state)
+        expected = Trace_ELBO().loss(jax.random.split(rng_key, 3)[0], params, model, svi.guide, **data)
+        np.testing.assert_allclose(loss, expected / 12, rtol=1e-5)
+
+
+class TestCheckModelAccepts:
+    @staticmethod
+    def model(x, y=None, *, mask=None):
+        pass
+
+    def test_accepts_keyword_parameters(self):
+        check_model_accepts(self.model, ["x", "y", "mask"])
+        check_model_accepts(self.model, ["x"])
+
+    def test_accepts_anything_with_var_keyword(self):
+        def model(x, **kwargs):
+            pass
+
+        check_model_accepts(model, ["x", "anything"])
+
+    def test_rejects_unknown_keys_naming_them_and_the_parameters(self):
+        with pytest.raises(DataError, match=r"data key\(s\) \['X', 'z'\].*are \['x', 'y', 'mask'\]"):
+            check_model_accepts(self.model, ["X", "y", "z"])
+
+    def test_positional_only_parameters_cannot_take_keywords(self):
+        def model(x, /, y):
+            pass
+
+        with pytest.raises(DataError, match=r"\['x'\]"):
+            check_model_accepts(model, ["x", "y"])
+
+    def test_uninspectable_callables_are_not_checked(self):
+        check_model_accepts(max, ["anything"])  # inspect.signature(max) fails

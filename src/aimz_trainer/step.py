@@ -45,6 +45,7 @@ __all__ = [
     "make_posterior_sampler",
     "make_train_chunk",
     "make_validation_step",
+    "model_kwargs",
     "pointwise_lpd",
     "sample_posterior",
     "traced_svi",
@@ -79,18 +80,35 @@ def batch_from(device_data: Mapping[str, jax.Array], rows: Mapping[str, jax.Arra
 
 
 @contextlib.contextmanager
-def traced_svi(svi: SVI, batch: Batch) -> Iterator[None]:
-    """Inside a trace: set up ``svi`` and its guide for ``batch``, then restore them on exit."""
-    saved = [(obj, dict(vars(obj))) for obj in (svi, svi.guide)]
+def traced_svi(svi: SVI, batch: Batch, rng_key: jax.Array | None = None) -> Iterator[SVIState]:
+    """Inside a trace: set up ``svi`` and its guide for ``batch``, then restore them on exit.
+
+    Yields the ``SVIState`` of ``svi.init(rng_key, **batch)``: the guide draws its initial
+    values from ``rng_key`` while it sets itself up, so this is the one init of a fit. Callers
+    that only need the set-up leave ``rng_key`` out (the state is then compiled away).
+    """
+    saved = [(obj, dict(vars(obj))) for obj in _stateful_parts(svi)]
     try:
-        # init records the guide's prototype and svi.constrain_fn; its arrays are unused and
-        # compiled away.
-        svi.init(jax.random.key(0), **batch)
-        yield
+        yield svi.init(jax.random.key(0) if rng_key is None else rng_key, **batch)
     finally:
         for obj, attributes in saved:
             vars(obj).clear()
             vars(obj).update(attributes)
+
+
+def _stateful_parts(svi: SVI) -> list[Any]:
+    """``svi``, its guide and, for an ``AutoGuideList``, every guide inside it."""
+    parts, pending = [svi], [svi.guide]
+    while pending:
+        guide = pending.pop()
+        parts.append(guide)
+        pending.extend(getattr(guide, "_guides", ()))
+    return parts
+
+
+def model_kwargs(svi: SVI, batch: Batch) -> dict[str, Any]:
+    """A batch plus the ``SVI``'s static keyword arguments: what the model and guide take."""
+    return {**batch, **svi.static_kwargs}
 
 
 def first_batch(device_data: Mapping[str, jax.Array], record: Record) -> Batch:
@@ -102,10 +120,8 @@ def make_init(svi: SVI) -> Callable[[jax.Array, Mapping[str, jax.Array], Record]
     """``init(rng_key, device_data, record) -> TrainState`` from the record's first batch."""
 
     def init(rng_key: jax.Array, device_data: Mapping[str, jax.Array], record: Record) -> TrainState:
-        batch = first_batch(device_data, record)
-        with traced_svi(svi, batch):
-            svi_state = svi.init(rng_key, **batch)
-        return TrainState(svi_state, jnp.asarray(True))
+        with traced_svi(svi, first_batch(device_data, record), rng_key) as svi_state:
+            return TrainState(svi_state, jnp.asarray(True))
 
     return init
 
@@ -167,7 +183,7 @@ def sample_posterior(
     Deterministic sites are computed on ``batch``."""
     keys = jax.random.split(rng_key, num_samples)
     return lax.map(
-        lambda key: svi.guide.sample_posterior(key, params, **batch),
+        lambda key: svi.guide.sample_posterior(key, params, **model_kwargs(svi, batch)),
         keys,
         batch_size=min(draws_per_chunk, num_samples),
     )
@@ -223,7 +239,7 @@ def make_validation_step(
         loss_key, draw_key, plate_key = jax.random.split(rng_key, 3)
         with traced_svi(svi, batch):
             params = svi.get_params(svi_state)
-            loss = svi.loss.loss(loss_key, params, svi.model, svi.guide, **batch, **svi.static_kwargs)
+            loss = svi.loss.loss(loss_key, params, svi.model, svi.guide, **model_kwargs(svi, batch))
             latent = latent_sites(svi)
             observed = [name for name, site in svi.guide.prototype_trace.items() if _is_observed(site)]
             if not observed:
@@ -231,7 +247,7 @@ def make_validation_step(
             draws = sample_posterior(svi, draw_key, params, batch, num_samples)
             draws = {name: value for name, value in draws.items() if name in latent}
             # seeded: a subsampling plate draws (unused) indices even on a whole batch.
-            log_likelihoods = log_likelihood(seed(svi.model, plate_key), draws, **batch)
+            log_likelihoods = log_likelihood(seed(svi.model, plate_key), draws, **model_kwargs(svi, batch))
         lpd = pointwise_lpd({name: log_likelihoods[name] for name in observed})
         return loss / num_train_rows, jnp.sum(lpd * weights), jnp.sum(weights)
 
@@ -242,9 +258,7 @@ def latent_sites(svi: SVI) -> set[str]:
     """Names of the model's latent sample sites (what a guide's draws may substitute); the
     guide's prototype must be set up (inside :func:`traced_svi`)."""
     return {
-        name
-        for name, site in svi.guide.prototype_trace.items()
-        if site["type"] == "sample" and not site["is_observed"]
+        name for name, site in svi.guide.prototype_trace.items() if site["type"] == "sample" and not site["is_observed"]
     }
 
 

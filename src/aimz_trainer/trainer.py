@@ -9,7 +9,6 @@ requested there takes effect exactly there.
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -150,7 +149,13 @@ class _Compiled:
         return compiled_init.result()(rng_key, self.device_data, record), compiled_chunk
 
     def prepare_validation(
-        self, state: TrainState, rng_key: jax.Array, data: _Placed, record: Record, num_samples: int, num_train_rows: int
+        self,
+        state: TrainState,
+        rng_key: jax.Array,
+        data: _Placed,
+        record: Record,
+        num_samples: int,
+        num_train_rows: int,
     ) -> None:
         """Trace validation now and compile it on the worker thread."""
         rep = self._rep
@@ -265,17 +270,19 @@ class Trainer:
     ) -> None:
         if max_epochs is None and max_steps is None:
             raise ConfigurationError("set max_epochs or max_steps (or both): the trainer needs to know when to stop.")
+        if not _is_positive_int(log_every_n_steps):
+            raise ConfigurationError(f"log_every_n_steps must be a positive int; got {log_every_n_steps!r}.")
         for name, value in [
             ("max_epochs", max_epochs),
             ("max_steps", max_steps),
-            ("log_every_n_steps", log_every_n_steps),
             ("check_val_every_n_epoch", check_val_every_n_epoch),
             ("steps_per_chunk", steps_per_chunk),
         ]:
             if value is not None and not _is_positive_int(value):
                 raise ConfigurationError(f"{name} must be a positive int or None; got {value!r}.")
         if val_check_interval is not None and not (
-            _is_positive_int(val_check_interval) or (isinstance(val_check_interval, float) and 0 < val_check_interval <= 1)
+            _is_positive_int(val_check_interval)
+            or (isinstance(val_check_interval, float) and 0 < val_check_interval <= 1)
         ):
             raise ConfigurationError(
                 "val_check_interval must be a positive int (steps), a float in (0, 1] (a fraction of "
@@ -403,7 +410,7 @@ class Trainer:
             raise ConfigurationError(f"num_samples must be an int >= 0; got {num_samples!r}.")
         val_arrays = _validate_val_data(val_data, arrays) if val_data is not None else None
         if val_arrays is not None:
-            val_batch_size = self._validate_val_batch_size(val_batch_size or batch_size)
+            val_batch_size = self._validate_val_batch_size(batch_size if val_batch_size is None else val_batch_size)
             if not _is_positive_int(val_num_samples):
                 raise ConfigurationError(f"val_num_samples must be a positive int; got {val_num_samples!r}.")
         callbacks = self._fit_callbacks(num_samples)
@@ -560,7 +567,7 @@ class Trainer:
         for callback in getattr(self, "_active_callbacks", ()):
             try:
                 callback.on_exception(self, progress, exception)
-            except Exception as handler_error:  # noqa: BLE001 - the original exception matters more
+            except Exception as handler_error:
                 warnings.warn(
                     f"{type(callback).__name__}.on_exception raised {handler_error!r} while handling {exception!r}",
                     RuntimeWarning,
@@ -598,7 +605,9 @@ class _Validation:
     def is_due(self, chunk: Chunk, epoch_end: bool, interval: int | None) -> bool:
         end = chunk.first_step + chunk.num_steps
         every = self._trainer.check_val_every_n_epoch
-        return bool(interval and end % interval == 0) or (epoch_end and every is not None and (chunk.epoch + 1) % every == 0)
+        return bool(interval and end % interval == 0) or (
+            epoch_end and every is not None and (chunk.epoch + 1) % every == 0
+        )
 
     def run(self, svi_state: SVIState) -> dict[str, float]:
         """Validate ``svi_state``; the same keys every time, so passes compare like for like."""
@@ -608,7 +617,8 @@ class _Validation:
         for index, record in enumerate(make_chunk_loader(self._source, self._data.host_arrays)):
             key = jax.random.fold_in(self._key, index)
             outputs.append(compiled.validate(svi_state, key, self._data.device_data, self._to_device(record)))
-        losses, lpd_sums, weights = (np.asarray(values, np.float64) for values in zip(*jax.device_get(outputs)))
+        columns = zip(*jax.device_get(outputs), strict=True)
+        losses, lpd_sums, weights = (np.asarray(values, np.float64) for values in columns)
         metrics = {"val_loss": float(np.sum(losses * weights) / np.sum(weights))}
         if not np.isnan(lpd_sums).any():
             metrics["val_lpd"] = float(np.sum(lpd_sums) / np.sum(weights))

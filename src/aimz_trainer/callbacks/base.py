@@ -80,7 +80,7 @@ class Callback:
     def state_key(self) -> str:
         """The key of this callback's :meth:`state_dict` in a checkpoint. Override it (folding
         in the distinguishing arguments) when one fit may hold several instances."""
-        return type(self).__qualname__
+        return type(self).__name__
 
     def step_interval(self, trainer: Trainer) -> int | None:
         """Steps between the points where this callback must see the fit (e.g. a checkpoint

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import TYPE_CHECKING, Any, Literal
 
 from aimz_trainer.callbacks.base import Callback, FitProgress
@@ -65,16 +66,29 @@ class EarlyStopping(Callback):
         check_on_train_epoch_end: bool | None = None,
     ) -> None:
         if not isinstance(monitor, str) or not monitor:
-            raise ConfigurationError(f"EarlyStopping monitor must be a metric name such as 'val_loss'; got {monitor!r}.")
+            raise ConfigurationError(
+                f"EarlyStopping monitor must be a metric name such as 'val_loss'; got {monitor!r}."
+            )
         if mode not in ("min", "max"):
             raise ConfigurationError(f"EarlyStopping mode must be 'min' or 'max'; got {mode!r}.")
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+        if isinstance(patience, bool) or not isinstance(patience, numbers.Integral) or patience < 0:
             raise ConfigurationError(f"EarlyStopping patience must be an int >= 0 (checks to wait); got {patience!r}.")
-        if not isinstance(min_delta, int | float) or not math.isfinite(min_delta) or min_delta < 0:
+        if (
+            isinstance(min_delta, bool)
+            or not isinstance(min_delta, numbers.Real)
+            or not min_delta >= 0
+            or math.isinf(min_delta)
+        ):
             raise ConfigurationError(f"EarlyStopping min_delta must be a finite number >= 0; got {min_delta!r}.")
         self.monitor = monitor
         self.mode = mode
-        self.patience = patience
+        for name, threshold in [
+            ("stopping_threshold", stopping_threshold),
+            ("divergence_threshold", divergence_threshold),
+        ]:
+            if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, numbers.Real)):
+                raise ConfigurationError(f"EarlyStopping {name} must be a number or None; got {threshold!r}.")
+        self.patience = int(patience)
         self.min_delta = float(min_delta)
         self.check_finite = check_finite
         self.stopping_threshold = stopping_threshold
@@ -95,6 +109,7 @@ class EarlyStopping(Callback):
             "best_score": self.best_score,
             "wait_count": self.wait_count,
             "stopped_epoch": self.stopped_epoch,
+            "stopping_reason": self.stopping_reason,
             "patience": self.patience,
         }
 
@@ -102,6 +117,7 @@ class EarlyStopping(Callback):
         self.best_score = float(state["best_score"])
         self.wait_count = int(state["wait_count"])
         self.stopped_epoch = state["stopped_epoch"]
+        self.stopping_reason = state.get("stopping_reason")
 
     def on_train_epoch_end(self, trainer: Trainer, progress: FitProgress) -> None:
         if self._checks_at_epoch_end(trainer):

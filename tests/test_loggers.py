@@ -1,0 +1,420 @@
+"""TensorBoardLogger and CSVLogger: what a real fit writes, read back; resumes; process 0 only;
+bad paths; files closed when a fit raises."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+import pytest
+import tensorboardX.event_file_writer
+from numpyro.infer import SVI, Trace_ELBO
+from numpyro.infer.autoguide import AutoNormal
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from aimz_trainer import Callback, ConfigurationError, CSVLogger, FitProgress, TensorBoardLogger, Trainer
+
+from .conftest import linear_data, linear_model, linear_svi
+
+NUM_ROWS, BATCH, EVERY, EPOCHS = 1000, 100, 5, 3
+STEPS_PER_EPOCH = NUM_ROWS // BATCH
+NUM_STEPS = EPOCHS * STEPS_PER_EPOCH
+LOGGED_STEPS = [s for s in range(NUM_STEPS) if (s + 1) % EVERY == 0]  # 4, 9, ..., 29
+EPOCH_END_STEPS = [STEPS_PER_EPOCH * (e + 1) - 1 for e in range(EPOCHS)]  # 9, 19, 29
+LR0, DECAY_STEPS, DECAY_RATE = 0.05, 10, 0.5
+PARAMS = ["b_auto_loc", "b_auto_scale", "w_auto_loc", "w_auto_scale"]
+
+
+def schedule(step: int) -> float:
+    return LR0 * DECAY_RATE ** (step / DECAY_STEPS)
+
+
+class MetricsAtValidation(Callback):
+    """Records ``trainer.callback_metrics`` at every validation end."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[int, dict[str, float]]] = []
+
+    def on_validation_end(self, trainer, progress):
+        self.records.append((progress.step, dict(trainer.callback_metrics)))
+
+
+@dataclass
+class LoggedFit:
+    trainer: Trainer
+    losses: np.ndarray
+    params: dict[str, np.ndarray]
+    log_dir: Path
+    csv_path: Path
+    validations: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+
+
+@pytest.fixture(scope="module")
+def logged_fit(tmp_path_factory) -> LoggedFit:
+    """One fit of 3 epochs x 10 steps, with validation and a decaying learning rate, logged to
+    TensorBoard and CSV."""
+    root = tmp_path_factory.mktemp("logged_fit")
+    model = linear_model(NUM_ROWS)
+    optimizer = optax.inject_hyperparams(optax.adam)(
+        learning_rate=optax.exponential_decay(LR0, DECAY_STEPS, DECAY_RATE)
+    )
+    svi = SVI(model, AutoNormal(model), optimizer, Trace_ELBO())
+    recorder = MetricsAtValidation()
+    log_dir, csv_path = root / "tb", root / "metrics.csv"
+    trainer = Trainer(
+        max_epochs=EPOCHS,
+        rng_key=jax.random.key(0),
+        enable_progress_bar=False,
+        log_every_n_steps=EVERY,
+        callbacks=[
+            TensorBoardLogger(log_dir, hparams={"learning_rate": LR0, "width": "small"}),
+            CSVLogger(csv_path),
+            recorder,
+        ],
+    )
+    result = trainer.fit(
+        svi, linear_data(NUM_ROWS), batch_size=BATCH, val_data=linear_data(200, seed=1), val_num_samples=4
+    )
+    assert result.losses.shape == (NUM_STEPS,)
+    params = {name: np.asarray(value) for name, value in result.params.items()}
+    return LoggedFit(trainer, result.losses, params, log_dir, csv_path, recorder.records)
+
+
+def read_events(path: Path) -> EventAccumulator:
+    events = EventAccumulator(str(path), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
+    events.Reload()
+    return events
+
+
+def scalars(events: EventAccumulator, tag: str) -> dict[int, float]:
+    return {event.step: event.value for event in events.Scalars(tag)}
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def csv_scalars(rows: list[dict[str, str]], metric: str) -> dict[int, float]:
+    return {int(row["step"]): float(row["value"]) for row in rows if row["metric"] == metric}
+
+
+class FakeTrainer:
+    """Enough of a trainer for a logger's hooks when nothing is logged."""
+
+    log_every_n_steps = EVERY
+
+
+# -- TensorBoard -------------------------------------------------------------------------------
+
+
+class TestTensorBoardFit:
+    def test_train_loss_every_n_steps_is_the_loss_of_that_step(self, logged_fit):
+        logged = scalars(read_events(logged_fit.log_dir), "train_loss")
+        assert sorted(logged) == LOGGED_STEPS
+        np.testing.assert_allclose([logged[s] for s in LOGGED_STEPS], logged_fit.losses[LOGGED_STEPS], rtol=1e-6)
+
+    def test_train_loss_epoch_is_the_mean_of_the_epoch_at_its_last_step(self, logged_fit):
+        events = read_events(logged_fit.log_dir)
+        logged = scalars(events, "train_loss_epoch")
+        assert sorted(logged) == EPOCH_END_STEPS
+        means = logged_fit.losses.reshape(EPOCHS, STEPS_PER_EPOCH).mean(axis=1)
+        np.testing.assert_allclose([logged[s] for s in EPOCH_END_STEPS], means, rtol=1e-5)
+        epoch_time = scalars(events, "epoch_time")
+        assert sorted(epoch_time) == EPOCH_END_STEPS and all(v > 0 for v in epoch_time.values())
+
+    def test_validation_metrics_once_per_epoch_as_the_trainer_reported_them(self, logged_fit):
+        assert [step for step, _ in logged_fit.validations] == [s + 1 for s in EPOCH_END_STEPS]
+        events = read_events(logged_fit.log_dir)
+        for name in ("val_loss", "val_lpd"):
+            logged = scalars(events, name)
+            assert sorted(logged) == EPOCH_END_STEPS, name
+            reported = [metrics[name] for _, metrics in logged_fit.validations]
+            np.testing.assert_allclose([logged[s] for s in EPOCH_END_STEPS], reported, rtol=1e-6)
+        # Validation ran on different states: the values are not one value repeated.
+        assert len(set(scalars(events, "val_loss").values())) == EPOCHS
+
+    def test_learning_rate_follows_the_schedule(self, logged_fit):
+        logged = scalars(read_events(logged_fit.log_dir), "learning_rate")
+        assert sorted(logged) == LOGGED_STEPS
+        values = [logged[s] for s in LOGGED_STEPS]
+        # The rate in the optimizer state after step s is the one step s used: schedule(s).
+        np.testing.assert_allclose(values, [schedule(s) for s in LOGGED_STEPS], rtol=1e-5)
+        assert (np.diff(values) < 0).all()
+
+    def test_steps_per_sec_at_chunk_ends_on_the_grid(self, logged_fit):
+        logged = scalars(read_events(logged_fit.log_dir), "steps_per_sec")
+        assert logged and set(logged) <= set(LOGGED_STEPS)
+        assert all(v > 0 for v in logged.values())
+
+    def test_only_the_documented_scalars(self, logged_fit):
+        tags = set(read_events(logged_fit.log_dir).Tags()["scalars"])
+        assert tags == {
+            "train_loss",
+            "train_loss_epoch",
+            "epoch_time",
+            "steps_per_sec",
+            "learning_rate",
+            "val_loss",
+            "val_lpd",
+        }
+
+    def test_parameter_histograms_every_epoch_end(self, logged_fit):
+        events = read_events(logged_fit.log_dir)
+        assert set(events.Tags()["histograms"]) == {f"params/{name}" for name in PARAMS}
+        for name in PARAMS:
+            histograms = events.Histograms(f"params/{name}")
+            assert [h.step for h in histograms] == EPOCH_END_STEPS, name
+            # Scalar parameters: the histogram of the last epoch holds the fit's final value.
+            last = histograms[-1].histogram_value
+            assert last.num == 1
+            np.testing.assert_allclose([last.min, last.max], [logged_fit.params[name]] * 2, rtol=1e-6)
+        # The parameters moved between epochs.
+        w_locs = [h.histogram_value.min for h in events.Histograms("params/w_auto_loc")]
+        assert len(set(w_locs)) == EPOCHS
+
+    def test_hparams_with_the_final_metrics_in_a_subdirectory(self, logged_fit):
+        hparams_dir = logged_fit.log_dir / "hparams"
+        assert hparams_dir.is_dir() and list(hparams_dir.glob("events.out.tfevents.*"))
+        events = read_events(hparams_dir)
+        content = events.PluginTagToContent("hparams")
+        start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+        hparams = start.session_start_info.hparams
+        assert hparams["max_epochs"].number_value == EPOCHS
+        assert hparams["batch_size"].number_value == BATCH
+        assert hparams["steps_per_epoch"].number_value == STEPS_PER_EPOCH
+        assert hparams["num_devices"].number_value == logged_fit.trainer.mesh.size
+        assert hparams["learning_rate"].number_value == LR0
+        assert hparams["width"].string_value == "small"
+        assert "max_steps" not in hparams  # None settings are left out
+        final = logged_fit.trainer.callback_metrics
+        for name in ("val_loss", "val_lpd", "train_loss_epoch"):
+            [value] = scalars(events, f"hparam/{name}").values()
+            assert value == pytest.approx(final[name], rel=1e-6)
+
+    def test_the_writer_is_closed_after_the_fit(self, logged_fit):
+        logger = next(c for c in logged_fit.trainer.callbacks if isinstance(c, TensorBoardLogger))
+        assert logger._writer is None and not logger._open
+
+
+class TestTensorBoardResume:
+    def test_a_resumed_logger_purges_the_events_from_its_resume_step(self, logged_fit, tmp_path):
+        log_dir = tmp_path / "tb"
+        shutil.copytree(logged_fit.log_dir, log_dir)
+        logger = TensorBoardLogger(log_dir)
+        logger.open(FakeTrainer(), 20)
+        logger.write(24, 2, {"train_loss": -1.0})
+        logger.write(29, 2, {"train_loss": -2.0})
+        logger.close()
+
+        events = read_events(log_dir)
+        logged = scalars(events, "train_loss")
+        assert sorted(logged) == LOGGED_STEPS
+        np.testing.assert_allclose([logged[s] for s in (4, 9, 14, 19)], logged_fit.losses[[4, 9, 14, 19]], rtol=1e-6)
+        assert (logged[24], logged[29]) == (-1.0, -2.0)
+        # Everything else of the first run from step 20 on is gone.
+        for tag in ("val_loss", "val_lpd", "train_loss_epoch", "epoch_time"):
+            assert sorted(scalars(events, tag)) == [9, 19], tag
+        assert sorted(scalars(events, "learning_rate")) == [4, 9, 14, 19]
+        assert [h.step for h in events.Histograms("params/w_auto_loc")] == [9, 19]
+
+    def test_a_fresh_open_keeps_nothing_to_purge(self, tmp_path):
+        logger = TensorBoardLogger(tmp_path)
+        logger.open(FakeTrainer(), 0)
+        logger.write(4, 0, {"train_loss": 1.0})
+        logger.close()
+        assert scalars(read_events(tmp_path), "train_loss") == {4: 1.0}
+
+    def test_a_resume_in_the_same_second_keeps_the_earlier_events(self, tmp_path, monkeypatch):
+        monkeypatch.setattr(tensorboardX.event_file_writer, "time", types.SimpleNamespace(time=lambda: 1.7e9))
+        first = TensorBoardLogger(tmp_path)
+        first.open(FakeTrainer(), 0)
+        first.write(4, 0, {"train_loss": 1.0})
+        first.close()
+        resumed = TensorBoardLogger(tmp_path)
+        resumed.open(FakeTrainer(), 5)
+        resumed.write(9, 0, {"train_loss": 2.0})
+        resumed.close()
+        assert scalars(read_events(tmp_path), "train_loss") == {4: 1.0, 9: 2.0}
+
+
+# -- CSV ---------------------------------------------------------------------------------------
+
+
+class TestCSVFit:
+    def test_header_and_whole_lines(self, logged_fit):
+        text = logged_fit.csv_path.read_text()
+        assert text.splitlines()[0] == "step,epoch,metric,value"
+        assert text.endswith("\n")
+        rows = read_csv(logged_fit.csv_path)
+        assert rows and all(len(row) == 4 and None not in row for row in rows)
+        # The epoch column is the epoch of the step.
+        assert all(int(row["epoch"]) == int(row["step"]) // STEPS_PER_EPOCH for row in rows)
+
+    def test_train_loss_rows_are_the_losses_at_those_steps(self, logged_fit):
+        logged = csv_scalars(read_csv(logged_fit.csv_path), "train_loss")
+        assert sorted(logged) == LOGGED_STEPS
+        # Written with repr(float): exactly the float32 losses.
+        assert [logged[s] for s in LOGGED_STEPS] == [float(logged_fit.losses[s]) for s in LOGGED_STEPS]
+
+    def test_epoch_and_validation_rows(self, logged_fit):
+        rows = read_csv(logged_fit.csv_path)
+        epoch_rows = [(int(r["step"]), int(r["epoch"])) for r in rows if r["metric"] == "train_loss_epoch"]
+        assert epoch_rows == [(s, e) for e, s in enumerate(EPOCH_END_STEPS)]
+        means = logged_fit.losses.reshape(EPOCHS, STEPS_PER_EPOCH).mean(axis=1)
+        logged = csv_scalars(rows, "train_loss_epoch")
+        np.testing.assert_allclose([logged[s] for s in EPOCH_END_STEPS], means, rtol=1e-6)
+        assert sorted(csv_scalars(rows, "epoch_time")) == EPOCH_END_STEPS
+        for name in ("val_loss", "val_lpd"):
+            logged = csv_scalars(rows, name)
+            assert sorted(logged) == EPOCH_END_STEPS
+            assert [logged[s] for s in EPOCH_END_STEPS] == [m[name] for _, m in logged_fit.validations]
+        rates = csv_scalars(rows, "learning_rate")
+        np.testing.assert_allclose([rates[s] for s in LOGGED_STEPS], [schedule(s) for s in LOGGED_STEPS], rtol=1e-5)
+
+    def test_csv_and_tensorboard_hold_the_same_scalars(self, logged_fit):
+        rows = read_csv(logged_fit.csv_path)
+        events = read_events(logged_fit.log_dir)
+        assert {r["metric"] for r in rows} == set(events.Tags()["scalars"])
+        for tag in events.Tags()["scalars"]:
+            from_csv, from_tb = csv_scalars(rows, tag), scalars(events, tag)
+            assert sorted(from_csv) == sorted(from_tb), tag
+            np.testing.assert_allclose([from_tb[s] for s in from_csv], list(from_csv.values()), rtol=1e-6)
+        # One row per (step, metric).
+        assert len({(r["step"], r["metric"]) for r in rows}) == len(rows)
+
+
+class TestCSVResume:
+    def test_a_resumed_logger_keeps_the_rows_before_its_resume_step(self, logged_fit, tmp_path):
+        path = tmp_path / "metrics.csv"
+        shutil.copyfile(logged_fit.csv_path, path)
+        before = read_csv(path)
+        logger = CSVLogger(path)
+        logger.open(FakeTrainer(), 20)
+        logger.write(24, 2, {"train_loss": 1.5})
+        logger.close()
+
+        rows = read_csv(path)
+        kept = [row for row in before if int(row["step"]) < 20]
+        assert kept and len(kept) < len(before)
+        assert rows == [*kept, {"step": "24", "epoch": "2", "metric": "train_loss", "value": "1.5"}]
+        assert path.read_text().splitlines()[0] == "step,epoch,metric,value"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv"]  # no staging file left
+
+    def test_a_fresh_open_replaces_the_file(self, logged_fit, tmp_path):
+        path = tmp_path / "metrics.csv"
+        shutil.copyfile(logged_fit.csv_path, path)
+        logger = CSVLogger(path)
+        logger.open(FakeTrainer(), 0)
+        logger.write(4, 0, {"train_loss": 2.0})
+        logger.close()
+        assert read_csv(path) == [{"step": "4", "epoch": "0", "metric": "train_loss", "value": "2.0"}]
+
+    def test_a_resume_without_a_previous_file_starts_one(self, tmp_path):
+        path = tmp_path / "metrics.csv"
+        logger = CSVLogger(path)
+        logger.open(FakeTrainer(), 20)
+        logger.write(24, 2, {"train_loss": 1.0})
+        logger.close()
+        assert path.read_text().splitlines() == ["step,epoch,metric,value", "24,2,train_loss,1.0"]
+
+
+# -- process 0 only, bad paths -----------------------------------------------------------------
+
+
+def test_only_process_0_creates_or_writes_anything(tmp_path, monkeypatch):
+    monkeypatch.setattr(jax, "process_index", lambda *args, **kwargs: 1)
+    tb = TensorBoardLogger(tmp_path / "tb")
+    csv_logger = CSVLogger(tmp_path / "csv" / "metrics.csv")
+    trainer = FakeTrainer()
+    progress = FitProgress(step=10, epoch=0, metrics={"train_loss": 1.0, "train_loss_epoch": 1.0, "val_loss": 2.0})
+    for logger in (tb, csv_logger):
+        assert not logger.is_writer
+        logger.on_fit_start(trainer, FitProgress(0, 0, {}))
+        logger.on_train_epoch_start(trainer, FitProgress(0, 0, {}))
+        logger.on_train_chunk_end(trainer, progress, np.ones(10, np.float32), range(0, 10))
+        logger.on_validation_end(trainer, progress)
+        logger.on_train_epoch_end(trainer, progress)
+        logger.on_fit_end(trainer, progress)
+        logger.teardown(trainer)
+    assert tb.log_dir is None
+    assert list(tmp_path.iterdir()) == []
+
+
+class TestBadPaths:
+    def test_a_log_dir_under_a_regular_file(self, tmp_path):
+        blocker = tmp_path / "file"
+        blocker.write_text("not a directory")
+        with pytest.raises(ConfigurationError, match="log_dir") as caught:
+            TensorBoardLogger(blocker / "runs")
+        assert isinstance(caught.value, ValueError)
+        assert "cannot be written" in str(caught.value) and str(blocker / "runs") in str(caught.value)
+
+    def test_a_log_dir_that_is_a_regular_file(self, tmp_path):
+        blocker = tmp_path / "file"
+        blocker.write_text("not a directory")
+        with pytest.raises(ConfigurationError, match="log_dir"):
+            TensorBoardLogger(blocker)
+
+    def test_a_log_dir_is_created_with_its_parents(self, tmp_path):
+        logger = TensorBoardLogger(tmp_path / "a" / "b")
+        assert logger.log_dir == tmp_path / "a" / "b" and logger.log_dir.is_dir()
+        assert list(logger.log_dir.iterdir()) == []  # nothing written before the fit
+
+    def test_a_csv_path_under_a_regular_file(self, tmp_path):
+        blocker = tmp_path / "file"
+        blocker.write_text("not a directory")
+        with pytest.raises(ConfigurationError, match="path's directory") as caught:
+            CSVLogger(blocker / "metrics.csv")
+        assert isinstance(caught.value, ValueError)
+
+    def test_a_csv_path_that_is_a_directory(self, tmp_path):
+        with pytest.raises(ConfigurationError, match="is a directory"):
+            CSVLogger(tmp_path)
+
+    def test_a_csv_directory_is_created(self, tmp_path):
+        CSVLogger(tmp_path / "a" / "metrics.csv")
+        assert (tmp_path / "a").is_dir() and not (tmp_path / "a" / "metrics.csv").exists()
+
+
+# -- a fit that raises -------------------------------------------------------------------------
+
+
+class Boom(Callback):
+    def on_train_chunk_end(self, trainer, progress, losses, steps):
+        if steps.stop >= STEPS_PER_EPOCH:
+            raise RuntimeError("boom")
+
+
+def test_files_are_closed_and_readable_when_the_fit_raises(tmp_path):
+    log_dir, csv_path = tmp_path / "tb", tmp_path / "metrics.csv"
+    tb, csv_logger = TensorBoardLogger(log_dir), CSVLogger(csv_path)
+    trainer = Trainer(
+        max_epochs=EPOCHS,
+        rng_key=jax.random.key(0),
+        enable_progress_bar=False,
+        log_every_n_steps=EVERY,
+        callbacks=[tb, csv_logger, Boom()],
+    )
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(linear_svi(NUM_ROWS), linear_data(NUM_ROWS), batch_size=BATCH)
+
+    assert tb._writer is None and not tb._open
+    assert csv_logger._file is None and not csv_logger._open
+    text = csv_path.read_text()
+    assert text.endswith("\n")
+    rows = read_csv(csv_path)
+    assert all(len(row) == 4 and None not in row and row["value"] for row in rows)
+    # The loggers ran before Boom in the failing chunk's hook: its rows are there.
+    assert sorted(csv_scalars(rows, "train_loss")) == [4, 9]
+    assert "train_loss_epoch" not in {row["metric"] for row in rows}
+    events = read_events(log_dir)
+    assert scalars(events, "train_loss") == pytest.approx(csv_scalars(rows, "train_loss"), rel=1e-6)
+    assert not (log_dir / "hparams").exists()  # on_fit_end did not run
