@@ -10,9 +10,9 @@ import numpyro
 import numpyro.distributions as dist
 import pytest
 from jax.scipy.special import logsumexp
-from numpyro.handlers import seed
+from numpyro.handlers import block, seed
 from numpyro.infer import SVI, Trace_ELBO, log_likelihood
-from numpyro.infer.autoguide import AutoNormal
+from numpyro.infer.autoguide import AutoDelta, AutoGuideList, AutoNormal
 from optax import adam
 
 from aimz_trainer.data import ChunkSource, FitPlan, ValidationSource, make_chunk_loader
@@ -147,6 +147,25 @@ class TestTracedSvi:
         svi.init(jax.random.key(0), x=data["x"][:10], y=data["y"][:10])
         draws = svi.guide.sample_posterior(jax.random.key(2), params, sample_shape=(3,))
         assert draws["w"].shape == (3,)
+
+    def test_guide_lists_are_restored_to_the_last_sub_guide(self):
+        def model(x, y=None):
+            w = numpyro.sample("w", dist.Normal(0, 1))
+            b = numpyro.sample("b", dist.Normal(0, 1))
+            with numpyro.plate("data", x.shape[0]):
+                numpyro.sample("y", dist.Normal(w * x + b, 0.3), obs=y)
+
+        guide = AutoGuideList(model)
+        guide.append(AutoNormal(block(model, hide=["b"])))
+        guide.append(AutoDelta(block(model, expose=["b"])))
+        svi = SVI(model, guide, adam(0.05), Trace_ELBO())
+        data = {"x": jnp.linspace(-1, 1, 8), "y": jnp.linspace(0, 1, 8)}
+        rec = {"rows": {"indices": jnp.arange(8).reshape(1, 8)}, "num_steps": np.int32(1)}
+        state = jax.jit(make_init(svi))(jax.random.key(0), data, rec)
+        state, losses = jax.jit(make_train_chunk(svi))(state, data, rec)
+        assert np.isfinite(losses).all()
+        assert all(sub.prototype_trace is None for sub in guide._guides)
+        svi.init(jax.random.key(0), **data)  # a leaked tracer would raise UnexpectedTracerError
 
 
 class TestTrainChunk:
@@ -374,6 +393,25 @@ class TestValidationStep:
         params = svi.get_params(state.svi_state)
         expected = Trace_ELBO().loss(jax.random.split(rng_key, 3)[0], params, model, svi.guide, **data)
         np.testing.assert_allclose(loss, expected / 12, rtol=1e-5)
+
+    def test_static_keyword_arguments_reach_the_model_and_guide(self):
+        def model(x, y=None, *, noise):
+            w = numpyro.sample("w", dist.Normal(0.0, 1.0))
+            with numpyro.plate("data", x.shape[0]):
+                numpyro.deterministic("mu", w * x)
+                numpyro.sample("y", dist.Normal(w * x, noise), obs=y)
+
+        data = {"x": jnp.linspace(-1, 1, 6), "y": jnp.linspace(-2, 2, 6)}
+        rec = {"rows": {"indices": np.arange(6)[None]}, "weights": np.ones((1, 6), np.float32), "num_steps": 1}
+        outputs = {}
+        for noise in (0.1, 10.0):
+            svi = SVI(model, AutoNormal(model), adam(0.05), Trace_ELBO(), noise=noise)
+            state = jax.jit(make_init(svi))(jax.random.key(0), data, rec)
+            outputs[noise] = jax.jit(make_validation_step(svi, 4, 6))(state.svi_state, jax.random.key(1), data, rec)
+            draws = jax.jit(make_posterior_sampler(svi, 4))(state.svi_state, jax.random.key(2), data, rec)
+            assert draws["mu"].shape == (4, 6)
+        # A wide likelihood makes the same data far less surprising.
+        assert float(outputs[10.0][1]) > float(outputs[0.1][1])
 
 
 class TestCheckModelAccepts:

@@ -2,9 +2,8 @@
 
 Python orchestrates around one compiled function. Each call runs K SVI steps; the loop keeps
 one call in flight and runs the previous call's hooks while the devices work on the next, so
-the host never waits on a single step. At an epoch end, a validation point or a callback's
-step interval the loop waits for the chunk before starting the next one, so that a stop
-requested there takes effect exactly there.
+the host never waits on a single step and the devices never wait for the hooks. A stop
+requested by a hook drops the call in flight: the fit ends exactly where it was requested.
 """
 
 from __future__ import annotations
@@ -53,6 +52,7 @@ from aimz_trainer.step import (
 __all__ = ["FitResult", "Trainer", "TrainerState"]
 
 Record = dict[str, Any]
+Params = dict[str, jax.Array]
 
 
 class FitResult(NamedTuple):
@@ -66,7 +66,7 @@ class FitResult(NamedTuple):
         state: the final ``SVIState``.
     """
 
-    params: dict[str, jax.Array]
+    params: Params
     losses: np.ndarray
     posterior: dict[str, jax.Array] | None
     state: SVIState
@@ -82,12 +82,14 @@ class TrainerState:
         svi_state: the ``SVIState`` after ``step`` steps; after a non-finite loss, the last
             good one.
         rng_key: the key the fit's randomness derives from.
+        params: the constrained variational parameters of ``svi_state``.
     """
 
     step: int
     epoch: int
     svi_state: SVIState | None
     rng_key: jax.Array
+    params: dict[str, jax.Array] | None = None
 
 
 class FitKeys(NamedTuple):
@@ -115,38 +117,50 @@ class _Placed:
 class _Compiled:
     """The compiled functions of one fit, and their prototype inputs.
 
-    Compilation is most of a fit's start-up on a CPU, so ``init`` (and validation) compile on
-    a worker thread while the training chunk compiles; XLA compiles outside the GIL. Tracing
-    stays on the calling thread: it temporarily touches the user's ``svi``. Functions needed
-    only after training (parameters, posterior draws) compile on first use: on a 2-core
-    machine a compile in the background halves training throughput for as long as it runs.
+    Compilation is most of a fit's start-up on a CPU, so ``init`` and validation compile on a
+    worker thread while the training chunk compiles; XLA compiles outside the GIL. Tracing
+    stays on the calling thread: it temporarily touches the user's ``svi``. Posterior draws
+    compile on first use: they are bigger, and on a 2-core machine a compile in the
+    background halves training throughput for as long as it runs.
+
+    Init and every chunk also return the constrained parameters of their state: a separate
+    call would queue behind the chunk in flight and stall the loop for a whole chunk, while
+    in the chunk it costs next to nothing.
     """
 
     def __init__(self, svi: SVI, mesh: Mesh, device_data: dict[str, jax.Array], first_record: Record) -> None:
         self._svi = svi
         self._rep = replicated(mesh)
         self.device_data = device_data
-        # The first step of the first record: what every traced function sets up ``svi`` with.
+        # The first step of the first record: what the draws set ``svi`` up with.
         self.prototype = {"rows": jax.tree.map(lambda leaf: leaf[:1], first_record["rows"])}
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="aimz-compile")
         self._validate: Any = None
-        self._params: Any = None
         self._samplers: dict[int, Any] = {}
 
-    def start(self, rng_key: jax.Array, record: Record) -> tuple[TrainState, Callable[..., Any]]:
-        """Compile init and the training chunk; return the initial state and the chunk."""
+    def start(self, rng_key: jax.Array, record: Record) -> tuple[TrainState, Params, Callable[..., Any]]:
+        """Compile init and the training chunk; return the initial state, its parameters and
+        ``chunk(state, device_data, record) -> (state, losses, params)``."""
         rep = self._rep
-        init = jax.jit(make_init(self._svi), in_shardings=(rep, rep, _record_shardings(rep, record)))
-        lowered_init = init.lower(rng_key, self.device_data, record)
+        init, train_chunk, params = make_init(self._svi), make_train_chunk(self._svi), make_params(self._svi)
+
+        def init_with_params(rng_key: jax.Array, device_data: Any, record: Record) -> tuple[TrainState, Params]:
+            state = init(rng_key, device_data, record)
+            return state, params(state.svi_state, device_data, record)
+
+        def chunk_with_params(state: TrainState, device_data: Any, record: Record) -> tuple[TrainState, Any, Params]:
+            state, losses = train_chunk(state, device_data, record)
+            return state, losses, params(state.svi_state, device_data, record)
+
+        shardings = (rep, rep, _record_shardings(rep, record))
+        lowered_init = jax.jit(init_with_params, in_shardings=shardings, out_shardings=rep).lower(
+            rng_key, self.device_data, record
+        )
         # init runs once: unoptimized code compiles faster than it loses at run time.
         compiled_init = self._pool.submit(lowered_init.compile, {"xla_backend_optimization_level": 0})
-        chunk = jax.jit(
-            make_train_chunk(self._svi),
-            in_shardings=(rep, rep, _record_shardings(rep, record)),
-            out_shardings=(rep, rep),
-        )
-        compiled_chunk = chunk.lower(lowered_init.out_info, self.device_data, record).compile()
-        return compiled_init.result()(rng_key, self.device_data, record), compiled_chunk
+        chunk = jax.jit(chunk_with_params, in_shardings=shardings, out_shardings=rep)
+        compiled_chunk = chunk.lower(lowered_init.out_info[0], self.device_data, record).compile()
+        return *compiled_init.result()(rng_key, self.device_data, record), compiled_chunk
 
     def prepare_validation(
         self,
@@ -169,13 +183,6 @@ class _Compiled:
     def validate(self, svi_state: SVIState, rng_key: jax.Array, device_data: Any, record: Record) -> Any:
         return self._validate.result()(svi_state, rng_key, device_data, record)
 
-    def params(self, svi_state: SVIState) -> dict[str, jax.Array]:
-        if self._params is None:
-            rep = self._rep
-            params = jax.jit(make_params(self._svi), in_shardings=(rep, rep, _record_shardings(rep, self.prototype)))
-            self._params = _compile_once(params.lower(svi_state, self.device_data, self.prototype))
-        return self._params(svi_state, self.device_data, self.prototype)
-
     def sample(self, svi_state: SVIState, rng_key: jax.Array, num_samples: int) -> dict[str, jax.Array]:
         if num_samples not in self._samplers:
             rep = self._rep
@@ -189,8 +196,8 @@ class _Compiled:
         return self._samplers[num_samples](svi_state, rng_key, self.device_data, self.prototype)
 
     def close(self) -> None:
-        """Stop the worker thread (waiting for a compile in progress)."""
-        self._pool.shutdown(cancel_futures=True)
+        """Stop the worker thread (after the compiles it was given)."""
+        self._pool.shutdown()
 
 
 def _compile_once(lowered: Any) -> Any:
@@ -345,11 +352,11 @@ class Trainer:
         self.stop_reason = reason
 
     def current_params(self) -> dict[str, jax.Array]:
-        """The constrained variational parameters at ``trainer.state`` (compiled on first use).
-
-        Callbacks call this from a hook; it works after ``fit`` too.
-        """
-        return self._require_compiled("current_params").params(self.state.svi_state)
+        """The constrained variational parameters at ``trainer.state``, as computed by the
+        compiled chunk that produced it (free to call from any hook, and after ``fit``)."""
+        self._require_compiled("current_params")
+        assert self.state.params is not None
+        return self.state.params
 
     def sample_posterior(self, num_samples: int, rng_key: jax.Array | None = None) -> dict[str, jax.Array]:
         """``num_samples`` draws from the guide at ``trainer.state`` (compiled once per count).
@@ -418,8 +425,9 @@ class Trainer:
         val_interval = None
         if val_arrays is not None:
             val_interval = self._val_interval_steps(epoch_length(num_rows, batch_size, drop_last=drop_last))
-        sync_intervals = [i for c in callbacks if (i := c.step_interval(self)) is not None]
-        sync_intervals += [val_interval] if val_interval is not None else []
+        # Chunks end where a callback or validation must see the fit, and where loggers log.
+        boundaries = [self.log_every_n_steps, *(i for c in callbacks if (i := c.step_interval(self)) is not None)]
+        boundaries += [val_interval] if val_interval is not None else []
         plan = FitPlan.create(
             num_rows,
             batch_size,
@@ -427,7 +435,7 @@ class Trainer:
             max_epochs=self.max_epochs,
             max_steps=self.max_steps,
             steps_per_chunk=self.steps_per_chunk,
-            boundaries=[self.log_every_n_steps, *sync_intervals],
+            boundaries=boundaries,
         )
         self.plan = plan
         self.svi = svi
@@ -451,7 +459,7 @@ class Trainer:
         self.state = TrainerState(step=0, epoch=0, svi_state=None, rng_key=self.rng_key)
         first_record = to_device(next(records))
         compiled = self._compiled = _Compiled(svi, self.mesh, train.device_data, first_record)
-        train_state, chunk_fn = compiled.start(self._keys.init, first_record)
+        train_state, self.state.params, chunk_fn = compiled.start(self._keys.init, first_record)
         self._validation = None
         if val_arrays is not None:
             self._validation = _Validation(self, val_arrays, val_batch_size, val_num_samples, num_rows, train_state)
@@ -472,13 +480,12 @@ class Trainer:
                 to_device,
                 losses,
                 started,
-                sync_intervals,
                 val_interval,
             )
             train_state = run.loop(train_state)
             compiled.close()
             self._call("on_fit_end")
-            params = compiled.params(train_state.svi_state)
+            params = self.current_params()
             self.timings["fit_s"] = time.perf_counter() - started
         except BaseException as exception:
             self._call_on_exception(exception)
@@ -639,7 +646,6 @@ class _Run:
         to_device: Callable[[Record], Record],
         losses: list[np.ndarray],
         started: float,
-        sync_intervals: list[int],
         val_interval: int | None,
     ) -> None:
         self.trainer = trainer
@@ -651,43 +657,42 @@ class _Run:
         self.to_device = to_device
         self.losses = losses
         self.started = started
-        self.sync_intervals = sync_intervals
         self.val_interval = val_interval
         self.rate_since = (0, started)  # (step, time) the steps/s average counts from
-        self.epoch_started = started
+        self.epoch_started = started  # the first epoch's time includes compilation
         self.epoch_losses: list[np.ndarray] = []
 
     def loop(self, state: TrainState) -> TrainState:
-        """Dispatch chunk c, then run chunk c-1's hooks while c runs; wait at sync chunks."""
+        """Dispatch chunk c, then run chunk c-1's hooks while c runs.
+
+        Chunk c is speculative: when c-1's hooks stop the fit (or its loss was not finite), c's
+        results are dropped and the fit ends on c-1's state, which the compiled chunk leaves
+        intact (it does not donate its input). A stop thus takes effect exactly at the
+        boundary where it was requested, and the devices never wait for the hooks.
+        """
         trainer = self.trainer
-        pending: tuple[Chunk, jax.Array, TrainState] | None = None
+        pending: tuple[Chunk, jax.Array, TrainState, Params] | None = None
         for index, chunk in enumerate(self.plan.chunks):
-            if trainer.should_stop:
-                break
-            if chunk.first_step % self.plan.steps_per_epoch == 0:  # after the previous epoch's end hooks
-                trainer.state.epoch = chunk.epoch
-                self.epoch_started = time.perf_counter()
-                self.epoch_losses = []
-                trainer._call("on_train_epoch_start")
             record = self.first_record if index == 0 else self.to_device(next(self.records))
-            new_state, chunk_losses = self.chunk_fn(state, self.device_data, record)
-            if pending is not None and not self.finish(*pending):
-                return pending[2]
-            state = new_state
-            pending = (chunk, chunk_losses, state)
-            if self.is_sync(chunk):
-                if not self.finish(*pending):
+            new_state, chunk_losses, params = self.chunk_fn(state, self.device_data, record)
+            if pending is not None and (not self.finish(*pending) or trainer.should_stop):
+                return state
+            if chunk.first_step % self.plan.steps_per_epoch == 0:  # after the previous epoch's end hooks
+                self.start_epoch(chunk)
+                if trainer.should_stop:
                     return state
-                pending = None
+            state = new_state
+            pending = (chunk, chunk_losses, state, params)
         if pending is not None:
             self.finish(*pending)
         return state
 
-    def is_sync(self, chunk: Chunk) -> bool:
-        end = chunk.first_step + chunk.num_steps
-        return self.plan.is_epoch_end(chunk) or any(end % interval == 0 for interval in self.sync_intervals)
+    def start_epoch(self, chunk: Chunk) -> None:
+        self.trainer.state.epoch = chunk.epoch
+        self.epoch_losses = []
+        self.trainer._call("on_train_epoch_start")
 
-    def finish(self, chunk: Chunk, chunk_losses: jax.Array, state: TrainState) -> bool:
+    def finish(self, chunk: Chunk, chunk_losses: jax.Array, state: TrainState, params: Params) -> bool:
         """Bring a chunk's losses to the host and run its hooks; ``False`` after a non-finite
         loss (in ``"warn"`` mode; ``"raise"`` raises)."""
         trainer = self.trainer
@@ -697,8 +702,8 @@ class _Run:
             trainer.timings["first_chunk_s"] = now - self.started
             self.rate_since = (chunk.first_step + chunk.num_steps, now)
         else:
-            # Averaged since the last pause (an epoch's end hooks, validation): with a chunk in
-            # flight, the time between two chunks' results alone says little.
+            # Averaged since the last epoch's last results: with a chunk in flight, the time
+            # between two chunks' results alone says little.
             steps = chunk.first_step + chunk.num_steps - self.rate_since[0]
             trainer.callback_metrics["steps_per_sec"] = steps / (now - self.rate_since[1])
         bad = np.flatnonzero(~np.isfinite(host_losses))
@@ -706,6 +711,7 @@ class _Run:
             self.losses.append(host_losses[: bad[0]])
             trainer.state.step = chunk.first_step + int(bad[0])
             trainer.state.svi_state = state.svi_state  # frozen before the bad step
+            trainer.state.params = params
             error = NonFiniteLossError(trainer.state.step, float(host_losses[bad[0]]))
             if trainer.nonfinite_loss == "raise":
                 raise error
@@ -715,20 +721,21 @@ class _Run:
         self.epoch_losses.append(host_losses)
         trainer.state.step = chunk.first_step + chunk.num_steps
         trainer.state.svi_state = state.svi_state
+        trainer.state.params = params
         trainer.callback_metrics["train_loss"] = float(host_losses.mean())
         trainer._call("on_train_chunk_end", host_losses, chunk.steps)
         epoch_end = self.plan.is_epoch_end(chunk)
-        if epoch_end:
+        if epoch_end:  # epochs are timed from one's last results to the next's
             trainer.callback_metrics["train_loss_epoch"] = float(np.concatenate(self.epoch_losses).mean())
-            trainer.callback_metrics["epoch_time"] = time.perf_counter() - self.epoch_started
+            trainer.callback_metrics["epoch_time"] = now - self.epoch_started
+            self.epoch_started = now
+            self.rate_since = (chunk.first_step + chunk.num_steps, now)
         validation = trainer._validation
         if validation is not None and validation.is_due(chunk, epoch_end, self.val_interval):
             trainer.callback_metrics.update(validation.run(state.svi_state))
             trainer._call("on_validation_end")
         if epoch_end:
             trainer._call("on_train_epoch_end")
-        if self.is_sync(chunk):  # the devices idled through the hooks: restart the average
-            self.rate_since = (chunk.first_step + chunk.num_steps, time.perf_counter())
         return True
 
 

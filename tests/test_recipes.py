@@ -1,0 +1,55 @@
+"""The documented recipes run and do what their docstrings say."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from numpyro.infer import SVI, Trace_ELBO
+from numpyro.infer.autoguide import AutoNormal
+from optax import adam
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from aimz_trainer import Trainer
+from aimz_trainer.cli import load_recipe
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def scalars(log_dir: Path, tag: str) -> dict[int, float]:
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {event.step: event.value for event in events.Scalars(tag)}
+
+
+def test_custom_callback_logs_the_posterior_mean_every_epoch(tmp_path, capsys):
+    recipe = load_recipe("custom_callback", RECIPES)
+    summary = recipe.main(
+        ["--log-dir", str(tmp_path), "--num-rows", "4000", "--max-epochs", "6", "--batch-size", "100"]
+    )
+    # The fit recovers the coefficients, and the callback followed them epoch by epoch.
+    np.testing.assert_allclose(summary["beta_mean"], summary["beta_true"], atol=0.1)
+    for index, fitted in enumerate(summary["beta_mean"]):
+        means = scalars(tmp_path / "posterior_mean", f"posterior_mean/beta_auto_loc/{index}")
+        assert sorted(means) == [39, 79, 119, 159, 199, 239]  # the last step of each 40-step epoch
+        assert means[239] == np.float32(fitted)
+    # Beside the built-in logger's curves.
+    assert len(scalars(tmp_path, "train_loss_epoch")) == 6
+    assert f"TensorBoard logs in {tmp_path}" in capsys.readouterr().out
+
+
+def test_custom_callback_names_the_parameters_when_the_one_asked_for_is_missing(tmp_path):
+    recipe = load_recipe("custom_callback", RECIPES)
+    data, _ = recipe.make_data(200, 2, 0)
+    model = recipe.make_model(200, 2)
+    svi = SVI(model, AutoNormal(model), adam(0.01), Trace_ELBO())
+    trainer = Trainer(
+        max_epochs=1,
+        rng_key=jax.random.key(0),
+        enable_progress_bar=False,
+        callbacks=[recipe.PosteriorMeanLogger(tmp_path, param="gamma_auto_loc")],
+    )
+    with pytest.raises(KeyError, match="no variational parameter 'gamma_auto_loc'.*beta_auto_loc"):
+        trainer.fit(svi, data, batch_size=100)
