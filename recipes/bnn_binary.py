@@ -4,7 +4,8 @@ The reference tutorial's workflow on the Trainer: synthetic data (a linear logit
 a sigmoid, Bernoulli labels), a 3-layer flax nnx network whose weights get a Normal prior
 (``random_nnx_module``), an AutoNormal guide, Adam, and ``plate(..., subsample_size=...)``
 minibatch scaling. It prints the loss curve per epoch, the training speed and the shapes of the
-posterior draws.
+posterior draws; ``--val-rows N`` also validates on N held-out rows every epoch and
+``--log-dir DIR`` writes TensorBoard logs.
 
 Run it with ``aimz-trainer run bnn_binary`` (100,000 rows, a few seconds) or with ``--full`` for
 the tutorial's size (1,000,000 x 100, 10 epochs, 500 draws).
@@ -30,7 +31,7 @@ from numpyro.infer import SVI, Trace_ELBO, init_to_uniform
 from numpyro.infer.autoguide import AutoNormal
 from optax import adam
 
-from aimz_trainer import Trainer
+from aimz_trainer import TensorBoardLogger, Trainer
 
 
 class MLP(nnx.Module):
@@ -88,6 +89,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-samples", type=int, default=None, help="posterior draws (default 100, 500 with --full)")
     parser.add_argument("--devices", type=int, default=None, help="devices on the data axis (default: all)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--val-rows", type=int, default=0, help="extra held-out rows to validate on every epoch")
+    parser.add_argument("--log-dir", default=None, help="write TensorBoard logs here (tensorboard --logdir DIR)")
     args = parser.parse_args(argv)
     args.num_rows = args.num_rows or (1_000_000 if args.full else 100_000)
     args.max_epochs = args.max_epochs or (10 if args.full else 5)
@@ -100,11 +103,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     rng_key = random.key(args.seed)
     key_data, key_net, key_fit = random.split(rng_key, 3)
-    X, y, _ = make_data(args.num_rows, args.num_features, key_data)
+    X, y, _ = make_data(args.num_rows + args.val_rows, args.num_features, key_data)
+    train, held_out = (
+        {"X": X[: args.num_rows], "y": y[: args.num_rows]},
+        {"X": X[args.num_rows :], "y": y[args.num_rows :]},
+    )
     model = make_model(args.num_rows, args.num_features, args.hidden, key_net)
-    trainer = Trainer(max_epochs=args.max_epochs, rng_key=key_fit, devices=args.devices)
+    callbacks = [TensorBoardLogger(args.log_dir)] if args.log_dir else []
+    trainer = Trainer(max_epochs=args.max_epochs, rng_key=key_fit, devices=args.devices, callbacks=callbacks)
     started = time.perf_counter()
-    result = trainer.fit(make_svi(model), {"X": X, "y": y}, batch_size=args.batch_size, num_samples=args.num_samples)
+    result = trainer.fit(
+        make_svi(model),
+        train,
+        batch_size=args.batch_size,
+        val_data=held_out if args.val_rows else None,
+        num_samples=args.num_samples,
+    )
     jax.block_until_ready(result.posterior)
     wall = time.perf_counter() - started
 
@@ -131,7 +145,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"speed: {summary['steps_per_sec'] or float('nan'):,.0f} steps/s steady, first chunk after "
         f"{summary['first_chunk_s']:.2f} s, fit with {args.num_samples} draws in {wall:.2f} s"
     )
+    if args.val_rows:
+        summary["val_loss"], summary["val_lpd"] = (
+            trainer.callback_metrics["val_loss"],
+            trainer.callback_metrics["val_lpd"],
+        )
+        print(
+            f"held out ({args.val_rows:,} rows): ELBO loss per row {summary['val_loss']:.4f}, "
+            f"mean lpd {summary['val_lpd']:.4f}"
+        )
     print("posterior: " + ", ".join(f"{site} {shape}" for site, shape in summary["posterior_shapes"].items()))
+    if args.log_dir:
+        print(f"TensorBoard: tensorboard --logdir {args.log_dir}")
     return summary
 
 

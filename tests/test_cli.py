@@ -18,15 +18,18 @@ def aimz_trainer(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_run_bnn_binary_prints_the_summary():
+def test_run_bnn_binary_prints_the_summary(tmp_path):
     completed = aimz_trainer(
-        "run", "bnn_binary", "--num-rows", "4000", "--max-epochs", "2", "--batch-size", "500", "--num-samples", "5"
-    )
+        "run", "bnn_binary", "--num-rows", "4000", "--max-epochs", "2", "--batch-size", "500", "--num-samples", "5",
+        "--val-rows", "1000", "--log-dir", str(tmp_path),
+    )  # fmt: skip
     assert completed.returncode == 0, completed.stderr[-3000:]
     out = completed.stdout
     assert "bnn_binary: 4,000 rows x 100, 1 device(s), data on device" in out
     assert "final loss" in out and "after 16 steps" in out
     assert "nn_p_linear1.kernel (5, 100, 32)" in out and "p (5, 500)" in out
+    assert "held out (1,000 rows): ELBO loss per row" in out and "mean lpd -0." in out
+    assert list(tmp_path.glob("events.out.tfevents.*"))
 
 
 def test_unknown_recipe_names_the_available_ones():
