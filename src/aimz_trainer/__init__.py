@@ -5,12 +5,15 @@ from aimz_trainer.callbacks import (
     CSVLogger,
     EarlyStopping,
     FitProgress,
+    ModelCheckpoint,
     PosteriorSampler,
     ProgressBar,
     TensorBoardLogger,
 )
+from aimz_trainer.checkpoint import LoadedCheckpoint, load_checkpoint
 from aimz_trainer.errors import (
     AimzTrainerError,
+    CheckpointError,
     ConfigurationError,
     DataError,
     MetricNotFoundError,
@@ -25,12 +28,15 @@ __all__ = [
     "AimzTrainerError",
     "CSVLogger",
     "Callback",
+    "CheckpointError",
     "ConfigurationError",
     "DataError",
     "EarlyStopping",
     "FitProgress",
     "FitResult",
+    "LoadedCheckpoint",
     "MetricNotFoundError",
+    "ModelCheckpoint",
     "NonFiniteLossError",
     "PosteriorSampler",
     "ProgressBar",
@@ -38,5 +44,6 @@ __all__ = [
     "Trainer",
     "TrainerState",
     "__version__",
+    "load_checkpoint",
     "make_mesh",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "AimzTrainerError",
+    "CheckpointError",
     "ConfigurationError",
     "DataError",
     "MetricNotFoundError",
@@ -18,6 +19,10 @@ __all__ = [
 
 class AimzTrainerError(Exception):
     """Base class of every error aimz_trainer raises on purpose."""
+
+
+class CheckpointError(AimzTrainerError, OSError):
+    """A checkpoint cannot be found, read, or used for this fit (nothing was changed on disk)."""
 
 
 class ConfigurationError(AimzTrainerError, ValueError):

@@ -8,22 +8,39 @@ requested by a hook drops the call in flight: the fit ends exactly where it was 
 
 from __future__ import annotations
 
+import importlib.metadata
+import os
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import numpyro
 from jax.sharding import Mesh
 from numpyro.infer import SVI
 from numpyro.infer.svi import SVIState
 
 from aimz_trainer.callbacks.base import Callback, FitProgress, overrides_state
+from aimz_trainer.callbacks.checkpoint import ModelCheckpoint
 from aimz_trainer.callbacks.posterior import PosteriorSampler
 from aimz_trainer.callbacks.progress import ProgressBar, progress_bar_wanted
+from aimz_trainer.checkpoint import (
+    CHECKPOINT_FORMAT,
+    checkpoint_steps,
+    compare_param_trees,
+    decode_keys,
+    encode_keys,
+    param_tree,
+    read_meta,
+    resolve_checkpoint,
+    restore_state,
+)
 from aimz_trainer.data import (
     Chunk,
     ChunkSource,
@@ -37,7 +54,7 @@ from aimz_trainer.data import (
     validate_batch_size,
     validate_data,
 )
-from aimz_trainer.errors import ConfigurationError, DataError, NonFiniteLossError
+from aimz_trainer.errors import CheckpointError, ConfigurationError, DataError, NonFiniteLossError
 from aimz_trainer.sharding import DATA_AXIS, make_mesh, replicated, stacked_batch_sharding, to_global_array
 from aimz_trainer.step import (
     TrainState,
@@ -90,6 +107,11 @@ class TrainerState:
     svi_state: SVIState | None
     rng_key: jax.Array
     params: dict[str, jax.Array] | None = None
+
+
+class _Resume(NamedTuple):
+    step_dir: Path
+    meta: dict[str, Any]
 
 
 class FitKeys(NamedTuple):
@@ -330,6 +352,7 @@ class Trainer:
         self.placement: Literal["device", "host"] | None = None
         self.timings: dict[str, float] = {}
         self._compiled: _Compiled | None = None
+        self._run: _Run | None = None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -385,6 +408,7 @@ class Trainer:
         shuffle: bool = True,
         drop_last: bool = False,
         data_placement: Placement = "auto",
+        ckpt_path: str | os.PathLike[str] | int | None = None,
     ) -> FitResult:
         """Run minibatch SVI over ``train_data`` and draw ``num_samples`` posterior samples.
 
@@ -406,6 +430,12 @@ class Trainer:
             data_placement: ``"device"`` keeps the arrays on the devices and gathers batches
                 there; ``"host"`` gathers them on the host and streams them; ``"auto"`` picks
                 ``"device"`` when the data fit :func:`~aimz_trainer.data.device_data_budget`.
+            ckpt_path: resume from a checkpoint: ``"last"`` (the newest of the fit's
+                :class:`~aimz_trainer.callbacks.ModelCheckpoint`), a step (``int``) of it, or a
+                path (a checkpoint, or a directory of them: its newest). The fit continues
+                where the checkpoint left off (same position in the epoch, same shuffle order,
+                the checkpoint's random keys, callbacks restored) and returns the whole loss
+                history. Nothing on disk changes when the checkpoint cannot be used.
         """
         started = time.perf_counter()
         if not isinstance(svi, SVI):
@@ -421,6 +451,11 @@ class Trainer:
             if not _is_positive_int(val_num_samples):
                 raise ConfigurationError(f"val_num_samples must be a positive int; got {val_num_samples!r}.")
         callbacks = self._fit_callbacks(num_samples)
+        resume = self._open_checkpoint(ckpt_path, callbacks) if ckpt_path is not None else None
+        if resume is not None:
+            self.rng_key = jax.random.wrap_key_data(
+                np.asarray(resume.meta["rng_key"]["data"], np.uint32), impl=resume.meta["rng_key"]["impl"]
+            )
 
         val_interval = None
         if val_arrays is not None:
@@ -439,6 +474,7 @@ class Trainer:
         )
         self.plan = plan
         self.svi = svi
+        self._shuffle, self._drop_last = shuffle, drop_last
         self._keys = FitKeys.split(self.rng_key)
         self.placement = self._resolve_placement(data_placement, arrays, val_arrays)
         train = self._place(arrays, num_rows)
@@ -450,6 +486,10 @@ class Trainer:
             process_count=jax.process_count(),
         )
         records = iter(make_chunk_loader(source, train.host_arrays))
+        start_index = 0
+        if resume is not None:
+            start_index = self._resume_position(plan, resume)
+            records.set_state(resume.meta["loader_state"])
         to_device = _records_to_device(self.mesh, batch_size)
 
         self.callback_metrics = {}
@@ -458,31 +498,37 @@ class Trainer:
         self.posterior = None
         self.state = TrainerState(step=0, epoch=0, svi_state=None, rng_key=self.rng_key)
         first_record = to_device(next(records))
+        first_loader_state = records.get_state()
         compiled = self._compiled = _Compiled(svi, self.mesh, train.device_data, first_record)
         train_state, self.state.params, chunk_fn = compiled.start(self._keys.init, first_record)
         self._validation = None
         if val_arrays is not None:
             self._validation = _Validation(self, val_arrays, val_batch_size, val_num_samples, num_rows, train_state)
         self.state.svi_state = train_state.svi_state
-        self.timings = {"setup_s": time.perf_counter() - started}
-
         losses: list[np.ndarray] = []
         self._active_callbacks = callbacks
+        if resume is not None:
+            train_state = self._restore(resume, train_state, losses, callbacks)
+        self.timings = {"setup_s": time.perf_counter() - started}
+
+        self._run = _Run(
+            self,
+            plan,
+            chunk_fn,
+            train.device_data,
+            (first_record, first_loader_state),
+            records,
+            to_device,
+            losses,
+            started,
+            val_interval,
+            start_index,
+        )
         try:
             self._call("on_fit_start")
-            run = _Run(
-                self,
-                plan,
-                chunk_fn,
-                train.device_data,
-                first_record,
-                records,
-                to_device,
-                losses,
-                started,
-                val_interval,
-            )
-            train_state = run.loop(train_state)
+            if resume is not None:
+                self._call("on_load_checkpoint", resume.meta)
+            train_state = self._run.loop(train_state)
             compiled.close()
             self._call("on_fit_end")
             params = self.current_params()
@@ -525,6 +571,154 @@ class Trainer:
         if interval_errors:
             raise ConfigurationError(f"step_interval() must return a positive int or None; check {interval_errors}.")
         return [c for c in callbacks if not c.monitors_metrics] + [c for c in callbacks if c.monitors_metrics]
+
+    def _open_checkpoint(self, ckpt_path: Any, callbacks: list[Callback]) -> _Resume:
+        """Find and read the checkpoint to resume from (nothing is written)."""
+        if ckpt_path == "last" or (isinstance(ckpt_path, int) and not isinstance(ckpt_path, bool)):
+            stores = [c for c in callbacks if isinstance(c, ModelCheckpoint)]
+            if not stores:
+                raise CheckpointError(
+                    f"ckpt_path={ckpt_path!r} refers to the fit's ModelCheckpoint, but it has none: add "
+                    "ModelCheckpoint(dirpath) to the callbacks or pass the checkpoint's path."
+                )
+            steps = checkpoint_steps(stores[0].dirpath)
+            if ckpt_path == "last":
+                if not steps:
+                    raise CheckpointError(f"ckpt_path='last' but {str(stores[0].dirpath)!r} holds no checkpoint yet.")
+                step_dir = stores[0].dirpath / str(steps[-1])
+            elif ckpt_path not in steps:
+                raise CheckpointError(
+                    f"ckpt_path={ckpt_path}: no checkpoint of that step; the steps saved are {steps}."
+                )
+            else:
+                step_dir = stores[0].dirpath / str(ckpt_path)
+        elif isinstance(ckpt_path, str | os.PathLike):
+            step_dir = resolve_checkpoint(ckpt_path)
+        else:
+            raise ConfigurationError(f"ckpt_path must be 'last', a step (int) or a path; got {ckpt_path!r}.")
+        return _Resume(step_dir, read_meta(step_dir))
+
+    def _resume_position(self, plan: FitPlan, resume: _Resume) -> int:
+        """The chunk the resumed fit starts with, after checking the checkpoint's fit matches."""
+        saved, current = resume.meta["fit"], self._fit_meta(plan)
+        differing = [
+            f"{name}: {saved.get(name)!r} in the checkpoint, {current[name]!r} now"
+            for name in ("num_rows", "batch_size", "steps_per_epoch", "shuffle", "drop_last")
+            if saved.get(name) != current[name]
+        ]
+        if differing:
+            raise CheckpointError(
+                f"the checkpoint {str(resume.step_dir)!r} comes from a fit over other data or batches; "
+                + "; ".join(differing)
+            )
+        step = int(resume.meta["step"])
+        if step >= plan.total_steps:
+            raise CheckpointError(
+                f"the checkpoint {str(resume.step_dir)!r} is at step {step}, and this fit ends at step "
+                f"{plan.total_steps}: raise max_epochs or max_steps to train further."
+            )
+        index = next((i for i, chunk in enumerate(plan.chunks) if chunk.first_step == step), None)
+        if index is None or resume.meta["loader_state"].get("next_index") != index:
+            raise CheckpointError(
+                f"the checkpoint {str(resume.step_dir)!r} is at step {step}, which is not where a chunk of this "
+                "fit starts: resume with the settings that wrote it (log_every_n_steps, steps_per_chunk, "
+                "val_check_interval, the callbacks' step intervals)."
+            )
+        return index
+
+    def _restore(
+        self, resume: _Resume, state: TrainState, losses: list[np.ndarray], callbacks: list[Callback]
+    ) -> TrainState:
+        """Load the checkpoint's arrays onto this fit's mesh and its callbacks' states."""
+        assert self.state.params is not None
+        meta = resume.meta
+        differences = compare_param_trees(meta["params_tree"], param_tree(self.state.params))
+        if differences:
+            raise CheckpointError(
+                f"the checkpoint {str(resume.step_dir)!r} was written for a different model; its parameters "
+                "differ: " + "; ".join(differences)
+            )
+        target = {
+            "svi_state": encode_keys(state.svi_state),
+            "params": self.state.params,
+            "losses": np.zeros(int(meta["step"]), np.float32),
+        }
+        restored = restore_state(resume.step_dir, target)
+        svi_state = decode_keys(restored["svi_state"], state.svi_state)
+        self.state = TrainerState(
+            step=int(meta["step"]),
+            epoch=int(meta["epoch"]),
+            svi_state=svi_state,
+            rng_key=self.rng_key,
+            params=restored["params"],
+        )
+        losses.append(np.asarray(restored["losses"]))
+        saved = dict(meta["callbacks"])
+        for callback in callbacks:
+            if overrides_state(callback) and callback.state_key in saved:
+                callback.load_state_dict(saved.pop(callback.state_key))
+        if saved:
+            warnings.warn(
+                f"the checkpoint holds state for callbacks this fit does not have: {sorted(saved)}",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return TrainState(svi_state, jnp.asarray(True))
+
+    def checkpoint(self) -> dict[str, Any]:
+        """The fit as it stands, as a checkpoint: ``{"state": arrays, "meta": JSON}``.
+
+        Checkpointing callbacks call this from a hook and hand it to
+        :func:`aimz_trainer.checkpoint.save_args`; each callback's ``on_save_checkpoint`` may
+        add to ``checkpoint["meta"]`` first.
+        """
+        run = self._run
+        if run is None or self.state.svi_state is None or self.plan is None:
+            raise ConfigurationError("checkpoint() is for hooks of a running fit.")
+        svi_state = self.state.svi_state
+        meta = {
+            "format": CHECKPOINT_FORMAT,
+            "step": self.state.step,
+            "epoch": self.state.epoch,
+            "rng_key": {
+                "data": np.asarray(jax.random.key_data(self.rng_key)).tolist(),
+                "impl": str(jax.random.key_impl(self.rng_key)),
+            },
+            "loader_state": run.loader_state,
+            "callbacks": {c.state_key: c.state_dict() for c in self._active_callbacks if overrides_state(c)},
+            "params_tree": param_tree(self.state.params),
+            "fit": self._fit_meta(self.plan),
+            "trainer": {
+                "max_epochs": self.max_epochs,
+                "max_steps": self.max_steps,
+                "log_every_n_steps": self.log_every_n_steps,
+                "check_val_every_n_epoch": self.check_val_every_n_epoch,
+                "val_check_interval": self.val_check_interval,
+                "steps_per_chunk": self.steps_per_chunk,
+                "nonfinite_loss": self.nonfinite_loss,
+            },
+            "mesh_shape": dict(self.mesh.shape),
+            "versions": {"aimz_trainer": _version(), "jax": jax.__version__, "numpyro": numpyro.__version__},
+        }
+        state = {
+            "svi_state": encode_keys(svi_state),
+            "params": self.state.params,
+            "losses": np.concatenate(run.losses) if run.losses else np.zeros(0, np.float32),
+        }
+        checkpoint = {"state": state, "meta": meta}
+        self._call("on_save_checkpoint", checkpoint)
+        return checkpoint
+
+    def _fit_meta(self, plan: FitPlan) -> dict[str, Any]:
+        return {
+            "num_rows": plan.num_rows,
+            "batch_size": plan.batch_size,
+            "steps_per_epoch": plan.steps_per_epoch,
+            "steps_per_chunk": plan.steps_per_chunk,
+            "total_steps": plan.total_steps,
+            "shuffle": self._shuffle,
+            "drop_last": self._drop_last,
+        }
 
     def _val_interval_steps(self, steps_per_epoch: int) -> int | None:
         if self.val_check_interval is None:
@@ -641,18 +835,21 @@ class _Run:
         plan: FitPlan,
         chunk_fn: Callable[..., Any],
         device_data: dict[str, jax.Array],
-        first_record: Record,
-        records: Iterator[Record],
+        first: tuple[Record, dict[str, Any]],
+        records: Any,
         to_device: Callable[[Record], Record],
         losses: list[np.ndarray],
         started: float,
         val_interval: int | None,
+        start_index: int,
     ) -> None:
         self.trainer = trainer
         self.plan = plan
         self.chunk_fn = chunk_fn
         self.device_data = device_data
-        self.first_record = first_record
+        self.first = first  # the start chunk's record and the loader's state after it
+        self.start_index = start_index
+        self.loader_state: dict[str, Any] = {}  # the loader's state after the last finished chunk
         self.records = records
         self.to_device = to_device
         self.losses = losses
@@ -671,28 +868,37 @@ class _Run:
         boundary where it was requested, and the devices never wait for the hooks.
         """
         trainer = self.trainer
-        pending: tuple[Chunk, jax.Array, TrainState, Params] | None = None
-        for index, chunk in enumerate(self.plan.chunks):
-            record = self.first_record if index == 0 else self.to_device(next(self.records))
+        pending: tuple[Chunk, jax.Array, TrainState, Params, dict[str, Any]] | None = None
+        for index in range(self.start_index, self.plan.num_chunks):
+            chunk = self.plan.chunks[index]
+            if index == self.start_index:
+                record, loader_state = self.first
+            else:
+                record = self.to_device(next(self.records))
+                loader_state = self.records.get_state()
             new_state, chunk_losses, params = self.chunk_fn(state, self.device_data, record)
             if pending is not None and (not self.finish(*pending) or trainer.should_stop):
                 return state
-            if chunk.first_step % self.plan.steps_per_epoch == 0:  # after the previous epoch's end hooks
+            # After the previous epoch's end hooks (a resumed fit starts its epoch too).
+            if chunk.first_step % self.plan.steps_per_epoch == 0 or index == self.start_index:
                 self.start_epoch(chunk)
                 if trainer.should_stop:
                     return state
             state = new_state
-            pending = (chunk, chunk_losses, state, params)
+            pending = (chunk, chunk_losses, state, params, loader_state)
         if pending is not None:
             self.finish(*pending)
         return state
 
     def start_epoch(self, chunk: Chunk) -> None:
         self.trainer.state.epoch = chunk.epoch
-        self.epoch_losses = []
+        done = np.concatenate(self.losses) if self.losses else np.zeros(0, np.float32)
+        self.epoch_losses = [done[chunk.epoch * self.plan.steps_per_epoch :]]  # the part before a resume
         self.trainer._call("on_train_epoch_start")
 
-    def finish(self, chunk: Chunk, chunk_losses: jax.Array, state: TrainState, params: Params) -> bool:
+    def finish(
+        self, chunk: Chunk, chunk_losses: jax.Array, state: TrainState, params: Params, loader_state: dict[str, Any]
+    ) -> bool:
         """Bring a chunk's losses to the host and run its hooks; ``False`` after a non-finite
         loss (in ``"warn"`` mode; ``"raise"`` raises)."""
         trainer = self.trainer
@@ -722,6 +928,7 @@ class _Run:
         trainer.state.step = chunk.first_step + chunk.num_steps
         trainer.state.svi_state = state.svi_state
         trainer.state.params = params
+        self.loader_state = loader_state
         trainer.callback_metrics["train_loss"] = float(host_losses.mean())
         trainer._call("on_train_chunk_end", host_losses, chunk.steps)
         epoch_end = self.plan.is_epoch_end(chunk)
@@ -752,6 +959,13 @@ def _validate_val_data(val_data: Any, train_arrays: Mapping[str, Any]) -> dict[s
                 f"shape {train_arrays[key].shape[1:]}."
             )
     return arrays
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("aimz-trainer")
+    except importlib.metadata.PackageNotFoundError:  # running from a source tree
+        return "unknown"
 
 
 def _is_positive_int(value: Any) -> bool:

@@ -1,6 +1,7 @@
 """Callbacks: observe and steer a fit through hooks."""
 
 from aimz_trainer.callbacks.base import Callback, FitProgress
+from aimz_trainer.callbacks.checkpoint import ModelCheckpoint
 from aimz_trainer.callbacks.csv_logger import CSVLogger
 from aimz_trainer.callbacks.early_stopping import EarlyStopping
 from aimz_trainer.callbacks.logger import MetricLogger
@@ -14,6 +15,7 @@ __all__ = [
     "EarlyStopping",
     "FitProgress",
     "MetricLogger",
+    "ModelCheckpoint",
     "PosteriorSampler",
     "ProgressBar",
     "TensorBoardLogger",

@@ -34,7 +34,8 @@ class ProgressBar(Callback):
 
     def on_train_epoch_start(self, trainer: Trainer, progress: FitProgress) -> None:
         self._close()
-        self._bar = tqdm(total=trainer.steps_per_epoch, desc=f"epoch {progress.epoch}", leave=True)
+        done = progress.step - progress.epoch * trainer.steps_per_epoch  # > 0 when resumed mid-epoch
+        self._bar = tqdm(total=trainer.steps_per_epoch, initial=done, desc=f"epoch {progress.epoch}", leave=True)
 
     def on_train_chunk_end(self, trainer: Trainer, progress: FitProgress, losses: np.ndarray, steps: range) -> None:
         if self._bar is not None:

@@ -1,0 +1,181 @@
+"""Save checkpoints during a fit with orbax-checkpoint; keep the last and the best."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN, preservation_policy
+
+from aimz_trainer.callbacks.base import Callback, FitProgress
+from aimz_trainer.callbacks.logger import writable_directory
+from aimz_trainer.checkpoint import checkpoint_steps, save_args
+from aimz_trainer.errors import ConfigurationError, MetricNotFoundError
+
+if TYPE_CHECKING:
+    from aimz_trainer.trainer import Trainer
+
+__all__ = ["ModelCheckpoint"]
+
+
+class ModelCheckpoint(Callback):
+    """Writes a checkpoint every N epochs and/or every N steps; keeps the best and the last.
+
+    A checkpoint holds everything a fit needs to continue bit for bit (see
+    :mod:`aimz_trainer.checkpoint`). Saves are asynchronous: the devices keep training while
+    orbax writes, and the fit waits for the last save before it returns (a failed save raises
+    from ``fit``). Resume with ``trainer.fit(..., ckpt_path="last")``.
+
+    Args:
+        dirpath: the directory of the checkpoints (``<dirpath>/<step>``), created if needed.
+        every_n_epochs: save after every N-th epoch (``None`` or 0: not at epoch ends).
+        every_n_train_steps: save every N steps (chunks end there).
+        monitor: a metric to rank checkpoints by (e.g. ``"val_loss"``); ``None``: keep the
+            newest ones.
+        mode: ``"min"`` or ``"max"``: which values of ``monitor`` are better.
+        save_top_k: how many checkpoints to keep (the best ones by ``monitor``, else the
+            newest); ``-1`` keeps all.
+        save_last: also keep the newest checkpoint, whatever its rank.
+        async_save: write in the background (orbax's asynchronous checkpointing).
+
+    Attributes:
+        best_model_path: the step directory of the best checkpoint so far (of the newest one
+            when nothing is monitored).
+        best_model_score: its ``monitor`` value.
+        last_model_path: the newest checkpoint.
+
+    Example:
+        >>> import tempfile
+        >>> checkpoint = ModelCheckpoint(tempfile.mkdtemp(), monitor="val_loss", save_top_k=2)
+        >>> checkpoint.state_key
+        "ModelCheckpoint{'monitor': 'val_loss', 'mode': 'min', 'every_n_train_steps': None, 'every_n_epochs': 1}"
+    """
+
+    monitors_metrics = True
+
+    def __init__(
+        self,
+        dirpath: str | os.PathLike[str],
+        every_n_epochs: int | None = 1,
+        every_n_train_steps: int | None = None,
+        monitor: str | None = None,
+        mode: Literal["min", "max"] = "min",
+        save_top_k: int = 1,
+        save_last: bool = True,
+        *,
+        async_save: bool = True,
+    ) -> None:
+        for name, value in [("every_n_epochs", every_n_epochs), ("every_n_train_steps", every_n_train_steps)]:
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ConfigurationError(f"ModelCheckpoint {name} must be an int >= 0 or None; got {value!r}.")
+        if mode not in ("min", "max"):
+            raise ConfigurationError(f"ModelCheckpoint mode must be 'min' or 'max'; got {mode!r}.")
+        if isinstance(save_top_k, bool) or not isinstance(save_top_k, int) or save_top_k < -1 or save_top_k == 0:
+            raise ConfigurationError(
+                f"ModelCheckpoint save_top_k must be a positive int or -1 (all); got {save_top_k!r}."
+            )
+        if monitor is not None and (not isinstance(monitor, str) or not monitor):
+            raise ConfigurationError(f"ModelCheckpoint monitor must be a metric name or None; got {monitor!r}.")
+        self.dirpath = writable_directory(dirpath, "dirpath").resolve()
+        self.every_n_epochs = every_n_epochs or None
+        self.every_n_train_steps = every_n_train_steps or None
+        self.monitor = monitor
+        self.mode = mode
+        self.save_top_k = save_top_k
+        self.save_last = save_last
+        self.async_save = async_save
+        self.best_model_path: str | None = None
+        self.best_model_score: float | None = None
+        self.last_model_path: str | None = None
+        self._manager: ocp.CheckpointManager | None = None
+        self._last_saved_step: int | None = None
+
+    @property
+    def state_key(self) -> str:
+        return (
+            f"ModelCheckpoint{{'monitor': {self.monitor!r}, 'mode': {self.mode!r}, "
+            f"'every_n_train_steps': {self.every_n_train_steps}, 'every_n_epochs': {self.every_n_epochs}}}"
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "best_model_path": self.best_model_path,
+            "best_model_score": self.best_model_score,
+            "last_model_path": self.last_model_path,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best_model_path = state["best_model_path"]
+        self.best_model_score = state["best_model_score"]
+        self.last_model_path = state["last_model_path"]
+
+    def step_interval(self, trainer: Trainer) -> int | None:
+        return self.every_n_train_steps
+
+    def on_fit_start(self, trainer: Trainer, progress: FitProgress) -> None:
+        self._last_saved_step = progress.step if progress.step else None  # a resume: that one exists
+        options = ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=self.async_save,
+            preservation_policy=self._preservation_policy(),
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(self.dirpath, options=options)
+
+    def _preservation_policy(self) -> Any:
+        if self.save_top_k == -1:
+            return preservation_policy.PreserveAll()
+        if self.monitor is None:
+            return LatestN(self.save_top_k)
+        monitor = self.monitor
+        best = BestN(get_metric_fn=lambda metrics: metrics[monitor], reverse=self.mode == "min", n=self.save_top_k)
+        return AnyPreservationPolicy([best, LatestN(1)]) if self.save_last else best
+
+    def on_train_chunk_end(self, trainer: Trainer, progress: FitProgress, losses: Any, steps: range) -> None:
+        if self.every_n_train_steps and steps.stop % self.every_n_train_steps == 0:
+            self.save(trainer, progress)
+
+    def on_train_epoch_end(self, trainer: Trainer, progress: FitProgress) -> None:
+        if self.every_n_epochs and (progress.epoch + 1) % self.every_n_epochs == 0:
+            self.save(trainer, progress)
+
+    def save(self, trainer: Trainer, progress: FitProgress) -> None:
+        """Write a checkpoint of the fit as it is now (asynchronously)."""
+        if self._manager is None or progress.step == self._last_saved_step:
+            return
+        metrics = None
+        if self.monitor is not None:
+            if self.monitor not in progress.metrics:
+                raise MetricNotFoundError(self.monitor, sorted(progress.metrics), "ModelCheckpoint")
+            metrics = {self.monitor: float(progress.metrics[self.monitor])}
+        checkpoint = trainer.checkpoint()
+        args = save_args(checkpoint["state"], checkpoint["meta"])
+        self._manager.save(progress.step, args=args, metrics=metrics, force=True)
+        self._last_saved_step = progress.step
+        path = str(self.dirpath / str(progress.step))
+        self.last_model_path = path
+        if metrics is None:
+            self.best_model_path = path
+        elif self._improves(metrics[self.monitor]):
+            self.best_model_path, self.best_model_score = path, metrics[self.monitor]
+
+    def _improves(self, value: float) -> bool:
+        if self.best_model_score is None or math.isnan(self.best_model_score):
+            return not math.isnan(value)
+        return value < self.best_model_score if self.mode == "min" else value > self.best_model_score
+
+    def on_fit_end(self, trainer: Trainer, progress: FitProgress) -> None:
+        if self._manager is not None:
+            self._manager.wait_until_finished()  # a failed background save raises here
+
+    def teardown(self, trainer: Trainer) -> None:
+        if self._manager is not None:
+            manager, self._manager = self._manager, None
+            manager.close()
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint in ``dirpath`` (what ``ckpt_path="last"`` resumes)."""
+        steps = checkpoint_steps(self.dirpath)
+        return self.dirpath / str(steps[-1]) if steps else None

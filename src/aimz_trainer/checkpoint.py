@@ -1,0 +1,215 @@
+"""Checkpoints on disk: what one holds, where to find one, how to read it back.
+
+A checkpoint is an orbax-checkpoint step directory ``<dirpath>/<step>`` with two items:
+
+* ``state`` (orbax ``StandardSave``): ``svi_state`` (optimizer state, mutable state, and the
+  SVI rng key as raw key data), ``params`` (the constrained variational parameters) and
+  ``losses`` (every step's loss so far);
+* ``meta`` (JSON): ``step``, ``epoch``, the trainer's ``rng_key`` (raw data and
+  implementation), the Grain iterator state of the next chunk (``loader_state``), each
+  callback's ``state_dict`` under its ``state_key``, and descriptive metadata: library and
+  jax versions, the trainer's settings, the fit's shape (rows, batch size, chunking), the
+  mesh shape and the parameter tree (name -> shape and dtype).
+
+orbax writes a step into a temporary directory and renames it when complete, so a save cut
+short (a killed process) never looks like a checkpoint; :func:`resolve_checkpoint` only ever
+sees complete ones. Restoring takes the structure and the shardings from a live target, so a
+checkpoint written on one device count is read onto another mesh as it is.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from numpyro.handlers import seed
+
+from aimz_trainer.errors import CheckpointError
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "LoadedCheckpoint",
+    "checkpoint_steps",
+    "compare_param_trees",
+    "decode_keys",
+    "encode_keys",
+    "load_checkpoint",
+    "param_tree",
+    "read_meta",
+    "resolve_checkpoint",
+    "restore_state",
+    "save_args",
+]
+
+CHECKPOINT_FORMAT = 1
+
+
+def save_args(state: Mapping[str, Any], meta: Mapping[str, Any]) -> ocp.args.Composite:
+    """The orbax arguments that write one checkpoint."""
+    return ocp.args.Composite(state=ocp.args.StandardSave(dict(state)), meta=ocp.args.JsonSave(dict(meta)))
+
+
+def checkpoint_steps(directory: str | os.PathLike[str]) -> list[int]:
+    """The complete checkpoints in ``directory``, by step (in-progress saves excluded)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(
+        int(entry.name)
+        for entry in directory.iterdir()
+        if entry.is_dir() and entry.name.isdigit() and (entry / "meta").exists() and (entry / "state").exists()
+    )
+
+
+def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
+    """A checkpoint step directory from ``path``: a step directory itself, or a directory of
+    checkpoints (its newest complete one)."""
+    location = Path(path)
+    if not location.exists():
+        raise CheckpointError(f"ckpt_path={str(path)!r} does not exist.")
+    if (location / "meta").exists() and (location / "state").exists():
+        return location
+    steps = checkpoint_steps(location)
+    if not steps:
+        raise CheckpointError(
+            f"ckpt_path={str(path)!r} holds no complete checkpoint (expected step directories such as "
+            f"{str(location / '100')!r} with 'state' and 'meta' inside)."
+        )
+    return location / str(steps[-1])
+
+
+def read_meta(step_dir: Path) -> dict[str, Any]:
+    """The JSON item of a checkpoint, checked for the fields a resume needs."""
+    try:
+        meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / "meta")
+    except Exception as error:  # orbax raises many types for a damaged file
+        raise CheckpointError(
+            f"the checkpoint {str(step_dir)!r} cannot be read: its 'meta' item is damaged ({error})."
+        ) from error
+    missing = {"format", "step", "epoch", "rng_key", "loader_state", "callbacks", "params_tree"} - set(meta or {})
+    if missing:
+        raise CheckpointError(
+            f"the checkpoint {str(step_dir)!r} is not an aimz_trainer checkpoint (missing {sorted(missing)})."
+        )
+    if meta["format"] != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"the checkpoint {str(step_dir)!r} has format {meta['format']}; this version reads format "
+            f"{CHECKPOINT_FORMAT}."
+        )
+    return meta
+
+
+def restore_state(step_dir: Path, target: Mapping[str, Any]) -> dict[str, Any]:
+    """Read the ``state`` item into the structure, dtypes and shardings of ``target``
+    (arrays or ``jax.ShapeDtypeStruct``)."""
+    abstract = jax.tree.map(_abstract, dict(target))
+    try:
+        return ocp.Checkpointer(ocp.StandardCheckpointHandler()).restore(
+            step_dir / "state", args=ocp.args.StandardRestore(abstract)
+        )
+    except Exception as error:  # orbax and tensorstore raise many types for damaged files
+        raise CheckpointError(f"the checkpoint {str(step_dir)!r} cannot be restored: {error}") from error
+
+
+def _abstract(leaf: Any) -> Any:
+    if isinstance(leaf, np.ndarray):
+        return leaf
+    sharding = getattr(leaf, "sharding", None)
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+
+def encode_keys(tree: Any) -> Any:
+    """Typed PRNG keys replaced by their raw ``uint32`` data (what a checkpoint can hold)."""
+    return jax.tree.map(lambda leaf: jax.random.key_data(leaf) if _is_key(leaf) else leaf, tree)
+
+
+def decode_keys(tree: Any, like: Any) -> Any:
+    """Undo :func:`encode_keys` where ``like`` holds typed keys."""
+    return jax.tree.map(
+        lambda leaf, ref: jax.random.wrap_key_data(leaf, impl=jax.random.key_impl(ref)) if _is_key(ref) else leaf,
+        tree,
+        like,
+    )
+
+
+def _is_key(leaf: Any) -> bool:
+    return hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+
+
+def param_tree(params: Mapping[str, Any]) -> dict[str, list[Any]]:
+    """``{name: [shape, dtype]}`` for every array leaf of the parameters (JSON-ready)."""
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    return {jax.tree_util.keystr(path): [list(leaf.shape), str(leaf.dtype)] for path, leaf in leaves}
+
+
+def compare_param_trees(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Human-readable differences between two :func:`param_tree` results (empty: the same)."""
+    differences = [f"{name}: only in the checkpoint" for name in sorted(set(saved) - set(current))]
+    differences += [f"{name}: only in this model" for name in sorted(set(current) - set(saved))]
+    differences += [
+        f"{name}: {saved[name][0]} {saved[name][1]} in the checkpoint, {current[name][0]} {current[name][1]} now"
+        for name in sorted(set(saved) & set(current))
+        if list(saved[name]) != list(current[name])
+    ]
+    return differences
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """A checkpoint read back without a Trainer (see :func:`load_checkpoint`).
+
+    Attributes:
+        path: the step directory.
+        step: SVI steps done when it was written.
+        epoch: the epoch it was written in.
+        params: the constrained variational parameters (``SVI.get_params``), as NumPy arrays.
+        losses: the loss of every step up to ``step``.
+        meta: the JSON metadata (versions, settings, parameter tree, callback states).
+    """
+
+    path: Path
+    step: int
+    epoch: int
+    params: dict[str, Any]
+    losses: np.ndarray
+    meta: dict[str, Any]
+
+    def sample_posterior(self, guide: Any, num_samples: int, rng_key: jax.Array, **data: Any) -> dict[str, jax.Array]:
+        """``num_samples`` draws from ``guide`` (the fit's guide, e.g. ``svi.guide``) at these
+        parameters; ``data`` is a batch of the model's inputs (deterministic sites are computed
+        on it)."""
+        if getattr(guide, "prototype_trace", None) is None:
+            seed(guide, rng_key)(**data)  # an autoguide sets itself up on its first call
+        return guide.sample_posterior(rng_key, self.params, sample_shape=(num_samples,), **data)
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> LoadedCheckpoint:
+    """Read a checkpoint's parameters, losses and metadata, for prediction without a Trainer.
+
+    Args:
+        path: a checkpoint step directory, or a directory of checkpoints (its newest).
+
+    Example:
+        >>> ckpt = load_checkpoint("checkpoints")  # doctest: +SKIP
+        >>> ckpt.params["w_auto_loc"]  # doctest: +SKIP
+    """
+    step_dir = resolve_checkpoint(path)
+    meta = read_meta(step_dir)
+    try:
+        restored = ocp.Checkpointer(ocp.StandardCheckpointHandler()).restore(step_dir / "state")
+    except Exception as error:
+        raise CheckpointError(f"the checkpoint {str(step_dir)!r} cannot be restored: {error}") from error
+    return LoadedCheckpoint(
+        path=step_dir,
+        step=int(meta["step"]),
+        epoch=int(meta["epoch"]),
+        params=jax.tree.map(np.asarray, restored["params"]),
+        losses=np.asarray(restored["losses"]),
+        meta=meta,
+    )
