@@ -2,14 +2,14 @@
 
 A checkpoint is an orbax-checkpoint step directory ``<dirpath>/<step>`` with two items:
 
-* ``state`` (orbax ``StandardSave``): ``svi_state`` (optimizer state, mutable state, and the
-  SVI rng key as raw key data), ``params`` (the constrained variational parameters) and
-  ``losses`` (every step's loss so far);
+* ``state`` (orbax ``StandardSave``): the array leaves (:func:`pack`) of ``svi_state``
+  (optimizer state, mutable state, the SVI rng key as raw key data) and of ``params`` (the
+  constrained variational parameters), and ``losses`` (every step's loss so far);
 * ``meta`` (JSON): ``step``, ``epoch``, the trainer's ``rng_key`` (raw data and
   implementation), the Grain iterator state of the next chunk (``loader_state``), each
   callback's ``state_dict`` under its ``state_key``, and descriptive metadata: library and
   jax versions, the trainer's settings, the fit's shape (rows, batch size, chunking), the
-  mesh shape and the parameter tree (name -> shape and dtype).
+  mesh shape, the parameter tree (name -> shape and dtype) and the SVI state's structure.
 
 orbax writes a step into a temporary directory and renames it when complete, so a save cut
 short (a killed process) never looks like a checkpoint; :func:`resolve_checkpoint` only ever
@@ -19,6 +19,7 @@ checkpoint written on one device count is read onto another mesh as it is.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,14 +38,16 @@ __all__ = [
     "LoadedCheckpoint",
     "checkpoint_steps",
     "compare_param_trees",
-    "decode_keys",
-    "encode_keys",
     "load_checkpoint",
+    "pack",
+    "packed_like",
     "param_tree",
     "read_meta",
     "resolve_checkpoint",
     "restore_state",
     "save_args",
+    "tree_signature",
+    "unpack",
 ]
 
 CHECKPOINT_FORMAT = 1
@@ -124,18 +127,53 @@ def _abstract(leaf: Any) -> Any:
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
 
 
-def encode_keys(tree: Any) -> Any:
-    """Typed PRNG keys replaced by their raw ``uint32`` data (what a checkpoint can hold)."""
-    return jax.tree.map(lambda leaf: jax.random.key_data(leaf) if _is_key(leaf) else leaf, tree)
+def pack(tree: Any) -> dict[str, np.ndarray]:
+    """The array leaves of ``tree`` on the host, flattened into one buffer per dtype (typed
+    PRNG keys as their raw ``uint32`` data): what a checkpoint holds.
+
+    A few large buffers save several times faster than many small arrays, and orbax cannot
+    store every pytree node type (e.g. the empty ``ParamShape`` nodes of
+    ``numpyro.contrib.module``); the structure comes back from the live fit (:func:`unpack`).
+    Only ready buffers are copied: nothing waits for a computation in flight.
+    """
+    buffers: dict[str, list[np.ndarray]] = {}
+    for leaf in jax.tree.leaves(tree):
+        host = np.asarray(jax.random.key_data(leaf) if _is_key(leaf) else leaf)
+        buffers.setdefault(host.dtype.name, []).append(host.ravel())
+    return {dtype: np.concatenate(parts) for dtype, parts in buffers.items()}
 
 
-def decode_keys(tree: Any, like: Any) -> Any:
-    """Undo :func:`encode_keys` where ``like`` holds typed keys."""
-    return jax.tree.map(
-        lambda leaf, ref: jax.random.wrap_key_data(leaf, impl=jax.random.key_impl(ref)) if _is_key(ref) else leaf,
-        tree,
-        like,
-    )
+def unpack(buffers: Mapping[str, np.ndarray], like: Any) -> Any:
+    """Undo :func:`pack` with the structure, key types and shardings of ``like``."""
+    live, treedef = jax.tree.flatten(like)
+    offsets = dict.fromkeys(buffers, 0)
+    leaves = []
+    for ref in live:
+        data_shape = jax.random.key_data(ref).shape if _is_key(ref) else ref.shape
+        dtype = np.dtype(np.uint32) if _is_key(ref) else np.dtype(ref.dtype)
+        start, size = offsets.get(dtype.name, 0), math.prod(data_shape)
+        chunk = np.asarray(buffers[dtype.name][start : start + size]).reshape(data_shape)
+        offsets[dtype.name] = start + size
+        leaf = jax.device_put(chunk, ref.sharding) if isinstance(ref, jax.Array) else chunk
+        leaves.append(jax.random.wrap_key_data(leaf, impl=jax.random.key_impl(ref)) if _is_key(ref) else leaf)
+    if any(offsets[name] != len(buffer) for name, buffer in buffers.items()):
+        raise CheckpointError("the checkpoint's arrays do not fit this fit's state (another model or optimizer?).")
+    return treedef.unflatten(leaves)
+
+
+def packed_like(tree: Any) -> dict[str, np.ndarray]:
+    """Empty buffers shaped like :func:`pack` of ``tree`` (a restore target), without copying."""
+    sizes: dict[str, int] = {}
+    for leaf in jax.tree.leaves(tree):
+        dtype = np.dtype(np.uint32) if _is_key(leaf) else np.dtype(leaf.dtype)
+        shape = jax.random.key_data(leaf).shape if _is_key(leaf) else leaf.shape
+        sizes[dtype.name] = sizes.get(dtype.name, 0) + math.prod(shape)
+    return {name: np.zeros(size, name) for name, size in sizes.items()}
+
+
+def tree_signature(tree: Any) -> str:
+    """The structure of a pytree, leaves described by shape and dtype (to compare two fits)."""
+    return str(jax.tree.structure(tree)) + str([(tuple(leaf.shape), str(leaf.dtype)) for leaf in jax.tree.leaves(tree)])
 
 
 def _is_key(leaf: Any) -> bool:
@@ -143,9 +181,14 @@ def _is_key(leaf: Any) -> bool:
 
 
 def param_tree(params: Mapping[str, Any]) -> dict[str, list[Any]]:
-    """``{name: [shape, dtype]}`` for every array leaf of the parameters (JSON-ready)."""
+    """``{name: [shape, dtype]}`` for every array leaf of the parameters, in :func:`pack`
+    order; nested names are joined with ``/`` (JSON-ready)."""
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    return {jax.tree_util.keystr(path): [list(leaf.shape), str(leaf.dtype)] for path, leaf in leaves}
+    return {_path_name(path): [list(leaf.shape), str(leaf.dtype)] for path, leaf in leaves}
+
+
+def _path_name(path: tuple[Any, ...]) -> str:
+    return "/".join(str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path)
 
 
 def compare_param_trees(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
@@ -189,6 +232,18 @@ class LoadedCheckpoint:
         return guide.sample_posterior(rng_key, self.params, sample_shape=(num_samples,), **data)
 
 
+def _named_params(buffers: Mapping[str, np.ndarray], tree: Mapping[str, list[Any]]) -> dict[str, np.ndarray]:
+    """Split packed parameters by the checkpoint's parameter tree (name -> [shape, dtype])."""
+    offsets: dict[str, int] = {}
+    params = {}
+    for name, (shape, dtype) in tree.items():
+        dtype = "uint32" if dtype.startswith("key<") else dtype
+        start, size = offsets.get(dtype, 0), math.prod(shape)
+        params[name] = np.asarray(buffers[dtype][start : start + size]).reshape(shape)
+        offsets[dtype] = start + size
+    return params
+
+
 def load_checkpoint(path: str | os.PathLike[str]) -> LoadedCheckpoint:
     """Read a checkpoint's parameters, losses and metadata, for prediction without a Trainer.
 
@@ -209,7 +264,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> LoadedCheckpoint:
         path=step_dir,
         step=int(meta["step"]),
         epoch=int(meta["epoch"]),
-        params=jax.tree.map(np.asarray, restored["params"]),
+        params=_named_params(restored["params"], meta["params_tree"]),
         losses=np.asarray(restored["losses"]),
         meta=meta,
     )

@@ -8,6 +8,7 @@ requested by a hook drops the call in flight: the fit ends exactly where it was 
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import os
 import time
@@ -34,12 +35,14 @@ from aimz_trainer.checkpoint import (
     CHECKPOINT_FORMAT,
     checkpoint_steps,
     compare_param_trees,
-    decode_keys,
-    encode_keys,
+    pack,
+    packed_like,
     param_tree,
     read_meta,
     resolve_checkpoint,
     restore_state,
+    tree_signature,
+    unpack,
 )
 from aimz_trainer.data import (
     Chunk,
@@ -638,19 +641,24 @@ class Trainer:
                 f"the checkpoint {str(resume.step_dir)!r} was written for a different model; its parameters "
                 "differ: " + "; ".join(differences)
             )
+        if meta.get("svi_state_tree") != tree_signature(state.svi_state):
+            raise CheckpointError(
+                f"the checkpoint {str(resume.step_dir)!r} holds another optimizer or SVI state structure than "
+                "this fit (same model, another optimizer?); resume with the SVI that wrote it."
+            )
         target = {
-            "svi_state": encode_keys(state.svi_state),
-            "params": self.state.params,
+            "svi_state": packed_like(state.svi_state),
+            "params": packed_like(self.state.params),
             "losses": np.zeros(int(meta["step"]), np.float32),
         }
         restored = restore_state(resume.step_dir, target)
-        svi_state = decode_keys(restored["svi_state"], state.svi_state)
+        svi_state = unpack(restored["svi_state"], state.svi_state)
         self.state = TrainerState(
             step=int(meta["step"]),
             epoch=int(meta["epoch"]),
             svi_state=svi_state,
             rng_key=self.rng_key,
-            params=restored["params"],
+            params=unpack(restored["params"], self.state.params),
         )
         losses.append(np.asarray(restored["losses"]))
         saved = dict(meta["callbacks"])
@@ -687,6 +695,7 @@ class Trainer:
             "loader_state": run.loader_state,
             "callbacks": {c.state_key: c.state_dict() for c in self._active_callbacks if overrides_state(c)},
             "params_tree": param_tree(self.state.params),
+            "svi_state_tree": tree_signature(svi_state),
             "fit": self._fit_meta(self.plan),
             "trainer": {
                 "max_epochs": self.max_epochs,
@@ -701,8 +710,8 @@ class Trainer:
             "versions": {"aimz_trainer": _version(), "jax": jax.__version__, "numpyro": numpyro.__version__},
         }
         state = {
-            "svi_state": encode_keys(svi_state),
-            "params": self.state.params,
+            "svi_state": pack(svi_state),
+            "params": pack(self.state.params),
             "losses": np.concatenate(run.losses) if run.losses else np.zeros(0, np.float32),
         }
         checkpoint = {"state": state, "meta": meta}
@@ -961,6 +970,7 @@ def _validate_val_data(val_data: Any, train_arrays: Mapping[str, Any]) -> dict[s
     return arrays
 
 
+@functools.cache
 def _version() -> str:
     try:
         return importlib.metadata.version("aimz-trainer")

@@ -120,6 +120,7 @@ class ModelCheckpoint(Callback):
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=self.async_save,
             preservation_policy=self._preservation_policy(),
+            enable_background_delete=True,  # removing a superseded checkpoint must not stall training
             create=True,
         )
         self._manager = ocp.CheckpointManager(self.dirpath, options=options)
