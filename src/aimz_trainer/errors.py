@@ -14,6 +14,7 @@ __all__ = [
     "DataError",
     "MetricNotFoundError",
     "NonFiniteLossError",
+    "StoreError",
 ]
 
 
@@ -72,3 +73,7 @@ class MetricNotFoundError(AimzTrainerError, KeyError):
             f"{self.owner} monitors {self.monitor!r}, which this fit does not log{hint}. "
             f"Available metrics: {self.available}."
         )
+
+
+class StoreError(AimzTrainerError, OSError):
+    """A prediction store is incomplete, damaged, or cannot be continued."""

@@ -1,0 +1,407 @@
+"""The Predictor: posterior-predictive, prior-predictive, log-likelihood and intervention draws,
+computed batch by batch on the mesh and streamed into Zarr.
+
+Each batch of rows runs through one compiled function: rows split over the mesh's ``"data"``
+axis, the posterior replicated, the draws processed ``draws_per_chunk`` at a time (a
+``lax.map`` over chunks, ``vmap`` inside) so device memory stays bounded; the last batch is
+padded to the same shape, so one compile serves every batch. A writer thread
+(:class:`~aimz_trainer.store.ZarrStore`) writes batch b while the devices compute batch b+1.
+
+Random numbers: the rows are cut into fixed blocks of ``rows_per_key`` rows and draw ``s`` of
+block ``k`` uses ``fold_in(fold_in(rng_key, s), k)``. The draws therefore do not depend on
+``batch_size`` nor on the device count, and two predictions with the same ``rng_key`` (a
+baseline and an intervention) use the same random numbers, so their difference carries no
+sampling noise of its own.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import xarray as xr
+import zarr
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from numpyro import handlers
+from numpyro.distributions import constraints
+from numpyro.infer.util import log_likelihood as numpyro_log_likelihood
+
+from aimz_trainer.data import validate_data
+from aimz_trainer.errors import ConfigurationError, DataError
+from aimz_trainer.sharding import DATA_AXIS, batch_sharding, make_mesh, replicated, to_global_array
+from aimz_trainer.store import COMPLETE, ArraySpec, ScratchDirectory, ZarrStore, open_store
+
+__all__ = ["Predictor", "estimate_effect"]
+
+Draws = dict[str, jax.Array]
+
+
+class Predictor:
+    """Streams predictive draws of a NumPyro model into Zarr and returns an ``xarray.DataTree``.
+
+    Args:
+        model: the NumPyro model (the same callable the SVI was built with).
+        posterior: site -> draws with a leading draw axis, e.g. ``FitResult.posterior``;
+            deterministic sites in it (computed on the guide's prototype batch) are ignored.
+        mesh: the device mesh (share the trainer's: ``trainer.mesh``); default: all devices.
+        rng_key: the key of every random draw (see the module docstring).
+        draws_per_chunk: draws computed together per row batch (memory vs speed).
+        rows_per_key: rows sharing one random key; batches are rounded up to a multiple of it
+            times the device count.
+
+    Example:
+        >>> import jax, numpy as np, numpyro, numpyro.distributions as dist
+        >>> def model(x, y=None):
+        ...     w = numpyro.sample("w", dist.Normal())
+        ...     with numpyro.plate("obs", x.shape[0]):
+        ...         numpyro.sample("y", dist.Normal(w * x, 1.0), obs=y)
+        >>> predictor = Predictor(model, {"w": np.linspace(1, 2, 8)}, rng_key=jax.random.key(0))
+        >>> dt = predictor.predict({"x": np.arange(5.0)}, batch_size=1000)
+        >>> dt["posterior_predictive"]["y"].shape
+        (1, 8, 5)
+        >>> predictor.cleanup()
+    """
+
+    def __init__(
+        self,
+        model: Callable[..., Any],
+        posterior: Mapping[str, Any],
+        *,
+        mesh: Mesh | None = None,
+        rng_key: jax.Array | None = None,
+        draws_per_chunk: int = 10,
+        rows_per_key: int = 1000,
+    ) -> None:
+        if not callable(model):
+            raise ConfigurationError(f"model must be a NumPyro model (a callable); got {type(model).__name__}.")
+        if not isinstance(posterior, Mapping) or not posterior:
+            raise ConfigurationError("posterior must map site names to draws with a leading draw axis.")
+        sizes = {name: int(np.shape(value)[0]) if np.ndim(value) else -1 for name, value in posterior.items()}
+        if len(set(sizes.values())) != 1 or -1 in sizes.values():
+            raise ConfigurationError(f"posterior draws must share one leading draw axis; got sizes {sizes}.")
+        for name, value in [("draws_per_chunk", draws_per_chunk), ("rows_per_key", rows_per_key)]:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigurationError(f"{name} must be a positive int; got {value!r}.")
+        self.model = model
+        self.posterior = {name: np.asarray(value) for name, value in posterior.items()}
+        self.num_samples = next(iter(sizes.values()))
+        self.mesh = mesh if mesh is not None else make_mesh()
+        self.rng_key = jax.random.key(0) if rng_key is None else rng_key
+        self.draws_per_chunk = draws_per_chunk
+        self.rows_per_key = rows_per_key
+        self._scratch = ScratchDirectory()
+        self._compiled: dict[Any, Any] = {}
+
+    # -- public API ----------------------------------------------------------------------------
+
+    def predict(
+        self,
+        data: Mapping[str, Any],
+        *,
+        batch_size: int = 100_000,
+        output_dir: str | os.PathLike[str] | None = None,
+        intervention: Mapping[str, Any] | None = None,
+        return_sites: Sequence[str] | None = None,
+        in_sample: bool = True,
+        resume: bool = False,
+    ) -> xr.DataTree:
+        """Posterior-predictive draws for ``data``, written to Zarr, opened as a DataTree.
+
+        Args:
+            data: the model's keyword inputs, one row per observation; an observed site's
+                values (e.g. ``y``) may be included: they go to ``observed_data`` and are not
+                conditioned on.
+            batch_size: rows per compiled call and per Zarr chunk.
+            output_dir: a directory in which a timestamped store is created (never removed by
+                us); ``None``: this Predictor's scratch directory (see :meth:`cleanup`).
+            intervention: ``{site: value}`` applied with ``numpyro.handlers.do``.
+            return_sites: sites to write (default: observed and deterministic sites).
+            in_sample: group ``posterior_predictive`` (else ``predictions``).
+            resume: continue the newest interrupted store in ``output_dir``.
+        """
+        group = "posterior_predictive" if in_sample else "predictions"
+        return self._run(data, batch_size, output_dir, intervention, return_sites, group, resume, "predictive")
+
+    def log_likelihood(
+        self,
+        data: Mapping[str, Any],
+        *,
+        batch_size: int = 100_000,
+        output_dir: str | os.PathLike[str] | None = None,
+    ) -> xr.DataTree:
+        """Pointwise log-likelihood of the observed sites in ``data`` under each posterior draw
+        (group ``log_likelihood``, for LOO with arviz)."""
+        return self._run(data, batch_size, output_dir, None, None, "log_likelihood", False, "log_likelihood")
+
+    def cleanup(self) -> None:
+        """Remove the scratch directory of stores written without ``output_dir`` (also done
+        when the Predictor is garbage-collected and at interpreter exit)."""
+        self._scratch.cleanup()
+
+    # -- the pipeline --------------------------------------------------------------------------
+
+    def _run(
+        self,
+        data: Mapping[str, Any],
+        batch_size: int,
+        output_dir: str | os.PathLike[str] | None,
+        intervention: Mapping[str, Any] | None,
+        return_sites: Sequence[str] | None,
+        group: str,
+        resume: bool,
+        kind: str,
+    ) -> xr.DataTree:
+        arrays, num_rows = validate_data(data, name="data")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigurationError(f"batch_size must be a positive int; got {batch_size!r}.")
+        block = self.rows_per_key * self.mesh.size
+        batch = math.ceil(min(batch_size, num_rows) / block) * block
+        probe = {key: np.asarray(value[: min(num_rows, self.rows_per_key)]) for key, value in arrays.items()}
+        sites = _trace_sites(self.model, probe)
+        model = self.model
+        if intervention:
+            unknown = sorted(set(intervention) - {n for n, s in sites.items() if s["type"] == "sample"})
+            if unknown:
+                raise ConfigurationError(
+                    f"intervention names {unknown}, which are not sample sites of the model; its sample sites "
+                    f"are {sorted(n for n, s in sites.items() if s['type'] == 'sample')}."
+                )
+            model = handlers.do(model, data={k: jnp.asarray(v) for k, v in intervention.items()})
+        samples = [n for n, s in sites.items() if s["type"] == "sample"]
+        latent = {n: v for n, v in self.posterior.items() if n in samples}
+        observed = [n for n in samples if n not in latent]
+        observed_data = {name: arrays.pop(name) for name in observed if name in arrays}
+        if kind == "log_likelihood":
+            if not observed_data:
+                raise DataError(f"log_likelihood needs the observed values in data: add {observed} to data.")
+            outputs = list(observed_data)
+        else:
+            defaults = observed + [n for n, s in sites.items() if s["type"] == "deterministic"]
+            outputs = list(return_sites) if return_sites is not None else defaults
+            unknown = sorted(set(outputs) - set(sites))
+            if unknown:
+                raise ConfigurationError(
+                    f"return_sites {unknown} are not sites of the model; its sites are {sorted(sites)}."
+                )
+        shapes = _output_shapes(model, probe, latent, outputs, kind, observed_data, self.rows_per_key, sites)
+        specs = [
+            ArraySpec(group, name, (1, self.num_samples, num_rows, *shape[1:]), dtype, (
+                "chain", "draw", *_dims(sites[name], name, len(shape)),
+            ), 2)
+            for name, (shape, dtype) in shapes.items()
+        ]  # fmt: skip
+        specs += [
+            ArraySpec(
+                "posterior",
+                name,
+                (1, *value.shape),
+                value.dtype,
+                ("chain", "draw", *_extra_dims(name, value.ndim - 1)),
+                None,
+            )
+            for name, value in latent.items()
+        ]
+        specs += [
+            ArraySpec(
+                "observed_data", name, value.shape, np.asarray(value).dtype, _dims(sites[name], name, value.ndim), None
+            )
+            for name, value in observed_data.items()
+        ]
+        path = self._store_path(output_dir, resume)
+        attrs = {
+            "created_at": datetime.datetime.now(datetime.UTC).isoformat(),
+            "store_path": str(path),
+            "aimz_trainer_version": _version(),
+            "intervention": json.dumps({k: np.asarray(v).tolist() for k, v in (intervention or {}).items()}),
+            "rows_per_key": self.rows_per_key,
+            "num_rows": num_rows,
+        }
+        store = ZarrStore(path, specs, batch_size=batch, attrs=attrs, resume=resume)
+        try:
+            if not resume:
+                store.write_whole({("posterior", n): v[None] for n, v in latent.items()})
+                store.write_whole({("observed_data", n): np.asarray(v) for n, v in observed_data.items()})
+            # Predictions are not conditioned on the observed values; the log-likelihood is.
+            model_inputs = {**arrays, **observed_data} if kind == "log_likelihood" else arrays
+            step = self._compiled_step(model, latent, arrays, outputs, kind, batch, observed_data)
+            rep = replicated(self.mesh)
+            latent_device = jax.device_put(latent, rep)
+            for start in range(store.rows_written, num_rows, batch):
+                stop = min(start + batch, num_rows)
+                inputs = {k: _padded(np.asarray(v[start:stop]), batch) for k, v in model_inputs.items()}
+                inputs = {k: to_global_array(v, batch_sharding(self.mesh), v.shape) for k, v in inputs.items()}
+                block0 = jnp.asarray(start // self.rows_per_key, jnp.uint32)
+                result = step(latent_device, inputs, self.rng_key, block0)
+                store.write_batch(start, stop, {(group, n): _rows(result[n], stop - start) for n in outputs})
+            store.finalize()
+        except BaseException:
+            store.abort()
+            raise
+        return open_store(path)
+
+    def _store_path(self, output_dir: str | os.PathLike[str] | None, resume: bool) -> Path:
+        parent = Path(output_dir) if output_dir is not None else self._scratch.path
+        if resume:
+            candidates = sorted(p for p in parent.glob("predict-*") if p.is_dir())
+            incomplete = [p for p in candidates if not zarr.open_group(p, mode="r").attrs.get(COMPLETE, True)]
+            if not incomplete:
+                raise ConfigurationError(f"resume=True but {str(parent)!r} holds no interrupted store.")
+            return incomplete[-1]
+        parent.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S%f")
+        return parent / f"predict-{stamp}"
+
+    def _compiled_step(self, model, latent, arrays, outputs, kind, batch, observed_data):
+        key = (id(model), tuple(outputs), kind, batch, tuple(sorted(arrays)), tuple(sorted(observed_data)))
+        if key not in self._compiled:
+            step = _make_step(model, outputs, kind, self.rows_per_key, self.draws_per_chunk, self.num_samples)
+            rep, rows = replicated(self.mesh), batch_sharding(self.mesh)
+            self._compiled[key] = jax.jit(
+                step, in_shardings=(rep, rows, rep, rep), out_shardings=_out_sharding(self.mesh)
+            )
+        return self._compiled[key]
+
+
+def _make_step(
+    model: Callable[..., Any], outputs: list[str], kind: str, rows_per_key: int, draws_per_chunk: int, num_samples: int
+) -> Callable[..., Draws]:
+    """``step(latent, inputs, rng_key, first_block) -> {site: (draws, rows, ...)}``."""
+
+    def one_draw_one_block(theta: Draws, block_inputs: Mapping[str, jax.Array], key: jax.Array) -> Draws:
+        if kind == "log_likelihood":
+            values = numpyro_log_likelihood(
+                handlers.seed(model, key), {k: v[None] for k, v in theta.items()}, **block_inputs
+            )
+            return {name: values[name][0] for name in outputs}
+        conditioned = handlers.substitute(handlers.seed(model, key), data=theta)
+        trace = handlers.trace(conditioned).get_trace(**block_inputs)
+        return {name: trace[name]["value"] for name in outputs}
+
+    def step(latent: Draws, inputs: Mapping[str, jax.Array], rng_key: jax.Array, first_block: jax.Array) -> Draws:
+        batch = jax.tree.leaves(inputs)[0].shape[0]
+        blocks = batch // rows_per_key
+        blocked = {k: v.reshape(blocks, rows_per_key, *v.shape[1:]) for k, v in inputs.items()}
+        block_ids = first_block + jnp.arange(blocks, dtype=jnp.uint32)
+        draw_ids = jnp.arange(num_samples, dtype=jnp.uint32)
+
+        def one_draw(args: tuple[Draws, jax.Array]) -> Draws:
+            theta, draw = args
+            draw_key = jax.random.fold_in(rng_key, draw)
+            keys = jax.vmap(lambda block: jax.random.fold_in(draw_key, block))(block_ids)
+            per_block = jax.vmap(one_draw_one_block, in_axes=(None, 0, 0))(theta, blocked, keys)
+            return {k: v.reshape(batch, *v.shape[2:]) for k, v in per_block.items()}
+
+        return lax.map(one_draw, (latent, draw_ids), batch_size=min(draws_per_chunk, num_samples))
+
+    return step
+
+
+def _out_sharding(mesh: Mesh) -> NamedSharding:
+    """Draws x rows: the rows stay split over the ``"data"`` axis."""
+    return NamedSharding(mesh, P(None, DATA_AXIS))
+
+
+def _trace_sites(model: Callable[..., Any], probe: Mapping[str, Any]) -> dict[str, Any]:
+    """The model's sample and deterministic sites, from one run on a small batch."""
+    with handlers.trace() as trace, handlers.seed(rng_seed=0):
+        model(**probe)
+    return {name: site for name, site in trace.items() if site["type"] in ("sample", "deterministic")}
+
+
+def _output_shapes(model, probe, latent, outputs, kind, observed_data, rows_per_key, sites):
+    """``{site: (shape of one draw over rows_per_key rows, compact dtype)}`` via eval_shape."""
+    rows = {k: v for k, v in probe.items() if k not in observed_data}
+    rows = {k: _padded(np.asarray(v), rows_per_key) for k, v in rows.items()}
+    rows.update(
+        {k: _padded(np.asarray(v[:rows_per_key]), rows_per_key) for k, v in observed_data.items()}
+        if kind == "log_likelihood"
+        else {}
+    )
+    step = _make_step(model, outputs, kind, rows_per_key, 1, 1)
+    theta = {k: v[:1] for k, v in latent.items()}
+    shapes = jax.eval_shape(step, theta, rows, jax.random.key(0), jnp.uint32(0))
+    return {name: (shapes[name].shape[1:], _compact_dtype(shapes[name].dtype, sites.get(name))) for name in outputs}
+
+
+def _compact_dtype(dtype: Any, site: Mapping[str, Any] | None) -> np.dtype:
+    """The smallest dtype that holds the site's values unchanged: a Bernoulli or Categorical
+    site with few classes needs no int32."""
+    dtype = np.dtype(dtype)
+    support = getattr(site.get("fn"), "support", None) if site else None
+    if support is constraints.boolean:
+        return np.dtype(np.int8)
+    upper = getattr(support, "upper_bound", None)
+    lower = getattr(support, "lower_bound", None)
+    if dtype.kind in "iu" and upper is not None and lower is not None and np.ndim(upper) == 0:
+        for small in (np.int8, np.int16):
+            if np.iinfo(small).min <= int(lower) and int(upper) <= np.iinfo(small).max:
+                return np.dtype(small)
+    return dtype
+
+
+def _dims(site: Mapping[str, Any], name: str, ndim: int) -> tuple[str, ...]:
+    """Dim names of a site's value: its plates' names where they apply, else ``<site>_dim_i``."""
+    names = [f"{name}_dim_{i}" for i in range(ndim)]
+    for frame in site.get("cond_indep_stack", ()):
+        axis = ndim + frame.dim if frame.dim < 0 else frame.dim
+        if 0 <= axis < ndim:
+            names[axis] = frame.name
+    return tuple(names)
+
+
+def _extra_dims(name: str, ndim: int) -> tuple[str, ...]:
+    return tuple(f"{name}_dim_{i}" for i in range(ndim))
+
+
+def _padded(array: np.ndarray, rows: int) -> np.ndarray:
+    if array.shape[0] == rows:
+        return array
+    padding = np.repeat(array[-1:], rows - array.shape[0], axis=0)
+    return np.concatenate([array, padding])
+
+
+def _rows(values: jax.Array, count: int) -> Any:
+    return values[:, :count][None]
+
+
+def _version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("aimz-trainer")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def estimate_effect(baseline: xr.DataTree, intervened: xr.DataTree, site: str, *, ci: float = 0.94) -> xr.DataTree:
+    """The effect of an intervention on ``site``: per-draw differences and a summary.
+
+    Both trees come from :meth:`Predictor.predict` with the same Predictor (hence the same
+    random numbers): the difference ``intervened - baseline`` then carries no sampling noise of
+    its own.
+
+    Returns:
+        A DataTree with ``effect/<site>`` (chain, draw, rows: the per-draw differences) and
+        ``summary``: ``mean_effect`` per observation, ``average_effect`` per draw (the mean
+        over rows), and its mean with the central ``ci`` credible interval as attributes.
+    """
+    group = "posterior_predictive" if "posterior_predictive" in baseline.children else "predictions"
+    difference = (intervened[group][site].astype("float64") - baseline[group][site].astype("float64")).compute()
+    rows_dim = difference.dims[2]
+    average = difference.mean(rows_dim)
+    low, high = np.quantile(average.values.ravel(), [(1 - ci) / 2, (1 + ci) / 2])
+    summary = xr.Dataset(
+        {"mean_effect": difference.mean(("chain", "draw")), "average_effect": average},
+        attrs={"average_effect_mean": float(average.mean()), "ci": ci, "ci_low": float(low), "ci_high": float(high)},
+    )
+    return xr.DataTree.from_dict({"effect": xr.Dataset({site: difference}), "summary": summary})

@@ -1,0 +1,260 @@
+"""Prediction stores: Zarr v3 groups written by a background thread, marked complete last.
+
+A :class:`ZarrStore` creates every array up front (chunked by batches of rows, Blosc-zstd),
+then takes whole batches from the compute loop through a bounded queue: a writer thread
+writes them while the devices compute the next ones, and host memory holds at most
+``max_pending`` batches whatever the number of rows. After each batch the root group records
+how many rows are written, so an interrupted store can be continued; only when the last batch
+and the metadata are written is the store marked complete, and :func:`open_store` refuses an
+incomplete one. A failed write (disk full, permission) is raised to the compute loop at its
+next batch and leaves the store incomplete.
+
+:class:`ScratchDirectory` is the life cycle of stores written without an ``output_dir``: a
+directory created on first use, removed by ``cleanup()``, when its owner is garbage-collected
+and at interpreter exit; directories of processes that died without cleaning up (SIGKILL) are
+swept the next time one is created.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import re
+import shutil
+import tempfile
+import threading
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+import zarr
+from zarr.codecs import BloscCodec
+
+from aimz_trainer.errors import StoreError
+
+__all__ = ["COMPLETE", "ArraySpec", "ScratchDirectory", "ZarrStore", "open_store"]
+
+COMPLETE = "aimz_trainer_complete"
+ROWS_WRITTEN = "aimz_trainer_rows_written"
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One array of a store: ``<group>/<name>`` with named dims; ``row_axis`` is the axis the
+    batches fill (``None``: written whole, once)."""
+
+    group: str
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    dims: tuple[str, ...]
+    row_axis: int | None
+    attrs: Mapping[str, Any] | None = None
+
+    def chunks(self, batch_size: int) -> tuple[int, ...]:
+        if self.row_axis is None:
+            return self.shape
+        return tuple(min(batch_size, n) if axis == self.row_axis else n for axis, n in enumerate(self.shape))
+
+
+class ZarrStore:
+    """A Zarr v3 group being written batch by batch from a background thread.
+
+    Args:
+        path: the store's directory (created; with ``resume`` it must be an incomplete store
+            of the same arrays).
+        specs: the arrays.
+        batch_size: rows per chunk along each array's row axis.
+        attrs: attributes of the root group.
+        max_pending: batches queued for the writer at most (the compute loop blocks beyond).
+        resume: continue an interrupted store instead of creating one.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        specs: Sequence[ArraySpec],
+        *,
+        batch_size: int,
+        attrs: Mapping[str, Any] | None = None,
+        max_pending: int = 3,
+        resume: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        self.specs = {(spec.group, spec.name): spec for spec in specs}
+        if resume:
+            self._root = self._reopen(batch_size)
+        else:
+            self._root = zarr.open_group(self.path, mode="w", zarr_format=3)
+            self._root.attrs.update({**(attrs or {}), COMPLETE: False, ROWS_WRITTEN: 0, "batch_size": batch_size})
+            self._create(batch_size)
+        self.rows_written = int(self._root.attrs[ROWS_WRITTEN])
+        self._arrays = {key: self._root[f"{spec.group}/{spec.name}"] for key, spec in self.specs.items()}
+        self._queue: queue.Queue[Any] = queue.Queue(max_pending)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._write_loop, name="aimz-store-writer", daemon=True)
+        self._thread.start()
+
+    def _create(self, batch_size: int) -> None:
+        compressor = BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle")
+        for spec in self.specs.values():
+            group = self._root.require_group(spec.group)
+            group.create_array(
+                spec.name,
+                shape=spec.shape,
+                dtype=spec.dtype,
+                chunks=spec.chunks(batch_size),
+                compressors=compressor,
+                dimension_names=spec.dims,
+                attributes=dict(spec.attrs or {}),
+                fill_value=0,
+            )
+
+    def _reopen(self, batch_size: int) -> zarr.Group:
+        try:
+            root = zarr.open_group(self.path, mode="r+", zarr_format=3)
+        except Exception as error:
+            raise StoreError(f"resume: {str(self.path)!r} is not a prediction store ({error}).") from error
+        if root.attrs.get(COMPLETE, True):
+            raise StoreError(f"resume: {str(self.path)!r} is complete (or not one of ours); nothing to continue.")
+        if root.attrs.get("batch_size") != batch_size:
+            raise StoreError(
+                f"resume: {str(self.path)!r} was written with batch_size={root.attrs.get('batch_size')}; "
+                f"resume with that batch size (got {batch_size})."
+            )
+        for (group, name), spec in self.specs.items():
+            existing = root.get(f"{group}/{name}")
+            if existing is None or tuple(existing.shape) != spec.shape or existing.dtype != spec.dtype:
+                raise StoreError(f"resume: {str(self.path)!r} was written for other arrays ({group}/{name} differs).")
+        return root
+
+    def write_batch(self, start: int, stop: int, values: Mapping[tuple[str, str], Any]) -> None:
+        """Queue the rows ``start:stop`` of every row-wise array (host or device arrays; the
+        writer thread copies device arrays to the host). Raises a failed write's error."""
+        self._raise_if_failed()
+        self._queue.put((start, stop, dict(values)))
+        self._raise_if_failed()
+
+    def write_whole(self, values: Mapping[tuple[str, str], Any]) -> None:
+        """Write arrays without a row axis (the posterior, the observed data) now."""
+        for key, value in values.items():
+            self._arrays[key][...] = np.asarray(value)
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue  # drain: the compute loop is told at its next batch
+            start, stop, values = item
+            try:
+                for key, value in values.items():
+                    spec = self.specs[key]
+                    index = tuple(
+                        slice(start, stop) if axis == spec.row_axis else slice(None) for axis in range(len(spec.shape))
+                    )
+                    self._arrays[key][index] = np.asarray(value)
+                self._root.attrs[ROWS_WRITTEN] = stop
+                self.rows_written = stop
+            except BaseException as error:  # handed to the compute loop at its next batch
+                self._error = error
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def finalize(self, attrs: Mapping[str, Any] | None = None) -> None:
+        """Wait for the queued batches, write ``attrs`` and mark the store complete."""
+        self._stop_writer()
+        self._raise_if_failed()
+        self._root.attrs.update({**(attrs or {}), COMPLETE: True})
+
+    def abort(self) -> None:
+        """Stop the writer and leave the store incomplete (resumable)."""
+        self._stop_writer()
+
+    def _stop_writer(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+
+def open_store(path: str | os.PathLike[str]) -> xr.DataTree:
+    """Open a complete prediction store lazily as an ``xarray.DataTree``."""
+    try:
+        attrs = zarr.open_group(path, mode="r", zarr_format=3).attrs
+    except Exception as error:
+        raise StoreError(f"{str(path)!r} is not a prediction store ({error}).") from error
+    if not attrs.get(COMPLETE, False):
+        raise StoreError(
+            f"the prediction store {str(path)!r} is incomplete (its writing was interrupted after "
+            f"{attrs.get(ROWS_WRITTEN, 0)} rows): continue it with predict(..., resume=True) or delete it."
+        )
+    return xr.open_datatree(path, engine="zarr", consolidated=False, zarr_format=3)
+
+
+class ScratchDirectory:
+    """A temporary directory created on first use and removed by :meth:`cleanup`, when the
+    object is garbage-collected, or at interpreter exit.
+
+    Example:
+        >>> scratch = ScratchDirectory()
+        >>> path = scratch.path
+        >>> path.is_dir()
+        True
+        >>> scratch.cleanup(); path.exists()
+        False
+    """
+
+    PREFIX = "aimz-trainer-scratch-"
+
+    def __init__(self, parent: str | os.PathLike[str] | None = None) -> None:
+        self._parent = Path(parent or tempfile.gettempdir())
+        self._path: Path | None = None
+        self._finalizer: weakref.finalize | None = None
+
+    @property
+    def path(self) -> Path:
+        if self._path is None or not self._path.exists():
+            sweep_scratch(self._parent)
+            self._path = Path(tempfile.mkdtemp(prefix=f"{self.PREFIX}{os.getpid()}-", dir=self._parent))
+            self._finalizer = weakref.finalize(self, shutil.rmtree, self._path, ignore_errors=True)
+        return self._path
+
+    @property
+    def created(self) -> bool:
+        return self._path is not None and self._path.exists()
+
+    def cleanup(self) -> None:
+        """Remove the directory now (a no-op when it was never created or is gone)."""
+        if self._finalizer is not None:
+            self._finalizer()
+
+
+def sweep_scratch(parent: str | os.PathLike[str]) -> list[Path]:
+    """Remove scratch directories whose process is gone (killed before it could clean up)."""
+    removed = []
+    pattern = re.compile(rf"{re.escape(ScratchDirectory.PREFIX)}(\d+)-")
+    for entry in Path(parent).glob(f"{ScratchDirectory.PREFIX}*"):
+        match = pattern.match(entry.name)
+        if match and entry.is_dir() and not _process_alive(int(match.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    with contextlib.suppress(PermissionError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+    return True

@@ -1,0 +1,79 @@
+"""One fit of the checkpoint tests, run as its own process (``python -m tests.checkpoint_worker``).
+
+The device count is fixed when JAX starts, so the tests run this module with
+``XLA_FLAGS=--xla_force_host_platform_device_count=N``. With ``--kill-step S`` the process
+SIGKILLs itself as soon as the checkpoint of step S is complete on disk (no clean-up, no
+``on_fit_end``, whatever orbax or Grain still hold); with ``--resume`` it continues from
+``ckpt_path="last"``. A fit that finishes writes its losses and parameters to ``--out`` (.npz).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from aimz_trainer import Callback, ModelCheckpoint, Trainer
+from tests.conftest import linear_data, linear_svi
+
+NUM_ROWS, BATCH_SIZE, MAX_EPOCHS = 1000, 100, 4
+EVERY_N_TRAIN_STEPS = 7  # does not divide the 10-step epoch: checkpoints at 7, 10, 14, 20, 21, ...
+
+
+class KillAfterCheckpoint(Callback):
+    """SIGKILLs the process once the checkpoint of ``step`` is complete on disk.
+
+    It monitors metrics so that it runs after the ModelCheckpoint that writes that step; orbax
+    renames a finished save into ``<dirpath>/<step>``, so ``meta`` and ``state`` there mean
+    the save is complete."""
+
+    monitors_metrics = True
+
+    def __init__(self, dirpath: Path, step: int) -> None:
+        self.dirpath = dirpath
+        self.step = step
+
+    def on_train_chunk_end(self, trainer, progress, losses, steps):
+        if progress.step < self.step:
+            return
+        step_dir = self.dirpath / str(self.step)
+        deadline = time.monotonic() + 120
+        while not ((step_dir / "meta").exists() and (step_dir / "state").exists()):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the checkpoint {step_dir} never appeared")
+            time.sleep(0.005)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dirpath", type=Path, required=True)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--kill-step", type=int)
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args()
+
+    callbacks: list[Callback] = [
+        ModelCheckpoint(args.dirpath, every_n_epochs=1, every_n_train_steps=EVERY_N_TRAIN_STEPS, save_top_k=-1)
+    ]
+    if args.kill_step is not None:
+        callbacks.append(KillAfterCheckpoint(args.dirpath, args.kill_step))
+    trainer = Trainer(max_epochs=MAX_EPOCHS, rng_key=jax.random.key(0), enable_progress_bar=False, callbacks=callbacks)
+    result = trainer.fit(
+        linear_svi(NUM_ROWS),
+        linear_data(NUM_ROWS),
+        batch_size=BATCH_SIZE,
+        ckpt_path="last" if args.resume else None,
+    )
+    if args.out is not None:
+        params = {f"param_{name}": np.asarray(value) for name, value in result.params.items()}
+        np.savez(args.out, losses=result.losses, devices=trainer.mesh.size, **params)
+
+
+if __name__ == "__main__":
+    main()
