@@ -17,6 +17,7 @@ sampling noise of its own.
 from __future__ import annotations
 
 import datetime
+import inspect
 import json
 import math
 import os
@@ -168,19 +169,14 @@ class Predictor:
         batch = math.ceil(min(batch_size, num_rows) / block) * block
         probe = {key: np.asarray(value[: min(num_rows, self.rows_per_key)]) for key, value in arrays.items()}
         sites = _trace_sites(self.model, probe)
-        model = self.model
-        if intervention:
-            unknown = sorted(set(intervention) - {n for n, s in sites.items() if s["type"] == "sample"})
-            if unknown:
-                raise ConfigurationError(
-                    f"intervention names {unknown}, which are not sample sites of the model; its sample sites "
-                    f"are {sorted(n for n, s in sites.items() if s['type'] == 'sample')}."
-                )
-            model = handlers.do(model, data={k: jnp.asarray(v) for k, v in intervention.items()})
+        constants, row_values = _split_intervention(intervention or {}, sites, num_rows)
         samples = [n for n, s in sites.items() if s["type"] == "sample"]
         latent = {n: v for n, v in self.posterior.items() if n in samples}
-        observed = [n for n in samples if n not in latent]
-        observed_data = {name: arrays.pop(name) for name in observed if name in arrays}
+        # Values of a site the model takes as an optional argument (``y=None``) are targets:
+        # written to observed_data, not conditioned on. Required arguments stay inputs.
+        optional = _optional_parameters(self.model)
+        observed_data = {n: arrays.pop(n) for n in list(arrays) if n in samples and n not in latent and n in optional}
+        observed = [n for n in samples if n not in latent and n not in arrays]
         if kind == "log_likelihood":
             if not observed_data:
                 raise DataError(f"log_likelihood needs the observed values in data: add {observed} to data.")
@@ -193,7 +189,11 @@ class Predictor:
                 raise ConfigurationError(
                     f"return_sites {unknown} are not sites of the model; its sites are {sorted(sites)}."
                 )
-        shapes = _output_shapes(model, probe, latent, outputs, kind, observed_data, self.rows_per_key, sites)
+        # Predictions are not conditioned on the observed values; the log-likelihood is.
+        model_inputs = {**arrays, **(observed_data if kind == "log_likelihood" else {})}
+        model_inputs.update({DO_PREFIX + name: value for name, value in row_values.items()})
+        step = self._compiled_step(outputs, kind, batch, model_inputs, constants)
+        shapes = _output_shapes(step, latent, model_inputs, outputs, self.rows_per_key, sites)
         specs = [
             ArraySpec(group, name, (1, self.num_samples, num_rows, *shape[1:]), dtype, (
                 "chain", "draw", *_dims(sites[name], name, len(shape)),
@@ -222,7 +222,7 @@ class Predictor:
             "created_at": datetime.datetime.now(datetime.UTC).isoformat(),
             "store_path": str(path),
             "aimz_trainer_version": _version(),
-            "intervention": json.dumps({k: np.asarray(v).tolist() for k, v in (intervention or {}).items()}),
+            "intervention": json.dumps(_jsonable(intervention or {})),
             "rows_per_key": self.rows_per_key,
             "num_rows": num_rows,
         }
@@ -231,9 +231,6 @@ class Predictor:
             if not resume:
                 store.write_whole({("posterior", n): v[None] for n, v in latent.items()})
                 store.write_whole({("observed_data", n): np.asarray(v) for n, v in observed_data.items()})
-            # Predictions are not conditioned on the observed values; the log-likelihood is.
-            model_inputs = {**arrays, **observed_data} if kind == "log_likelihood" else arrays
-            step = self._compiled_step(model, latent, arrays, outputs, kind, batch, observed_data)
             rep = replicated(self.mesh)
             latent_device = jax.device_put(latent, rep)
             for start in range(store.rows_written, num_rows, batch):
@@ -261,10 +258,15 @@ class Predictor:
         stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S%f")
         return parent / f"predict-{stamp}"
 
-    def _compiled_step(self, model, latent, arrays, outputs, kind, batch, observed_data):
-        key = (id(model), tuple(outputs), kind, batch, tuple(sorted(arrays)), tuple(sorted(observed_data)))
+    def _compiled_step(
+        self, outputs: list[str], kind: str, batch: int, inputs: Mapping[str, Any], constants: Mapping[str, np.ndarray]
+    ) -> Any:
+        """The jitted batch function, one per output set, kind, batch shape and intervention."""
+        key = (tuple(outputs), kind, batch, tuple(sorted(inputs)), json.dumps(_jsonable(constants), sort_keys=True))
         if key not in self._compiled:
-            step = _make_step(model, outputs, kind, self.rows_per_key, self.draws_per_chunk, self.num_samples)
+            step = _make_step(
+                self.model, outputs, kind, self.rows_per_key, self.draws_per_chunk, self.num_samples, constants
+            )
             rep, rows = replicated(self.mesh), batch_sharding(self.mesh)
             self._compiled[key] = jax.jit(
                 step, in_shardings=(rep, rows, rep, rep), out_shardings=_out_sharding(self.mesh)
@@ -273,17 +275,28 @@ class Predictor:
 
 
 def _make_step(
-    model: Callable[..., Any], outputs: list[str], kind: str, rows_per_key: int, draws_per_chunk: int, num_samples: int
+    model: Callable[..., Any],
+    outputs: list[str],
+    kind: str,
+    rows_per_key: int,
+    draws_per_chunk: int,
+    num_samples: int,
+    constants: Mapping[str, np.ndarray],
 ) -> Callable[..., Draws]:
-    """``step(latent, inputs, rng_key, first_block) -> {site: (draws, rows, ...)}``."""
+    """``step(latent, inputs, rng_key, first_block) -> {site: (draws, rows, ...)}``; inputs
+    named ``DO_PREFIX + site`` are row-wise intervention values, ``constants`` the others."""
 
     def one_draw_one_block(theta: Draws, block_inputs: Mapping[str, jax.Array], key: jax.Array) -> Draws:
+        interventions = {k[len(DO_PREFIX) :]: v for k, v in block_inputs.items() if k.startswith(DO_PREFIX)}
+        interventions.update({k: jnp.asarray(v) for k, v in constants.items()})
+        block_inputs = {k: v for k, v in block_inputs.items() if not k.startswith(DO_PREFIX)}
+        intervened = handlers.do(model, data=interventions) if interventions else model
         if kind == "log_likelihood":
             values = numpyro_log_likelihood(
-                handlers.seed(model, key), {k: v[None] for k, v in theta.items()}, **block_inputs
+                handlers.seed(intervened, key), {k: v[None] for k, v in theta.items()}, **block_inputs
             )
             return {name: values[name][0] for name in outputs}
-        conditioned = handlers.substitute(handlers.seed(model, key), data=theta)
+        conditioned = handlers.substitute(handlers.seed(intervened, key), data=theta)
         trace = handlers.trace(conditioned).get_trace(**block_inputs)
         return {name: trace[name]["value"] for name in outputs}
 
@@ -311,6 +324,38 @@ def _out_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(None, DATA_AXIS))
 
 
+DO_PREFIX = "__do__:"
+
+
+def _split_intervention(
+    intervention: Mapping[str, Any], sites: Mapping[str, Any], num_rows: int
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``(constants, row-wise values)``: a value with one entry per row follows the batches."""
+    samples = sorted(n for n, s in sites.items() if s["type"] == "sample")
+    unknown = sorted(set(intervention) - set(samples))
+    if unknown:
+        raise ConfigurationError(
+            f"intervention names {unknown}, which are not sample sites of the model; its sample sites are {samples}."
+        )
+    constants, rows = {}, {}
+    for name, value in intervention.items():
+        value = np.asarray(value)
+        (rows if value.ndim and value.shape[0] == num_rows else constants)[name] = value
+    return constants, rows
+
+
+def _jsonable(values: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: np.asarray(v).tolist() for k, v in values.items()}
+
+
+def _optional_parameters(model: Callable[..., Any]) -> set[str]:
+    try:
+        parameters = inspect.signature(model).parameters.values()
+    except (TypeError, ValueError):
+        return set()
+    return {p.name for p in parameters if p.default is not inspect.Parameter.empty}
+
+
 def _trace_sites(model: Callable[..., Any], probe: Mapping[str, Any]) -> dict[str, Any]:
     """The model's sample and deterministic sites, from one run on a small batch."""
     with handlers.trace() as trace, handlers.seed(rng_seed=0):
@@ -318,18 +363,13 @@ def _trace_sites(model: Callable[..., Any], probe: Mapping[str, Any]) -> dict[st
     return {name: site for name, site in trace.items() if site["type"] in ("sample", "deterministic")}
 
 
-def _output_shapes(model, probe, latent, outputs, kind, observed_data, rows_per_key, sites):
-    """``{site: (shape of one draw over rows_per_key rows, compact dtype)}`` via eval_shape."""
-    rows = {k: v for k, v in probe.items() if k not in observed_data}
-    rows = {k: _padded(np.asarray(v), rows_per_key) for k, v in rows.items()}
-    rows.update(
-        {k: _padded(np.asarray(v[:rows_per_key]), rows_per_key) for k, v in observed_data.items()}
-        if kind == "log_likelihood"
-        else {}
-    )
-    step = _make_step(model, outputs, kind, rows_per_key, 1, 1)
-    theta = {k: v[:1] for k, v in latent.items()}
-    shapes = jax.eval_shape(step, theta, rows, jax.random.key(0), jnp.uint32(0))
+def _output_shapes(
+    step: Any, latent: Draws, inputs: Mapping[str, Any], outputs: list[str], rows_per_key: int, sites: Mapping[str, Any]
+) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """``{site: (shape of one draw over rows_per_key rows, compact dtype)}``, without compiling."""
+    rows = {k: _padded(np.asarray(v[:rows_per_key]), rows_per_key) for k, v in inputs.items()}
+    one = jax.ShapeDtypeStruct((), jnp.uint32)
+    shapes = jax.eval_shape(step, latent, rows, jax.random.key(0), one)
     return {name: (shapes[name].shape[1:], _compact_dtype(shapes[name].dtype, sites.get(name))) for name in outputs}
 
 
