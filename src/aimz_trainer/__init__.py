@@ -18,8 +18,11 @@ from aimz_trainer.errors import (
     DataError,
     MetricNotFoundError,
     NonFiniteLossError,
+    StoreError,
 )
+from aimz_trainer.predictor import Predictor, estimate_effect
 from aimz_trainer.sharding import make_mesh
+from aimz_trainer.store import open_store
 from aimz_trainer.trainer import FitResult, Trainer, TrainerState
 
 __version__ = "0.1.0"
@@ -39,11 +42,15 @@ __all__ = [
     "ModelCheckpoint",
     "NonFiniteLossError",
     "PosteriorSampler",
+    "Predictor",
     "ProgressBar",
+    "StoreError",
     "TensorBoardLogger",
     "Trainer",
     "TrainerState",
     "__version__",
+    "estimate_effect",
     "load_checkpoint",
     "make_mesh",
+    "open_store",
 ]

@@ -133,6 +133,30 @@ class Predictor:
         group = "posterior_predictive" if in_sample else "predictions"
         return self._run(data, batch_size, output_dir, intervention, return_sites, group, resume, "predictive")
 
+    def sample_prior_predictive(
+        self,
+        data: Mapping[str, Any],
+        *,
+        num_samples: int | None = None,
+        batch_size: int = 100_000,
+        output_dir: str | os.PathLike[str] | None = None,
+        return_sites: Sequence[str] | None = None,
+    ) -> xr.DataTree:
+        """Draws from the prior predictive (groups ``prior`` and ``prior_predictive``), streamed
+        like :meth:`predict`. The global latent sites are drawn once per draw from the prior
+        (default: as many draws as the posterior has); sites inside the rows' plate are drawn
+        row by row."""
+        num_samples = self.num_samples if num_samples is None else num_samples
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ConfigurationError(f"num_samples must be a positive int; got {num_samples!r}.")
+        arrays, num_rows = validate_data(data, name="data")
+        optional = _optional_parameters(self.model)  # targets such as y=None: not conditioned on
+        probe = {k: np.asarray(v[: min(num_rows, self.rows_per_key)]) for k, v in arrays.items() if k not in optional}
+        prior = _prior_draws(self.model, probe, jax.random.fold_in(self.rng_key, _PRIOR_STREAM), num_samples)
+        return self._run(
+            data, batch_size, output_dir, None, return_sites, "prior_predictive", False, "predictive", prior, "prior"
+        )
+
     def log_likelihood(
         self,
         data: Mapping[str, Any],
@@ -161,8 +185,12 @@ class Predictor:
         group: str,
         resume: bool,
         kind: str,
+        draws: Mapping[str, np.ndarray] | None = None,
+        draws_group: str = "posterior",
     ) -> xr.DataTree:
         arrays, num_rows = validate_data(data, name="data")
+        draws = self.posterior if draws is None else draws
+        num_samples = len(next(iter(draws.values())))
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigurationError(f"batch_size must be a positive int; got {batch_size!r}.")
         block = self.rows_per_key * self.mesh.size
@@ -171,7 +199,7 @@ class Predictor:
         sites = _trace_sites(self.model, probe)
         constants, row_values = _split_intervention(intervention or {}, sites, num_rows)
         samples = [n for n, s in sites.items() if s["type"] == "sample"]
-        latent = {n: v for n, v in self.posterior.items() if n in samples}
+        latent = {n: v for n, v in draws.items() if n in samples}
         # Values of a site the model takes as an optional argument (``y=None``) are targets:
         # written to observed_data, not conditioned on. Required arguments stay inputs.
         optional = _optional_parameters(self.model)
@@ -192,17 +220,17 @@ class Predictor:
         # Predictions are not conditioned on the observed values; the log-likelihood is.
         model_inputs = {**arrays, **(observed_data if kind == "log_likelihood" else {})}
         model_inputs.update({DO_PREFIX + name: value for name, value in row_values.items()})
-        step = self._compiled_step(outputs, kind, batch, model_inputs, constants)
+        step = self._compiled_step(outputs, kind, batch, model_inputs, constants, num_samples)
         shapes = _output_shapes(step, latent, model_inputs, outputs, self.rows_per_key, sites)
         specs = [
-            ArraySpec(group, name, (1, self.num_samples, num_rows, *shape[1:]), dtype, (
+            ArraySpec(group, name, (1, num_samples, num_rows, *shape[1:]), dtype, (
                 "chain", "draw", *_dims(sites[name], name, len(shape)),
             ), 2)
             for name, (shape, dtype) in shapes.items()
         ]  # fmt: skip
         specs += [
             ArraySpec(
-                "posterior",
+                draws_group,
                 name,
                 (1, *value.shape),
                 value.dtype,
@@ -229,7 +257,7 @@ class Predictor:
         store = ZarrStore(path, specs, batch_size=batch, attrs=attrs, resume=resume)
         try:
             if not resume:
-                store.write_whole({("posterior", n): v[None] for n, v in latent.items()})
+                store.write_whole({(draws_group, n): v[None] for n, v in latent.items()})
                 store.write_whole({("observed_data", n): np.asarray(v) for n, v in observed_data.items()})
             rep = replicated(self.mesh)
             latent_device = jax.device_put(latent, rep)
@@ -259,13 +287,20 @@ class Predictor:
         return parent / f"predict-{stamp}"
 
     def _compiled_step(
-        self, outputs: list[str], kind: str, batch: int, inputs: Mapping[str, Any], constants: Mapping[str, np.ndarray]
+        self,
+        outputs: list[str],
+        kind: str,
+        batch: int,
+        inputs: Mapping[str, Any],
+        constants: Mapping[str, np.ndarray],
+        num_samples: int,
     ) -> Any:
         """The jitted batch function, one per output set, kind, batch shape and intervention."""
-        key = (tuple(outputs), kind, batch, tuple(sorted(inputs)), json.dumps(_jsonable(constants), sort_keys=True))
+        intervention = json.dumps(_jsonable(constants), sort_keys=True)
+        key = (tuple(outputs), kind, batch, tuple(sorted(inputs)), intervention, num_samples)
         if key not in self._compiled:
             step = _make_step(
-                self.model, outputs, kind, self.rows_per_key, self.draws_per_chunk, self.num_samples, constants
+                self.model, outputs, kind, self.rows_per_key, self.draws_per_chunk, num_samples, constants
             )
             rep, rows = replicated(self.mesh), batch_sharding(self.mesh)
             self._compiled[key] = jax.jit(
@@ -325,6 +360,24 @@ def _out_sharding(mesh: Mesh) -> NamedSharding:
 
 
 DO_PREFIX = "__do__:"
+_PRIOR_STREAM = 0x7072696F  # the prior draws' key: fold_in(rng_key, "prio")
+
+
+def _prior_draws(model: Callable[..., Any], probe: Mapping[str, Any], rng_key: jax.Array, num_samples: int) -> Draws:
+    """Prior draws of the model's global latent sites (those outside the rows' plate)."""
+    rows = len(next(iter(probe.values())))
+
+    def one(key: jax.Array) -> Draws:
+        trace = handlers.trace(handlers.seed(model, key)).get_trace(**probe)
+        return {
+            name: site["value"]
+            for name, site in trace.items()
+            if site["type"] == "sample"
+            and not site["is_observed"]
+            and not any(frame.size == rows for frame in site["cond_indep_stack"])
+        }
+
+    return {k: np.asarray(v) for k, v in jax.jit(jax.vmap(one))(jax.random.split(rng_key, num_samples)).items()}
 
 
 def _split_intervention(
