@@ -220,8 +220,10 @@ class Predictor:
         # Predictions are not conditioned on the observed values; the log-likelihood is.
         model_inputs = {**arrays, **(observed_data if kind == "log_likelihood" else {})}
         model_inputs.update({DO_PREFIX + name: value for name, value in row_values.items()})
-        step = self._compiled_step(outputs, kind, batch, model_inputs, constants, num_samples)
+        step = _make_step(self.model, outputs, kind, self.rows_per_key, self.draws_per_chunk, num_samples, constants)
         shapes = _output_shapes(step, latent, model_inputs, outputs, self.rows_per_key, sites)
+        dtypes = {name: dtype for name, (_, dtype) in shapes.items()}
+        step = self._compiled_step(step, (outputs, kind, batch, sorted(model_inputs), constants, num_samples), dtypes)
         specs = [
             ArraySpec(group, name, (1, num_samples, num_rows, *shape[1:]), dtype, (
                 "chain", "draw", *_dims(sites[name], name, len(shape)),
@@ -286,25 +288,18 @@ class Predictor:
         stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S%f")
         return parent / f"predict-{stamp}"
 
-    def _compiled_step(
-        self,
-        outputs: list[str],
-        kind: str,
-        batch: int,
-        inputs: Mapping[str, Any],
-        constants: Mapping[str, np.ndarray],
-        num_samples: int,
-    ) -> Any:
-        """The jitted batch function, one per output set, kind, batch shape and intervention."""
-        intervention = json.dumps(_jsonable(constants), sort_keys=True)
-        key = (tuple(outputs), kind, batch, tuple(sorted(inputs)), intervention, num_samples)
+    def _compiled_step(self, step: Callable[..., Draws], signature: Any, dtypes: Mapping[str, np.dtype]) -> Any:
+        """``step`` jitted with the batch shardings and a cast of every output to its compact
+        dtype on the devices (fewer bytes to copy and to compress); cached by ``signature``."""
+        key = json.dumps([str(part) if isinstance(part, str) else _jsonable_part(part) for part in signature])
         if key not in self._compiled:
-            step = _make_step(
-                self.model, outputs, kind, self.rows_per_key, self.draws_per_chunk, num_samples, constants
-            )
             rep, rows = replicated(self.mesh), batch_sharding(self.mesh)
+
+            def compact(*args: Any) -> Draws:
+                return {name: value.astype(dtypes[name]) for name, value in step(*args).items()}
+
             self._compiled[key] = jax.jit(
-                step, in_shardings=(rep, rows, rep, rep), out_shardings=_out_sharding(self.mesh)
+                compact, in_shardings=(rep, rows, rep, rep), out_shardings=_out_sharding(self.mesh)
             )
         return self._compiled[key]
 
@@ -326,6 +321,7 @@ def _make_step(
         interventions.update({k: jnp.asarray(v) for k, v in constants.items()})
         block_inputs = {k: v for k, v in block_inputs.items() if not k.startswith(DO_PREFIX)}
         intervened = handlers.do(model, data=interventions) if interventions else model
+        intervened = handlers.substitute(intervened, substitute_fn=_whole_subsample)
         if kind == "log_likelihood":
             values = numpyro_log_likelihood(
                 handlers.seed(intervened, key), {k: v[None] for k, v in theta.items()}, **block_inputs
@@ -399,6 +395,23 @@ def _split_intervention(
 
 def _jsonable(values: Mapping[str, Any]) -> dict[str, Any]:
     return {k: np.asarray(v).tolist() for k, v in values.items()}
+
+
+def _jsonable_part(part: Any) -> Any:
+    if isinstance(part, Mapping):
+        return _jsonable(part)
+    return list(part) if isinstance(part, list | tuple) else part
+
+
+def _whole_subsample(msg: Mapping[str, Any]) -> jax.Array | None:
+    """A subsampling plate's indices, as ``arange``: a minibatch plate such as
+    ``plate("data", size=n, subsample_size=len(X))`` would otherwise draw a random subset of
+    all n indices for every block and draw, which costs more than the forward pass while the
+    predictions do not depend on it."""
+    if msg["type"] != "plate":
+        return None
+    size, subsample_size = msg["args"]
+    return jnp.arange(subsample_size) if subsample_size is not None and subsample_size < size else None
 
 
 def _optional_parameters(model: Callable[..., Any]) -> set[str]:

@@ -1,0 +1,185 @@
+"""Prediction benchmark: the Predictor streaming into Zarr against NumPyro's ``Predictive``.
+
+Setting: the reference net (``recipes/bnn_binary.py``: 100 -> 32 -> 32 -> 1, Bernoulli
+output), 1,000 posterior draws (from the guide at its initial parameters: the values do not
+matter for speed), batches of 10,000 rows; ``y`` (int8) and ``p`` (float32) written.
+
+Figures, each from a fresh subprocess:
+
+- ``--rows`` (default 100,000): the Predictor's wall, Zarr writes included, against
+  ``numpyro.infer.Predictive`` jitted once and called on the same 10,000-row batches with no
+  writes at all (the bar: ratio <= 1.0), run alternately ``--repeats`` times (medians);
+- peak RSS growth of ``predict`` at ``--rows`` and at ``--big-rows`` (default 1,000,000),
+  measured from just before the call (the inputs already exist): bars <= 1.5x and <= 300 MiB;
+- achieved GFLOP/s of the forward pass (2 x (100x32 + 32x32 + 32) FLOPs per row and draw)
+  against a large float32 matmul on the same machine (the compute roof).
+
+Run it from the repository root::
+
+    .venv/bin/python benchmarks/bench_predict.py [--rows 100000] [--big-rows 1000000] [--repeats 3]
+
+It prints one JSON line on stdout; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench_fit import load_recipe
+
+FLOPS_PER_ROW_AND_DRAW = 2 * (100 * 32 + 32 * 32 + 32)
+RATIO_BAR, RSS_GROWTH_BAR, RSS_MIB_BAR = 1.0, 1.5, 300.0
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--big-rows", type=int, default=1_000_000)
+    parser.add_argument("--draws", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=10_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", choices=("aimz", "predictive", "roof"), help="one measurement in this process")
+    return parser.parse_args(argv)
+
+
+def setup(args: argparse.Namespace, rows: int) -> tuple[Any, Any, dict[str, Any], Any]:
+    """Data, the model, 1,000 guide draws (at the guide's initial parameters) and a key."""
+    import jax
+
+    recipe = load_recipe(with_trainer=True)
+    key_data, key_net, key_init, key_draws = jax.random.split(jax.random.key(0), 4)
+    X, y, _ = recipe.make_data(rows, 100, key_data)
+    model = recipe.make_model(rows, 100, 32, key_net)
+    svi = recipe.make_svi(model)
+    state = svi.init(key_init, X[: args.batch_size], y=y[: args.batch_size])
+    params = svi.get_params(state)
+    draws = jax.jit(lambda key: svi.guide.sample_posterior(key, params, X[:2], sample_shape=(args.draws,)))(key_draws)
+    return X, model, {name: value for name, value in draws.items() if name != "p"}, key_draws
+
+
+def rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mib() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def run_aimz(args: argparse.Namespace) -> dict[str, Any]:
+    from aimz_trainer import Predictor
+
+    X, model, posterior, key = setup(args, args.rows)
+    predictor = Predictor(model, posterior, rng_key=key)
+    with tempfile.TemporaryDirectory(prefix="bench-predict-") as directory:
+        # Warm-up on one batch: compilation is not part of the streaming figure.
+        predictor.predict({"X": X[: args.batch_size]}, batch_size=args.batch_size, output_dir=directory)
+        before = current_rss_mib()
+        started = time.perf_counter()
+        tree = predictor.predict({"X": X}, batch_size=args.batch_size, output_dir=directory)
+        wall = time.perf_counter() - started
+        peak = rss_mib()
+        assert tree["posterior_predictive"]["y"].shape == (1, args.draws, args.rows)
+        assert str(tree["posterior_predictive"]["y"].dtype) == "int8"
+    return {"wall_s": wall, "rss_growth_mib": max(0.0, peak - before)}
+
+
+def run_predictive(args: argparse.Namespace) -> dict[str, Any]:
+    import jax
+    from numpyro.infer import Predictive
+
+    X, model, posterior, key = setup(args, args.rows)
+    predictive = jax.jit(lambda key, X: Predictive(model, posterior, return_sites=["y", "p"])(key, X))
+    jax.block_until_ready(predictive(key, X[: args.batch_size]))  # compile
+    started = time.perf_counter()
+    for index, start in enumerate(range(0, args.rows, args.batch_size)):
+        jax.block_until_ready(predictive(jax.random.fold_in(key, index), X[start : start + args.batch_size]))
+    return {"wall_s": time.perf_counter() - started}
+
+
+def run_roof(args: argparse.Namespace) -> dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (4096, 4096), jnp.float32)
+    matmul = jax.jit(lambda a: a @ a)
+    jax.block_until_ready(matmul(a))
+    started = time.perf_counter()
+    for _ in range(5):
+        jax.block_until_ready(matmul(a))
+    return {"gflops": 5 * 2 * 4096**3 / (time.perf_counter() - started) / 1e9}
+
+
+def spawn(what: str, args: argparse.Namespace, rows: int) -> dict[str, Any]:
+    command = [
+        sys.executable, str(Path(__file__).resolve()), "--only", what, "--rows", str(rows),
+        "--draws", str(args.draws), "--batch-size", str(args.batch_size),
+    ]  # fmt: skip
+    completed = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def compare(args: argparse.Namespace) -> dict[str, Any]:
+    walls: dict[str, list[float]] = {"aimz": [], "predictive": []}
+    growth = []
+    for repeat in range(args.repeats):
+        for what in ("aimz", "predictive") if repeat % 2 == 0 else ("predictive", "aimz"):
+            run = spawn(what, args, args.rows)
+            walls[what].append(run["wall_s"])
+            if what == "aimz":
+                growth.append(run["rss_growth_mib"])
+            print(f"[{repeat + 1}/{args.repeats}] {what}: {run['wall_s']:.2f} s", file=sys.stderr)
+    big = spawn("aimz", args, args.big_rows)
+    print(f"aimz at {args.big_rows:,} rows: {big['wall_s']:.1f} s, +{big['rss_growth_mib']:.0f} MiB", file=sys.stderr)
+    roof = spawn("roof", args, args.rows)["gflops"]
+    aimz_wall, predictive_wall = statistics.median(walls["aimz"]), statistics.median(walls["predictive"])
+    small_growth = statistics.median(growth)
+    gflops = FLOPS_PER_ROW_AND_DRAW * args.rows * args.draws / aimz_wall / 1e9
+    figures = {
+        "benchmark": "predict",
+        "rows": args.rows,
+        "draws": args.draws,
+        "batch_size": args.batch_size,
+        "aimz_wall_s": aimz_wall,
+        "predictive_wall_s": predictive_wall,
+        "wall_ratio": aimz_wall / predictive_wall,
+        "rss_growth_mib": small_growth,
+        "big_rows": args.big_rows,
+        "big_wall_s": big["wall_s"],
+        "big_rss_growth_mib": big["rss_growth_mib"],
+        "rss_growth_ratio": big["rss_growth_mib"] / max(small_growth, 1.0),
+        "forward_gflops": gflops,
+        "matmul_roof_gflops": roof,
+        "roof_fraction": gflops / roof,
+        "runs": walls,
+    }
+    figures["bars_met"] = {
+        f"wall_ratio<={RATIO_BAR}": figures["wall_ratio"] <= RATIO_BAR,
+        f"rss_growth_ratio<={RSS_GROWTH_BAR}": figures["rss_growth_ratio"] <= RSS_GROWTH_BAR,
+        f"big_rss_growth_mib<={RSS_MIB_BAR}": figures["big_rss_growth_mib"] <= RSS_MIB_BAR,
+    }
+    return figures
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.only:
+        figures = {"aimz": run_aimz, "predictive": run_predictive, "roof": run_roof}[args.only](args)
+    else:
+        figures = compare(args)
+    print(json.dumps(figures), flush=True)
+
+
+if __name__ == "__main__":
+    main()
