@@ -206,9 +206,11 @@ class Predictor:
         observed_data = {n: arrays.pop(n) for n in list(arrays) if n in samples and n not in latent and n in optional}
         observed = [n for n in samples if n not in latent and n not in arrays]
         if kind == "log_likelihood":
-            if not observed_data:
-                raise DataError(f"log_likelihood needs the observed values in data: add {observed} to data.")
-            outputs = list(observed_data)
+            outputs = [n for n in samples if n not in latent and (n in observed_data or sites[n]["is_observed"])]
+            if not outputs:
+                raise DataError(
+                    f"log_likelihood needs the observed values in data: add {observed} (the model's observed sites)."
+                )
         else:
             defaults = observed + [n for n, s in sites.items() if s["type"] == "deterministic"]
             outputs = list(return_sites) if return_sites is not None else defaults
@@ -216,6 +218,12 @@ class Predictor:
             if unknown:
                 raise ConfigurationError(
                     f"return_sites {unknown} are not sites of the model; its sites are {sorted(sites)}."
+                )
+            given = sorted(set(outputs) & set(latent))
+            if given:
+                raise ConfigurationError(
+                    f"return_sites {given} are posterior draws, not predictions: they are written to the "
+                    f"{draws_group!r} group already."
                 )
         # Predictions are not conditioned on the observed values; the log-likelihood is.
         model_inputs = {**arrays, **(observed_data if kind == "log_likelihood" else {})}
@@ -258,9 +266,9 @@ class Predictor:
         }
         store = ZarrStore(path, specs, batch_size=batch, attrs=attrs, resume=resume)
         try:
-            if not resume:
-                store.write_whole({(draws_group, n): v[None] for n, v in latent.items()})
-                store.write_whole({("observed_data", n): np.asarray(v) for n, v in observed_data.items()})
+            # Small and rewritten on resume too: an interruption may have come before them.
+            store.write_whole({(draws_group, n): v[None] for n, v in latent.items()})
+            store.write_whole({("observed_data", n): np.asarray(v) for n, v in observed_data.items()})
             rep = replicated(self.mesh)
             latent_device = jax.device_put(latent, rep)
             for start in range(store.rows_written, num_rows, batch):
@@ -274,7 +282,10 @@ class Predictor:
         except BaseException:
             store.abort()
             raise
-        return open_store(path)
+        tree = open_store(path)
+        # A store in the scratch directory lives as long as the Predictor: the tree keeps it.
+        tree._aimz_owner = self  # type: ignore[attr-defined]
+        return tree
 
     def _store_path(self, output_dir: str | os.PathLike[str] | None, resume: bool) -> Path:
         parent = Path(output_dir) if output_dir is not None else self._scratch.path

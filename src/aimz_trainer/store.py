@@ -24,6 +24,7 @@ import re
 import shutil
 import tempfile
 import threading
+import warnings
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ import numpy as np
 import xarray as xr
 import zarr
 from zarr.codecs import BloscCodec
+from zarr.errors import ZarrUserWarning
 
 from aimz_trainer.errors import StoreError
 
@@ -112,7 +114,8 @@ class ZarrStore:
                 compressors=compressor,
                 dimension_names=spec.dims,
                 attributes=dict(spec.attrs or {}),
-                fill_value=0,
+                # Unwritten float chunks read as NaN, never as plausible zeros.
+                fill_value=np.nan if np.dtype(spec.dtype).kind == "f" else 0,
             )
 
     def _reopen(self, batch_size: int) -> zarr.Group:
@@ -174,6 +177,9 @@ class ZarrStore:
         self._stop_writer()
         self._raise_if_failed()
         self._root.attrs.update({**(attrs or {}), COMPLETE: True})
+        with warnings.catch_warnings():  # zarr notes consolidation is not in the v3 spec (yet)
+            warnings.simplefilter("ignore", ZarrUserWarning)
+            zarr.consolidate_metadata(self.path, zarr_format=3)
 
     def abort(self) -> None:
         """Stop the writer and leave the store incomplete (resumable)."""
@@ -196,7 +202,7 @@ def open_store(path: str | os.PathLike[str]) -> xr.DataTree:
             f"the prediction store {str(path)!r} is incomplete (its writing was interrupted after "
             f"{attrs.get(ROWS_WRITTEN, 0)} rows): continue it with predict(..., resume=True) or delete it."
         )
-    return xr.open_datatree(path, engine="zarr", consolidated=False, zarr_format=3)
+    return xr.open_datatree(path, engine="zarr", consolidated=True, zarr_format=3)
 
 
 class ScratchDirectory:

@@ -1,0 +1,81 @@
+"""Models shared by the predictor tests, and the work they run in a process of its own
+(``python -m tests.predictor_worker MODE DIR``).
+
+The device count is fixed when JAX starts, so the 1-vs-4-device test runs ``predict`` here with
+``XLA_FLAGS=--xla_force_host_platform_device_count=4``; the scratch-directory tests need a
+process that exits normally (``scratch-exit``) or SIGKILLs itself (``scratch-kill``). Each mode
+prints one JSON line on stdout.
+
+The posterior and the inputs are dyadic rationals (k / 8, k / 4) so that ``w * x + b`` is exact in
+float32 whatever XLA fuses (an FMA rounds once, a multiply-add twice: with exact products both
+agree), which lets the tests compare values with ``==``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+
+NOISE = 0.5
+NUM_DRAWS = 6
+ROWS_PER_KEY = 4
+
+
+def linear_model(x, y=None):
+    """y ~ Normal(w x + b, 0.5) over the plate ``obs``, with a deterministic ``mu``."""
+    w = numpyro.sample("w", dist.Normal(0.0, 1.0))
+    b = numpyro.sample("b", dist.Normal(0.0, 1.0))
+    with numpyro.plate("obs", x.shape[0]):
+        mu = numpyro.deterministic("mu", w * x + b)
+        numpyro.sample("y", dist.Normal(mu, NOISE), obs=y)
+
+
+def dyadic_posterior(num_draws: int = NUM_DRAWS, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "w": (rng.integers(-16, 17, size=num_draws) / 8).astype(np.float32),
+        "b": (rng.integers(-16, 17, size=num_draws) / 4).astype(np.float32),
+    }
+
+
+def dyadic_x(num_rows: int, seed: int = 1) -> np.ndarray:
+    return (np.random.default_rng(seed).integers(-32, 33, size=num_rows) / 4).astype(np.float32)
+
+
+def _predict(output_dir: str) -> dict:
+    import jax
+
+    from aimz_trainer import Predictor
+
+    predictor = Predictor(
+        linear_model, dyadic_posterior(), rng_key=jax.random.key(7), rows_per_key=ROWS_PER_KEY, draws_per_chunk=4
+    )
+    tree = predictor.predict({"x": dyadic_x(37)}, batch_size=16, output_dir=output_dir)
+    return {"devices": predictor.mesh.size, "store_path": tree.attrs["store_path"]}
+
+
+def main(argv: list[str]) -> None:
+    mode, directory = argv
+    if mode == "predict":
+        print(json.dumps(_predict(directory)), flush=True)
+        return
+    from aimz_trainer.store import ScratchDirectory
+
+    scratch = ScratchDirectory(parent=directory)
+    (scratch.path / "marker.txt").write_text("x")
+    print(json.dumps({"path": str(scratch.path), "pid": os.getpid()}), flush=True)
+    if mode == "scratch-kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif mode != "scratch-exit":
+        raise SystemExit(f"unknown mode {mode!r}")
+    # scratch-exit: a normal exit; the directory is removed at interpreter exit.
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
