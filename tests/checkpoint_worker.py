@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -28,24 +29,37 @@ EVERY_N_TRAIN_STEPS = 7  # does not divide the 10-step epoch: checkpoints at 7, 
 class KillAfterCheckpoint(Callback):
     """SIGKILLs the process once the checkpoint of ``step`` is complete on disk.
 
-    It monitors metrics so that it runs after the ModelCheckpoint that writes that step; orbax
-    renames a finished save into ``<dirpath>/<step>``, so ``meta`` and ``state`` there mean
-    the save is complete."""
-
-    monitors_metrics = True
+    At the chunk end of ``step`` it starts a watcher thread, which waits for ``<dirpath>/<step>``
+    to hold ``meta`` and ``state`` (orbax renames a finished save into place) and kills the
+    process; the fit itself is held at its next hook, before it can start a later save. Where
+    this callback runs relative to the ModelCheckpoint does not matter."""
 
     def __init__(self, dirpath: Path, step: int) -> None:
         self.dirpath = dirpath
         self.step = step
+        self.watching = False
 
     def on_train_chunk_end(self, trainer, progress, losses, steps):
-        if progress.step < self.step:
-            return
+        if self.watching:
+            self.hold()
+        elif progress.step == self.step:
+            self.watching = True
+            threading.Thread(target=self.kill_when_saved, daemon=True).start()
+
+    def on_train_epoch_start(self, trainer, progress):
+        if self.watching:
+            self.hold()
+
+    def hold(self) -> None:
+        time.sleep(120)
+        raise RuntimeError(f"the checkpoint of step {self.step} never appeared")
+
+    def kill_when_saved(self) -> None:
         step_dir = self.dirpath / str(self.step)
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 60
         while not ((step_dir / "meta").exists() and (step_dir / "state").exists()):
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the checkpoint {step_dir} never appeared")
+                return
             time.sleep(0.005)
         os.kill(os.getpid(), signal.SIGKILL)
 

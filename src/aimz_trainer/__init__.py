@@ -20,12 +20,26 @@ from aimz_trainer.errors import (
     NonFiniteLossError,
     StoreError,
 )
-from aimz_trainer.predictor import Predictor, estimate_effect
 from aimz_trainer.sharding import make_mesh
-from aimz_trainer.store import open_store
 from aimz_trainer.trainer import FitResult, Trainer, TrainerState
 
 __version__ = "0.1.0"
+
+# Prediction pulls in xarray and pandas (seconds to import): loaded on first use.
+_LAZY = {
+    "Predictor": "aimz_trainer.predictor",
+    "estimate_effect": "aimz_trainer.predictor",
+    "open_store": "aimz_trainer.store",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'aimz_trainer' has no attribute {name!r}")
+
 
 __all__ = [
     "AimzTrainerError",

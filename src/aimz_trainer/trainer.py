@@ -511,7 +511,11 @@ class Trainer:
         losses: list[np.ndarray] = []
         self._active_callbacks = callbacks
         if resume is not None:
-            train_state = self._restore(resume, train_state, losses, callbacks)
+            try:
+                train_state = self._restore(resume, train_state, losses, callbacks)
+            except BaseException:
+                compiled.close()
+                raise
         self.timings = {"setup_s": time.perf_counter() - started}
 
         self._run = _Run(
@@ -573,7 +577,8 @@ class Trainer:
         ]
         if interval_errors:
             raise ConfigurationError(f"step_interval() must return a positive int or None; check {interval_errors}.")
-        return [c for c in callbacks if not c.monitors_metrics] + [c for c in callbacks if c.monitors_metrics]
+        # Stable: list order within each rank (others, monitors, checkpoint writers).
+        return sorted(callbacks, key=lambda c: 2 if c.saves_checkpoints else int(c.monitors_metrics))
 
     def _open_checkpoint(self, ckpt_path: Any, callbacks: list[Callback]) -> _Resume:
         """Find and read the checkpoint to resume from (nothing is written)."""

@@ -3,8 +3,9 @@
 Hooks receive the trainer and a :class:`FitProgress` snapshot made of host values only, so a
 hook never forces a device sync or a recompilation. Callbacks run in the order they were
 given, except that callbacks which *monitor* metrics (``monitors_metrics = True``: early
-stopping, checkpointing) run after all the others, for every hook: they see every metric the
-other callbacks and the trainer logged at that point.
+stopping) run after all the others, and callbacks that *save checkpoints*
+(``saves_checkpoints = True``) run last of all, for every hook: monitors see every metric
+logged at that point, and a checkpoint holds every other callback's state after that point.
 
 =========================  ==========================================================
 hook                       when
@@ -59,6 +60,7 @@ class Callback:
     Attributes:
         monitors_metrics: ``True`` for callbacks that act on metrics (they run after the
             others).
+        saves_checkpoints: ``True`` for callbacks that write checkpoints (they run last).
 
     Example:
         >>> class CountChunks(Callback):
@@ -75,6 +77,7 @@ class Callback:
     """
 
     monitors_metrics: ClassVar[bool] = False
+    saves_checkpoints: ClassVar[bool] = False
 
     @property
     def state_key(self) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -55,6 +56,7 @@ class ModelCheckpoint(Callback):
     """
 
     monitors_metrics = True
+    saves_checkpoints = True
 
     def __init__(
         self,
@@ -121,6 +123,9 @@ class ModelCheckpoint(Callback):
             enable_async_checkpointing=self.async_save,
             preservation_policy=self._preservation_policy(),
             enable_background_delete=True,  # removing a superseded checkpoint must not stall training
+            # A step directory that cannot be created fails the save right here, instead of
+            # leaving orbax threads that keep the process alive for their 300 s timeout.
+            async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
             create=True,
         )
         self._manager = ocp.CheckpointManager(self.dirpath, options=options)
@@ -151,16 +156,22 @@ class ModelCheckpoint(Callback):
             if self.monitor not in progress.metrics:
                 raise MetricNotFoundError(self.monitor, sorted(progress.metrics), "ModelCheckpoint")
             metrics = {self.monitor: float(progress.metrics[self.monitor])}
-        checkpoint = trainer.checkpoint()
-        args = save_args(checkpoint["state"], checkpoint["meta"])
-        self._manager.save(progress.step, args=args, metrics=metrics, force=True)
-        self._last_saved_step = progress.step
         path = str(self.dirpath / str(progress.step))
+        # The attributes first: they are part of this callback's state in the checkpoint.
         self.last_model_path = path
         if metrics is None:
             self.best_model_path = path
         elif self._improves(metrics[self.monitor]):
             self.best_model_path, self.best_model_score = path, metrics[self.monitor]
+        checkpoint = trainer.checkpoint()
+        if progress.step in self._manager.all_steps():
+            # A fit resumed from an older checkpoint writes its later steps again: replace them
+            # (synchronously: orbax's background delete would race the new save of that step).
+            shutil.rmtree(self.dirpath / str(progress.step))
+            self._manager.reload()
+        args = save_args(checkpoint["state"], checkpoint["meta"])
+        self._manager.save(progress.step, args=args, metrics=metrics, force=True)
+        self._last_saved_step = progress.step
 
     def _improves(self, value: float) -> bool:
         if self.best_model_score is None or math.isnan(self.best_model_score):
