@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -133,7 +134,10 @@ def spawn(loop: str, args: argparse.Namespace) -> dict[str, Any]:
         sys.executable, str(Path(__file__).resolve()), "--only", loop, "--epochs", str(args.epochs),
         "--num-rows", str(args.num_rows), "--batch-size", str(args.batch_size), "--seed", str(args.seed),
     ]  # fmt: skip
-    completed = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
+    # A fixed hash seed: numpyro's Trace_ELBO sums its per-site terms in set order, so the
+    # reported losses (not the parameters) differ by an ulp between processes otherwise.
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    completed = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True, env=env)
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
