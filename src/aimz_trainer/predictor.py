@@ -56,7 +56,9 @@ class Predictor:
             deterministic sites in it (computed on the guide's prototype batch) are ignored.
         mesh: the device mesh (share the trainer's: ``trainer.mesh``); default: all devices.
         rng_key: the key of every random draw (see the module docstring).
-        draws_per_chunk: draws computed together per row batch (memory vs speed).
+        draws_per_chunk: draws computed together per row batch; ``None`` (default) picks about
+            20,000 rows x draws per step, which keeps a 32-wide layer's activations in cache
+            (measured on CPU: one draw at a time over 10,000 rows beats 10 or 50 at a time).
         rows_per_key: rows sharing one random key; batches are rounded up to a multiple of it
             times the device count.
 
@@ -80,7 +82,7 @@ class Predictor:
         *,
         mesh: Mesh | None = None,
         rng_key: jax.Array | None = None,
-        draws_per_chunk: int = 10,
+        draws_per_chunk: int | None = None,
         rows_per_key: int = 1000,
     ) -> None:
         if not callable(model):
@@ -91,7 +93,7 @@ class Predictor:
         if len(set(sizes.values())) != 1 or -1 in sizes.values():
             raise ConfigurationError(f"posterior draws must share one leading draw axis; got sizes {sizes}.")
         for name, value in [("draws_per_chunk", draws_per_chunk), ("rows_per_key", rows_per_key)]:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigurationError(f"{name} must be a positive int; got {value!r}.")
         self.model = model
         self.posterior = {name: np.asarray(value) for name, value in posterior.items()}
@@ -228,7 +230,8 @@ class Predictor:
         # Predictions are not conditioned on the observed values; the log-likelihood is.
         model_inputs = {**arrays, **(observed_data if kind == "log_likelihood" else {})}
         model_inputs.update({DO_PREFIX + name: value for name, value in row_values.items()})
-        step = _make_step(self.model, outputs, kind, self.rows_per_key, self.draws_per_chunk, num_samples, constants)
+        draws_per_chunk = self.draws_per_chunk or max(1, 20_000 // batch)
+        step = _make_step(self.model, outputs, kind, self.rows_per_key, draws_per_chunk, num_samples, constants)
         shapes = _output_shapes(step, latent, model_inputs, outputs, self.rows_per_key, sites)
         dtypes = {name: dtype for name, (_, dtype) in shapes.items()}
         step = self._compiled_step(step, (outputs, kind, batch, sorted(model_inputs), constants, num_samples), dtypes)
