@@ -11,7 +11,9 @@ Random numbers: the rows are cut into fixed blocks of ``rows_per_key`` rows and 
 block ``k`` uses ``fold_in(fold_in(rng_key, s), k)``. The draws therefore do not depend on
 ``batch_size`` nor on the device count, and two predictions with the same ``rng_key`` (a
 baseline and an intervention) use the same random numbers, so their difference carries no
-sampling noise of its own.
+sampling noise of its own. Any PRNG implementation works (``jax.random.key(0, impl="rbg")``);
+measured on a 2-core CPU for the reference net, ``rbg`` and ``unsafe_rbg`` were not faster
+than the default threefry, so the default stays.
 """
 
 from __future__ import annotations
