@@ -89,6 +89,7 @@ class ZarrStore:
     ) -> None:
         self.path = Path(path)
         self.specs = {(spec.group, spec.name): spec for spec in specs}
+        _one_codec_thread()
         if resume:
             self._root = self._reopen(batch_size)
         else:
@@ -189,6 +190,18 @@ class ZarrStore:
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
+
+
+def _one_codec_thread() -> None:
+    """Encode chunks on one zarr thread unless the user configured zarr's thread pool.
+
+    zarr's default pool has a thread per core and more; while the devices (XLA on the CPU)
+    keep every core busy, those threads only take turns with the computation. Measured on 2
+    cores, 100,000 rows x 1,000 draws: 8.0-8.5 s with one codec thread, 10.0-10.4 s with the
+    default pool. zarr reads the setting when it creates its pool, on first use.
+    """
+    if zarr.config.get("threading.max_workers", None) is None:
+        zarr.config.set({"threading.max_workers": 1})
 
 
 def open_store(path: str | os.PathLike[str]) -> xr.DataTree:
