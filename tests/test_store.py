@@ -348,3 +348,33 @@ def test_scratch_directory_of_a_killed_process_is_swept(scratch_workers):
     assert mine.is_dir() and unrelated.is_dir() and path.is_dir()
     assert sweep_scratch(tmp_path) == []  # nothing dead is left
     scratch.cleanup()
+
+
+def test_resume_refuses_a_store_of_another_computation(predictor, tmp_path, monkeypatch):
+    interrupted = {"batches": 0}
+    original = ZarrStore.write_batch
+
+    def interrupt_after_one(self, start, stop, values):
+        if interrupted["batches"] == 1:
+            raise Interrupted
+        interrupted["batches"] += 1
+        original(self, start, stop, values)
+
+    monkeypatch.setattr(ZarrStore, "write_batch", interrupt_after_one)
+    with pytest.raises(Interrupted):
+        predictor.predict({"x": dyadic_x(NUM_ROWS)}, batch_size=4, output_dir=tmp_path)
+    monkeypatch.undo()
+    other = Predictor(linear_model, dyadic_posterior(), rows_per_key=ROWS_PER_KEY, rng_key=jax.random.key(99))
+    with pytest.raises(StoreError, match="another computation"):
+        other.predict({"x": dyadic_x(NUM_ROWS)}, batch_size=4, output_dir=tmp_path, resume=True)
+    with pytest.raises(StoreError, match="another computation"):
+        predictor.predict(
+            {
+                "x": dyadic_x(NUM_ROWS) + 1,
+            },
+            batch_size=4,
+            output_dir=tmp_path,
+            resume=True,
+        )
+    tree = predictor.predict({"x": dyadic_x(NUM_ROWS)}, batch_size=4, output_dir=tmp_path, resume=True)
+    assert tree.attrs["aimz_trainer_complete"]

@@ -19,6 +19,7 @@ than the default threefry, so the default stays.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import inspect
 import json
 import math
@@ -42,7 +43,7 @@ from numpyro.infer.util import log_likelihood as numpyro_log_likelihood
 from aimz_trainer.data import validate_data
 from aimz_trainer.errors import ConfigurationError, DataError
 from aimz_trainer.sharding import DATA_AXIS, batch_sharding, make_mesh, replicated, to_global_array
-from aimz_trainer.store import COMPLETE, ArraySpec, ScratchDirectory, ZarrStore, open_store
+from aimz_trainer.store import COMPLETE, FINGERPRINT, ArraySpec, ScratchDirectory, ZarrStore, open_store
 
 __all__ = ["Predictor", "estimate_effect"]
 
@@ -268,6 +269,9 @@ class Predictor:
             "intervention": json.dumps(_jsonable(intervention or {})),
             "rows_per_key": self.rows_per_key,
             "num_rows": num_rows,
+            FINGERPRINT: _fingerprint(
+                self.rng_key, latent, arrays, intervention or {}, outputs, group, self.rows_per_key
+            ),
         }
         store = ZarrStore(path, specs, batch_size=batch, attrs=attrs, resume=resume)
         try:
@@ -407,6 +411,20 @@ def _split_intervention(
         value = np.asarray(value)
         (rows if value.ndim and value.shape[0] == num_rows else constants)[name] = value
     return constants, rows
+
+
+def _fingerprint(rng_key: jax.Array, *parts: Any) -> str:
+    """A digest of what decides a store's values: the key, the draws, the settings, and the
+    inputs' shapes with every n/1024-th row (hashing 100 million rows would cost seconds)."""
+    digest = hashlib.sha256(np.asarray(jax.random.key_data(rng_key)).tobytes())
+    for part in parts:
+        items = sorted(part.items()) if isinstance(part, Mapping) else [("", part)]
+        for name, value in items:
+            array = np.asarray(value)
+            sample = array[:: max(1, len(array) // 1024)] if array.ndim else array
+            digest.update(f"{name}{array.shape}{array.dtype}".encode())
+            digest.update(np.ascontiguousarray(sample).tobytes())
+    return digest.hexdigest()
 
 
 def _jsonable(values: Mapping[str, Any]) -> dict[str, Any]:

@@ -39,10 +39,11 @@ from zarr.errors import ZarrUserWarning
 
 from aimz_trainer.errors import StoreError
 
-__all__ = ["COMPLETE", "ArraySpec", "ScratchDirectory", "ZarrStore", "open_store"]
+__all__ = ["COMPLETE", "FINGERPRINT", "ArraySpec", "ScratchDirectory", "ZarrStore", "open_store"]
 
 COMPLETE = "aimz_trainer_complete"
 ROWS_WRITTEN = "aimz_trainer_rows_written"
+FINGERPRINT = "aimz_trainer_fingerprint"  # what was computed: a resume must compute the same
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ class ZarrStore:
         self.specs = {(spec.group, spec.name): spec for spec in specs}
         _one_codec_thread()
         if resume:
-            self._root = self._reopen(batch_size)
+            self._root = self._reopen(batch_size, (attrs or {}).get(FINGERPRINT))
         else:
             self._root = zarr.open_group(self.path, mode="w", zarr_format=3)
             self._root.attrs.update({**(attrs or {}), COMPLETE: False, ROWS_WRITTEN: 0, "batch_size": batch_size})
@@ -119,13 +120,18 @@ class ZarrStore:
                 fill_value=np.nan if np.dtype(spec.dtype).kind == "f" else 0,
             )
 
-    def _reopen(self, batch_size: int) -> zarr.Group:
+    def _reopen(self, batch_size: int, fingerprint: str | None) -> zarr.Group:
         try:
             root = zarr.open_group(self.path, mode="r+", zarr_format=3)
         except Exception as error:
             raise StoreError(f"resume: {str(self.path)!r} is not a prediction store ({error}).") from error
         if root.attrs.get(COMPLETE, True):
             raise StoreError(f"resume: {str(self.path)!r} is complete (or not one of ours); nothing to continue.")
+        if fingerprint is not None and root.attrs.get(FINGERPRINT) != fingerprint:
+            raise StoreError(
+                f"resume: {str(self.path)!r} was written by another computation (other inputs, posterior, "
+                "random key or intervention); continuing it would mix two runs."
+            )
         if root.attrs.get("batch_size") != batch_size:
             raise StoreError(
                 f"resume: {str(self.path)!r} was written with batch_size={root.attrs.get('batch_size')}; "
