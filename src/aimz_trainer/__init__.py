@@ -28,7 +28,7 @@ __version__ = "0.1.0"
 # Prediction pulls in xarray and pandas (seconds to import): loaded on first use.
 _LAZY = {
     "Predictor": "aimz_trainer.predictor",
-    "estimate_effect": "aimz_trainer.predictor",
+    "estimate_effect": "aimz_trainer.effects",
     "open_store": "aimz_trainer.store",
 }
 

@@ -4,6 +4,7 @@ TensorBoard, written with tensorboardX."""
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -56,12 +57,12 @@ class TensorBoardLogger(MetricLogger):
         self._writer: SummaryWriter | None = None
 
     def open(self, trainer: Trainer, resume_step: int) -> None:
-        # purge_step hides events at steps >= resume_step that a previous run left behind. The
-        # suffix keeps this writer off a file opened in the same second (tensorboardX names files
-        # by the second and truncates an existing one).
-        self._writer = SummaryWriter(
-            str(self.log_dir), purge_step=resume_step or None, filename_suffix=f".{uuid.uuid4().hex[:12]}"
-        )
+        # purge_step hides events at steps >= resume_step that a previous run left behind, for
+        # readers that load the files in name order. tensorboardX names files by the second and
+        # truncates an existing one: the nanosecond suffix keeps a writer opened in the same
+        # second off the earlier file and sorts it after it.
+        suffix = f".{time.time_ns():020d}.{uuid.uuid4().hex[:6]}"
+        self._writer = SummaryWriter(str(self.log_dir), purge_step=resume_step or None, filename_suffix=suffix)
 
     def write(self, step: int, epoch: int, scalars: Mapping[str, float]) -> None:
         assert self._writer is not None
