@@ -40,6 +40,7 @@ from numpyro import handlers
 from numpyro.distributions import constraints
 from numpyro.infer.util import log_likelihood as numpyro_log_likelihood
 
+from aimz_trainer._version import library_version
 from aimz_trainer.data import validate_data
 from aimz_trainer.errors import ConfigurationError, DataError
 from aimz_trainer.sharding import DATA_AXIS, batch_sharding, make_mesh, replicated, to_global_array
@@ -265,7 +266,7 @@ class Predictor:
         attrs = {
             "created_at": datetime.datetime.now(datetime.UTC).isoformat(),
             "store_path": str(path),
-            "aimz_trainer_version": _version(),
+            "aimz_trainer_version": library_version(),
             "intervention": json.dumps(_jsonable(intervention or {})),
             "rows_per_key": self.rows_per_key,
             "num_rows": num_rows,
@@ -512,12 +513,3 @@ def _padded(array: np.ndarray, rows: int) -> np.ndarray:
 
 def _rows(values: jax.Array, count: int) -> Any:
     return values[:, :count][None]
-
-
-def _version() -> str:
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version("aimz-trainer")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"

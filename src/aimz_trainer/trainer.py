@@ -8,8 +8,6 @@ requested by a hook drops the call in flight: the fit ends exactly where it was 
 
 from __future__ import annotations
 
-import functools
-import importlib.metadata
 import os
 import time
 import warnings
@@ -27,6 +25,7 @@ from jax.sharding import Mesh
 from numpyro.infer import SVI
 from numpyro.infer.svi import SVIState
 
+from aimz_trainer._version import library_version
 from aimz_trainer.callbacks.base import Callback, FitProgress, overrides_state
 from aimz_trainer.callbacks.checkpoint import ModelCheckpoint
 from aimz_trainer.callbacks.posterior import PosteriorSampler
@@ -712,7 +711,7 @@ class Trainer:
                 "nonfinite_loss": self.nonfinite_loss,
             },
             "mesh_shape": dict(self.mesh.shape),
-            "versions": {"aimz_trainer": _version(), "jax": jax.__version__, "numpyro": numpyro.__version__},
+            "versions": {"aimz_trainer": library_version(), "jax": jax.__version__, "numpyro": numpyro.__version__},
         }
         state = {
             "svi_state": pack(svi_state),
@@ -973,14 +972,6 @@ def _validate_val_data(val_data: Any, train_arrays: Mapping[str, Any]) -> dict[s
                 f"shape {train_arrays[key].shape[1:]}."
             )
     return arrays
-
-
-@functools.cache
-def _version() -> str:
-    try:
-        return importlib.metadata.version("aimz-trainer")
-    except importlib.metadata.PackageNotFoundError:  # running from a source tree
-        return "unknown"
 
 
 def _is_positive_int(value: Any) -> bool:
