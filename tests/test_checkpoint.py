@@ -43,7 +43,7 @@ from aimz_trainer import (
     Trainer,
     load_checkpoint,
 )
-from aimz_trainer.checkpoint import checkpoint_steps, resolve_checkpoint
+from aimz_trainer.checkpoint import CHECKPOINT_FORMAT, checkpoint_steps, resolve_checkpoint
 
 from .checkpoint_worker import BATCH_SIZE, EVERY_N_TRAIN_STEPS, MAX_EPOCHS, NUM_ROWS
 from .conftest import NOISE, Recorder, linear_data, linear_svi
@@ -170,7 +170,7 @@ class TestWhatIsSaved:
         assert (saved.path, saved.step, saved.epoch) == (reference.dirpath / "14", 14, 1)
         np.testing.assert_array_equal(saved.losses, reference.result.losses[:14], strict=True)
         meta = saved.meta
-        assert meta["format"] == 1 and (meta["step"], meta["epoch"]) == (14, 1)
+        assert meta["format"] == CHECKPOINT_FORMAT == 2 and (meta["step"], meta["epoch"]) == (14, 1)
         assert meta["rng_key"]["data"] == np.asarray(jax.random.key_data(jax.random.key(0))).tolist()
         assert meta["rng_key"]["impl"] == str(jax.random.key_impl(jax.random.key(0)))
         assert meta["loader_state"]["next_index"] == 3  # chunks [0, 7), [7, 10), [10, 14) done

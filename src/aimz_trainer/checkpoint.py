@@ -2,9 +2,10 @@
 
 A checkpoint is an orbax-checkpoint step directory ``<dirpath>/<step>`` with two items:
 
-* ``state`` (orbax ``StandardSave``): the array leaves (:func:`pack`) of ``svi_state``
-  (optimizer state, mutable state, the SVI rng key as raw key data) and of ``params`` (the
-  constrained variational parameters), and ``losses`` (every step's loss so far);
+* ``state`` (:class:`PackedArraysHandler`, one ``arrays.npz``): the array leaves
+  (:func:`pack`) of ``svi_state`` (optimizer state, mutable state, the SVI rng key as raw key
+  data) and of ``params`` (the constrained variational parameters), and ``losses`` (every
+  step's loss so far);
 * ``meta`` (JSON): ``step``, ``epoch``, the trainer's ``rng_key`` (raw data and
   implementation), the Grain iterator state of the next chunk (``loader_state``), each
   callback's ``state_dict`` under its ``state_key``, and descriptive metadata: library and
@@ -22,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,9 @@ from aimz_trainer.errors import CheckpointError
 __all__ = [
     "CHECKPOINT_FORMAT",
     "LoadedCheckpoint",
+    "PackedArraysHandler",
+    "PackedArraysRestore",
+    "PackedArraysSave",
     "checkpoint_steps",
     "compare_param_trees",
     "load_checkpoint",
@@ -50,12 +55,67 @@ __all__ = [
     "unpack",
 ]
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 1 stored the state with orbax's StandardSave (tensorstore)
+_ARRAYS_FILE = "arrays.npz"
+
+
+class PackedArraysHandler(ocp.CheckpointHandler):
+    """An orbax item of a few host arrays, written as one uncompressed ``.npz`` file.
+
+    A checkpoint's state is a handful of packed buffers (:func:`pack`), already on the host;
+    orbax's tensorstore-backed ``StandardSave`` spent 11 ms of CPU per save on them (of 25 ms
+    in all), a fixed cost paid at every epoch end. One file write is a fraction of a
+    millisecond. The arrays are replicated, so only process 0 writes them.
+    """
+
+    def save(self, directory: Any, args: PackedArraysSave) -> None:  # type: ignore[override]
+        if jax.process_index() == 0:
+            with open(Path(directory) / _ARRAYS_FILE, "wb") as file:
+                np.savez(file, **_flatten(args.arrays))
+
+    def restore(self, directory: Any, args: PackedArraysRestore | None = None) -> dict[str, Any]:  # type: ignore[override]
+        with np.load(Path(directory) / _ARRAYS_FILE) as archive:
+            return _unflatten({name: archive[name] for name in archive.files})
+
+
+@ocp.args.register_with_handler(PackedArraysHandler, for_save=True)
+@dataclasses.dataclass
+class PackedArraysSave(ocp.args.CheckpointArgs):
+    """Save arguments of :class:`PackedArraysHandler`: ``{name: array or {name: array}}``."""
+
+    arrays: Mapping[str, Any]
+
+
+@ocp.args.register_with_handler(PackedArraysHandler, for_restore=True)
+@dataclasses.dataclass
+class PackedArraysRestore(ocp.args.CheckpointArgs):
+    """Restore arguments of :class:`PackedArraysHandler` (nothing to say: the file has it all)."""
+
+
+def _flatten(arrays: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    flat: dict[str, np.ndarray] = {}
+    for name, value in arrays.items():
+        if isinstance(value, Mapping):
+            flat.update({f"{name}/{inner}": np.asarray(array) for inner, array in value.items()})
+        else:
+            flat[name] = np.asarray(value)
+    return flat
+
+
+def _unflatten(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    arrays: dict[str, Any] = {}
+    for name, array in flat.items():
+        outer, _, inner = name.partition("/")
+        if inner:
+            arrays.setdefault(outer, {})[inner] = array
+        else:
+            arrays[outer] = array
+    return arrays
 
 
 def save_args(state: Mapping[str, Any], meta: Mapping[str, Any]) -> ocp.args.Composite:
     """The orbax arguments that write one checkpoint."""
-    return ocp.args.Composite(state=ocp.args.StandardSave(dict(state)), meta=ocp.args.JsonSave(dict(meta)))
+    return ocp.args.Composite(state=PackedArraysSave(dict(state)), meta=ocp.args.JsonSave(dict(meta)))
 
 
 def checkpoint_steps(directory: str | os.PathLike[str]) -> list[int]:
@@ -108,23 +168,22 @@ def read_meta(step_dir: Path) -> dict[str, Any]:
     return meta
 
 
-def restore_state(step_dir: Path, target: Mapping[str, Any]) -> dict[str, Any]:
-    """Read the ``state`` item into the structure, dtypes and shardings of ``target``
-    (arrays or ``jax.ShapeDtypeStruct``)."""
-    abstract = jax.tree.map(_abstract, dict(target))
+def restore_state(step_dir: Path, target: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Read the ``state`` item (host arrays); with ``target`` (arrays of the expected shapes
+    and dtypes, e.g. :func:`packed_like`), check that it is what this fit holds."""
     try:
-        return ocp.Checkpointer(ocp.StandardCheckpointHandler()).restore(
-            step_dir / "state", args=ocp.args.StandardRestore(abstract)
-        )
-    except Exception as error:  # orbax and tensorstore raise many types for damaged files
+        restored = ocp.Checkpointer(PackedArraysHandler()).restore(step_dir / "state", args=PackedArraysRestore())
+    except Exception as error:  # numpy and zipfile raise many types for a damaged file
         raise CheckpointError(f"the checkpoint {str(step_dir)!r} cannot be restored: {error}") from error
-
-
-def _abstract(leaf: Any) -> Any:
-    if isinstance(leaf, np.ndarray):
-        return leaf
-    sharding = getattr(leaf, "sharding", None)
-    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+    if target is not None:
+        expected = {name: (array.shape, array.dtype) for name, array in _flatten(target).items()}
+        found = {name: (array.shape, array.dtype) for name, array in _flatten(restored).items()}
+        if found != expected:
+            raise CheckpointError(
+                f"the checkpoint {str(step_dir)!r} cannot be restored: its arrays {found} are not this fit's "
+                f"{expected}."
+            )
+    return restored
 
 
 def pack(tree: Any) -> dict[str, np.ndarray]:
@@ -256,10 +315,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> LoadedCheckpoint:
     """
     step_dir = resolve_checkpoint(path)
     meta = read_meta(step_dir)
-    try:
-        restored = ocp.Checkpointer(ocp.StandardCheckpointHandler()).restore(step_dir / "state")
-    except Exception as error:
-        raise CheckpointError(f"the checkpoint {str(step_dir)!r} cannot be restored: {error}") from error
+    restored = restore_state(step_dir)
     return LoadedCheckpoint(
         path=step_dir,
         step=int(meta["step"]),
