@@ -18,6 +18,7 @@ from aimz_trainer.errors import (
     DataError,
     MetricNotFoundError,
     NonFiniteLossError,
+    NotFittedError,
     StoreError,
 )
 from aimz_trainer.sharding import make_mesh
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 
 # Prediction pulls in xarray and pandas (seconds to import): loaded on first use.
 _LAZY = {
+    "ImpactModel": "aimz_trainer.impact_model",
     "Predictor": "aimz_trainer.predictor",
     "estimate_effect": "aimz_trainer.effects",
     "open_store": "aimz_trainer.store",
@@ -51,10 +53,12 @@ __all__ = [
     "EarlyStopping",
     "FitProgress",
     "FitResult",
+    "ImpactModel",
     "LoadedCheckpoint",
     "MetricNotFoundError",
     "ModelCheckpoint",
     "NonFiniteLossError",
+    "NotFittedError",
     "PosteriorSampler",
     "Predictor",
     "ProgressBar",

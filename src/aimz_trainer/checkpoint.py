@@ -20,10 +20,10 @@ checkpoint written on one device count is read onto another mesh as it is.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Mapping
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any

@@ -14,6 +14,7 @@ __all__ = [
     "DataError",
     "MetricNotFoundError",
     "NonFiniteLossError",
+    "NotFittedError",
     "StoreError",
 ]
 
@@ -77,3 +78,7 @@ class MetricNotFoundError(AimzTrainerError, KeyError):
 
 class StoreError(AimzTrainerError, OSError):
     """A prediction store is incomplete, damaged, or cannot be continued."""
+
+
+class NotFittedError(AimzTrainerError, RuntimeError):
+    """A method needs a fitted model (posterior draws) and ``fit`` has not run yet."""

@@ -39,8 +39,10 @@ from jax.sharding import PartitionSpec as P
 from numpyro import handlers
 from numpyro.distributions import constraints
 from numpyro.infer.util import log_likelihood as numpyro_log_likelihood
+from tqdm.auto import tqdm
 
 from aimz_trainer._version import library_version
+from aimz_trainer.callbacks.progress import progress_bar_wanted
 from aimz_trainer.data import validate_data
 from aimz_trainer.errors import ConfigurationError, DataError
 from aimz_trainer.sharding import DATA_AXIS, batch_sharding, make_mesh, replicated, to_global_array
@@ -58,6 +60,7 @@ class Predictor:
         model: the NumPyro model (the same callable the SVI was built with).
         posterior: site -> draws with a leading draw axis, e.g. ``FitResult.posterior``;
             deterministic sites in it (computed on the guide's prototype batch) are ignored.
+            ``None``: a Predictor for :meth:`sample_prior_predictive` only.
         mesh: the device mesh (share the trainer's: ``trainer.mesh``); default: all devices.
         rng_key: the key of every random draw (see the module docstring).
         draws_per_chunk: draws computed together per row batch; ``None`` (default) picks about
@@ -65,6 +68,8 @@ class Predictor:
             (measured on CPU: one draw at a time over 10,000 rows beats 10 or 50 at a time).
         rows_per_key: rows sharing one random key; batches are rounded up to a multiple of it
             times the device count.
+        scratch: where stores written without ``output_dir`` go; several Predictors may share
+            one (:class:`~aimz_trainer.store.ScratchDirectory`); default: a new one.
 
     Example:
         >>> import jax, numpy as np, numpyro, numpyro.distributions as dist
@@ -82,31 +87,33 @@ class Predictor:
     def __init__(
         self,
         model: Callable[..., Any],
-        posterior: Mapping[str, Any],
+        posterior: Mapping[str, Any] | None,
         *,
         mesh: Mesh | None = None,
         rng_key: jax.Array | None = None,
         draws_per_chunk: int | None = None,
         rows_per_key: int = 1000,
+        scratch: ScratchDirectory | None = None,
     ) -> None:
         if not callable(model):
             raise ConfigurationError(f"model must be a NumPyro model (a callable); got {type(model).__name__}.")
-        if not isinstance(posterior, Mapping) or not posterior:
-            raise ConfigurationError("posterior must map site names to draws with a leading draw axis.")
+        if posterior is not None and (not isinstance(posterior, Mapping) or not posterior):
+            raise ConfigurationError("posterior must map site names to draws with a leading draw axis, or be None.")
+        posterior = posterior or {}
         sizes = {name: int(np.shape(value)[0]) if np.ndim(value) else -1 for name, value in posterior.items()}
-        if len(set(sizes.values())) != 1 or -1 in sizes.values():
+        if len(set(sizes.values())) > 1 or -1 in sizes.values():
             raise ConfigurationError(f"posterior draws must share one leading draw axis; got sizes {sizes}.")
         for name, value in [("draws_per_chunk", draws_per_chunk), ("rows_per_key", rows_per_key)]:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigurationError(f"{name} must be a positive int; got {value!r}.")
         self.model = model
         self.posterior = {name: np.asarray(value) for name, value in posterior.items()}
-        self.num_samples = next(iter(sizes.values()))
+        self.num_samples: int | None = next(iter(sizes.values()), None)
         self.mesh = mesh if mesh is not None else make_mesh()
         self.rng_key = jax.random.key(0) if rng_key is None else rng_key
         self.draws_per_chunk = draws_per_chunk
         self.rows_per_key = rows_per_key
-        self._scratch = ScratchDirectory()
+        self._scratch = scratch if scratch is not None else ScratchDirectory()
         self._compiled: dict[Any, Any] = {}
 
     # -- public API ----------------------------------------------------------------------------
@@ -121,6 +128,7 @@ class Predictor:
         return_sites: Sequence[str] | None = None,
         in_sample: bool = True,
         resume: bool = False,
+        progress: bool = False,
     ) -> xr.DataTree:
         """Posterior-predictive draws for ``data``, written to Zarr, opened as a DataTree.
 
@@ -135,9 +143,12 @@ class Predictor:
             return_sites: sites to write (default: observed and deterministic sites).
             in_sample: group ``posterior_predictive`` (else ``predictions``).
             resume: continue the newest interrupted store in ``output_dir``.
+            progress: show a bar of the batches written (on a terminal, ``CI`` unset).
         """
         group = "posterior_predictive" if in_sample else "predictions"
-        return self._run(data, batch_size, output_dir, intervention, return_sites, group, resume, "predictive")
+        return self._run(
+            data, batch_size, output_dir, intervention, return_sites, group, resume, "predictive", progress=progress
+        )
 
     def sample_prior_predictive(
         self,
@@ -147,12 +158,15 @@ class Predictor:
         batch_size: int = 100_000,
         output_dir: str | os.PathLike[str] | None = None,
         return_sites: Sequence[str] | None = None,
+        progress: bool = False,
     ) -> xr.DataTree:
         """Draws from the prior predictive (groups ``prior`` and ``prior_predictive``), streamed
         like :meth:`predict`. The global latent sites are drawn once per draw from the prior
         (default: as many draws as the posterior has); sites inside the rows' plate are drawn
         row by row."""
         num_samples = self.num_samples if num_samples is None else num_samples
+        if num_samples is None:
+            raise ConfigurationError("num_samples is needed: this Predictor has no posterior to take it from.")
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ConfigurationError(f"num_samples must be a positive int; got {num_samples!r}.")
         arrays, num_rows = validate_data(data, name="data")
@@ -160,8 +174,9 @@ class Predictor:
         probe = {k: np.asarray(v[: min(num_rows, self.rows_per_key)]) for k, v in arrays.items() if k not in optional}
         prior = _prior_draws(self.model, probe, jax.random.fold_in(self.rng_key, _PRIOR_STREAM), num_samples)
         return self._run(
-            data, batch_size, output_dir, None, return_sites, "prior_predictive", False, "predictive", prior, "prior"
-        )
+            data, batch_size, output_dir, None, return_sites, "prior_predictive", False, "predictive", prior, "prior",
+            progress=progress,
+        )  # fmt: skip
 
     def log_likelihood(
         self,
@@ -169,10 +184,13 @@ class Predictor:
         *,
         batch_size: int = 100_000,
         output_dir: str | os.PathLike[str] | None = None,
+        progress: bool = False,
     ) -> xr.DataTree:
         """Pointwise log-likelihood of the observed sites in ``data`` under each posterior draw
         (group ``log_likelihood``, for LOO with arviz)."""
-        return self._run(data, batch_size, output_dir, None, None, "log_likelihood", False, "log_likelihood")
+        return self._run(
+            data, batch_size, output_dir, None, None, "log_likelihood", False, "log_likelihood", progress=progress
+        )
 
     def cleanup(self) -> None:
         """Remove the scratch directory of stores written without ``output_dir`` (also done
@@ -193,7 +211,13 @@ class Predictor:
         kind: str,
         draws: Mapping[str, np.ndarray] | None = None,
         draws_group: str = "posterior",
+        *,
+        progress: bool = False,
     ) -> xr.DataTree:
+        if draws is None and not self.posterior:
+            raise ConfigurationError(
+                "this Predictor has no posterior (posterior=None): only sample_prior_predictive can run."
+            )
         arrays, num_rows = validate_data(data, name="data")
         draws = self.posterior if draws is None else draws
         num_samples = len(next(iter(draws.values())))
@@ -281,6 +305,10 @@ class Predictor:
             store.write_whole({("observed_data", n): np.asarray(v) for n, v in observed_data.items()})
             rep = replicated(self.mesh)
             latent_device = jax.device_put(latent, rep)
+            bar = tqdm(
+                total=num_rows, initial=store.rows_written, unit="row", desc=group,
+                disable=not (progress and progress_bar_wanted()),
+            )  # fmt: skip
             for start in range(store.rows_written, num_rows, batch):
                 stop = min(start + batch, num_rows)
                 inputs = {k: _padded(np.asarray(v[start:stop]), batch) for k, v in model_inputs.items()}
@@ -288,6 +316,8 @@ class Predictor:
                 block0 = jnp.asarray(start // self.rows_per_key, jnp.uint32)
                 result = step(latent_device, inputs, self.rng_key, block0)
                 store.write_batch(start, stop, {(group, n): _rows(result[n], stop - start) for n in outputs})
+                bar.update(stop - start)
+            bar.close()
             store.finalize()
         except BaseException:
             store.abort()
