@@ -10,7 +10,7 @@ minibatch SVI; the callback writes the posterior mean of each coefficient of ``b
 guide's ``beta_auto_loc``) next to the ``TensorBoardLogger``'s curves, and the recipe prints
 where they went. Watch them with ``tensorboard --logdir <log dir>``.
 
-Run it with ``aimz-trainer run custom_callback [--log-dir runs/custom] [--max-epochs 20]``.
+Run it with ``aimz-trainer run custom_callback [--output-dir runs/custom] [--max-epochs 20]``.
 """
 
 from __future__ import annotations
@@ -92,14 +92,15 @@ def make_model(num_rows: int, num_features: int) -> Callable[..., None]:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Fit with the custom callback and a TensorBoardLogger; returns what it printed."""
     parser = argparse.ArgumentParser(prog="aimz-trainer run custom_callback", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-dir", default=None, help="TensorBoard directory (default: a new temporary one)")
+    parser.add_argument("--output-dir", default=None, help="TensorBoard directory (default: a new temporary one)")
     parser.add_argument("--num-rows", type=int, default=20_000)
     parser.add_argument("--num-features", type=int, default=3)
     parser.add_argument("--max-epochs", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--devices", type=int, default=None, help="devices on the data axis (default: all)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="aimz-custom-callback-"))
+    log_dir = Path(args.output_dir or tempfile.mkdtemp(prefix="aimz-custom-callback-"))
 
     data, true_beta = make_data(args.num_rows, args.num_features, args.seed)
     model = make_model(args.num_rows, args.num_features)
@@ -107,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     trainer = Trainer(
         max_epochs=args.max_epochs,
         rng_key=jax.random.key(args.seed),
+        devices=args.devices,
         callbacks=[PosteriorMeanLogger(log_dir, param="beta_auto_loc"), TensorBoardLogger(log_dir)],
     )
     result = trainer.fit(svi, data, batch_size=args.batch_size)

@@ -18,18 +18,28 @@ def aimz_trainer(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_run_bnn_binary_prints_the_summary(tmp_path):
+def test_run_bnn_binary_prints_the_summary_and_where_its_outputs_went(tmp_path):
     completed = aimz_trainer(
-        "run", "bnn_binary", "--num-rows", "4000", "--max-epochs", "2", "--batch-size", "500", "--num-samples", "5",
-        "--val-rows", "1000", "--log-dir", str(tmp_path),
+        "run", "bnn_binary", "--max-epochs", "2", "--batch-size", "500", "--output-dir", str(tmp_path),
+        "--num-rows", "4000", "--num-samples", "5", "--val-rows", "1000",
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr[-3000:]
     out = completed.stdout
     assert "bnn_binary: 4,000 rows x 100, 1 device(s), data on device" in out
-    assert "final loss" in out and "after 16 steps" in out
+    assert "final ELBO loss" in out and "after 16 steps" in out
     assert "nn_p_linear1.kernel (5, 100, 32)" in out and "p (5, 500)" in out
     assert "held out (1,000 rows): ELBO loss per row" in out and "mean lpd -0." in out
-    assert list(tmp_path.glob("events.out.tfevents.*"))
+    assert f"logs: {tmp_path / 'logs'}" in out and f"checkpoints: {tmp_path / 'checkpoints'}" in out
+    store = next(line for line in out.splitlines() if line.startswith("predictions: "))
+    assert store.startswith(f"predictions: {tmp_path / 'predictions' / 'predict-'}")
+    assert list((tmp_path / "logs").glob("events.out.tfevents.*"))
+
+
+def test_help_documents_the_common_options():
+    completed = aimz_trainer("run", "--help")
+    assert completed.returncode == 0
+    for option in ("--max-epochs N", "--batch-size B", "--devices N", "--output-dir D", "--resume"):
+        assert option in completed.stdout
 
 
 def test_unknown_recipe_names_the_available_ones():

@@ -27,7 +27,7 @@ def scalars(log_dir: Path, tag: str) -> dict[int, float]:
 def test_custom_callback_logs_the_posterior_mean_every_epoch(tmp_path, capsys):
     recipe = load_recipe("custom_callback", RECIPES)
     summary = recipe.main(
-        ["--log-dir", str(tmp_path), "--num-rows", "4000", "--max-epochs", "6", "--batch-size", "100"]
+        ["--output-dir", str(tmp_path), "--num-rows", "4000", "--max-epochs", "6", "--batch-size", "100"]
     )
     # The fit recovers the coefficients, and the callback followed them epoch by epoch.
     np.testing.assert_allclose(summary["beta_mean"], summary["beta_true"], atol=0.1)

@@ -1,7 +1,13 @@
-"""The ``aimz-trainer`` command: ``aimz-trainer run RECIPE [recipe options]``.
+"""The ``aimz-trainer`` command.
 
-A recipe is a Python file with a ``main(argv)`` function; ``RECIPE`` is either a path to such
-a file or the name of one in the ``recipes/`` folder of the current directory.
+``aimz-trainer run RECIPE [--max-epochs N] [--batch-size B] [--devices N] [--output-dir D]
+[--resume] [recipe options]`` runs a recipe: a Python file with a ``main(argv)`` function that
+returns a summary dict. ``RECIPE`` is a path to such a file or the name of one in the
+``recipes/`` folder of the current directory. The common options are forwarded to the recipe
+as they are; anything else after the recipe's name goes to the recipe too (``python
+recipes/NAME.py --help`` lists a recipe's own options). At the end the command prints where
+the run's logs, checkpoints and predictions went (the summary's ``log_dir``,
+``checkpoint_dir`` and ``store``).
 """
 
 from __future__ import annotations
@@ -16,6 +22,16 @@ from types import ModuleType
 from aimz_trainer.errors import ConfigurationError
 
 __all__ = ["load_recipe", "main"]
+
+# (flag, argparse keywords): the options every bundled recipe understands.
+COMMON_OPTIONS: list[tuple[str, dict[str, object]]] = [
+    ("--max-epochs", {"type": int, "metavar": "N", "help": "passes over the training data"}),
+    ("--batch-size", {"type": int, "metavar": "B", "help": "rows per SVI step (the global batch)"}),
+    ("--devices", {"type": int, "metavar": "N", "help": "devices on the mesh's data axis (default: all)"}),
+    ("--output-dir", {"metavar": "D", "help": "where the run writes logs, checkpoints and predictions"}),
+    ("--resume", {"action": "store_true", "help": "continue from the newest checkpoint in --output-dir"}),
+]
+OUTPUTS = [("log_dir", "logs"), ("checkpoint_dir", "checkpoints"), ("store", "predictions")]
 
 
 def load_recipe(recipe: str, recipes_dir: Path | None = None) -> ModuleType:
@@ -38,17 +54,43 @@ def load_recipe(recipe: str, recipes_dir: Path | None = None) -> ModuleType:
     return module
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="aimz-trainer", description="Run aimz_trainer recipes.")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aimz-trainer",
+        description="Run aimz_trainer recipes: training recipes for NumPyro SVI models.",
+        epilog="Example: aimz-trainer run bnn_binary --max-epochs 3 --output-dir runs/try1",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="run a recipe; options after its name go to the recipe")
-    run.add_argument("recipe", help="recipe name in ./recipes or path to a recipe file")
+    run = commands.add_parser(
+        "run",
+        help="run a recipe; options it does not know go to the recipe",
+        description="Run a recipe with overrides; prints where its logs, checkpoints and predictions went.",
+    )
+    run.add_argument("recipe", help="recipe name in ./recipes (bnn_binary, causal_effect, ...) or a .py path")
+    for flag, options in COMMON_OPTIONS:
+        run.add_argument(flag, **options)  # type: ignore[arg-type]
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args, recipe_argv = parser.parse_known_args(argv)
     try:
         recipe = load_recipe(args.recipe)
     except ConfigurationError as error:
         parser.error(str(error))
-    recipe.main(recipe_argv)
+    forwarded: list[str] = []
+    for flag, options in COMMON_OPTIONS:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if options.get("action") == "store_true":
+            forwarded += [flag] if value else []
+        elif value is not None:
+            forwarded += [flag, str(value)]
+    summary = recipe.main([*forwarded, *recipe_argv])
+    if isinstance(summary, dict):
+        for key, label in OUTPUTS:
+            if summary.get(key):
+                print(f"{label}: {summary[key]}")
     return 0
 
 

@@ -1,0 +1,182 @@
+"""Impact modelling: the average effect of a treatment, estimated under confounding.
+
+Simulated data: ``k`` confounders ``Z ~ Normal(0, 1)``, a binary treatment whose assignment
+depends on them, ``t ~ Bernoulli(sigmoid(gamma_0 + Z @ gamma))``, and an outcome
+``y = alpha + Z @ beta + tau * t + Normal(0, sigma)``. The confounders that make treatment more
+likely also raise the outcome, so the naive difference of the treated and untreated means is
+biased upwards; the true average effect is ``tau`` exactly.
+
+The NumPyro model takes the treatment as an observed sample site of its own (with a latent
+propensity ``gamma_0, gamma``) and uses its value in the outcome's mean, so that
+``numpyro.handlers.do`` can set it. After a minibatch SVI fit with the :class:`Trainer`, one
+:class:`Predictor` draws the outcome twice, for everybody treated (``intervention={"t": 1.0}``)
+and for nobody treated (``{"t": 0.0}``); both predictions use the same random numbers, so their
+difference carries no noise of its own, and :func:`estimate_effect` turns it into the average
+effect with a 94% credible interval.
+
+The guide is a full-rank ``AutoMultivariateNormal``: the treatment is correlated with the
+confounders, hence ``tau`` with ``beta`` in the posterior, and a mean-field ``AutoNormal``
+would report an interval about half as wide as it should be (one that misses the true effect
+about a third of the time). The learning rate decays to 1% of its start over the fit, so the
+final guide does not jitter with the last minibatches.
+
+Run it with ``aimz-trainer run causal_effect`` (20,000 rows, a few seconds); ``--output-dir DIR``
+keeps the two prediction stores (by default they go to the Predictor's scratch directory,
+removed at exit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+import optax
+from jax import random
+from jax.typing import ArrayLike
+from numpyro import plate, sample
+from numpyro.infer import SVI, Trace_ELBO
+from numpyro.infer.autoguide import AutoMultivariateNormal
+
+from aimz_trainer import Trainer
+from aimz_trainer.effects import estimate_effect
+from aimz_trainer.predictor import Predictor
+
+TRUE_TAU = 1.5  # the average treatment effect (the same for every row)
+TRUE_ALPHA = 0.5
+TRUE_SIGMA = 1.0
+TRUE_BETA = (1.0, -0.8, 0.6)  # confounders -> outcome
+TRUE_GAMMA_0 = -0.3
+TRUE_GAMMA = (0.9, -0.7, 0.5)  # confounders -> treatment: same signs as beta, so the naive difference is too large
+
+
+def make_data(num_rows: int, seed: int) -> dict[str, np.ndarray]:
+    """``Z`` (rows, k), ``t`` (0.0 or 1.0) and ``y``, as float32 NumPy arrays."""
+    rng = np.random.default_rng(seed)
+    beta, gamma = np.asarray(TRUE_BETA), np.asarray(TRUE_GAMMA)
+    Z = rng.normal(size=(num_rows, beta.size))
+    propensity = 1.0 / (1.0 + np.exp(-(TRUE_GAMMA_0 + Z @ gamma)))
+    t = (rng.uniform(size=num_rows) < propensity).astype(np.float64)
+    y = TRUE_ALPHA + Z @ beta + TRUE_TAU * t + TRUE_SIGMA * rng.normal(size=num_rows)
+    return {"Z": Z.astype(np.float32), "t": t.astype(np.float32), "y": y.astype(np.float32)}
+
+
+def naive_difference(data: dict[str, np.ndarray]) -> float:
+    """Mean outcome of the treated minus that of the untreated: what ignoring ``Z`` gives."""
+    treated = data["t"] == 1.0
+    return float(data["y"][treated].mean() - data["y"][~treated].mean())
+
+
+def make_model(num_rows: int, num_confounders: int) -> Callable[..., None]:
+    """Treatment and outcome modelled jointly; ``t`` is a sample site, so it can be intervened on."""
+
+    def model(Z: ArrayLike, t: ArrayLike, *, y: ArrayLike | None = None) -> None:
+        gamma_0 = sample("gamma_0", dist.Normal(0.0, 2.5))
+        gamma = sample("gamma", dist.Normal(0.0, 2.5).expand([num_confounders]).to_event(1))
+        alpha = sample("alpha", dist.Normal(0.0, 2.5))
+        beta = sample("beta", dist.Normal(0.0, 2.5).expand([num_confounders]).to_event(1))
+        tau = sample("tau", dist.Normal(0.0, 2.5))
+        sigma = sample("sigma", dist.HalfNormal(2.5))
+        with plate("data", size=num_rows, subsample_size=len(Z)):
+            # Under handlers.do(model, {"t": value}) this returns the value instead of t.
+            treated = sample("t", dist.Bernoulli(logits=gamma_0 + Z @ gamma), obs=t)
+            sample("y", dist.Normal(alpha + Z @ beta + tau * treated, sigma), obs=y)
+
+    return model
+
+
+def make_svi(model: Callable[..., None], total_steps: int, learning_rate: float) -> SVI:
+    """Full-rank Gaussian guide; Adam with a cosine decay over the whole fit."""
+    schedule = optax.cosine_decay_schedule(learning_rate, decay_steps=total_steps, alpha=0.01)
+    return SVI(model, AutoMultivariateNormal(model), optax.adam(schedule), Trace_ELBO())
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="aimz-trainer run causal_effect", description=__doc__.splitlines()[0])
+    parser.add_argument("--num-rows", type=int, default=20_000, help="rows of simulated data")
+    parser.add_argument("--max-epochs", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--learning-rate", type=float, default=0.05, help="Adam's initial learning rate")
+    parser.add_argument("--num-samples", type=int, default=200, help="posterior draws")
+    parser.add_argument("--devices", type=int, default=None, help="devices on the data axis (default: all)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--output-dir", default=None, help="keep the two prediction stores here (default: a scratch directory)"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the recipe; returns the printed summary as a dict."""
+    args = parse_args(argv)
+    key_fit, key_predict = random.split(random.key(args.seed))
+    data = make_data(args.num_rows, args.seed)
+    num_confounders = data["Z"].shape[1]
+    model = make_model(args.num_rows, num_confounders)
+    total_steps = args.max_epochs * math.ceil(args.num_rows / args.batch_size)
+    trainer = Trainer(max_epochs=args.max_epochs, rng_key=key_fit, devices=args.devices)
+    started = time.perf_counter()
+    result = trainer.fit(
+        make_svi(model, total_steps, args.learning_rate), data, batch_size=args.batch_size, num_samples=args.num_samples
+    )
+    jax.block_until_ready(result.posterior)
+    fit_wall = time.perf_counter() - started
+
+    # One Predictor for both worlds: the same rng_key, hence the same noise in both.
+    predictor = Predictor(model, result.posterior, mesh=trainer.mesh, rng_key=key_predict)
+    started = time.perf_counter()
+    untreated = predictor.predict(data, batch_size=args.batch_size, intervention={"t": 0.0}, output_dir=args.output_dir)
+    treated = predictor.predict(data, batch_size=args.batch_size, intervention={"t": 1.0}, output_dir=args.output_dir)
+    effect = estimate_effect(untreated, treated, "y").summary
+    predict_wall = time.perf_counter() - started
+
+    attrs = effect.attrs
+    summary = {
+        "rows": args.num_rows,
+        "treated_share": float(data["t"].mean()),
+        "true_effect": TRUE_TAU,
+        "naive_difference": naive_difference(data),
+        "average_effect": attrs["average_effect_mean"],
+        "ci": attrs["ci"],
+        "ci_low": attrs["ci_low"],
+        "ci_high": attrs["ci_high"],
+        "covers_true_effect": bool(attrs["ci_low"] <= TRUE_TAU <= attrs["ci_high"]),
+        "tau_posterior_mean": float(jnp.mean(result.posterior["tau"])),
+        "final_loss": float(result.losses[-1]),
+        "fit_wall_s": fit_wall,
+        "predict_wall_s": predict_wall,
+        "untreated_store": untreated.attrs["store_path"],
+        "treated_store": treated.attrs["store_path"],
+    }
+    print(
+        f"causal_effect: {args.num_rows:,} rows, {num_confounders} confounders, "
+        f"{summary['treated_share']:.1%} treated, {trainer.mesh.size} device(s)"
+    )
+    print(
+        f"fit: {result.losses.size} steps in {fit_wall:.2f} s, final loss {summary['final_loss']:,.1f}; "
+        f"{args.num_samples} draws x 2 interventions predicted in {predict_wall:.2f} s"
+    )
+    print(f"naive difference in means:   {summary['naive_difference']:+.3f} (ignores the confounders: biased)")
+    print(
+        f"estimated average effect:    {summary['average_effect']:+.3f}, "
+        f"{attrs['ci']:.0%} interval [{summary['ci_low']:+.3f}, {summary['ci_high']:+.3f}]"
+    )
+    print(
+        f"true effect:                 {TRUE_TAU:+.3f} "
+        f"({'inside' if summary['covers_true_effect'] else 'OUTSIDE'} the interval)"
+    )
+    where = args.output_dir or "the Predictor's scratch directory (removed at exit; keep them with --output-dir)"
+    print(f"stores in {where}:")
+    print(f"  t = 0: {summary['untreated_store']}")
+    print(f"  t = 1: {summary['treated_store']}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""The reference recipe end to end at a tiny size: fit, early stopping, checkpoints, resume,
+logs, predictions and the held-out evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from aimz_trainer import open_store
+from aimz_trainer.checkpoint import checkpoint_steps
+from aimz_trainer.cli import load_recipe
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+TINY = ["--num-rows", "4000", "--val-rows", "1000", "--batch-size", "500", "--num-samples", "5"]
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    return load_recipe("bnn_binary", RECIPES)
+
+
+def test_auc_and_calibration_error(recipe):
+    labels = np.array([0, 0, 1, 1])
+    assert recipe.auc(np.array([0.1, 0.4, 0.35, 0.8]), labels) == 0.75
+    assert recipe.auc(np.array([0.5, 0.5, 0.5, 0.5]), labels) == 0.5  # ties count half
+    assert recipe.auc(np.array([0.1, 0.2, 0.3, 0.4]), labels) == 1.0
+    # Two bins: [0.05, 0.15] predicts 0.1 and sees 0.5; [0.85, 0.95] predicts 0.9 and sees 0.5.
+    predicted, labels = np.array([0.05, 0.15, 0.85, 0.95]), np.array([0, 1, 0, 1])
+    assert recipe.calibration_error(predicted, labels, bins=2) == pytest.approx(0.4)
+    # Ten bins: one row each, gaps 0.05, 0.85, 0.85, 0.05.
+    assert recipe.calibration_error(predicted, labels) == pytest.approx(0.45)
+    assert recipe.calibration_error(np.array([0.0, 1.0]), np.array([0, 1])) == pytest.approx(0.0)
+
+
+@pytest.mark.slow
+def test_a_run_then_a_resumed_run(recipe, tmp_path, capsys):
+    first = recipe.main([*TINY, "--max-epochs", "2", "--output-dir", str(tmp_path)])
+    assert (first["steps"], first["epochs"]) == (16, 2)
+    assert checkpoint_steps(tmp_path / "checkpoints")[-1] == 16
+    out = capsys.readouterr().out
+    for line in ("final ELBO loss", "held out: accuracy", "AUC", "calibration error", f"--logdir {tmp_path / 'logs'}"):
+        assert line in out
+    store = open_store(first["store"])
+    assert store["posterior_predictive"]["y"].shape == (1, 5, 4000)
+    assert str(store["posterior_predictive"]["y"].dtype) == "int8"
+    assert first["store_shapes"] == {"y": (1, 5, 4000), "p": (1, 5, 4000)}
+    assert 0.0 <= first["auc"] <= 1.0 and first["auc_of_true_p"] > 0.95  # the oracle separates well
+    assert 0.0 <= first["calibration_error"] <= 1.0
+
+    resumed = recipe.main([*TINY, "--max-epochs", "3", "--output-dir", str(tmp_path), "--resume"])
+    assert resumed["steps"] == 24  # 16 restored + one more epoch
+    assert resumed["epoch_mean_loss"][:2] == pytest.approx(first["epoch_mean_loss"])
+    events = EventAccumulator(str(tmp_path / "logs"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [event.step for event in events.Scalars("train_loss_epoch")] == [7, 15, 23]
+    # Two prediction stores per run (training rows, held-out rows), all complete.
+    assert len([p for p in (tmp_path / "predictions").iterdir() if p.name.startswith("predict-")]) == 4
