@@ -11,8 +11,9 @@ true probabilities (accuracy, AUC, calibration).
 
 Run it with ``aimz-trainer run bnn_binary`` (100,000 rows, about a minute on 2 cores) or with
 ``--full`` for the tutorial's size (1,000,000 x 100, 10 epochs, 500 draws, predictions in
-batches of 100,000). Everything goes under ``--output-dir`` (default ``runs/bnn_binary``):
-``logs/`` (``tensorboard --logdir OUTPUT/logs``), ``checkpoints/`` and ``predictions/``.
+batches of 100,000). Everything goes under ``--output-dir`` (default: a new
+``runs/bnn_binary/run-<time>``): ``logs/`` (``tensorboard --logdir OUTPUT/logs``),
+``checkpoints/`` and ``predictions/``; ``--resume`` continues the newest run (or ``--output-dir``).
 """
 
 from __future__ import annotations
@@ -83,6 +84,9 @@ def make_svi(model: Callable[..., None], learning_rate: float = 1e-3) -> SVI:
     return SVI(model, guide=guide, optim=adam(learning_rate=learning_rate), loss=Trace_ELBO())
 
 
+RUNS = "runs/bnn_binary"
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="aimz-trainer run bnn_binary", description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="the tutorial's size: 1,000,000 rows, 10 epochs, 500 draws")
@@ -97,14 +101,35 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--val-rows", type=int, default=None, help="held-out rows (default 10%% of --num-rows)")
     parser.add_argument("--patience", type=int, default=2, help="epochs without a better val_loss before stopping")
-    parser.add_argument("--output-dir", default="runs/bnn_binary", help="where logs, checkpoints and predictions go")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    parser.add_argument(
+        "--output-dir", default=None, help=f"where logs, checkpoints and predictions go (default: {RUNS}/run-<time>)"
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in --output-dir (default: newest run)",
+    )
     args = parser.parse_args(argv)
     args.num_rows = args.num_rows or (1_000_000 if args.full else 100_000)
     args.max_epochs = args.max_epochs or (10 if args.full else 5)
     args.num_samples = args.num_samples if args.num_samples is not None else (500 if args.full else 100)
     args.val_rows = args.val_rows if args.val_rows is not None else max(args.num_rows // 10, 1)
+    args.output_dir = output_directory(args.output_dir, args.resume, parser)
     return args
+
+
+def output_directory(requested: str | None, resume: bool, parser: argparse.ArgumentParser) -> Path:
+    """The run's directory: a new ``runs/bnn_binary/run-<time>`` by default, the newest one
+    when resuming; a directory that already holds checkpoints is only reused by ``--resume``."""
+    if requested is None and resume:
+        runs = sorted(Path(RUNS).glob("run-*"))
+        if not runs:
+            parser.error(f"--resume found no earlier run in {RUNS}/; pass --output-dir")
+        return runs[-1]
+    directory = Path(requested or f"{RUNS}/run-{time.strftime('%Y%m%d-%H%M%S')}")
+    if not resume and any((directory / "checkpoints").glob("[0-9]*")):
+        parser.error(f"{directory} holds checkpoints of an earlier run: add --resume, or pass another --output-dir")
+    return directory
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -138,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from aimz_trainer import Predictor  # loads xarray: only when the recipe runs
 
     args = parse_args(argv)
-    output_dir = Path(args.output_dir)
+    output_dir = args.output_dir
     log_dir, checkpoint_dir, store_dir = output_dir / "logs", output_dir / "checkpoints", output_dir / "predictions"
     key_data, key_net, key_fit, key_predict = random.split(random.key(args.seed), 4)
     X, y, p_true = make_data(args.num_rows + args.val_rows, args.num_features, key_data)

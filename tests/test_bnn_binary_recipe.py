@@ -58,3 +58,24 @@ def test_a_run_then_a_resumed_run(recipe, tmp_path, capsys):
     assert [event.step for event in events.Scalars("train_loss_epoch")] == [7, 15, 23]
     # Two prediction stores per run (training rows, held-out rows), all complete.
     assert len([p for p in (tmp_path / "predictions").iterdir() if p.name.startswith("predict-")]) == 4
+
+
+def test_a_directory_with_checkpoints_is_only_reused_by_resume(recipe, tmp_path, capsys):
+    (tmp_path / "checkpoints" / "16").mkdir(parents=True)
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--output-dir", str(tmp_path)])
+    assert "holds checkpoints of an earlier run: add --resume" in capsys.readouterr().err
+    assert recipe.parse_args(["--output-dir", str(tmp_path), "--resume"]).output_dir == tmp_path
+    assert (tmp_path / "checkpoints" / "16").is_dir()
+
+
+def test_resume_without_a_directory_continues_the_newest_run(recipe, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--resume"])
+    assert "--resume found no earlier run" in capsys.readouterr().err
+    for name in ("run-20260101-000000", "run-20260102-000000"):
+        (tmp_path / recipe.RUNS / name).mkdir(parents=True)
+    assert recipe.parse_args(["--resume"]).output_dir == Path(recipe.RUNS) / "run-20260102-000000"
+    fresh = recipe.parse_args([]).output_dir
+    assert fresh.parent == Path(recipe.RUNS) and fresh.name.startswith("run-") and not fresh.exists()
