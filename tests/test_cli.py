@@ -29,9 +29,9 @@ def test_run_bnn_binary_prints_the_summary_and_where_its_outputs_went(tmp_path):
     assert "final ELBO loss" in out and "after 16 steps" in out
     assert "nn_p_linear1.kernel (5, 100, 32)" in out and "p (5, 500)" in out
     assert "held out (1,000 rows): ELBO loss per row" in out and "mean lpd -0." in out
-    assert f"logs: {tmp_path / 'logs'}" in out and f"checkpoints: {tmp_path / 'checkpoints'}" in out
-    store = next(line for line in out.splitlines() if line.startswith("predictions: "))
-    assert store.startswith(f"predictions: {tmp_path / 'predictions' / 'predict-'}")
+    footer = out[out.index("bnn_binary wrote:") :].splitlines()
+    assert footer[1:3] == [f"  logs: {tmp_path / 'logs'}", f"  checkpoints: {tmp_path / 'checkpoints'}"]
+    assert footer[3].startswith(f"  predictions: {tmp_path / 'predictions' / 'predict-'}")
     assert list((tmp_path / "logs").glob("events.out.tfevents.*"))
 
 

@@ -87,10 +87,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif value is not None:
             forwarded += [flag, str(value)]
     summary = recipe.main([*forwarded, *recipe_argv])
-    if isinstance(summary, dict):
-        for key, label in OUTPUTS:
-            if summary.get(key):
-                print(f"{label}: {summary[key]}")
+    written = [(label, summary[key]) for key, label in OUTPUTS if isinstance(summary, dict) and summary.get(key)]
+    if written:
+        print(f"{args.recipe} wrote:")
+        for label, path in written:
+            print(f"  {label}: {path}")
     return 0
 
 
