@@ -475,3 +475,20 @@ def test_bad_data(predictor):
         predictor.predict({"x": dyadic_x(10), "y": np.zeros(9, np.float32)})
     with pytest.raises(DataError):
         predictor.predict([dyadic_x(10)])
+
+
+def test_constant_interventions_share_one_compiled_function():
+    def model(x, t, y=None):
+        w = numpyro.sample("w", dist.Normal())
+        with numpyro.plate("rows", x.shape[0]):
+            treated = numpyro.sample("t", dist.Bernoulli(0.5), obs=t)
+            numpyro.sample("y", dist.Normal(w * x + treated, 0.1), obs=y)
+
+    predictor = Predictor(model, {"w": np.linspace(1, 2, 4)}, rng_key=jax.random.key(0))
+    data = {"x": np.arange(6.0, dtype=np.float32), "t": np.zeros(6, np.float32)}
+    untreated = predictor.predict(data, batch_size=1000, intervention={"t": 0.0})
+    treated = predictor.predict(data, batch_size=1000, intervention={"t": 1.0})
+    assert len(predictor._compiled) == 1
+    difference = treated["posterior_predictive"]["y"].values - untreated["posterior_predictive"]["y"].values
+    np.testing.assert_allclose(difference, 1.0, atol=1e-5)
+    predictor.cleanup()

@@ -259,10 +259,14 @@ class Predictor:
         model_inputs = {**arrays, **(observed_data if kind == "log_likelihood" else {})}
         model_inputs.update({DO_PREFIX + name: value for name, value in row_values.items()})
         draws_per_chunk = self.draws_per_chunk or max(1, 20_000 // batch)
-        step = _make_step(self.model, outputs, kind, self.rows_per_key, draws_per_chunk, num_samples, constants)
-        shapes = _output_shapes(step, latent, model_inputs, outputs, self.rows_per_key, sites)
+        step = _make_step(self.model, outputs, kind, self.rows_per_key, draws_per_chunk, num_samples)
+        shapes = _output_shapes(step, latent, model_inputs, constants, outputs, self.rows_per_key, sites)
         dtypes = {name: dtype for name, (_, dtype) in shapes.items()}
-        step = self._compiled_step(step, (outputs, kind, batch, sorted(model_inputs), constants, num_samples), dtypes)
+        # Constant intervention values are arguments, not part of the program: a baseline and
+        # an intervention (t = 0, t = 1) share one compiled function.
+        constant_shapes = {name: f"{value.shape}{value.dtype}" for name, value in constants.items()}
+        signature = (outputs, kind, batch, sorted(model_inputs), constant_shapes, num_samples)
+        step = self._compiled_step(step, signature, dtypes)
         specs = [
             ArraySpec(group, name, (1, num_samples, num_rows, *shape[1:]), dtype, (
                 "chain", "draw", *_dims(sites[name], name, len(shape)),
@@ -305,6 +309,7 @@ class Predictor:
             store.write_whole({("observed_data", n): np.asarray(v) for n, v in observed_data.items()})
             rep = replicated(self.mesh)
             latent_device = jax.device_put(latent, rep)
+            constants_device = jax.device_put(constants, rep)
             bar = tqdm(
                 total=num_rows, initial=store.rows_written, unit="row", desc=group,
                 disable=not (progress and progress_bar_wanted()),
@@ -314,7 +319,7 @@ class Predictor:
                 inputs = {k: _padded(np.asarray(v[start:stop]), batch) for k, v in model_inputs.items()}
                 inputs = {k: to_global_array(v, batch_sharding(self.mesh), v.shape) for k, v in inputs.items()}
                 block0 = jnp.asarray(start // self.rows_per_key, jnp.uint32)
-                result = step(latent_device, inputs, self.rng_key, block0)
+                result = step(latent_device, inputs, self.rng_key, block0, constants_device)
                 store.write_batch(start, stop, {(group, n): _rows(result[n], stop - start) for n in outputs})
                 bar.update(stop - start)
             bar.close()
@@ -350,7 +355,7 @@ class Predictor:
                 return {name: value.astype(dtypes[name]) for name, value in step(*args).items()}
 
             self._compiled[key] = jax.jit(
-                compact, in_shardings=(rep, rows, rep, rep), out_shardings=_out_sharding(self.mesh)
+                compact, in_shardings=(rep, rows, rep, rep, rep), out_shardings=_out_sharding(self.mesh)
             )
         return self._compiled[key]
 
@@ -362,14 +367,16 @@ def _make_step(
     rows_per_key: int,
     draws_per_chunk: int,
     num_samples: int,
-    constants: Mapping[str, np.ndarray],
 ) -> Callable[..., Draws]:
-    """``step(latent, inputs, rng_key, first_block) -> {site: (draws, rows, ...)}``; inputs
-    named ``DO_PREFIX + site`` are row-wise intervention values, ``constants`` the others."""
+    """``step(latent, inputs, rng_key, first_block, constants) -> {site: (draws, rows, ...)}``;
+    inputs named ``DO_PREFIX + site`` are row-wise intervention values, ``constants`` the
+    others."""
 
-    def one_draw_one_block(theta: Draws, block_inputs: Mapping[str, jax.Array], key: jax.Array) -> Draws:
+    def one_draw_one_block(
+        theta: Draws, block_inputs: Mapping[str, jax.Array], key: jax.Array, constants: Draws
+    ) -> Draws:
         interventions = {k[len(DO_PREFIX) :]: v for k, v in block_inputs.items() if k.startswith(DO_PREFIX)}
-        interventions.update({k: jnp.asarray(v) for k, v in constants.items()})
+        interventions.update(constants)
         block_inputs = {k: v for k, v in block_inputs.items() if not k.startswith(DO_PREFIX)}
         intervened = handlers.do(model, data=interventions) if interventions else model
         intervened = handlers.substitute(intervened, substitute_fn=_whole_subsample)
@@ -382,7 +389,9 @@ def _make_step(
         trace = handlers.trace(conditioned).get_trace(**block_inputs)
         return {name: trace[name]["value"] for name in outputs}
 
-    def step(latent: Draws, inputs: Mapping[str, jax.Array], rng_key: jax.Array, first_block: jax.Array) -> Draws:
+    def step(
+        latent: Draws, inputs: Mapping[str, jax.Array], rng_key: jax.Array, first_block: jax.Array, constants: Draws
+    ) -> Draws:
         batch = jax.tree.leaves(inputs)[0].shape[0]
         blocks = batch // rows_per_key
         blocked = {k: v.reshape(blocks, rows_per_key, *v.shape[1:]) for k, v in inputs.items()}
@@ -393,7 +402,7 @@ def _make_step(
             theta, draw = args
             draw_key = jax.random.fold_in(rng_key, draw)
             keys = jax.vmap(lambda block: jax.random.fold_in(draw_key, block))(block_ids)
-            per_block = jax.vmap(one_draw_one_block, in_axes=(None, 0, 0))(theta, blocked, keys)
+            per_block = jax.vmap(one_draw_one_block, in_axes=(None, 0, 0, None))(theta, blocked, keys, constants)
             return {k: v.reshape(batch, *v.shape[2:]) for k, v in per_block.items()}
 
         return lax.map(one_draw, (latent, draw_ids), batch_size=min(draws_per_chunk, num_samples))
@@ -495,12 +504,18 @@ def _trace_sites(model: Callable[..., Any], probe: Mapping[str, Any]) -> dict[st
 
 
 def _output_shapes(
-    step: Any, latent: Draws, inputs: Mapping[str, Any], outputs: list[str], rows_per_key: int, sites: Mapping[str, Any]
+    step: Any,
+    latent: Draws,
+    inputs: Mapping[str, Any],
+    constants: Mapping[str, Any],
+    outputs: list[str],
+    rows_per_key: int,
+    sites: Mapping[str, Any],
 ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """``{site: (shape of one draw over rows_per_key rows, compact dtype)}``, without compiling."""
     rows = {k: _padded(np.asarray(v[:rows_per_key]), rows_per_key) for k, v in inputs.items()}
     one = jax.ShapeDtypeStruct((), jnp.uint32)
-    shapes = jax.eval_shape(step, latent, rows, jax.random.key(0), one)
+    shapes = jax.eval_shape(step, latent, rows, jax.random.key(0), one, constants)
     return {name: (shapes[name].shape[1:], _compact_dtype(shapes[name].dtype, sites.get(name))) for name in outputs}
 
 
