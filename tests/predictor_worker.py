@@ -57,7 +57,16 @@ def _predict(output_dir: str) -> dict:
         linear_model, dyadic_posterior(), rng_key=jax.random.key(7), rows_per_key=ROWS_PER_KEY, draws_per_chunk=4
     )
     tree = predictor.predict({"x": dyadic_x(37)}, batch_size=16, output_dir=output_dir)
-    return {"devices": predictor.mesh.size, "store_path": tree.attrs["store_path"]}
+    # Tiles of one block per device: each 32-row batch runs as 2 tiles of 4 x 4 rows.
+    tiled = Predictor(
+        linear_model, dyadic_posterior(), rng_key=jax.random.key(7), rows_per_key=ROWS_PER_KEY, draws_per_chunk=4,
+        rows_per_tile=ROWS_PER_KEY,
+    ).predict({"x": dyadic_x(37)}, batch_size=32, output_dir=output_dir)  # fmt: skip
+    return {
+        "devices": predictor.mesh.size,
+        "store_path": tree.attrs["store_path"],
+        "tiled_store_path": tiled.attrs["store_path"],
+    }
 
 
 def main(argv: list[str]) -> None:

@@ -177,11 +177,13 @@ def test_four_devices_write_the_same_values_as_one(predictor, tmp_path):
 
     one = predictor.predict({"x": dyadic_x(37)}, batch_size=8, output_dir=tmp_path / "one")
     assert predictor.mesh.size == 1
+    four_tiled = open_store(result["tiled_store_path"])
     for site in ("y", "mu"):
         assert four["posterior_predictive"][site].shape == (1, NUM_DRAWS, 37)
-        np.testing.assert_array_equal(
-            values(four, "posterior_predictive", site), values(one, "posterior_predictive", site)
-        )
+        for tree in (four, four_tiled):
+            np.testing.assert_array_equal(
+                values(tree, "posterior_predictive", site), values(one, "posterior_predictive", site)
+            )
     np.testing.assert_array_equal(values(four, "posterior", "w"), values(one, "posterior", "w"))
 
 
@@ -492,3 +494,21 @@ def test_constant_interventions_share_one_compiled_function():
     difference = treated["posterior_predictive"]["y"].values - untreated["posterior_predictive"]["y"].values
     np.testing.assert_allclose(difference, 1.0, atol=1e-5)
     predictor.cleanup()
+
+
+def test_tiles_of_rows_give_the_same_draws(predictor):
+    """Every draw of one tile of rows before the next tile: a loop order, not other numbers."""
+    tiled = linear_predictor(rows_per_tile=ROWS_PER_KEY)  # 16-row batches: 4 tiles of one block
+    data = {"x": dyadic_x(37)}
+    reference = predictor.predict(data, batch_size=16)
+    tree = tiled.predict(data, batch_size=16)
+    for site in ("y", "mu"):
+        np.testing.assert_array_equal(
+            values(tree, "posterior_predictive", site), values(reference, "posterior_predictive", site)
+        )
+    tiled.cleanup()
+
+
+def test_rows_per_tile_must_be_whole_blocks():
+    with pytest.raises(ConfigurationError, match="rows_per_tile must be a multiple of rows_per_key=4; got 6"):
+        linear_predictor(rows_per_tile=6)

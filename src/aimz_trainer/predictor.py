@@ -63,9 +63,14 @@ class Predictor:
             ``None``: a Predictor for :meth:`sample_prior_predictive` only.
         mesh: the device mesh (share the trainer's: ``trainer.mesh``); default: all devices.
         rng_key: the key of every random draw (see the module docstring).
-        draws_per_chunk: draws computed together per row batch; ``None`` (default) picks about
-            20,000 rows x draws per step, which keeps a 32-wide layer's activations in cache
-            (measured on CPU: one draw at a time over 10,000 rows beats 10 or 50 at a time).
+        draws_per_chunk: draws computed together per tile of rows; ``None`` (default) picks
+            about 20,000 rows x draws per step, which keeps a 32-wide layer's activations in
+            cache (measured on CPU: one draw at a time over 10,000 rows beats 10 or 50 at a time).
+        rows_per_tile: rows per device computed for every draw before the next rows (a
+            multiple of ``rows_per_key`` dividing the batch's rows per device); default: the
+            largest such tile up to 10,000 rows. With 100,000-row batches on CPU, tiles of
+            10,000 rows were 16% faster than the whole batch per draw (its inputs no longer fit
+            in cache).
         rows_per_key: rows sharing one random key; batches are rounded up to a multiple of it
             times the device count.
         scratch: where stores written without ``output_dir`` go; several Predictors may share
@@ -93,6 +98,7 @@ class Predictor:
         rng_key: jax.Array | None = None,
         draws_per_chunk: int | None = None,
         rows_per_key: int = 1000,
+        rows_per_tile: int | None = None,
         scratch: ScratchDirectory | None = None,
     ) -> None:
         if not callable(model):
@@ -103,7 +109,11 @@ class Predictor:
         sizes = {name: int(np.shape(value)[0]) if np.ndim(value) else -1 for name, value in posterior.items()}
         if len(set(sizes.values())) > 1 or -1 in sizes.values():
             raise ConfigurationError(f"posterior draws must share one leading draw axis; got sizes {sizes}.")
-        for name, value in [("draws_per_chunk", draws_per_chunk), ("rows_per_key", rows_per_key)]:
+        for name, value in [
+            ("draws_per_chunk", draws_per_chunk),
+            ("rows_per_key", rows_per_key),
+            ("rows_per_tile", rows_per_tile),
+        ]:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigurationError(f"{name} must be a positive int; got {value!r}.")
         self.model = model
@@ -113,6 +123,11 @@ class Predictor:
         self.rng_key = jax.random.key(0) if rng_key is None else rng_key
         self.draws_per_chunk = draws_per_chunk
         self.rows_per_key = rows_per_key
+        if rows_per_tile is not None and rows_per_tile % rows_per_key:
+            raise ConfigurationError(
+                f"rows_per_tile must be a multiple of rows_per_key={rows_per_key}; got {rows_per_tile}."
+            )
+        self.rows_per_tile = rows_per_tile
         self._scratch = scratch if scratch is not None else ScratchDirectory()
         self._compiled: dict[Any, Any] = {}
 
@@ -258,8 +273,11 @@ class Predictor:
         # Predictions are not conditioned on the observed values; the log-likelihood is.
         model_inputs = {**arrays, **(observed_data if kind == "log_likelihood" else {})}
         model_inputs.update({DO_PREFIX + name: value for name, value in row_values.items()})
-        draws_per_chunk = self.draws_per_chunk or max(1, 20_000 // batch)
-        step = _make_step(self.model, outputs, kind, self.rows_per_key, draws_per_chunk, num_samples)
+        rows_per_tile = _tile_rows(batch // self.mesh.size, self.rows_per_key, self.rows_per_tile)
+        draws_per_chunk = self.draws_per_chunk or max(1, 20_000 // rows_per_tile)
+        step = _make_step(
+            self.model, outputs, kind, self.rows_per_key, draws_per_chunk, num_samples, rows_per_tile, self.mesh.size
+        )
         shapes = _output_shapes(step, latent, model_inputs, constants, outputs, self.rows_per_key, sites)
         dtypes = {name: dtype for name, (_, dtype) in shapes.items()}
         # Constant intervention values are arguments, not part of the program: a baseline and
@@ -367,6 +385,8 @@ def _make_step(
     rows_per_key: int,
     draws_per_chunk: int,
     num_samples: int,
+    rows_per_tile: int,
+    shards: int,
 ) -> Callable[..., Draws]:
     """``step(latent, inputs, rng_key, first_block, constants) -> {site: (draws, rows, ...)}``;
     inputs named ``DO_PREFIX + site`` are row-wise intervention values, ``constants`` the
@@ -389,13 +409,17 @@ def _make_step(
         trace = handlers.trace(conditioned).get_trace(**block_inputs)
         return {name: trace[name]["value"] for name in outputs}
 
-    def step(
-        latent: Draws, inputs: Mapping[str, jax.Array], rng_key: jax.Array, first_block: jax.Array, constants: Draws
+    def one_tile(
+        latent: Draws,
+        inputs: Mapping[str, jax.Array],
+        rng_key: jax.Array,
+        first_block: jax.Array,
+        blocks_in_batch: jax.Array,
+        constants: Draws,
     ) -> Draws:
-        batch = jax.tree.leaves(inputs)[0].shape[0]
-        blocks = batch // rows_per_key
-        blocked = {k: v.reshape(blocks, rows_per_key, *v.shape[1:]) for k, v in inputs.items()}
-        block_ids = first_block + jnp.arange(blocks, dtype=jnp.uint32)
+        rows = jax.tree.leaves(inputs)[0].shape[0]
+        blocked = {k: v.reshape(rows // rows_per_key, rows_per_key, *v.shape[1:]) for k, v in inputs.items()}
+        block_ids = first_block + blocks_in_batch.astype(jnp.uint32)
         draw_ids = jnp.arange(num_samples, dtype=jnp.uint32)
 
         def one_draw(args: tuple[Draws, jax.Array]) -> Draws:
@@ -403,11 +427,46 @@ def _make_step(
             draw_key = jax.random.fold_in(rng_key, draw)
             keys = jax.vmap(lambda block: jax.random.fold_in(draw_key, block))(block_ids)
             per_block = jax.vmap(one_draw_one_block, in_axes=(None, 0, 0, None))(theta, blocked, keys, constants)
-            return {k: v.reshape(batch, *v.shape[2:]) for k, v in per_block.items()}
+            return {k: v.reshape(rows, *v.shape[2:]) for k, v in per_block.items()}
 
         return lax.map(one_draw, (latent, draw_ids), batch_size=min(draws_per_chunk, num_samples))
 
+    def step(
+        latent: Draws, inputs: Mapping[str, jax.Array], rng_key: jax.Array, first_block: jax.Array, constants: Draws
+    ) -> Draws:
+        rows = jax.tree.leaves(inputs)[0].shape[0]
+        tiles = rows // shards // rows_per_tile  # per shard
+        if tiles <= 1:
+            return one_tile(latent, inputs, rng_key, first_block, jnp.arange(rows // rows_per_key), constants)
+
+        # Every draw of one tile of rows, then the next tile: a tile's inputs and activations
+        # stay in cache across the draws instead of the whole batch streaming from memory once
+        # per draw. Each shard's rows (the mesh splits rows into `shards` contiguous parts) are
+        # cut into `tiles` tiles; tile t gathers the t-th tile of every shard, so the shards
+        # stay split over the devices.
+        def by_tile(v: jax.Array) -> jax.Array:
+            return jnp.moveaxis(v.reshape(shards, tiles, rows_per_tile, *v.shape[1:]), 1, 0)
+
+        tiled = {k: by_tile(v).reshape(tiles, shards * rows_per_tile, *v.shape[1:]) for k, v in inputs.items()}
+        blocks = jnp.arange(rows // rows_per_key).reshape(shards, tiles, rows_per_tile // rows_per_key)
+        tile_blocks = jnp.moveaxis(blocks, 1, 0).reshape(tiles, -1)
+        out = lax.map(lambda a: one_tile(latent, a[0], rng_key, first_block, a[1], constants), (tiled, tile_blocks))
+        return {
+            k: jnp.moveaxis(v.reshape(tiles, num_samples, shards, rows_per_tile, *v.shape[3:]), 0, 2).reshape(
+                num_samples, rows, *v.shape[3:]
+            )
+            for k, v in out.items()
+        }
+
     return step
+
+
+def _tile_rows(rows_per_device: int, rows_per_key: int, requested: int | None) -> int:
+    """The largest multiple of ``rows_per_key`` that divides ``rows_per_device`` and is at most
+    ``requested`` (default 10,000) rows, and at least one block."""
+    blocks = rows_per_device // rows_per_key
+    limit = max((requested or 10_000) // rows_per_key, 1)
+    return max(b for b in range(1, min(blocks, limit) + 1) if blocks % b == 0) * rows_per_key
 
 
 def _out_sharding(mesh: Mesh) -> NamedSharding:
