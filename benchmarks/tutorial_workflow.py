@@ -164,6 +164,7 @@ def run_tutorial(module: str, num_rows: int, phases: Phases) -> dict[str, Any]:
         # Not in the tutorial: the store is written by predict; check what came back.
         shapes = {site: tuple(dt["posterior_predictive"][site].shape) for site in ("y", "p")}
         assert shapes == {"y": (1, 500, n), "p": (1, 500, n)}, shapes
+        layout = {group: {name: list(dt[group][name].dims) for name in dt[group].data_vars} for group in dt.children}
 
     with phase("cleanup"):
         im.cleanup()
@@ -171,6 +172,7 @@ def run_tutorial(module: str, num_rows: int, phases: Phases) -> dict[str, Any]:
     losses = im.vi_result.losses
     return {
         "shapes": {site: list(shape) for site, shape in shapes.items()},
+        "layout": layout,
         "num_losses": len(losses),
         "final_loss": float(losses[-1]),
         "backend": default_backend(),
