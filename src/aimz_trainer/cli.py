@@ -8,17 +8,26 @@ as they are; anything else after the recipe's name goes to the recipe too (``pyt
 recipes/NAME.py --help`` lists a recipe's own options). At the end the command prints where
 the run's logs, checkpoints and predictions went (the summary's ``log_dir``,
 ``checkpoint_dir`` and ``store``).
+
+``--num-processes N`` runs the recipe as N processes of one ``jax.distributed`` run on this
+machine (loopback, ``--local-devices K`` CPU devices each); a process started that way (or by
+SLURM, see :mod:`aimz_trainer.distributed`) joins the run before the recipe starts, and only
+process 0 prints.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
+import jax
+
+from aimz_trainer import distributed
 from aimz_trainer.errors import ConfigurationError
 
 __all__ = ["load_recipe", "main"]
@@ -30,6 +39,17 @@ COMMON_OPTIONS: list[tuple[str, dict[str, object]]] = [
     ("--devices", {"type": int, "metavar": "N", "help": "devices on the mesh's data axis (default: all)"}),
     ("--output-dir", {"metavar": "D", "help": "where the run writes logs, checkpoints and predictions"}),
     ("--resume", {"action": "store_true", "help": "continue from the newest checkpoint in --output-dir"}),
+]
+# (flag, argparse keywords): options of the command itself, not forwarded.
+LAUNCH_OPTIONS: list[tuple[str, dict[str, object]]] = [
+    (
+        "--num-processes",
+        {"type": int, "metavar": "N", "help": "run as N processes of one jax.distributed run on this machine"},
+    ),
+    (
+        "--local-devices",
+        {"type": int, "metavar": "K", "default": 1, "help": "CPU devices per process with --num-processes (1)"},
+    ),
 ]
 OUTPUTS = [("log_dir", "logs"), ("checkpoint_dir", "checkpoints"), ("store", "predictions")]
 
@@ -67,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a recipe with overrides; prints where its logs, checkpoints and predictions went.",
     )
     run.add_argument("recipe", help="recipe name in ./recipes (bnn_binary, causal_effect, ...) or a .py path")
-    for flag, options in COMMON_OPTIONS:
+    for flag, options in COMMON_OPTIONS + LAUNCH_OPTIONS:
         run.add_argument(flag, **options)  # type: ignore[arg-type]
     return parser
 
@@ -86,6 +106,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             forwarded += [flag] if value else []
         elif value is not None:
             forwarded += [flag, str(value)]
+    if args.num_processes is not None and args.num_processes > 1:
+        # The launcher: N copies of this command (without --num-processes), one run.
+        command = [sys.executable, "-m", "aimz_trainer.cli", "run", args.recipe, *forwarded, *recipe_argv]
+        return distributed.launch(command, args.num_processes, local_devices=args.local_devices)
+    if distributed.initialize() is not None and jax.process_index() != 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - one summary: process 0 prints it
     summary = recipe.main([*forwarded, *recipe_argv])
     written = [(label, summary[key]) for key, label in OUTPUTS if isinstance(summary, dict) and summary.get(key)]
     if written:

@@ -12,6 +12,7 @@ __all__ = [
     "CheckpointError",
     "ConfigurationError",
     "DataError",
+    "DistributedError",
     "MetricNotFoundError",
     "NonFiniteLossError",
     "NotFittedError",
@@ -82,3 +83,7 @@ class StoreError(AimzTrainerError, OSError):
 
 class NotFittedError(AimzTrainerError, RuntimeError):
     """A method needs a fitted model (posterior draws) and ``fit`` has not run yet."""
+
+
+class DistributedError(AimzTrainerError, RuntimeError):
+    """The processes of a multi-process run cannot join, or disagree on the run."""

@@ -1,0 +1,247 @@
+"""Multi-process runs on JAX's own distributed runtime (``jax.distributed``).
+
+One process per host (or per GPU), all running the same program: :func:`initialize` connects
+them through a coordinator, after which ``jax.devices()`` lists every device of every process,
+the Trainer's mesh spans them all, each process feeds only its share of every global batch, and
+the compiled step is the same function as on one host. :func:`launch` starts N such processes
+on this machine over loopback (CPU collectives through gloo), for testing a cluster setup
+without a cluster: ``aimz-trainer run RECIPE --num-processes 2``.
+
+Where the cluster's shape comes from, first match wins:
+
+1. the arguments of :func:`initialize`;
+2. ``AIMZ_COORDINATOR_ADDRESS``, ``AIMZ_NUM_PROCESSES``, ``AIMZ_PROCESS_ID`` (set by
+   :func:`launch`, or by hand);
+3. SLURM: ``SLURM_NTASKS`` processes, this one ``SLURM_PROCID``, the coordinator on the first
+   host of ``SLURM_STEP_NODELIST`` (or ``SLURM_JOB_NODELIST``) at port
+   ``AIMZ_COORDINATOR_PORT`` (default 61234).
+
+Without any of them the run is a single process and :func:`initialize` does nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import jax
+
+from aimz_trainer.errors import ConfigurationError, DistributedError
+
+__all__ = ["ClusterSpec", "cluster_spec", "initialize", "launch"]
+
+ENV_ADDRESS = "AIMZ_COORDINATOR_ADDRESS"
+ENV_NUM_PROCESSES = "AIMZ_NUM_PROCESSES"
+ENV_PROCESS_ID = "AIMZ_PROCESS_ID"
+ENV_PORT = "AIMZ_COORDINATOR_PORT"
+DEFAULT_PORT = 61234
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """Where the coordinator is, how many processes there are and which one this is.
+
+    Attributes:
+        source: ``"arguments"``, ``"environment"`` or ``"slurm"``.
+    """
+
+    coordinator_address: str
+    num_processes: int
+    process_id: int
+    source: str
+
+
+def cluster_spec(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> ClusterSpec | None:
+    """The cluster this process belongs to (see the module docstring), or ``None`` for a
+    single-process run.
+
+    Example:
+        >>> cluster_spec(environ={"SLURM_NTASKS": "4", "SLURM_PROCID": "2", "SLURM_STEP_NODELIST": "gpu[07-10]"})
+        ClusterSpec(coordinator_address='gpu07:61234', num_processes=4, process_id=2, source='slurm')
+        >>> cluster_spec(environ={}) is None
+        True
+    """
+    env = os.environ if environ is None else environ
+    if coordinator_address is not None or num_processes is not None or process_id is not None:
+        if coordinator_address is None or num_processes is None or process_id is None:
+            raise ConfigurationError(
+                "pass coordinator_address, num_processes and process_id together (or none of them, to read "
+                f"{ENV_ADDRESS}/{ENV_NUM_PROCESSES}/{ENV_PROCESS_ID} or SLURM's variables)."
+            )
+        return _checked(coordinator_address, num_processes, process_id, "arguments")
+    if ENV_NUM_PROCESSES in env:
+        return _checked(
+            env.get(ENV_ADDRESS, ""), _int_env(env, ENV_NUM_PROCESSES), _int_env(env, ENV_PROCESS_ID), "environment"
+        )
+    if int(env.get("SLURM_NTASKS", "1")) > 1:
+        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "")
+        address = f"{first_host(nodes)}:{env.get(ENV_PORT, DEFAULT_PORT)}"
+        return _checked(address, _int_env(env, "SLURM_NTASKS"), _int_env(env, "SLURM_PROCID"), "slurm")
+    return None
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list (``"node[03-05,9],gpu1"`` -> ``"node03"``)."""
+    match = re.match(r"([^,\[]*)(?:\[([^\]]*)\])?", nodelist.strip())
+    if not match or (not match.group(1) and not match.group(2)):
+        raise ConfigurationError(f"cannot read the first host of the SLURM node list {nodelist!r}.")
+    prefix, ranges = match.group(1), match.group(2)
+    return prefix + (re.split(r"[,-]", ranges)[0] if ranges else "")
+
+
+def _int_env(env: Mapping[str, str], name: str) -> int:
+    try:
+        return int(env[name])
+    except (KeyError, ValueError) as error:
+        raise ConfigurationError(f"{name} must be set to an integer; got {env.get(name)!r}.") from error
+
+
+def _checked(address: str, num_processes: int, process_id: int, source: str) -> ClusterSpec:
+    if not re.fullmatch(r".+:\d+", address or ""):
+        raise ConfigurationError(f"coordinator_address must be 'host:port'; got {address!r} (from {source}).")
+    if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
+        raise ConfigurationError(f"num_processes must be a positive int; got {num_processes!r} (from {source}).")
+    if isinstance(process_id, bool) or not isinstance(process_id, int) or not 0 <= process_id < num_processes:
+        raise ConfigurationError(
+            f"process_id must be in [0, {num_processes}) for {num_processes} processes; got {process_id!r} "
+            f"(from {source})."
+        )
+    return ClusterSpec(address, num_processes, process_id, source)
+
+
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    timeout_s: int = 60,
+    heartbeat_timeout_s: int = 30,
+    local_device_ids: Sequence[int] | None = None,
+) -> ClusterSpec | None:
+    """Join the cluster (``jax.distributed.initialize``) before anything else uses JAX.
+
+    Args:
+        coordinator_address: ``"host:port"`` of process 0's coordinator service.
+        num_processes: processes in the run.
+        process_id: this process, from 0.
+        timeout_s: how long to wait for every process to reach the coordinator; past it,
+            :class:`~aimz_trainer.errors.DistributedError` names the address.
+        heartbeat_timeout_s: how long a silent process (crashed, killed) may go unnoticed; the
+            others then stop with an error instead of waiting for it in a collective forever.
+        local_device_ids: this process's devices (default: all it sees).
+
+    Returns:
+        The cluster's :class:`ClusterSpec`, or ``None`` for a single process (nothing done).
+
+    Example:
+        >>> initialize() is None  # no arguments, no AIMZ_*/SLURM variables: one process
+        True
+    """
+    spec = cluster_spec(coordinator_address, num_processes, process_id)
+    if spec is None or spec.num_processes == 1:
+        return spec
+    # CPU devices of several processes talk through gloo (TCP); accelerators use their own.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(
+            coordinator_address=spec.coordinator_address,
+            num_processes=spec.num_processes,
+            process_id=spec.process_id,
+            local_device_ids=local_device_ids,
+            initialization_timeout=timeout_s,
+            heartbeat_timeout_seconds=heartbeat_timeout_s,
+            shutdown_timeout_seconds=heartbeat_timeout_s,
+        )
+    except Exception as error:  # the runtime raises XlaRuntimeError, RuntimeError, ...
+        raise DistributedError(
+            f"process {spec.process_id} of {spec.num_processes} could not join the run through the coordinator "
+            f"at {spec.coordinator_address} within {timeout_s} s ({type(error).__name__}: {error}). Check that "
+            "process 0 runs and that the address is reachable from here."
+        ) from error
+    if jax.process_count() != spec.num_processes:
+        raise DistributedError(f"expected {spec.num_processes} processes, the runtime reports {jax.process_count()}.")
+    return spec
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for a local coordinator)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def launch(
+    command: Sequence[str],
+    num_processes: int,
+    *,
+    local_devices: int = 1,
+    grace_s: float = 60.0,
+    environ: Mapping[str, str] | None = None,
+) -> int:
+    """Run ``command`` as ``num_processes`` processes of one run on this machine, over loopback.
+
+    Each process gets ``AIMZ_COORDINATOR_ADDRESS`` (a free local port), ``AIMZ_NUM_PROCESSES``
+    and ``AIMZ_PROCESS_ID``, and ``local_devices`` CPU devices. Process 0's output is shown as
+    is; the others' output lines are prefixed with their number. When a process fails, the
+    others get ``grace_s`` seconds to stop on their own (they notice through the runtime's
+    heartbeat), then are terminated.
+
+    Returns:
+        0 when every process succeeded, else the first failure's exit status.
+    """
+    if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
+        raise ConfigurationError(f"num_processes must be a positive int; got {num_processes!r}.")
+    base = dict(os.environ if environ is None else environ)
+    address = f"127.0.0.1:{free_port()}"
+    flags = " ".join(f for f in base.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f)
+    processes = []
+    for rank in range(num_processes):
+        env = {
+            **base,
+            ENV_ADDRESS: address,
+            ENV_NUM_PROCESSES: str(num_processes),
+            ENV_PROCESS_ID: str(rank),
+            "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={local_devices}".strip(),
+        }
+        output = None if rank == 0 else subprocess.PIPE
+        processes.append(subprocess.Popen(list(command), env=env, stdout=output, stderr=output, text=True, bufsize=1))
+    for rank, process in enumerate(processes[1:], start=1):
+        _relay(process, f"[process {rank}] ")
+    status, failed_at = 0, None
+    while any(p.poll() is None for p in processes):
+        codes = [p.poll() for p in processes]
+        if failed_at is None and any(code not in (None, 0) for code in codes):
+            failed_at = time.monotonic()
+        if failed_at is not None and time.monotonic() - failed_at > grace_s:
+            for p in processes:
+                if p.poll() is None:
+                    p.terminate()
+        time.sleep(0.1)
+    for rank, process in enumerate(processes):
+        if process.returncode != 0:
+            print(f"aimz-trainer: process {rank} of {num_processes} exited with {process.returncode}", file=sys.stderr)
+            status = status or process.returncode
+    return status
+
+
+def _relay(process: subprocess.Popen[str], prefix: str) -> None:
+    """Copy a child's stdout and stderr to ours, line by line, each line prefixed."""
+
+    def copy(stream: object, sink: object) -> None:
+        for line in stream:  # type: ignore[attr-defined]
+            print(prefix + line, end="", file=sink, flush=True)  # type: ignore[arg-type]
+
+    for stream, sink in [(process.stdout, sys.stdout), (process.stderr, sys.stderr)]:
+        threading.Thread(target=copy, args=(stream, sink), daemon=True).start()
