@@ -152,6 +152,10 @@ def initialize(
     spec = cluster_spec(coordinator_address, num_processes, process_id)
     if spec is None or spec.num_processes == 1:
         return spec
+    if spec.process_id != 0:
+        # The runtime aborts the whole process (no Python exception) when the coordinator
+        # never answers: reach it first, so the failure can say where it looked.
+        _wait_for_coordinator(spec, timeout_s)
     # CPU devices of several processes talk through gloo (TCP); accelerators use their own.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
@@ -167,12 +171,28 @@ def initialize(
     except Exception as error:  # the runtime raises XlaRuntimeError, RuntimeError, ...
         raise DistributedError(
             f"process {spec.process_id} of {spec.num_processes} could not join the run through the coordinator "
-            f"at {spec.coordinator_address} within {timeout_s} s ({type(error).__name__}: {error}). Check that "
-            "process 0 runs and that the address is reachable from here."
+            f"at {spec.coordinator_address} ({type(error).__name__}: {error})."
         ) from error
     if jax.process_count() != spec.num_processes:
         raise DistributedError(f"expected {spec.num_processes} processes, the runtime reports {jax.process_count()}.")
     return spec
+
+
+def _wait_for_coordinator(spec: ClusterSpec, timeout_s: float) -> None:
+    host, port = spec.coordinator_address.rsplit(":", 1)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+            return
+        except OSError as error:
+            if time.monotonic() > deadline:
+                raise DistributedError(
+                    f"process {spec.process_id} of {spec.num_processes} could not reach the coordinator at "
+                    f"{spec.coordinator_address} within {timeout_s} s ({error}). Check that process 0 runs and "
+                    "that the address is reachable from here."
+                ) from error
+            time.sleep(0.2)
 
 
 def free_port() -> int:

@@ -1,0 +1,50 @@
+"""A process of a multi-process fit over loopback (tests/test_distributed.py starts them).
+
+Usage: python -m tests.distributed_worker MODE OUTPUT_DIR, with the AIMZ_* variables of
+:mod:`aimz_trainer.distributed` set (or none: a single process). Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from aimz_trainer import distributed
+
+HEARTBEAT_S = 5
+
+
+def main(argv: list[str]) -> None:
+    mode, directory = argv
+    distributed.initialize(timeout_s=60, heartbeat_timeout_s=HEARTBEAT_S)
+    import jax
+    import numpy as np
+
+    from aimz_trainer import Callback, ModelCheckpoint, Trainer
+
+    from .conftest import linear_data, linear_svi
+
+    class FailInProcessOne(Callback):
+        def on_train_epoch_end(self, trainer, progress):
+            if jax.process_index() == 1 and progress.epoch == 1:
+                raise RuntimeError("process 1 failed on purpose")
+
+    num_rows = 1200
+    callbacks = {"fail": [FailInProcessOne()]}.get(mode, [])
+    if mode in ("checkpoint", "resume"):
+        callbacks.append(ModelCheckpoint(directory, every_n_epochs=1))
+    trainer = Trainer(max_epochs=4, rng_key=jax.random.key(0), enable_progress_bar=False, callbacks=callbacks)
+    result = trainer.fit(
+        linear_svi(num_rows), linear_data(num_rows), batch_size=120, ckpt_path="last" if mode == "resume" else None
+    )
+    print(json.dumps({
+        "process": jax.process_index(),
+        "processes": jax.process_count(),
+        "devices": jax.device_count(),
+        "losses": np.asarray(result.losses).tolist(),
+        "params": {k: np.asarray(v).tolist() for k, v in result.params.items()},
+    }), flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

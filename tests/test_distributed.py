@@ -1,0 +1,137 @@
+"""Multi-process runs over loopback: 2 processes x 2 CPU devices against 1 process x 4.
+
+Every run is bounded by a timeout, so a hang fails the test instead of stalling CI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aimz_trainer import distributed
+from aimz_trainer.errors import ConfigurationError
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 180
+
+pytestmark = [pytest.mark.slow, pytest.mark.multidevice]
+
+
+def start(mode: str, directory: Path, num_processes: int, local_devices: int) -> list[subprocess.Popen]:
+    port = distributed.free_port()
+    processes = []
+    for rank in range(num_processes):
+        env = {
+            **os.environ,
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={local_devices}",
+            "JAX_PLATFORMS": "cpu",
+            "PYTHONHASHSEED": "0",  # numpyro sums ELBO terms in set order: same order everywhere
+        }
+        if num_processes > 1:
+            env.update({
+                distributed.ENV_ADDRESS: f"127.0.0.1:{port}",
+                distributed.ENV_NUM_PROCESSES: str(num_processes),
+                distributed.ENV_PROCESS_ID: str(rank),
+            })  # fmt: skip
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "tests.distributed_worker", mode, str(directory)],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    return processes
+
+
+def finish(processes: list[subprocess.Popen]) -> list[tuple[int, dict | None, str]]:
+    results = []
+    deadline = time.monotonic() + TIMEOUT_S
+    for process in processes:
+        try:
+            out, err = process.communicate(timeout=max(deadline - time.monotonic(), 1))
+        except subprocess.TimeoutExpired:
+            for p in processes:
+                p.kill()
+            pytest.fail(f"a process of the run hung for {TIMEOUT_S} s")
+        lines = [line for line in out.splitlines() if line.startswith("{")]
+        results.append((process.returncode, json.loads(lines[-1]) if lines else None, err))
+    return results
+
+
+def run(mode: str, directory: Path, num_processes: int, local_devices: int) -> list[dict]:
+    results = finish(start(mode, directory, num_processes, local_devices))
+    for code, _, err in results:
+        assert code == 0, err[-3000:]
+    return [result for _, result, _ in results]
+
+
+@pytest.fixture(scope="module")
+def one_by_four(tmp_path_factory):
+    return run("plain", tmp_path_factory.mktemp("one"), 1, 4)[0]
+
+
+def test_two_processes_agree_with_one_process_of_four_devices(one_by_four, tmp_path):
+    results = run("plain", tmp_path, 2, 2)
+    assert [(r["process"], r["processes"], r["devices"]) for r in results] == [(0, 2, 4), (1, 2, 4)]
+    assert one_by_four["devices"] == 4
+    for result in results:
+        np.testing.assert_allclose(result["losses"], one_by_four["losses"], rtol=1e-6)
+        for name, value in one_by_four["params"].items():
+            np.testing.assert_allclose(result["params"][name], value, rtol=1e-5, atol=1e-6)
+    assert results[0]["losses"] == results[1]["losses"]  # the processes agree exactly
+
+
+def test_a_failed_process_brings_the_others_down(tmp_path):
+    started = time.monotonic()
+    results = finish(start("fail", tmp_path, 2, 1))
+    elapsed = time.monotonic() - started
+    codes = [code for code, _, _ in results]
+    assert all(code != 0 for code in codes), codes
+    assert "process 1 failed on purpose" in results[1][2]
+    assert elapsed < 90  # the heartbeat (5 s) ends the wait, not a timeout of minutes
+
+
+def test_an_unreachable_coordinator_fails_in_bounded_time_naming_it(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    address = f"127.0.0.1:{distributed.free_port()}"
+    script = f"from aimz_trainer import distributed\ndistributed.initialize({address!r}, 2, 1, timeout_s=3)\n"
+    started = time.monotonic()
+    completed = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert completed.returncode != 0
+    assert (
+        "DistributedError" in completed.stderr and f"reach the coordinator at {address} within 3 s" in completed.stderr
+    )
+    assert time.monotonic() - started < 60
+
+
+def test_cluster_spec_sources():
+    env = {"AIMZ_COORDINATOR_ADDRESS": "10.0.0.1:1234", "AIMZ_NUM_PROCESSES": "3", "AIMZ_PROCESS_ID": "2"}
+    spec = distributed.cluster_spec(environ=env)
+    assert (spec.coordinator_address, spec.num_processes, spec.process_id, spec.source) == (
+        "10.0.0.1:1234", 3, 2, "environment"
+    )  # fmt: skip
+    slurm = {"SLURM_NTASKS": "8", "SLURM_PROCID": "5", "SLURM_JOB_NODELIST": "a100-[003-004,9],cpu1"}
+    assert distributed.cluster_spec(environ={**slurm, "AIMZ_COORDINATOR_PORT": "7000"}).coordinator_address == (
+        "a100-003:7000"
+    )
+    assert distributed.first_host("node7") == "node7"
+    assert distributed.cluster_spec(environ={"SLURM_NTASKS": "1"}) is None
+    explicit = distributed.cluster_spec("h:1", 2, 0, environ=env)
+    assert explicit.source == "arguments" and explicit.num_processes == 2
+    with pytest.raises(ConfigurationError, match=r"process_id must be in \[0, 2\) for 2 processes; got 2"):
+        distributed.cluster_spec("h:1", 2, 2)
+    with pytest.raises(ConfigurationError, match="coordinator_address must be 'host:port'"):
+        distributed.cluster_spec(environ={"AIMZ_NUM_PROCESSES": "2", "AIMZ_PROCESS_ID": "0"})
+    with pytest.raises(ConfigurationError, match="together"):
+        distributed.cluster_spec("h:1")
