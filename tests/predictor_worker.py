@@ -3,7 +3,9 @@
 
 The device count is fixed when JAX starts, so the 1-vs-4-device test runs ``predict`` here with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=4``; the scratch-directory tests need a
-process that exits normally (``scratch-exit``) or SIGKILLs itself (``scratch-kill``). Each mode
+process that exits normally (``scratch-exit``) or SIGKILLs itself (``scratch-kill``);
+``distributed-predict`` is one process of a ``jax.distributed`` run (``AIMZ_*`` variables) that
+predicts the ``predict`` mode's data into a store shared with the other processes. Each mode
 prints one JSON line on stdout.
 
 The posterior and the inputs are dyadic rationals (k / 8, k / 4) so that ``w * x + b`` is exact in
@@ -17,6 +19,7 @@ import json
 import os
 import signal
 import sys
+import threading
 
 import numpy as np
 import numpyro
@@ -69,10 +72,68 @@ def _predict(output_dir: str) -> dict:
     }
 
 
+def _predict_distributed(output_dir: str) -> dict:
+    """``predict``'s first store, written by every process of the run together; also the
+    refusals (``output_dir=None``, ``resume=True``), an ``output_dir`` that is not shared (one
+    per process) and a store whose writer fails in process 1."""
+    from aimz_trainer import distributed
+
+    distributed.initialize()  # before anything starts JAX's backends
+    import jax
+    import zarr
+
+    from aimz_trainer import ConfigurationError, Predictor, StoreError
+
+    predictor = Predictor(
+        linear_model, dyadic_posterior(), rng_key=jax.random.key(7), rows_per_key=ROWS_PER_KEY, draws_per_chunk=4
+    )
+    data = {"x": dyadic_x(37)}
+    refused = {}
+    for name, options in [("output_dir", {"output_dir": None}), ("resume", {"output_dir": output_dir, "resume": True})]:
+        try:
+            predictor.predict(data, batch_size=16, **options)
+        except ConfigurationError as error:
+            refused[name] = str(error)
+    try:
+        own = os.path.join(output_dir, f"own-{jax.process_index()}")
+        predictor.predict(data, batch_size=16, output_dir=own)
+    except StoreError as error:
+        refused["unshared"] = str(error)
+    tree = predictor.predict(data, batch_size=16, output_dir=output_dir)
+
+    # A disk that fills up under process 1's writer thread only.
+    original = zarr.Array.__setitem__
+
+    def setitem(self, key, value):
+        if jax.process_index() == 1 and threading.current_thread().name == "aimz-store-writer":
+            raise OSError(28, "No space left on device")
+        return original(self, key, value)
+
+    zarr.Array.__setitem__ = setitem
+    try:
+        predictor.predict(data, batch_size=16, output_dir=os.path.join(output_dir, "failed"))
+        failure = None
+    except Exception as error:
+        failure = f"{type(error).__name__}: {error}"
+    finally:
+        zarr.Array.__setitem__ = original
+    return {
+        "process": jax.process_index(),
+        "processes": jax.process_count(),
+        "devices": predictor.mesh.size,
+        "store_path": tree.attrs["store_path"],
+        "refused": refused,
+        "failure": failure,
+    }
+
+
 def main(argv: list[str]) -> None:
     mode, directory = argv
     if mode == "predict":
         print(json.dumps(_predict(directory)), flush=True)
+        return
+    if mode == "distributed-predict":
+        print(json.dumps(_predict_distributed(directory)), flush=True)
         return
     from aimz_trainer.store import ScratchDirectory
 

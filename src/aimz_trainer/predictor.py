@@ -14,6 +14,21 @@ baseline and an intervention) use the same random numbers, so their difference c
 sampling noise of its own. Any PRNG implementation works (``jax.random.key(0, impl="rbg")``);
 measured on a 2-core CPU for the reference net, ``rbg`` and ``unsafe_rbg`` were not faster
 than the default threefry, so the default stays.
+
+Several processes (``jax.distributed``, see :mod:`aimz_trainer.distributed`): every process
+passes the same ``data``; each batch's rows are split over the devices of every process, and
+each process writes its own contiguous part of every batch (its devices' rows, taken from its
+shards of the result, nothing gathered) into one store in ``output_dir``, which every process
+must reach (a shared file system). The store's chunks are then ``batch / process count`` rows,
+one per process and batch, so no chunk has two writers; its values equal a single-process
+prediction's. Process 0 chooses the store's name and tells the others, creates the store and
+writes the posterior and observed data; after the last batch the processes agree whether every
+one wrote all its rows, and only then does process 0 mark the store complete. A failed write in
+one process makes :meth:`Predictor.predict` raise in every process (the failing one its own
+error, the others :class:`~aimz_trainer.errors.StoreError`) and leaves the store incomplete.
+``output_dir=None`` (a scratch directory of each process) and ``resume=True`` (N writers do
+not record their progress batch by batch) raise :class:`~aimz_trainer.errors.ConfigurationError`
+there.
 """
 
 from __future__ import annotations
@@ -34,6 +49,7 @@ import numpy as np
 import xarray as xr
 import zarr
 from jax import lax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from numpyro import handlers
@@ -44,7 +60,7 @@ from tqdm.auto import tqdm
 from aimz_trainer._version import library_version
 from aimz_trainer.callbacks.progress import progress_bar_wanted
 from aimz_trainer.data import validate_data
-from aimz_trainer.errors import ConfigurationError, DataError
+from aimz_trainer.errors import ConfigurationError, DataError, StoreError
 from aimz_trainer.sharding import DATA_AXIS, batch_sharding, make_mesh, replicated, to_global_array
 from aimz_trainer.store import COMPLETE, FINGERPRINT, ArraySpec, ScratchDirectory, ZarrStore, open_store
 
@@ -151,13 +167,16 @@ class Predictor:
             data: the model's keyword inputs, one row per observation; an observed site's
                 values (e.g. ``y``) may be included: they go to ``observed_data`` and are not
                 conditioned on.
-            batch_size: rows per compiled call and per Zarr chunk.
+            batch_size: rows per compiled call and per Zarr chunk (with N processes, each
+                batch is N chunks: one per process).
             output_dir: a directory in which a timestamped store is created (never removed by
-                us); ``None``: this Predictor's scratch directory (see :meth:`cleanup`).
+                us); ``None``: this Predictor's scratch directory (see :meth:`cleanup`). A
+                multi-process run needs one that every process reaches.
             intervention: ``{site: value}`` applied with ``numpyro.handlers.do``.
             return_sites: sites to write (default: observed and deterministic sites).
             in_sample: group ``posterior_predictive`` (else ``predictions``).
-            resume: continue the newest interrupted store in ``output_dir``.
+            resume: continue the newest interrupted store in ``output_dir`` (single-process
+                runs only).
             progress: show a bar of the batches written (on a terminal, ``CI`` unset).
         """
         group = "posterior_predictive" if in_sample else "predictions"
@@ -233,6 +252,17 @@ class Predictor:
             raise ConfigurationError(
                 "this Predictor has no posterior (posterior=None): only sample_prior_predictive can run."
             )
+        processes = jax.process_count()
+        if processes > 1 and output_dir is None:
+            raise ConfigurationError(
+                f"this run has {processes} processes, which write one store together: pass output_dir, a directory "
+                "every process reaches (output_dir=None would give each process a scratch directory of its own)."
+            )
+        if processes > 1 and resume:
+            raise ConfigurationError(
+                f"resume=True is not supported with {processes} processes (their progress is not recorded batch by "
+                "batch): delete the interrupted store and predict again."
+            )
         arrays, num_rows = validate_data(data, name="data")
         draws = self.posterior if draws is None else draws
         num_samples = len(next(iter(draws.values())))
@@ -240,6 +270,7 @@ class Predictor:
             raise ConfigurationError(f"batch_size must be a positive int; got {batch_size!r}.")
         block = self.rows_per_key * self.mesh.size
         batch = math.ceil(min(batch_size, num_rows) / block) * block
+        first_row, last_row = _process_rows(self.mesh, batch)  # this process's rows of every batch
         probe = {key: np.asarray(value[: min(num_rows, self.rows_per_key)]) for key, value in arrays.items()}
         sites = _trace_sites(self.model, probe)
         constants, row_values = _split_intervention(intervention or {}, sites, num_rows)
@@ -320,17 +351,18 @@ class Predictor:
                 self.rng_key, latent, arrays, intervention or {}, outputs, group, self.rows_per_key
             ),
         }
-        store = ZarrStore(path, specs, batch_size=batch, attrs=attrs, resume=resume)
+        # Small and rewritten on resume too: an interruption may have come before them.
+        whole = {(draws_group, n): v[None] for n, v in latent.items()}
+        whole.update({("observed_data", n): np.asarray(v) for n, v in observed_data.items()})
+        store = _open_shared_store(path, specs, batch, attrs, resume, whole)
+        failure: BaseException | None = None  # a failed write, with several processes
         try:
-            # Small and rewritten on resume too: an interruption may have come before them.
-            store.write_whole({(draws_group, n): v[None] for n, v in latent.items()})
-            store.write_whole({("observed_data", n): np.asarray(v) for n, v in observed_data.items()})
             rep = replicated(self.mesh)
             latent_device = jax.device_put(latent, rep)
             constants_device = jax.device_put(constants, rep)
             bar = tqdm(
                 total=num_rows, initial=store.rows_written, unit="row", desc=group,
-                disable=not (progress and progress_bar_wanted()),
+                disable=not (progress and progress_bar_wanted()) or jax.process_index() != 0,
             )  # fmt: skip
             for start in range(store.rows_written, num_rows, batch):
                 stop = min(start + batch, num_rows)
@@ -338,10 +370,22 @@ class Predictor:
                 inputs = {k: to_global_array(v, batch_sharding(self.mesh), v.shape) for k, v in inputs.items()}
                 block0 = jnp.asarray(start // self.rows_per_key, jnp.uint32)
                 result = step(latent_device, inputs, self.rng_key, block0, constants_device)
-                store.write_batch(start, stop, {(group, n): _rows(result[n], stop - start) for n in outputs})
+                if processes > 1:  # this process's shards: (draws, last_row - first_row) on its devices
+                    result = multihost_utils.global_array_to_host_local_array(
+                        result, self.mesh, _out_sharding(self.mesh).spec
+                    )
+                begin, end = start + first_row, min(start + last_row, stop)
+                if end > begin and failure is None:
+                    try:
+                        store.write_batch(begin, end, {(group, n): _rows(result[n], end - begin) for n in outputs})
+                    except Exception as error:
+                        if processes == 1:
+                            raise
+                        # Keep computing: the other processes wait for this one in every step.
+                        failure = error
                 bar.update(stop - start)
             bar.close()
-            store.finalize()
+            _finalize_shared_store(store, failure)
         except BaseException:
             store.abort()
             raise
@@ -360,7 +404,7 @@ class Predictor:
             return incomplete[-1]
         parent.mkdir(parents=True, exist_ok=True)
         stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S%f")
-        return parent / f"predict-{stamp}"
+        return parent / _from_process_zero(f"predict-{stamp}")  # one name in every process
 
     def _compiled_step(self, step: Callable[..., Draws], signature: Any, dtypes: Mapping[str, np.dtype]) -> Any:
         """``step`` jitted with the batch shardings and a cast of every output to its compact
@@ -376,6 +420,116 @@ class Predictor:
                 compact, in_shardings=(rep, rows, rep, rep, rep), out_shardings=_out_sharding(self.mesh)
             )
         return self._compiled[key]
+
+
+def _process_rows(mesh: Mesh, batch: int) -> tuple[int, int]:
+    """``(first, last)``: the rows of every ``batch``-row batch this process's devices hold (all
+    of them in a single-process run)."""
+    if jax.process_count() == 1:
+        return 0, batch
+    indices = batch_sharding(mesh).addressable_devices_indices_map((batch,)).values()
+    spans = sorted({index[0].indices(batch)[:2] for index in indices})
+    expected = batch // jax.process_count()
+    held = sum(stop - start for start, stop in spans)  # the devices' parts are disjoint
+    if not spans or held != expected or spans[-1][1] - spans[0][0] != expected:
+        raise ConfigurationError(
+            f"with {jax.process_count()} processes each must hold one contiguous part of {expected} rows of every "
+            f"{batch}-row batch; this one holds the rows {spans}. Use a mesh of the same number of devices of every "
+            "process, grouped by process: make_mesh() (every device) is one."
+        )
+    return spans[0][0], spans[-1][1]
+
+
+def _from_process_zero(text: str, max_bytes: int = 256) -> str:
+    """Process 0's ``text``, in every process (a collective: every process calls it)."""
+    if jax.process_count() == 1:
+        return text
+    encoded = text.encode()
+    if len(encoded) > max_bytes:
+        raise ValueError(f"{text!r} is longer than {max_bytes} bytes.")
+    buffer = np.zeros(max_bytes, np.uint8)
+    buffer[: len(encoded)] = np.frombuffer(encoded, np.uint8)
+    return bytes(multihost_utils.broadcast_one_to_all(buffer)).rstrip(b"\0").decode()
+
+
+def _failed_processes(ok: bool) -> list[int]:
+    """The processes that passed ``ok=False`` (a collective: every process calls it)."""
+    if jax.process_count() == 1:
+        return [] if ok else [0]
+    flags = np.asarray(multihost_utils.process_allgather(np.int32(ok))).reshape(-1)
+    return [int(i) for i in np.flatnonzero(flags == 0)]
+
+
+def _open_shared_store(
+    path: Path,
+    specs: Sequence[ArraySpec],
+    batch: int,
+    attrs: Mapping[str, Any],
+    resume: bool,
+    whole: Mapping[tuple[str, str], Any],
+) -> ZarrStore:
+    """The store (created, or resumed by a single process) with the arrays written whole.
+    With several processes, process 0 creates it and the others open it once it exists; every
+    process raises when one of them could not."""
+    processes, index = jax.process_count(), jax.process_index()
+    if processes == 1:
+        store = ZarrStore(path, specs, batch_size=batch, attrs=attrs, resume=resume)
+        try:
+            store.write_whole(whole)
+        except BaseException:
+            store.abort()
+            raise
+        return store
+    store, error = None, None
+    if index == 0:
+        try:
+            store = ZarrStore(path, specs, batch_size=batch, attrs=attrs, writers=processes)
+            store.write_whole(whole)
+        except Exception as caught:
+            error = caught
+    if _failed_processes(error is None):  # also the barrier: the store exists after it
+        if store is not None:
+            store.abort()
+        raise error or StoreError(f"process 0 could not create the store {str(path)!r}; see its error.")
+    if index != 0:
+        try:
+            store = ZarrStore(path, specs, batch_size=batch, writers=processes, join=True)
+        except Exception as caught:
+            error = caught
+    failed = _failed_processes(error is None)
+    if failed:
+        if store is not None:
+            store.abort()
+        raise error or StoreError(
+            f"process(es) {failed} could not open the store {str(path)!r} that process 0 created: output_dir "
+            "must be a directory every process reaches (a shared file system)."
+        )
+    assert store is not None
+    return store
+
+
+def _finalize_shared_store(store: ZarrStore, failure: BaseException | None) -> None:
+    """Mark the store complete (process 0), once every process has written all its rows; in
+    every process, return only when the store is complete."""
+    if jax.process_count() == 1:
+        store.finalize()
+        return
+    try:
+        store.flush()
+    except Exception as error:
+        failure = failure or error
+    failed = _failed_processes(failure is None)
+    if failed:
+        raise failure or StoreError(
+            f"process(es) {failed} could not write their rows of {str(store.path)!r}; it stays incomplete."
+        )
+    if jax.process_index() == 0:
+        try:
+            store.finalize()
+        except Exception as error:
+            failure = error
+    if _failed_processes(failure is None):  # also the barrier: the store is complete after it
+        raise failure or StoreError(f"process 0 could not mark {str(store.path)!r} complete; see its error.")
 
 
 def _make_step(

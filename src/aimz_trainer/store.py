@@ -9,6 +9,13 @@ and the metadata are written is the store marked complete, and :func:`open_store
 incomplete one. A failed write (disk full, permission) is raised to the compute loop at its
 next batch and leaves the store incomplete.
 
+Several processes (a ``jax.distributed`` run) can write one store together, each its own rows:
+writer 0 creates it (``writers=N``), the others open it once it exists (``join=True``; the
+caller synchronizes the processes in between). Each batch is then cut into ``N`` chunks, one
+per writer, so no chunk ever has two writers. The rows written are not recorded batch by batch
+(N processes would share one attribute), only by writer 0's :meth:`ZarrStore.finalize`: an
+interrupted store of several writers cannot be resumed, only written again.
+
 :class:`ScratchDirectory` is the life cycle of stores written without an ``output_dir``: a
 directory created on first use, removed by ``cleanup()``, when its owner is garbage-collected
 and at interpreter exit; directories of processes that died without cleaning up (SIGKILL) are
@@ -72,10 +79,15 @@ class ZarrStore:
         path: the store's directory (created; with ``resume`` it must be an incomplete store
             of the same arrays).
         specs: the arrays.
-        batch_size: rows per chunk along each array's row axis.
+        batch_size: rows per batch; with one writer also per chunk along each array's row axis.
         attrs: attributes of the root group.
         max_pending: batches queued for the writer at most (the compute loop blocks beyond).
-        resume: continue an interrupted store instead of creating one.
+        resume: continue an interrupted store instead of creating one (one writer only).
+        writers: processes writing the store together; chunks are ``batch_size // writers``
+            rows, each writer's part of a batch. Writer 0 creates the store, writes the arrays
+            without a row axis and finalizes it.
+        join: open the store writer 0 created, to write this process's rows only (no
+            attributes, no :meth:`finalize`).
     """
 
     def __init__(
@@ -87,16 +99,32 @@ class ZarrStore:
         attrs: Mapping[str, Any] | None = None,
         max_pending: int = 3,
         resume: bool = False,
+        writers: int = 1,
+        join: bool = False,
     ) -> None:
+        if isinstance(writers, bool) or not isinstance(writers, int) or writers < 1 or batch_size % writers:
+            raise StoreError(f"writers must be a positive int dividing batch_size={batch_size}; got {writers!r}.")
+        if resume and writers > 1:
+            raise StoreError("resume needs a store of one writer: several writers do not record their progress.")
         self.path = Path(path)
         self.specs = {(spec.group, spec.name): spec for spec in specs}
+        self.writers = writers
+        self.joined = join
         _one_codec_thread()
         if resume:
             self._root = self._reopen(batch_size, (attrs or {}).get(FINGERPRINT))
+        elif join:
+            try:
+                self._root = zarr.open_group(self.path, mode="r+", zarr_format=3)
+            except Exception as error:
+                raise StoreError(f"join: writer 0 has not created a store at {str(self.path)!r} ({error}).") from error
         else:
             self._root = zarr.open_group(self.path, mode="w", zarr_format=3)
-            self._root.attrs.update({**(attrs or {}), COMPLETE: False, ROWS_WRITTEN: 0, "batch_size": batch_size})
-            self._create(batch_size)
+            shared = {"writers": writers} if writers > 1 else {}
+            self._root.attrs.update(
+                {**(attrs or {}), **shared, COMPLETE: False, ROWS_WRITTEN: 0, "batch_size": batch_size}
+            )
+            self._create(batch_size // writers)
         self.rows_written = int(self._root.attrs[ROWS_WRITTEN])
         self._arrays = {key: self._root[f"{spec.group}/{spec.name}"] for key, spec in self.specs.items()}
         self._queue: queue.Queue[Any] = queue.Queue(max_pending)
@@ -104,7 +132,7 @@ class ZarrStore:
         self._thread = threading.Thread(target=self._write_loop, name="aimz-store-writer", daemon=True)
         self._thread.start()
 
-    def _create(self, batch_size: int) -> None:
+    def _create(self, chunk_rows: int) -> None:
         compressor = BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle")
         for spec in self.specs.values():
             group = self._root.require_group(spec.group)
@@ -112,7 +140,7 @@ class ZarrStore:
                 spec.name,
                 shape=spec.shape,
                 dtype=spec.dtype,
-                chunks=spec.chunks(batch_size),
+                chunks=spec.chunks(chunk_rows),
                 compressors=compressor,
                 dimension_names=spec.dims,
                 attributes=dict(spec.attrs or {}),
@@ -127,6 +155,11 @@ class ZarrStore:
             raise StoreError(f"resume: {str(self.path)!r} is not a prediction store ({error}).") from error
         if root.attrs.get(COMPLETE, True):
             raise StoreError(f"resume: {str(self.path)!r} is complete (or not one of ours); nothing to continue.")
+        if root.attrs.get("writers", 1) > 1:
+            raise StoreError(
+                f"resume: {str(self.path)!r} was written by {root.attrs['writers']} processes, which do not record "
+                "their progress; delete it and predict again."
+            )
         if fingerprint is not None and root.attrs.get(FINGERPRINT) != fingerprint:
             raise StoreError(
                 f"resume: {str(self.path)!r} was written by another computation (other inputs, posterior, "
@@ -145,7 +178,10 @@ class ZarrStore:
 
     def write_batch(self, start: int, stop: int, values: Mapping[tuple[str, str], Any]) -> None:
         """Queue the rows ``start:stop`` of every row-wise array (host or device arrays; the
-        writer thread copies device arrays to the host). Raises a failed write's error."""
+        writer thread copies device arrays to the host). Raises a failed write's error.
+
+        With several writers, ``start:stop`` is this writer's part of a batch: whole chunks
+        (the last one may end at the last row)."""
         self._raise_if_failed()
         self._queue.put((start, stop, dict(values)))
         self._raise_if_failed()
@@ -170,8 +206,9 @@ class ZarrStore:
                         slice(start, stop) if axis == spec.row_axis else slice(None) for axis in range(len(spec.shape))
                     )
                     self._arrays[key][index] = np.asarray(value)
-                self._root.attrs[ROWS_WRITTEN] = stop
-                self.rows_written = stop
+                if self.writers == 1:
+                    self._root.attrs[ROWS_WRITTEN] = stop
+                    self.rows_written = stop
             except BaseException as error:  # handed to the compute loop at its next batch
                 self._error = error
 
@@ -179,14 +216,27 @@ class ZarrStore:
         if self._error is not None:
             raise self._error
 
-    def finalize(self, attrs: Mapping[str, Any] | None = None) -> None:
-        """Wait for the queued batches, write ``attrs`` and mark the store complete."""
+    def flush(self) -> None:
+        """Wait for the queued batches (the writer then stops); raise a failed write's error."""
         self._stop_writer()
         self._raise_if_failed()
-        self._root.attrs.update({**(attrs or {}), COMPLETE: True})
+
+    def finalize(self, attrs: Mapping[str, Any] | None = None) -> None:
+        """Wait for the queued batches, write ``attrs`` and mark the store complete.
+
+        With several writers only writer 0 finalizes, once every writer has flushed without
+        error (the caller checks that across the processes)."""
+        if self.joined:
+            raise StoreError("a joined store is finalized by writer 0, not by the process that joined it.")
+        self.flush()
+        rows = {ROWS_WRITTEN: self._num_rows()} if self.writers > 1 else {}
+        self._root.attrs.update({**(attrs or {}), **rows, COMPLETE: True})
         with warnings.catch_warnings():  # zarr notes consolidation is not in the v3 spec (yet)
             warnings.simplefilter("ignore", ZarrUserWarning)
             zarr.consolidate_metadata(self.path, zarr_format=3)
+
+    def _num_rows(self) -> int:
+        return max((spec.shape[spec.row_axis] for spec in self.specs.values() if spec.row_axis is not None), default=0)
 
     def abort(self) -> None:
         """Stop the writer and leave the store incomplete (resumable)."""
@@ -217,6 +267,11 @@ def open_store(path: str | os.PathLike[str]) -> xr.DataTree:
     except Exception as error:
         raise StoreError(f"{str(path)!r} is not a prediction store ({error}).") from error
     if not attrs.get(COMPLETE, False):
+        if attrs.get("writers", 1) > 1:
+            raise StoreError(
+                f"the prediction store {str(path)!r} is incomplete: one of the {attrs['writers']} processes "
+                "writing it failed or was interrupted. Delete it and predict again."
+            )
         raise StoreError(
             f"the prediction store {str(path)!r} is incomplete (its writing was interrupted after "
             f"{attrs.get(ROWS_WRITTEN, 0)} rows): continue it with predict(..., resume=True) or delete it."

@@ -9,6 +9,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN, preservation_policy
 
@@ -130,8 +131,16 @@ class ModelCheckpoint(Callback):
             enable_async_checkpointing=False,
             preservation_policy=self._preservation_policy(),
             enable_background_delete=True,  # removing a superseded checkpoint must not stall training
-            create=True,
+            create=False,  # made here: orbax cannot with several processes
+            # Several processes: orbax's barriers go through the distributed runtime's
+            # key-value store. Its default, a collective on the devices, would run on the writer
+            # thread beside the training step's collectives, and two threads issuing
+            # collectives in different orders on different processes deadlock.
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                active_processes=set(range(jax.process_count())) if jax.process_count() > 1 else None
+            ),
         )
+        self.dirpath.mkdir(parents=True, exist_ok=True)
         self._manager = ocp.CheckpointManager(self.dirpath, options=options)
         if self.async_save:
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aimz-checkpoint")
