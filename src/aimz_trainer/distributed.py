@@ -233,7 +233,8 @@ def launch(
             ENV_ADDRESS: address,
             ENV_NUM_PROCESSES: str(num_processes),
             ENV_PROCESS_ID: str(rank),
-            "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={local_devices}".strip(),
+            # First: XLA stops reading its flags at the first one it does not know.
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={local_devices} {flags}".strip(),
         }
         output = None if rank == 0 else subprocess.PIPE
         processes.append(subprocess.Popen(list(command), env=env, stdout=output, stderr=output, text=True, bufsize=1))
