@@ -7,7 +7,11 @@ Usage: python -m tests.distributed_worker MODE OUTPUT_DIR, with the AIMZ_* varia
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import time
+from pathlib import Path
 
 from aimz_trainer import distributed
 
@@ -21,6 +25,7 @@ def main(argv: list[str]) -> None:
     import numpy as np
 
     from aimz_trainer import Callback, ModelCheckpoint, Trainer
+    from aimz_trainer.errors import DistributedError
 
     from .conftest import linear_data, linear_svi
 
@@ -29,14 +34,31 @@ def main(argv: list[str]) -> None:
             if jax.process_index() == 1 and progress.epoch == 1:
                 raise RuntimeError("process 1 failed on purpose")
 
-    num_rows = 1200
-    callbacks = {"fail": [FailInProcessOne()]}.get(mode, [])
-    if mode in ("checkpoint", "resume"):
+    class KillAfterTheSecondCheckpoint(Callback):
+        """SIGKILLs this process as epoch 2 starts, once the step-20 checkpoint is complete."""
+
+        def on_train_epoch_start(self, trainer, progress):
+            if progress.epoch != 2:
+                return
+            saved = Path(directory) / "20"
+            deadline = time.monotonic() + 60
+            while not ((saved / "meta").exists() and (saved / "state").exists()) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    # "mismatch": process 1 is given fewer rows than process 0.
+    num_rows = 1080 if mode == "mismatch" and jax.process_index() == 1 else 1200
+    callbacks = {"fail": [FailInProcessOne()], "kill": [KillAfterTheSecondCheckpoint()]}.get(mode, [])
+    if mode in ("checkpoint", "kill", "resume"):
         callbacks.append(ModelCheckpoint(directory, every_n_epochs=1))
     trainer = Trainer(max_epochs=4, rng_key=jax.random.key(0), enable_progress_bar=False, callbacks=callbacks)
-    result = trainer.fit(
-        linear_svi(num_rows), linear_data(num_rows), batch_size=120, ckpt_path="last" if mode == "resume" else None
-    )
+    try:
+        result = trainer.fit(
+            linear_svi(num_rows), linear_data(num_rows), batch_size=120, ckpt_path="last" if mode == "resume" else None
+        )
+    except DistributedError as error:
+        print(json.dumps({"process": jax.process_index(), "error": str(error)}), flush=True)
+        return
     print(json.dumps({
         "process": jax.process_index(),
         "processes": jax.process_count(),

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from aimz_trainer import distributed
+from aimz_trainer.checkpoint import read_meta, resolve_checkpoint
 from aimz_trainer.errors import ConfigurationError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,6 +89,26 @@ def test_two_processes_agree_with_one_process_of_four_devices(one_by_four, tmp_p
         for name, value in one_by_four["params"].items():
             np.testing.assert_allclose(result["params"][name], value, rtol=1e-5, atol=1e-6)
     assert results[0]["losses"] == results[1]["losses"]  # the processes agree exactly
+
+
+def test_a_killed_two_process_run_resumes_bitwise(tmp_path):
+    uninterrupted = run("plain", tmp_path / "plain", 2, 2)
+    killed = finish(start("kill", tmp_path / "checkpoints", 2, 2))
+    assert all(code == -9 for code, _, _ in killed), [code for code, _, _ in killed]
+    resumed = run("resume", tmp_path / "checkpoints", 2, 2)
+    for process in (0, 1):
+        assert resumed[process]["losses"] == uninterrupted[process]["losses"]
+        assert resumed[process]["params"] == uninterrupted[process]["params"]
+    meta = read_meta(resolve_checkpoint(tmp_path / "checkpoints"))
+    assert meta["step"] == 40
+    assert len(meta["process_loader_states"]) == 2  # each process's Grain iterator state
+
+
+def test_different_data_in_one_process_fails_before_training(tmp_path):
+    results = run("mismatch", tmp_path, 2, 1)
+    for result in results:
+        assert "given different training data or batch sizes" in result["error"]
+        assert "process 0: {'batch_size': 120, 'data'" in result["error"] and "'rows': 1080" in result["error"]
 
 
 def test_a_failed_process_brings_the_others_down(tmp_path):

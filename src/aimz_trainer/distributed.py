@@ -21,6 +21,7 @@ Without any of them the run is a single process and :func:`initialize` does noth
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -32,10 +33,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from aimz_trainer.errors import ConfigurationError, DistributedError
 
-__all__ = ["ClusterSpec", "cluster_spec", "initialize", "launch"]
+__all__ = ["ClusterSpec", "allgather_json", "cluster_spec", "initialize", "launch"]
 
 ENV_ADDRESS = "AIMZ_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "AIMZ_NUM_PROCESSES"
@@ -193,6 +196,24 @@ def _wait_for_coordinator(spec: ClusterSpec, timeout_s: float) -> None:
                     "that the address is reachable from here."
                 ) from error
             time.sleep(0.2)
+
+
+def allgather_json(value: object) -> list[object]:
+    """Every process's ``value`` (JSON-serializable), in process order; a collective: every
+    process must call it at the same point. One process: ``[value]``.
+
+    Example:
+        >>> allgather_json({"rows": 10})
+        [{'rows': 10}]
+    """
+    if jax.process_count() == 1:
+        return [json.loads(json.dumps(value))]
+    encoded = np.frombuffer(json.dumps(value, sort_keys=True).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.asarray([encoded.size], np.int64))
+    padded = np.zeros(int(np.max(sizes)), np.uint8)
+    padded[: encoded.size] = encoded
+    gathered = multihost_utils.process_allgather(padded)
+    return [json.loads(bytes(row[: int(size)]).decode()) for row, size in zip(gathered, np.ravel(sizes), strict=True)]
 
 
 def free_port() -> int:

@@ -8,6 +8,7 @@ requested by a hook drops the call in flight: the fit ends exactly where it was 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 import warnings
@@ -56,7 +57,8 @@ from aimz_trainer.data import (
     validate_batch_size,
     validate_data,
 )
-from aimz_trainer.errors import CheckpointError, ConfigurationError, DataError, NonFiniteLossError
+from aimz_trainer.distributed import allgather_json
+from aimz_trainer.errors import CheckpointError, ConfigurationError, DataError, DistributedError, NonFiniteLossError
 from aimz_trainer.sharding import DATA_AXIS, make_mesh, replicated, stacked_batch_sharding, to_global_array
 from aimz_trainer.step import (
     TrainState,
@@ -445,6 +447,7 @@ class Trainer:
         arrays, num_rows = validate_data(train_data)
         check_model_accepts(svi.model, list(arrays))
         batch_size = validate_batch_size(batch_size, num_rows, self.mesh.size)
+        _check_processes_agree(arrays, num_rows, batch_size)
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
             raise ConfigurationError(f"num_samples must be an int >= 0; got {num_samples!r}.")
         val_arrays = _validate_val_data(val_data, arrays) if val_data is not None else None
@@ -491,7 +494,11 @@ class Trainer:
         start_index = 0
         if resume is not None:
             start_index = self._resume_position(plan, resume)
-            records.set_state(resume.meta["loader_state"])
+            # Each process continues from its own loader state (a checkpoint of another number
+            # of processes has one state for all: they iterate the same chunks).
+            states = resume.meta.get("process_loader_states") or []
+            own = jax.process_index()
+            records.set_state(states[own] if own < len(states) else resume.meta["loader_state"])
         to_device = _records_to_device(self.mesh, batch_size)
 
         self.callback_metrics = {}
@@ -697,6 +704,7 @@ class Trainer:
                 "impl": str(jax.random.key_impl(self.rng_key)),
             },
             "loader_state": run.loader_state,
+            "process_loader_states": allgather_json(run.loader_state),
             "callbacks": {c.state_key: c.state_dict() for c in self._active_callbacks if overrides_state(c)},
             "params_tree": param_tree(self.state.params),
             "svi_state_tree": tree_signature(svi_state),
@@ -972,6 +980,25 @@ def _validate_val_data(val_data: Any, train_arrays: Mapping[str, Any]) -> dict[s
                 f"shape {train_arrays[key].shape[1:]}."
             )
     return arrays
+
+
+def _check_processes_agree(arrays: Mapping[str, Any], num_rows: int, batch_size: int) -> None:
+    """Every process of a multi-process run must fit the same data with the same batch size
+    (each feeds its share of every global batch): compare them before anything is compiled."""
+    if jax.process_count() == 1:
+        return
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        array = np.asarray(arrays[name])
+        digest.update(f"{name}{array.shape}{array.dtype}".encode())
+        digest.update(np.ascontiguousarray(array[:64]).tobytes() + np.ascontiguousarray(array[-64:]).tobytes())
+    seen = allgather_json({"rows": num_rows, "batch_size": batch_size, "data": digest.hexdigest()[:12]})
+    if any(view != seen[0] for view in seen):
+        raise DistributedError(
+            "the processes of this run were given different training data or batch sizes: "
+            + "; ".join(f"process {rank}: {view}" for rank, view in enumerate(seen))
+            + ". Give every process the same arrays and batch_size (each feeds its share of every batch)."
+        )
 
 
 def _is_positive_int(value: Any) -> bool:
