@@ -38,6 +38,7 @@ from numpyro.infer.autoguide import AutoNormal
 from optax import adam
 
 from aimz_trainer import EarlyStopping, ModelCheckpoint, TensorBoardLogger, Trainer
+from aimz_trainer.distributed import allgather_json
 
 
 class MLP(nnx.Module):
@@ -126,7 +127,8 @@ def output_directory(requested: str | None, resume: bool, parser: argparse.Argum
         if not runs:
             parser.error(f"--resume found no earlier run in {RUNS}/; pass --output-dir")
         return runs[-1]
-    directory = Path(requested or f"{RUNS}/run-{time.strftime('%Y%m%d-%H%M%S')}")
+    # Process 0's choice for every process of a multi-process run (their clocks may differ).
+    directory = Path(allgather_json(requested or f"{RUNS}/run-{time.strftime('%Y%m%d-%H%M%S')}")[0])
     if not resume and any((directory / "checkpoints").glob("[0-9]*")):
         parser.error(f"{directory} holds checkpoints of an earlier run: add --resume, or pass another --output-dir")
     return directory
