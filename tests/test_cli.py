@@ -46,3 +46,17 @@ def test_unknown_recipe_names_the_available_ones():
     completed = aimz_trainer("run", "no_such_recipe")
     assert completed.returncode == 2
     assert "no recipe 'no_such_recipe'" in completed.stderr and "bnn_binary" in completed.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.multidevice
+def test_num_processes_runs_one_run_of_two_processes(tmp_path):
+    completed = aimz_trainer(
+        "run", "custom_callback", "--num-processes", "2", "--local-devices", "2", "--max-epochs", "2",
+        "--output-dir", str(tmp_path), "--num-rows", "2000",
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    # One summary (process 0's), one set of event files.
+    assert completed.stdout.count("custom_callback: 2 epochs, final loss") == 1
+    assert "[process 1] custom_callback" not in completed.stdout
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1
