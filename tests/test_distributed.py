@@ -136,6 +136,29 @@ def test_an_unreachable_coordinator_fails_in_bounded_time_naming_it(tmp_path):
     assert time.monotonic() - started < 60
 
 
+def test_processes_told_different_sizes_all_fail():
+    port = distributed.free_port()
+    script = (
+        "import sys\nfrom aimz_trainer import distributed\n"
+        f"distributed.initialize('127.0.0.1:{port}', int(sys.argv[1]), int(sys.argv[2]), timeout_s=30)\n"
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, size, rank],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for size, rank in [("2", "0"), ("3", "1")]
+    ]
+    for code, _, err in finish(processes):
+        assert code != 0
+        assert "the processes disagree on the run's size: told [2, 3]" in err
+
+
 def test_cluster_spec_sources():
     env = {"AIMZ_COORDINATOR_ADDRESS": "10.0.0.1:1234", "AIMZ_NUM_PROCESSES": "3", "AIMZ_PROCESS_ID": "2"}
     spec = distributed.cluster_spec(environ=env)

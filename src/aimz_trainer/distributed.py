@@ -176,8 +176,14 @@ def initialize(
             f"process {spec.process_id} of {spec.num_processes} could not join the run through the coordinator "
             f"at {spec.coordinator_address} ({type(error).__name__}: {error})."
         ) from error
-    if jax.process_count() != spec.num_processes:
-        raise DistributedError(f"expected {spec.num_processes} processes, the runtime reports {jax.process_count()}.")
+    # Every process states how many it was told there are: all of them fail alike when the
+    # launch commands disagree (the runtime admits a process counting on another number).
+    claims = allgather_json(spec.num_processes)
+    if jax.process_count() != spec.num_processes or len(set(claims)) > 1:
+        raise DistributedError(
+            f"the processes disagree on the run's size: told {claims} (in process order), the runtime has "
+            f"{jax.process_count()} processes. Start every process with the same num_processes."
+        )
     return spec
 
 
