@@ -36,6 +36,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from aimz_trainer._validation import is_int_at_least
 from aimz_trainer.errors import ConfigurationError, DistributedError
 
 __all__ = ["ClusterSpec", "allgather_json", "cluster_spec", "initialize", "launch"]
@@ -114,7 +115,7 @@ def _int_env(env: Mapping[str, str], name: str) -> int:
 def _checked(address: str, num_processes: int, process_id: int, source: str) -> ClusterSpec:
     if not re.fullmatch(r".+:\d+", address or ""):
         raise ConfigurationError(f"coordinator_address must be 'host:port'; got {address!r} (from {source}).")
-    if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
+    if not is_int_at_least(num_processes, 1):
         raise ConfigurationError(f"num_processes must be a positive int; got {num_processes!r} (from {source}).")
     if isinstance(process_id, bool) or not isinstance(process_id, int) or not 0 <= process_id < num_processes:
         raise ConfigurationError(
@@ -248,7 +249,7 @@ def launch(
     Returns:
         0 when every process succeeded, else the first failure's exit status.
     """
-    if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
+    if not is_int_at_least(num_processes, 1):
         raise ConfigurationError(f"num_processes must be a positive int; got {num_processes!r}.")
     base = dict(os.environ if environ is None else environ)
     address = f"127.0.0.1:{free_port()}"

@@ -57,6 +57,7 @@ from numpyro.distributions import constraints
 from numpyro.infer.util import log_likelihood as numpyro_log_likelihood
 from tqdm.auto import tqdm
 
+from aimz_trainer._validation import is_int_at_least
 from aimz_trainer._version import library_version
 from aimz_trainer.callbacks.progress import progress_bar_wanted
 from aimz_trainer.data import validate_data
@@ -130,7 +131,7 @@ class Predictor:
             ("rows_per_key", rows_per_key),
             ("rows_per_tile", rows_per_tile),
         ]:
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            if value is not None and not is_int_at_least(value, 1):
                 raise ConfigurationError(f"{name} must be a positive int; got {value!r}.")
         self.model = model
         self.posterior = {name: np.asarray(value) for name, value in posterior.items()}
@@ -201,7 +202,7 @@ class Predictor:
         num_samples = self.num_samples if num_samples is None else num_samples
         if num_samples is None:
             raise ConfigurationError("num_samples is needed: this Predictor has no posterior to take it from.")
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        if not is_int_at_least(num_samples, 1):
             raise ConfigurationError(f"num_samples must be a positive int; got {num_samples!r}.")
         arrays, num_rows = validate_data(data, name="data")
         optional = _optional_parameters(self.model)  # targets such as y=None: not conditioned on
@@ -266,7 +267,7 @@ class Predictor:
         arrays, num_rows = validate_data(data, name="data")
         draws = self.posterior if draws is None else draws
         num_samples = len(next(iter(draws.values())))
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if not is_int_at_least(batch_size, 1):
             raise ConfigurationError(f"batch_size must be a positive int; got {batch_size!r}.")
         block = self.rows_per_key * self.mesh.size
         batch = math.ceil(min(batch_size, num_rows) / block) * block

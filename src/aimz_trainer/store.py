@@ -44,6 +44,7 @@ import zarr
 from zarr.codecs import BloscCodec
 from zarr.errors import ZarrUserWarning
 
+from aimz_trainer._validation import is_int_at_least
 from aimz_trainer.errors import StoreError
 
 __all__ = ["COMPLETE", "FINGERPRINT", "ArraySpec", "ScratchDirectory", "ZarrStore", "open_store"]
@@ -102,7 +103,7 @@ class ZarrStore:
         writers: int = 1,
         join: bool = False,
     ) -> None:
-        if isinstance(writers, bool) or not isinstance(writers, int) or writers < 1 or batch_size % writers:
+        if not is_int_at_least(writers, 1) or batch_size % writers:
             raise StoreError(f"writers must be a positive int dividing batch_size={batch_size}; got {writers!r}.")
         if resume and writers > 1:
             raise StoreError("resume needs a store of one writer: several writers do not record their progress.")

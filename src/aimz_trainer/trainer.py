@@ -26,6 +26,7 @@ from jax.sharding import Mesh
 from numpyro.infer import SVI
 from numpyro.infer.svi import SVIState
 
+from aimz_trainer._validation import is_int_at_least
 from aimz_trainer._version import library_version
 from aimz_trainer.callbacks.base import Callback, FitProgress, overrides_state
 from aimz_trainer.callbacks.checkpoint import ModelCheckpoint
@@ -303,7 +304,7 @@ class Trainer:
     ) -> None:
         if max_epochs is None and max_steps is None:
             raise ConfigurationError("set max_epochs or max_steps (or both): the trainer needs to know when to stop.")
-        if not _is_positive_int(log_every_n_steps):
+        if not is_int_at_least(log_every_n_steps, 1):
             raise ConfigurationError(f"log_every_n_steps must be a positive int; got {log_every_n_steps!r}.")
         for name, value in [
             ("max_epochs", max_epochs),
@@ -311,10 +312,10 @@ class Trainer:
             ("check_val_every_n_epoch", check_val_every_n_epoch),
             ("steps_per_chunk", steps_per_chunk),
         ]:
-            if value is not None and not _is_positive_int(value):
+            if value is not None and not is_int_at_least(value, 1):
                 raise ConfigurationError(f"{name} must be a positive int or None; got {value!r}.")
         if val_check_interval is not None and not (
-            _is_positive_int(val_check_interval)
+            is_int_at_least(val_check_interval, 1)
             or (isinstance(val_check_interval, float) and 0 < val_check_interval <= 1)
         ):
             raise ConfigurationError(
@@ -393,7 +394,7 @@ class Trainer:
             rng_key: defaults to the fit's posterior key (derived from the trainer's
                 ``rng_key``), so the same fit gives the same draws.
         """
-        if not _is_positive_int(num_samples):
+        if not is_int_at_least(num_samples, 1):
             raise ConfigurationError(f"num_samples must be a positive int; got {num_samples!r}.")
         compiled = self._require_compiled("sample_posterior")
         key = self.posterior_key if rng_key is None else _as_key(rng_key)
@@ -448,12 +449,12 @@ class Trainer:
         check_model_accepts(svi.model, list(arrays))
         batch_size = validate_batch_size(batch_size, num_rows, self.mesh.size)
         _check_processes_agree(arrays, num_rows, batch_size)
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
+        if not is_int_at_least(num_samples, 0):
             raise ConfigurationError(f"num_samples must be an int >= 0; got {num_samples!r}.")
         val_arrays = _validate_val_data(val_data, arrays) if val_data is not None else None
         if val_arrays is not None:
             val_batch_size = self._validate_val_batch_size(batch_size if val_batch_size is None else val_batch_size)
-            if not _is_positive_int(val_num_samples):
+            if not is_int_at_least(val_num_samples, 1):
                 raise ConfigurationError(f"val_num_samples must be a positive int; got {val_num_samples!r}.")
         callbacks = self._fit_callbacks(num_samples)
         resume = self._open_checkpoint(ckpt_path, callbacks) if ckpt_path is not None else None
@@ -579,7 +580,9 @@ class Trainer:
                     "Give one a different state_key (or remove the duplicate)."
                 )
         interval_errors = [
-            type(c).__name__ for c in callbacks if (i := c.step_interval(self)) is not None and not _is_positive_int(i)
+            type(c).__name__
+            for c in callbacks
+            if (i := c.step_interval(self)) is not None and not is_int_at_least(i, 1)
         ]
         if interval_errors:
             raise ConfigurationError(f"step_interval() must return a positive int or None; check {interval_errors}.")
@@ -749,7 +752,7 @@ class Trainer:
         return int(self.val_check_interval)
 
     def _validate_val_batch_size(self, size: Any) -> int:
-        if not _is_positive_int(size) or size % self.mesh.size:
+        if not is_int_at_least(size, 1) or size % self.mesh.size:
             raise ConfigurationError(
                 f"val_batch_size must be a positive int divisible by the {self.mesh.size} device(s); got {size!r}."
             )
@@ -999,10 +1002,6 @@ def _check_processes_agree(arrays: Mapping[str, Any], num_rows: int, batch_size:
             + "; ".join(f"process {rank}: {view}" for rank, view in enumerate(seen))
             + ". Give every process the same arrays and batch_size (each feeds its share of every batch)."
         )
-
-
-def _is_positive_int(value: Any) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool) and value >= 1
 
 
 def _nbytes(array: Any) -> int:

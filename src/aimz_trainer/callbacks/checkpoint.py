@@ -13,6 +13,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN, preservation_policy
 
+from aimz_trainer._validation import is_int_at_least
 from aimz_trainer.callbacks.base import Callback, FitProgress
 from aimz_trainer.callbacks.logger import writable_directory
 from aimz_trainer.checkpoint import checkpoint_steps, save_args
@@ -75,7 +76,7 @@ class ModelCheckpoint(Callback):
         async_save: bool = True,
     ) -> None:
         for name, value in [("every_n_epochs", every_n_epochs), ("every_n_train_steps", every_n_train_steps)]:
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            if value is not None and not is_int_at_least(value, 0):
                 raise ConfigurationError(f"ModelCheckpoint {name} must be an int >= 0 or None; got {value!r}.")
         if mode not in ("min", "max"):
             raise ConfigurationError(f"ModelCheckpoint mode must be 'min' or 'max'; got {mode!r}.")

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import jax
 
+from aimz_trainer._validation import is_int_at_least
 from aimz_trainer.callbacks.base import Callback, FitProgress
 from aimz_trainer.errors import ConfigurationError
 
@@ -35,7 +36,7 @@ class PosteriorSampler(Callback):
 
     def __init__(self, num_samples: int, every_n_epochs: int | None = None) -> None:
         for name, value in [("num_samples", num_samples), ("every_n_epochs", every_n_epochs)]:
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            if value is not None and not is_int_at_least(value, 1):
                 raise ConfigurationError(f"PosteriorSampler {name} must be a positive int; got {value!r}.")
         self.num_samples = num_samples
         self.every_n_epochs = every_n_epochs
