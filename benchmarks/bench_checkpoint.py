@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench_fit import load_recipe, median_of, steady_steps_per_sec
+from bench_fit import chunk_clock, load_recipe, median_of, steady_steps_per_sec
 
 LOOPS = ("plain", "checkpointed")
 STEPS_PER_SEC_BAR = 0.95
@@ -63,13 +63,6 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     from aimz_trainer import Callback, ModelCheckpoint, Trainer
     from aimz_trainer.checkpoint import restore_state, save_args
 
-    class ChunkClock(Callback):
-        def __init__(self) -> None:
-            self.marks: list[tuple[float, int]] = []
-
-        def on_train_chunk_end(self, trainer: Any, progress: Any, losses: Any, steps: range) -> None:
-            self.marks.append((time.perf_counter(), steps.stop))
-
     class TimedCheckpoint(ModelCheckpoint):
         """Records how long each save blocks the loop (the host snapshot + the hand-off to the
         writer thread)."""
@@ -91,7 +84,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     def svi() -> Any:
         return recipe.make_svi(recipe.make_model(args.num_rows, 100, 32, key_net))
 
-    clock = ChunkClock()
+    clock = chunk_clock()
     directory = tempfile.TemporaryDirectory(prefix="bench-ckpt-")
     callbacks: list[Callback] = [clock]
     checkpoint = TimedCheckpoint(directory.name) if args.only == "checkpointed" else None

@@ -91,14 +91,38 @@ def load_recipe(*, with_trainer: bool) -> ModuleType:
     if with_trainer:
         spec.loader.exec_module(module)
         return module
-    placeholder = ModuleType("aimz_trainer")
-    placeholder.Trainer = None  # type: ignore[attr-defined]
-    sys.modules["aimz_trainer"] = placeholder
+    placeholders = {name: _Placeholder(name) for name in ("aimz_trainer", "aimz_trainer.distributed")}
+    sys.modules.update(placeholders)
     try:
         spec.loader.exec_module(module)
     finally:
-        del sys.modules["aimz_trainer"]
+        for name in placeholders:
+            del sys.modules[name]
     return module
+
+
+class _Placeholder(ModuleType):
+    """A stand-in for an aimz_trainer module whose every public name is ``None``: the recipe's
+    imports succeed in a process that must not import the library (the hand-written loop)."""
+
+    def __getattr__(self, name: str) -> None:
+        if name.startswith("__"):
+            raise AttributeError(name)
+
+
+def chunk_clock() -> Any:
+    """A callback that records ``(time, steps finished)`` in ``.marks`` at every chunk end
+    (what :func:`steady_steps_per_sec` reads). It imports aimz_trainer: aimz runs only."""
+    from aimz_trainer.callbacks import Callback
+
+    class ChunkClock(Callback):
+        def __init__(self) -> None:
+            self.marks: list[tuple[float, int]] = []
+
+        def on_train_chunk_end(self, trainer: Any, progress: Any, losses: Any, steps: range) -> None:
+            self.marks.append((time.perf_counter(), steps.stop))
+
+    return ChunkClock()
 
 
 def steady_steps_per_sec(marks: Sequence[tuple[float, int]], steps_per_epoch: int) -> float:
@@ -116,25 +140,15 @@ def run_aimz(args: argparse.Namespace, *, with_callbacks: bool) -> dict[str, Any
     import tempfile
 
     import jax
-    import numpy as np
 
     from aimz_trainer import EarlyStopping, ProgressBar, TensorBoardLogger, Trainer
-    from aimz_trainer.callbacks import Callback, FitProgress
-
-    class ChunkClock(Callback):
-        """Records ``(time, steps finished)`` at every chunk end."""
-
-        def __init__(self) -> None:
-            self.marks: list[tuple[float, int]] = []
-
-        def on_train_chunk_end(self, trainer: Trainer, progress: FitProgress, losses: np.ndarray, steps: range) -> None:
-            self.marks.append((time.perf_counter(), steps.stop))
+    from aimz_trainer.callbacks import Callback
 
     recipe = load_recipe(with_trainer=True)
     key_data, key_net, key_fit = jax.random.split(jax.random.key(args.seed), 3)
     X, y, _ = recipe.make_data(args.num_rows, args.num_features, key_data)
     svi = recipe.make_svi(recipe.make_model(args.num_rows, args.num_features, args.hidden, key_net))
-    clock = ChunkClock()
+    clock = chunk_clock()
     callbacks: list[Callback] = [clock]
     log_dir = tempfile.TemporaryDirectory(prefix="bench-fit-tb-")
     if with_callbacks:

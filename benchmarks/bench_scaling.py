@@ -81,7 +81,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench_fit import load_recipe, steady_steps_per_sec
+from bench_fit import chunk_clock, load_recipe, steady_steps_per_sec
 
 CONFIGS = ("1x1", "1x2", "2x1")
 
@@ -205,26 +205,15 @@ def run_worker(args: argparse.Namespace) -> None:
             f"configuration {args.only} but JAX sees {jax.process_count()} process(es) x "
             f"{jax.local_device_count()} device(s): check XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
         )
-    import numpy as np
 
     from aimz_trainer import Predictor, Trainer
-    from aimz_trainer.callbacks import Callback, FitProgress
-
-    class ChunkClock(Callback):
-        """Records ``(time, steps finished)`` at every chunk end."""
-
-        def __init__(self) -> None:
-            self.marks: list[tuple[float, int]] = []
-
-        def on_train_chunk_end(self, trainer: Trainer, progress: FitProgress, losses: np.ndarray, steps: range) -> None:
-            self.marks.append((time.perf_counter(), steps.stop))
 
     recipe = load_recipe(with_trainer=True)
     key_data, key_net, key_fit, key_predict = jax.random.split(jax.random.key(args.seed), 4)
     X, y, _ = recipe.make_data(args.num_rows, args.num_features, key_data)
     model = recipe.make_model(args.num_rows, args.num_features, args.hidden, key_net)
     svi = recipe.make_svi(model)
-    clock = ChunkClock()
+    clock = chunk_clock()
     trainer = Trainer(max_epochs=args.epochs, rng_key=key_fit, callbacks=[clock], enable_progress_bar=False)
     started = time.perf_counter()
     result = trainer.fit(svi, {"X": X, "y": y}, batch_size=args.batch_size, num_samples=args.draws)
