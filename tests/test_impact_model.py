@@ -135,6 +135,11 @@ class TestPredict:
                 call()
         assert im.temp_dir is None  # nothing was created
 
+    def test_a_batch_size_of_zero_is_refused_not_replaced(self, fitted):
+        im, (X, t, _) = fitted
+        with pytest.raises(ConfigurationError, match="batch_size must be a positive int; got 0"):
+            im.predict(X, t=t, batch_size=0)
+
     def test_predict_writes_the_tutorial_groups(self, fitted):
         im, (X, t, _) = fitted
         dt = im.predict(X, t=t, batch_size=500)

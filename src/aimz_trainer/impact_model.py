@@ -24,14 +24,13 @@ from numpyro.infer.svi import SVIRunResult
 from aimz_trainer.callbacks import Callback
 from aimz_trainer.effects import estimate_effect
 from aimz_trainer.errors import ConfigurationError, NotFittedError
-from aimz_trainer.predictor import Predictor
+from aimz_trainer.predictor import DEFAULT_BATCH_SIZE, Predictor
 from aimz_trainer.sharding import make_mesh
 from aimz_trainer.store import ScratchDirectory
 from aimz_trainer.trainer import Trainer
 
 __all__ = ["ImpactModel"]
 
-_DEFAULT_PREDICT_BATCH = 100_000
 # Trainer and Trainer.fit arguments the facade sets itself from its own.
 _SET_BY_FIT = {"self", "max_epochs", "rng_key", "callbacks", "enable_progress_bar", "devices", "mesh"}
 _SET_BY_FIT |= {"svi", "train_data", "batch_size", "num_samples", "shuffle"}
@@ -208,7 +207,7 @@ class ImpactModel:
         predictor = self._fitted_predictor("predict")
         return predictor.predict(
             self._row_inputs(X, kwargs),
-            batch_size=batch_size or _DEFAULT_PREDICT_BATCH,
+            batch_size=DEFAULT_BATCH_SIZE if batch_size is None else batch_size,
             output_dir=output_dir,
             intervention=intervention,
             return_sites=return_sites,
@@ -240,7 +239,7 @@ class ImpactModel:
         return self._prior_predictor.sample_prior_predictive(
             self._row_inputs(X, kwargs),
             num_samples=num_samples,
-            batch_size=batch_size or _DEFAULT_PREDICT_BATCH,
+            batch_size=DEFAULT_BATCH_SIZE if batch_size is None else batch_size,
             output_dir=output_dir,
             return_sites=return_sites,
             progress=progress,
@@ -260,7 +259,7 @@ class ImpactModel:
         predictor = self._fitted_predictor("log_likelihood")
         return predictor.log_likelihood(
             {**self._row_inputs(X, kwargs), self.param_output: y},
-            batch_size=batch_size or _DEFAULT_PREDICT_BATCH,
+            batch_size=DEFAULT_BATCH_SIZE if batch_size is None else batch_size,
             output_dir=output_dir,
             progress=progress,
         )

@@ -65,7 +65,9 @@ from aimz_trainer.errors import ConfigurationError, DataError, StoreError
 from aimz_trainer.sharding import DATA_AXIS, batch_sharding, make_mesh, replicated, to_global_array
 from aimz_trainer.store import COMPLETE, FINGERPRINT, ArraySpec, ScratchDirectory, ZarrStore, open_store
 
-__all__ = ["Predictor"]
+__all__ = ["DEFAULT_BATCH_SIZE", "Predictor"]
+
+DEFAULT_BATCH_SIZE = 100_000  # rows per compiled call and per Zarr chunk
 
 Draws = dict[str, jax.Array]
 
@@ -154,7 +156,7 @@ class Predictor:
         self,
         data: Mapping[str, Any],
         *,
-        batch_size: int = 100_000,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         output_dir: str | os.PathLike[str] | None = None,
         intervention: Mapping[str, Any] | None = None,
         return_sites: Sequence[str] | None = None,
@@ -190,7 +192,7 @@ class Predictor:
         data: Mapping[str, Any],
         *,
         num_samples: int | None = None,
-        batch_size: int = 100_000,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         output_dir: str | os.PathLike[str] | None = None,
         return_sites: Sequence[str] | None = None,
         progress: bool = False,
@@ -217,7 +219,7 @@ class Predictor:
         self,
         data: Mapping[str, Any],
         *,
-        batch_size: int = 100_000,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         output_dir: str | os.PathLike[str] | None = None,
         progress: bool = False,
     ) -> xr.DataTree:
