@@ -70,7 +70,8 @@ def test_deterministic_site_equals_numpyro_predictive(predictor):
 def test_random_site_follows_the_documented_key_scheme(predictor):
     """Draw s of block k (rows k*R .. k*R+R-1) is the model seeded with
     fold_in(fold_in(rng_key, s), k) on that block's rows (the last block padded to R rows by
-    repeating its last row), with draw s of the posterior substituted."""
+    repeating its last row), with draw s of the posterior substituted under the seed (so the
+    seed's key goes to the sites still to draw)."""
     posterior = dyadic_posterior()
     x = dyadic_x(10)  # blocks of 4, 4 and 2 rows
     y = values(predictor.predict({"x": x}, batch_size=8), "posterior_predictive", "y")[0]
@@ -80,7 +81,7 @@ def test_random_site_follows_the_documented_key_scheme(predictor):
             rows = x[k * ROWS_PER_KEY : (k + 1) * ROWS_PER_KEY]
             padded = np.concatenate([rows, np.repeat(rows[-1:], ROWS_PER_KEY - len(rows))])
             key = jax.random.fold_in(jax.random.fold_in(predictor.rng_key, s), k)
-            model = handlers.substitute(handlers.seed(linear_model, key), data=theta)
+            model = handlers.seed(handlers.substitute(linear_model, data=theta), key)
             expected = np.asarray(handlers.trace(model).get_trace(x=padded)["y"]["value"])[: len(rows)]
             np.testing.assert_array_equal(y[s, k * ROWS_PER_KEY : k * ROWS_PER_KEY + len(rows)], expected)
     # And the noise is what the model says: y - mu ~ Normal(0, NOISE), different in every cell.

@@ -1,6 +1,7 @@
 """Prediction stores: Zarr v3 groups written by a background thread, marked complete last.
 
-A :class:`ZarrStore` creates every array up front (chunked by batches of rows, Blosc-zstd),
+A :class:`ZarrStore` creates every array up front (chunked by batches of rows; integer arrays
+Blosc-zstd, float arrays uncompressed unless asked: they hardly compress),
 then takes whole batches from the compute loop through a bounded queue: a writer thread
 writes them while the devices compute the next ones, and host memory holds at most
 ``max_pending`` batches whatever the number of rows. After each batch the root group records
@@ -89,6 +90,8 @@ class ZarrStore:
             without a row axis and finalizes it.
         join: open the store writer 0 created, to write this process's rows only (no
             attributes, no :meth:`finalize`).
+        compress_floats: compress float arrays too (Blosc-lz4; default: written as they are,
+            see :func:`_compressors`); integer arrays are always Blosc-zstd.
     """
 
     def __init__(
@@ -102,6 +105,7 @@ class ZarrStore:
         resume: bool = False,
         writers: int = 1,
         join: bool = False,
+        compress_floats: bool = False,
     ) -> None:
         if not is_int_at_least(writers, 1) or batch_size % writers:
             raise StoreError(f"writers must be a positive int dividing batch_size={batch_size}; got {writers!r}.")
@@ -125,16 +129,21 @@ class ZarrStore:
             self._root.attrs.update(
                 {**(attrs or {}), **shared, COMPLETE: False, ROWS_WRITTEN: 0, "batch_size": batch_size}
             )
-            self._create(batch_size // writers)
+            self._create(batch_size // writers, compress_floats)
         self.rows_written = int(self._root.attrs[ROWS_WRITTEN])
-        self._arrays = {key: self._root[f"{spec.group}/{spec.name}"] for key, spec in self.specs.items()}
+        # Every chunk is written whole, so zarr's check whether a chunk equals the fill value
+        # (and could be left out) is skipped: for NaN-filled float chunks it cost more CPU than
+        # writing them.
+        self._arrays = {
+            key: self._root[f"{spec.group}/{spec.name}"].with_config({"write_empty_chunks": True})
+            for key, spec in self.specs.items()
+        }
         self._queue: queue.Queue[Any] = queue.Queue(max_pending)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._write_loop, name="aimz-store-writer", daemon=True)
         self._thread.start()
 
-    def _create(self, chunk_rows: int) -> None:
-        compressor = BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle")
+    def _create(self, chunk_rows: int, compress_floats: bool) -> None:
         for spec in self.specs.values():
             group = self._root.require_group(spec.group)
             group.create_array(
@@ -142,7 +151,7 @@ class ZarrStore:
                 shape=spec.shape,
                 dtype=spec.dtype,
                 chunks=spec.chunks(chunk_rows),
-                compressors=compressor,
+                compressors=_compressors(spec.dtype, compress_floats),
                 dimension_names=spec.dims,
                 attributes=dict(spec.attrs or {}),
                 # Unwritten float chunks read as NaN, never as plausible zeros.
@@ -199,19 +208,19 @@ class ZarrStore:
                 return
             if self._error is not None:
                 continue  # drain: the compute loop is told at its next batch
-            start, stop, values = item
             try:
-                for key, value in values.items():
-                    spec = self.specs[key]
-                    index = tuple(
-                        slice(start, stop) if axis == spec.row_axis else slice(None) for axis in range(len(spec.shape))
-                    )
-                    self._arrays[key][index] = np.asarray(value)
-                if self.writers == 1:
-                    self._root.attrs[ROWS_WRITTEN] = stop
-                    self.rows_written = stop
+                self._write(*item)
             except BaseException as error:  # handed to the compute loop at its next batch
                 self._error = error
+
+    def _write(self, start: int, stop: int, values: Mapping[tuple[str, str], Any]) -> None:
+        for key, value in values.items():
+            spec = self.specs[key]
+            index = tuple(slice(start, stop) if axis == spec.row_axis else slice(None) for axis in range(len(spec.shape)))
+            self._arrays[key][index] = np.asarray(value)
+        if self.writers == 1:
+            self._root.attrs[ROWS_WRITTEN] = stop
+            self.rows_written = stop
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
@@ -247,6 +256,21 @@ class ZarrStore:
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
+
+
+def _compressors(dtype: Any, compress_floats: bool) -> tuple[BloscCodec, ...]:
+    """Blosc-zstd with bit-shuffling for integer arrays; float arrays uncompressed unless
+    ``compress_floats`` (then Blosc-lz4 with bit-shuffling).
+
+    Measured on 2 cores, 10 chunks of 1,000 draws x 10,000 rows, CPU of the writes: float32
+    probabilities compress only 1.22x (zstd level 1 and lz4 alike), and cost 0.1 s
+    uncompressed, 0.5-0.6 s with lz4 and 0.9-1.5 s with zstd, taken from the computation that
+    runs beside the writer; int8 Bernoulli draws compress 7.9x with zstd for 0.1 s.
+    """
+    kind = np.dtype(dtype).kind
+    if kind in "fc":
+        return (BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle"),) if compress_floats else ()
+    return (BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle"),)
 
 
 def _one_codec_thread() -> None:
