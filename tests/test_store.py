@@ -88,6 +88,40 @@ def test_zarr_store_writes_batches_from_its_thread(tmp_path):
     assert zarr.open_group(path, mode="r")["posterior_predictive/y"].chunks == (1, 3, 4)
 
 
+@pytest.mark.parametrize("compress_floats", [False, True])
+def test_codecs_by_dtype_and_every_chunk_written(tmp_path, compress_floats):
+    """Integer arrays Blosc-zstd; float arrays as they are, or Blosc-lz4 when asked; a chunk
+    equal to the fill value (all-zero integers) is still written: the store reads the same
+    either way, and a chunk file per batch shows the batch was written."""
+    path = tmp_path / "store"
+    store = ZarrStore(path, specs(), batch_size=4, compress_floats=compress_floats)
+    zeros = {key: np.zeros_like(value[:, :, :4]) for key, value in full_values().items()}
+    store.write_batch(0, 4, zeros)
+    store.finalize()
+    root = zarr.open_group(path, mode="r")
+    blosc = {
+        name: [(str(codec.cname), str(codec.shuffle)) for codec in root[name].compressors]
+        for name in ("posterior_predictive/y", "posterior_predictive/k", "posterior/w")
+    }
+    floats = [("lz4", "bitshuffle")] if compress_floats else []
+    assert blosc == {
+        "posterior_predictive/y": floats,
+        "posterior_predictive/k": [("zstd", "bitshuffle")],
+        "posterior/w": floats,
+    }
+    assert (path / "posterior_predictive" / "k" / "c" / "0" / "0" / "0" / "0").is_file()
+    np.testing.assert_array_equal(root["posterior_predictive/k"][:, :, :4], 0)
+
+
+def test_predictor_passes_compress_floats_and_checks_it(tmp_path):
+    predictor = Predictor(linear_model, dyadic_posterior(), compress_floats=True)
+    tree = predictor.predict({"x": dyadic_x(6)}, batch_size=4, output_dir=tmp_path)
+    y = zarr.open_group(tree.attrs["store_path"], mode="r")["posterior_predictive/y"]
+    assert [str(codec.cname) for codec in y.compressors] == ["lz4"]
+    with pytest.raises(ConfigurationError, match="compress_floats must be True or False; got 'yes'"):
+        Predictor(linear_model, dyadic_posterior(), compress_floats="yes")
+
+
 def test_aborted_store_is_incomplete_and_can_be_resumed(tmp_path):
     path = tmp_path / "store"
     store = ZarrStore(path, specs(), batch_size=4)

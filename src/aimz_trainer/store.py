@@ -68,6 +68,10 @@ class ArraySpec:
     row_axis: int | None
     attrs: Mapping[str, Any] | None = None
 
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
     def chunks(self, batch_size: int) -> tuple[int, ...]:
         if self.row_axis is None:
             return self.shape
@@ -216,7 +220,7 @@ class ZarrStore:
     def _write(self, start: int, stop: int, values: Mapping[tuple[str, str], Any]) -> None:
         for key, value in values.items():
             spec = self.specs[key]
-            index = tuple(slice(start, stop) if axis == spec.row_axis else slice(None) for axis in range(len(spec.shape)))
+            index = tuple(slice(start, stop) if axis == spec.row_axis else slice(None) for axis in range(spec.ndim))
             self._arrays[key][index] = np.asarray(value)
         if self.writers == 1:
             self._root.attrs[ROWS_WRITTEN] = stop
