@@ -182,6 +182,47 @@ def test_a_failed_write_reaches_the_caller(tmp_path, monkeypatch):
         open_store(path)
 
 
+def test_each_chunk_is_synced_to_disk_before_its_rows_count(tmp_path, monkeypatch):
+    """The writer syncs every chunk file (then drops it from the page cache) before it records
+    the rows as written; an error the disk reports only at that sync (a full disk under
+    delayed allocation, EIO) fails the store like a failed write."""
+    synced = []
+    original_fdatasync = os.fdatasync
+
+    def fdatasync(descriptor):
+        synced.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        original_fdatasync(descriptor)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    path = tmp_path / "store"
+    store = ZarrStore(path, specs(), batch_size=4)
+    for start in (0, 4, 8):
+        write_rows(store, start, min(start + 4, 10))
+    store.finalize()
+    expected = [str(store.chunk_path(key, start)) for start in (0, 4, 8) for key in full_values()]
+    assert synced == expected
+    assert all(Path(file).is_file() for file in expected)
+    # An uncompressed float chunk: 1 chain x 3 draws x 4 rows of float32 (the last one 4 rows
+    # too: zarr writes whole chunks, the padding past row 10 being the fill value).
+    assert store.chunk_path(("posterior_predictive", "y"), 4).stat().st_size == 3 * 4 * 4
+
+    error = OSError(5, "Input/output error")
+
+    def failing_fdatasync(descriptor):
+        raise error
+
+    monkeypatch.setattr(os, "fdatasync", failing_fdatasync)
+    failing = ZarrStore(tmp_path / "failing", specs(), batch_size=4)
+    with pytest.raises(OSError) as info:
+        write_rows(failing, 0, 4)
+        failing.finalize()
+    assert info.value is error
+    failing.abort()
+    monkeypatch.undo()
+    with pytest.raises(StoreError, match="after 0 rows"):
+        open_store(tmp_path / "failing")
+
+
 # -- Predictor: interrupted, failed and resumed predictions ----------------------------------------
 
 

@@ -222,9 +222,16 @@ class ZarrStore:
             spec = self.specs[key]
             index = tuple(slice(start, stop) if axis == spec.row_axis else slice(None) for axis in range(spec.ndim))
             self._arrays[key][index] = np.asarray(value)
+            _write_back(self.chunk_path(key, start))
         if self.writers == 1:
             self._root.attrs[ROWS_WRITTEN] = stop
             self.rows_written = stop
+
+    def chunk_path(self, key: tuple[str, str], start: int) -> Path:
+        """The file of the chunk of row-wise array ``key`` that begins at row ``start``."""
+        spec, array = self.specs[key], self._arrays[key]
+        coords = tuple(start // array.chunks[axis] if axis == spec.row_axis else 0 for axis in range(spec.ndim))
+        return self.path / spec.group / spec.name / array.metadata.encode_chunk_key(coords)
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
@@ -260,6 +267,25 @@ class ZarrStore:
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
+
+
+def _write_back(path: Path) -> None:
+    """Wait until a chunk file is on the disk, then drop it from the page cache.
+
+    The rows a store records as written are then durable, and the page cache does not grow
+    with the store: each chunk reuses the memory the previous one freed. Measured on these
+    virtual machines, memory the kernel has not touched lately is costly to touch (the host
+    backs it on first use): buffered writes of 100,000 rows x 1,000 draws (500 MB) took
+    0.95 s of kernel CPU from the computation, 0.1 s with each chunk written back and
+    dropped; the wait for the disk is spent on the writer thread, not the CPU.
+    """
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(descriptor)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(descriptor)
 
 
 def _compressors(dtype: Any, compress_floats: bool) -> tuple[BloscCodec, ...]:
