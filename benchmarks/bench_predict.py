@@ -8,7 +8,8 @@ Figures, each from a fresh subprocess:
 
 - ``--rows`` (default 100,000): the Predictor's wall, Zarr writes included, against
   ``numpyro.infer.Predictive`` jitted once and called on the same 10,000-row batches with no
-  writes at all (the bar: ratio <= 1.0), run alternately ``--repeats`` times (medians);
+  writes at all (the bar: ratio <= 1.0), run alternately ``--repeats`` times (medians), each
+  process after ``--settle`` seconds of rest;
 - peak RSS growth of ``predict`` at ``--rows`` and at ``--big-rows`` (default 1,000,000),
   sampled during the call from just before it (the inputs already exist): bars <= 1.5x and
   <= 300 MiB;
@@ -18,7 +19,7 @@ Figures, each from a fresh subprocess:
 Run it from the repository root::
 
     .venv/bin/python benchmarks/bench_predict.py [--rows 100000] [--big-rows 1000000] [--repeats 3]
-        [--output-dir DIR]
+        [--output-dir DIR] [--settle 5]
 
 It prints one JSON line on stdout; progress goes to stderr.
 """
@@ -50,6 +51,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--draws", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=10_000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--settle", type=float, default=5.0, help="seconds of rest before each measured process (default 5)"
+    )
     parser.add_argument(
         "--output-dir", default=None, help="where the stores are written (default: the system's temporary directory)"
     )
@@ -158,6 +162,11 @@ def filesystem(path: str) -> str:
 
 
 def spawn(what: str, args: argparse.Namespace, rows: int) -> dict[str, Any]:
+    # A process that just exited can still cost the next one: in four runs of this bench
+    # without a rest, the Predictor runs that directly followed a Predictive process (which
+    # frees GBs; presumably the VM returning them to its host) were, each time, the slowest
+    # Predictor runs of their bench (6 of 6). Every measurement now starts rested, both alike.
+    time.sleep(args.settle)
     command = [
         sys.executable, str(Path(__file__).resolve()), "--only", what, "--rows", str(rows),
         "--draws", str(args.draws), "--batch-size", str(args.batch_size),
