@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench_fit import chunk_clock, load_recipe, median_of, steady_steps_per_sec
+from bench_fit import chunk_clock, forwarded, load_recipe, median_of, steady_steps_per_sec
 
 LOOPS = ("plain", "checkpointed")
 STEPS_PER_SEC_BAR = 0.95
@@ -128,8 +128,8 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
 
 def spawn(loop: str, args: argparse.Namespace) -> dict[str, Any]:
     command = [
-        sys.executable, str(Path(__file__).resolve()), "--only", loop, "--epochs", str(args.epochs),
-        "--num-rows", str(args.num_rows), "--batch-size", str(args.batch_size), "--seed", str(args.seed),
+        sys.executable, str(Path(__file__).resolve()), "--only", loop,
+        *forwarded(args, "epochs", "num_rows", "batch_size", "seed"),
     ]  # fmt: skip
     # A fixed hash seed: numpyro's Trace_ELBO sums its per-site terms in set order, so the
     # reported losses (not the parameters) differ by an ulp between processes otherwise.

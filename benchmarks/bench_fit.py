@@ -250,19 +250,16 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def forwarded(args: argparse.Namespace, *names: str) -> list[str]:
+    """``--name value`` for each named option of ``args``: a measured child process's settings."""
+    return [part for name in names for part in (f"--{name.replace('_', '-')}", str(getattr(args, name)))]
+
+
 def spawn(loop: str, args: argparse.Namespace) -> dict[str, Any]:
     """Run one loop in a fresh process; add its whole-process wall as ``cold_wall_s``."""
     command = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--only", loop,
-        "--epochs", str(args.epochs),
-        "--num-rows", str(args.num_rows),
-        "--num-features", str(args.num_features),
-        "--hidden", str(args.hidden),
-        "--batch-size", str(args.batch_size),
-        "--num-samples", str(args.num_samples),
-        "--seed", str(args.seed),
+        sys.executable, str(Path(__file__).resolve()), "--only", loop,
+        *forwarded(args, "epochs", "num_rows", "num_features", "hidden", "batch_size", "num_samples", "seed"),
     ]  # fmt: skip
     started = time.perf_counter()
     completed = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, check=True)

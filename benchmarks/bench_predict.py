@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench_fit import load_recipe
+from bench_fit import forwarded, load_recipe
 
 FLOPS_PER_ROW_AND_DRAW = 2 * (100 * 32 + 32 * 32 + 32)
 RATIO_BAR, RSS_GROWTH_BAR, RSS_MIB_BAR = 1.0, 1.5, 300.0
@@ -169,8 +169,8 @@ def spawn(what: str, args: argparse.Namespace, rows: int) -> dict[str, Any]:
     time.sleep(args.settle)
     command = [
         sys.executable, str(Path(__file__).resolve()), "--only", what, "--rows", str(rows),
-        "--draws", str(args.draws), "--batch-size", str(args.batch_size),
-    ] + (["--output-dir", args.output_dir] if args.output_dir else [])  # fmt: skip
+        *forwarded(args, "draws", "batch_size"), *(["--output-dir", args.output_dir] if args.output_dir else []),
+    ]  # fmt: skip
     completed = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
     return json.loads(completed.stdout.strip().splitlines()[-1])
 

@@ -81,7 +81,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench_fit import chunk_clock, load_recipe, steady_steps_per_sec
+from bench_fit import chunk_clock, forwarded, load_recipe, steady_steps_per_sec
 
 CONFIGS = ("1x1", "1x2", "2x1")
 
@@ -276,18 +276,8 @@ def run_worker(args: argparse.Namespace) -> None:
 
 
 def worker_arguments(args: argparse.Namespace, output_dir: str) -> list[str]:
-    return [
-        "--epochs", str(args.epochs),
-        "--num-rows", str(args.num_rows),
-        "--num-features", str(args.num_features),
-        "--hidden", str(args.hidden),
-        "--batch-size", str(args.batch_size),
-        "--draws", str(args.draws),
-        "--predict-rows", str(args.predict_rows),
-        "--predict-batch-size", str(args.predict_batch_size),
-        "--seed", str(args.seed),
-        "--output-dir", output_dir,
-    ]  # fmt: skip
+    names = ("epochs", "num_rows", "num_features", "hidden", "batch_size", "draws", "predict_rows")
+    return [*forwarded(args, *names, "predict_batch_size", "seed"), "--output-dir", output_dir]
 
 
 def run_launcher(args: argparse.Namespace) -> int:
