@@ -63,6 +63,7 @@ from aimz_trainer._validation import is_int_at_least
 from aimz_trainer._version import library_version
 from aimz_trainer.callbacks.progress import progress_bar_wanted
 from aimz_trainer.data import validate_data
+from aimz_trainer.distributed import allgather_json
 from aimz_trainer.errors import ConfigurationError, DataError, StoreError
 from aimz_trainer.sharding import DATA_AXIS, batch_sharding, make_mesh, replicated, to_global_array
 from aimz_trainer.store import COMPLETE, FINGERPRINT, ArraySpec, ScratchDirectory, ZarrStore, open_store
@@ -418,7 +419,7 @@ class Predictor:
             return incomplete[-1]
         parent.mkdir(parents=True, exist_ok=True)
         stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S%f")
-        return parent / _from_process_zero(f"predict-{stamp}")  # one name in every process
+        return parent / str(allgather_json(f"predict-{stamp}")[0])  # process 0's name in every process
 
     def _compiled_step(self, step: Callable[..., Draws], signature: Any) -> Any:
         """``step`` jitted with the batch shardings; cached by ``signature``."""
@@ -453,24 +454,9 @@ def _process_rows(mesh: Mesh, batch: int) -> tuple[int, int]:
     return spans[0][0], spans[-1][1]
 
 
-def _from_process_zero(text: str, max_bytes: int = 256) -> str:
-    """Process 0's ``text``, in every process (a collective: every process calls it)."""
-    if jax.process_count() == 1:
-        return text
-    encoded = text.encode()
-    if len(encoded) > max_bytes:
-        raise ValueError(f"{text!r} is longer than {max_bytes} bytes.")
-    buffer = np.zeros(max_bytes, np.uint8)
-    buffer[: len(encoded)] = np.frombuffer(encoded, np.uint8)
-    return bytes(multihost_utils.broadcast_one_to_all(buffer)).rstrip(b"\0").decode()
-
-
 def _failed_processes(ok: bool) -> list[int]:
     """The processes that passed ``ok=False`` (a collective: every process calls it)."""
-    if jax.process_count() == 1:
-        return [] if ok else [0]
-    flags = np.asarray(multihost_utils.process_allgather(np.int32(ok))).reshape(-1)
-    return [int(i) for i in np.flatnonzero(flags == 0)]
+    return [index for index, flag in enumerate(allgather_json(ok)) if not flag]
 
 
 def _open_shared_store(
