@@ -82,7 +82,7 @@ def _predict_distributed(output_dir: str) -> dict:
     import jax
     import zarr
 
-    from aimz_trainer import ConfigurationError, Predictor, StoreError
+    from aimz_trainer import ConfigurationError, DistributedError, Predictor, StoreError
 
     predictor = Predictor(
         linear_model, dyadic_posterior(), rng_key=jax.random.key(7), rows_per_key=ROWS_PER_KEY, draws_per_chunk=4
@@ -99,6 +99,11 @@ def _predict_distributed(output_dir: str) -> dict:
         predictor.predict(data, batch_size=16, output_dir=own)
     except StoreError as error:
         refused["unshared"] = str(error)
+    try:  # process 1 given other rows: refused in both before any store is made
+        other = data if jax.process_index() == 0 else {"x": dyadic_x(37, seed=2)}
+        predictor.predict(other, batch_size=16, output_dir=os.path.join(output_dir, "mismatch"))
+    except DistributedError as error:
+        refused["mismatch"] = str(error)
     tree = predictor.predict(data, batch_size=16, output_dir=output_dir)
 
     # A disk that fills up under process 1's writer thread only.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import jax
@@ -15,6 +16,7 @@ from aimz_trainer.data import (
     FitPlan,
     ValidationSource,
     default_steps_per_chunk,
+    digest_rows,
     epoch_length,
     make_chunk_loader,
     resolve_placement,
@@ -368,3 +370,23 @@ class TestPlacement:
     def test_unknown_placement(self):
         with pytest.raises(ConfigurationError, match="data_placement must be 'auto', 'device' or 'host'; got 'gpu'"):
             resolve_placement("gpu", 1, 1)
+
+
+def test_digest_rows_tells_apart_a_changed_sampled_row_a_shape_and_a_name_but_not_the_order_given():
+    def hexdigest(arrays):
+        digest = hashlib.sha256()
+        digest_rows(digest, arrays)
+        return digest.hexdigest()
+
+    X, y = np.arange(4096, dtype=np.float32).reshape(2048, 2), np.zeros(2048, np.int8)
+    base = hexdigest({"X": X, "y": y})
+    assert hexdigest({"y": y, "X": X}) == base  # by name, not by the order given
+    changed = X.copy()
+    changed[2] = -1  # a sampled row (every 2nd of 2,048)
+    assert hexdigest({"X": changed, "y": y}) != base
+    assert hexdigest({"X": X[:-2], "y": y}) != base
+    assert hexdigest({"X": X.astype(np.float64), "y": y}) != base
+    assert hexdigest({"Z": X, "y": y}) != base
+    unsampled = X.copy()
+    unsampled[3] = -1  # between two sampled rows: a sample, not every row, as documented
+    assert hexdigest({"X": unsampled, "y": y}) == base

@@ -92,6 +92,10 @@ def test_processes_write_one_store_equal_to_a_single_process_prediction(tmp_path
         assert "resume=True" in refused["refused"]["resume"]
     assert "shared file system" in results[0]["refused"]["unshared"]
     assert "writer 0 has not created" in results[1]["refused"]["unshared"]
+    for refused in results:
+        assert "given different data, posterior, keys or settings to predict" in refused["refused"]["mismatch"]
+        assert "process 1: {'batch_size': 16, 'computation'" in refused["refused"]["mismatch"]
+    assert not (tmp_path / "shared" / "mismatch").exists()
 
     # Process 1's writer failed: both processes raised, and the store is not complete.
     assert results[1]["failure"].startswith("OSError")

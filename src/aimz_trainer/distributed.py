@@ -39,7 +39,7 @@ from jax.experimental import multihost_utils
 from aimz_trainer._validation import is_int_at_least
 from aimz_trainer.errors import ConfigurationError, DistributedError
 
-__all__ = ["ClusterSpec", "allgather_json", "cluster_spec", "initialize", "launch"]
+__all__ = ["ClusterSpec", "allgather_json", "cluster_spec", "initialize", "launch", "require_agreement"]
 
 ENV_ADDRESS = "AIMZ_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "AIMZ_NUM_PROCESSES"
@@ -221,6 +221,23 @@ def allgather_json(value: object) -> list[object]:
     padded[: encoded.size] = encoded
     gathered = multihost_utils.process_allgather(padded)
     return [json.loads(bytes(row[: int(size)]).decode()) for row, size in zip(gathered, np.ravel(sizes), strict=True)]
+
+
+def require_agreement(view: Mapping[str, object], given: str, advice: str) -> None:
+    """Raise :class:`DistributedError` in every process unless every process passed the same
+    ``view`` (JSON-serializable); a collective, like :func:`allgather_json`. The message lists
+    each process's view, says they were given different ``given`` and ends with ``advice``.
+
+    Example:
+        >>> require_agreement({"rows": 10}, "data", "Give every process the same arrays.")
+    """
+    seen = allgather_json(view)
+    if any(other != seen[0] for other in seen):
+        raise DistributedError(
+            f"the processes of this run were given different {given}: "
+            + "; ".join(f"process {rank}: {other}" for rank, other in enumerate(seen))
+            + f". {advice}"
+        )
 
 
 def free_port() -> int:

@@ -62,8 +62,8 @@ from tqdm.auto import tqdm
 from aimz_trainer._validation import is_int_at_least
 from aimz_trainer._version import library_version
 from aimz_trainer.callbacks.progress import progress_bar_wanted
-from aimz_trainer.data import validate_data
-from aimz_trainer.distributed import allgather_json
+from aimz_trainer.data import digest_rows, validate_data
+from aimz_trainer.distributed import allgather_json, require_agreement
 from aimz_trainer.errors import ConfigurationError, DataError, StoreError
 from aimz_trainer.sharding import DATA_AXIS, batch_sharding, make_mesh, replicated, to_global_array
 from aimz_trainer.store import COMPLETE, FINGERPRINT, ArraySpec, ScratchDirectory, ZarrStore, open_store
@@ -354,6 +354,16 @@ class Predictor:
             )
             for name, value in observed_data.items()
         ]
+        fingerprint = _fingerprint(
+            self.rng_key, latent, arrays, intervention or {}, outputs, group, self.rows_per_key, _KEY_SCHEME
+        )
+        if processes > 1:  # each writes its share of every batch: they must all compute the same
+            require_agreement(
+                {"rows": num_rows, "batch_size": batch, "computation": fingerprint[:12]},
+                "data, posterior, keys or settings to predict",
+                "Give every process the same Predictor (posterior, rng_key, rows_per_key) and the same predict "
+                "arguments.",
+            )
         path = self._store_path(output_dir, resume)
         attrs = {
             "created_at": datetime.datetime.now(datetime.UTC).isoformat(),
@@ -362,9 +372,7 @@ class Predictor:
             "intervention": json.dumps(_jsonable(intervention or {})),
             "rows_per_key": self.rows_per_key,
             "num_rows": num_rows,
-            FINGERPRINT: _fingerprint(
-                self.rng_key, latent, arrays, intervention or {}, outputs, group, self.rows_per_key, _KEY_SCHEME
-            ),
+            FINGERPRINT: fingerprint,
         }
         # Small and rewritten on resume too: an interruption may have come before them.
         whole = {(draws_group, n): v[None] for n, v in latent.items()}
@@ -681,15 +689,10 @@ def _split_intervention(
 
 def _fingerprint(rng_key: jax.Array, *parts: Any) -> str:
     """A digest of what decides a store's values: the key, the draws, the settings, and the
-    inputs' shapes with every n/1024-th row (hashing 100 million rows would cost seconds)."""
+    inputs (:func:`~aimz_trainer.data.digest_rows`)."""
     digest = hashlib.sha256(np.asarray(jax.random.key_data(rng_key)).tobytes())
     for part in parts:
-        items = sorted(part.items()) if isinstance(part, Mapping) else [("", part)]
-        for name, value in items:
-            array = np.asarray(value)
-            sample = array[:: max(1, len(array) // 1024)] if array.ndim else array
-            digest.update(f"{name}{array.shape}{array.dtype}".encode())
-            digest.update(np.ascontiguousarray(sample).tobytes())
+        digest_rows(digest, part if isinstance(part, Mapping) else {"": part})
     return digest.hexdigest()
 
 

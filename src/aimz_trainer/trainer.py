@@ -52,14 +52,15 @@ from aimz_trainer.data import (
     Placement,
     ValidationSource,
     device_data_budget,
+    digest_rows,
     epoch_length,
     make_chunk_loader,
     resolve_placement,
     validate_batch_size,
     validate_data,
 )
-from aimz_trainer.distributed import allgather_json
-from aimz_trainer.errors import CheckpointError, ConfigurationError, DataError, DistributedError, NonFiniteLossError
+from aimz_trainer.distributed import allgather_json, require_agreement
+from aimz_trainer.errors import CheckpointError, ConfigurationError, DataError, NonFiniteLossError
 from aimz_trainer.sharding import DATA_AXIS, make_mesh, replicated, stacked_batch_sharding, to_global_array
 from aimz_trainer.step import (
     TrainState,
@@ -991,17 +992,12 @@ def _check_processes_agree(arrays: Mapping[str, Any], num_rows: int, batch_size:
     if jax.process_count() == 1:
         return
     digest = hashlib.sha256()
-    for name in sorted(arrays):
-        array = np.asarray(arrays[name])
-        digest.update(f"{name}{array.shape}{array.dtype}".encode())
-        digest.update(np.ascontiguousarray(array[:64]).tobytes() + np.ascontiguousarray(array[-64:]).tobytes())
-    seen = allgather_json({"rows": num_rows, "batch_size": batch_size, "data": digest.hexdigest()[:12]})
-    if any(view != seen[0] for view in seen):
-        raise DistributedError(
-            "the processes of this run were given different training data or batch sizes: "
-            + "; ".join(f"process {rank}: {view}" for rank, view in enumerate(seen))
-            + ". Give every process the same arrays and batch_size (each feeds its share of every batch)."
-        )
+    digest_rows(digest, arrays)
+    require_agreement(
+        {"rows": num_rows, "batch_size": batch_size, "data": digest.hexdigest()[:12]},
+        "training data or batch sizes",
+        "Give every process the same arrays and batch_size (each feeds its share of every batch).",
+    )
 
 
 def _nbytes(array: Any) -> int:
