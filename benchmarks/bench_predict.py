@@ -9,10 +9,12 @@ Figures, each from a fresh subprocess:
 - ``--rows`` (default 100,000): the Predictor's wall, Zarr writes included, against
   ``numpyro.infer.Predictive`` jitted once and called on the same 10,000-row batches with no
   writes at all (the bar: ratio <= 1.0), run alternately ``--repeats`` times (medians), each
-  process after ``--settle`` seconds of rest;
+  process after ``--settle`` seconds of rest; also the median of the repeats' own ratios
+  (``paired_wall_ratio``: the two runs of a repeat follow each other, so a machine whose
+  speed drifts over minutes moves both);
 - peak RSS growth of ``predict`` at ``--rows`` and at ``--big-rows`` (default 1,000,000),
   sampled during the call from just before it (the inputs already exist): bars <= 1.5x and
-  <= 300 MiB;
+  <= 300 MiB; ``Predictive``'s at ``--rows``, sampled alike;
 - achieved GFLOP/s of the forward pass (2 x (100x32 + 32x32 + 32) FLOPs per row and draw)
   against a large float32 matmul on the same machine (the compute roof).
 
@@ -131,10 +133,12 @@ def run_predictive(args: argparse.Namespace) -> dict[str, Any]:
     X, model, posterior, key = setup(args, args.rows)
     predictive = jax.jit(lambda key, X: Predictive(model, posterior, return_sites=["y", "p"])(key, X))
     jax.block_until_ready(predictive(key, X[: args.batch_size]))  # compile
-    started = time.perf_counter()
-    for index, start in enumerate(range(0, args.rows, args.batch_size)):
-        jax.block_until_ready(predictive(jax.random.fold_in(key, index), X[start : start + args.batch_size]))
-    return {"wall_s": time.perf_counter() - started}
+    with PeakRss() as rss:  # sampled as in the Predictor's run: both arms carry the same sampler
+        started = time.perf_counter()
+        for index, start in enumerate(range(0, args.rows, args.batch_size)):
+            jax.block_until_ready(predictive(jax.random.fold_in(key, index), X[start : start + args.batch_size]))
+        wall = time.perf_counter() - started
+    return {"wall_s": wall, "rss_growth_mib": rss.growth_mib}
 
 
 def run_roof(args: argparse.Namespace) -> dict[str, Any]:
@@ -177,19 +181,21 @@ def spawn(what: str, args: argparse.Namespace, rows: int) -> dict[str, Any]:
 
 def compare(args: argparse.Namespace) -> dict[str, Any]:
     walls: dict[str, list[float]] = {"aimz": [], "predictive": []}
-    growth = []
+    growths: dict[str, list[float]] = {"aimz": [], "predictive": []}
     for repeat in range(args.repeats):
         for what in ("aimz", "predictive") if repeat % 2 == 0 else ("predictive", "aimz"):
             run = spawn(what, args, args.rows)
             walls[what].append(run["wall_s"])
-            if what == "aimz":
-                growth.append(run["rss_growth_mib"])
+            growths[what].append(run["rss_growth_mib"])
             print(f"[{repeat + 1}/{args.repeats}] {what}: {run['wall_s']:.2f} s", file=sys.stderr)
+    # The machine's speed drifts over minutes: the two runs of a repeat, back to back, see
+    # about the same machine, so their ratio is the steadier figure on a busy host.
+    pair_ratios = [a / p for a, p in zip(walls["aimz"], walls["predictive"], strict=True)]
     big = spawn("aimz", args, args.big_rows)
     print(f"aimz at {args.big_rows:,} rows: {big['wall_s']:.1f} s, +{big['rss_growth_mib']:.0f} MiB", file=sys.stderr)
     roof = spawn("roof", args, args.rows)["gflops"]
     aimz_wall, predictive_wall = statistics.median(walls["aimz"]), statistics.median(walls["predictive"])
-    small_growth = statistics.median(growth)
+    small_growth = statistics.median(growths["aimz"])
     gflops = FLOPS_PER_ROW_AND_DRAW * args.rows * args.draws / aimz_wall / 1e9
     figures = {
         "benchmark": "predict",
@@ -200,7 +206,9 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         "aimz_wall_s": aimz_wall,
         "predictive_wall_s": predictive_wall,
         "wall_ratio": aimz_wall / predictive_wall,
+        "paired_wall_ratio": statistics.median(pair_ratios),
         "rss_growth_mib": small_growth,
+        "predictive_rss_growth_mib": statistics.median(growths["predictive"]),
         "big_rows": args.big_rows,
         "big_wall_s": big["wall_s"],
         "big_rss_growth_mib": big["rss_growth_mib"],
@@ -209,6 +217,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         "matmul_roof_gflops": roof,
         "roof_fraction": gflops / roof,
         "runs": walls,
+        "pair_ratios": pair_ratios,
     }
     figures["bars_met"] = {
         f"wall_ratio<={RATIO_BAR}": figures["wall_ratio"] <= RATIO_BAR,
