@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import jax
@@ -180,6 +181,36 @@ def test_a_failed_write_reaches_the_caller(tmp_path, monkeypatch):
     monkeypatch.undo()
     with pytest.raises(StoreError, match="after 0 rows"):
         open_store(path)
+
+
+def test_a_stalled_disk_sync_holds_back_the_rows_counted_not_the_writes(tmp_path, monkeypatch):
+    """The chunk files are synced on their own thread, up to max_unsynced batches behind the
+    writer: while the disk stalls, later batches are still written (the computation goes on)
+    but only synced rows count, so a resume would start from rows that are on the disk."""
+    disk = threading.Event()
+    original_fdatasync = os.fdatasync
+
+    def stalled_fdatasync(descriptor):
+        assert disk.wait(timeout=60), "the test never released the disk"
+        original_fdatasync(descriptor)
+
+    monkeypatch.setattr(os, "fdatasync", stalled_fdatasync)
+    path = tmp_path / "store"
+    store = ZarrStore(path, specs(), batch_size=4, max_unsynced=2)
+    for start in (0, 4, 8):
+        write_rows(store, start, min(start + 4, 10))
+    last_chunks = [store.chunk_path(key, 8) for key in full_values()]
+    deadline = time.monotonic() + 30
+    while not all(chunk.is_file() for chunk in last_chunks) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert all(chunk.is_file() for chunk in last_chunks)  # every batch written past the stall
+    assert store.rows_written == 0 and zarr.open_group(path, mode="r").attrs[ROWS_WRITTEN] == 0
+    disk.set()
+    store.finalize()
+    assert store.rows_written == 10
+    np.testing.assert_array_equal(
+        open_store(path)["posterior_predictive"]["y"].values, full_values()[("posterior_predictive", "y")]
+    )
 
 
 def test_each_chunk_is_synced_to_disk_before_its_rows_count(tmp_path, monkeypatch):
