@@ -20,7 +20,7 @@ Figures, each from a fresh subprocess:
 
 Run it from the repository root::
 
-    .venv/bin/python benchmarks/bench_predict.py [--rows 100000] [--big-rows 1000000] [--repeats 3]
+    .venv/bin/python benchmarks/bench_predict.py [--rows 100000] [--big-rows 1000000] [--repeats 5]
         [--output-dir DIR] [--settle 5]
 
 It prints one JSON line on stdout; progress goes to stderr.
@@ -52,7 +52,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--big-rows", type=int, default=1_000_000)
     parser.add_argument("--draws", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=10_000)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
         "--settle", type=float, default=5.0, help="seconds of rest before each measured process (default 5)"
     )
