@@ -276,8 +276,11 @@ def run_worker(args: argparse.Namespace) -> None:
 
 
 def worker_arguments(args: argparse.Namespace, output_dir: str) -> list[str]:
-    names = ("epochs", "num_rows", "num_features", "hidden", "batch_size", "draws", "predict_rows")
-    return [*forwarded(args, *names, "predict_batch_size", "seed"), "--output-dir", output_dir]
+    names = (
+        "epochs", "num_rows", "num_features", "hidden", "batch_size",
+        "draws", "predict_rows", "predict_batch_size", "seed",
+    )  # fmt: skip
+    return [*forwarded(args, *names), "--output-dir", output_dir]
 
 
 def run_launcher(args: argparse.Namespace) -> int:
