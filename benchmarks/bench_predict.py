@@ -11,7 +11,11 @@ Figures, each from a fresh subprocess:
   writes at all (the bar: ratio <= 1.0), run alternately ``--repeats`` times (medians), each
   process after ``--settle`` seconds of rest; also the median of the repeats' own ratios
   (``paired_wall_ratio``: the two runs of a repeat follow each other, so a machine whose
-  speed drifts over minutes moves both);
+  speed drifts over minutes moves both), how many pairs the Predictor won, and a
+  distribution-free 95% interval of that median (``paired_wall_ratio_ci95``: order statistics
+  of the pairs, as a sign test gives them; it needs 6 repeats or more). On these shared VMs
+  one pair's ratio moves by +-15% from minute to minute, so 5 pairs cannot tell 0.95 from
+  1.05: the default is 12;
 - peak RSS growth of ``predict`` at ``--rows`` and at ``--big-rows`` (default 1,000,000),
   sampled during the call from just before it (the inputs already exist): bars <= 1.5x and
   <= 300 MiB; ``Predictive``'s at ``--rows``, sampled alike;
@@ -20,7 +24,7 @@ Figures, each from a fresh subprocess:
 
 Run it from the repository root::
 
-    .venv/bin/python benchmarks/bench_predict.py [--rows 100000] [--big-rows 1000000] [--repeats 5]
+    .venv/bin/python benchmarks/bench_predict.py [--rows 100000] [--big-rows 1000000] [--repeats 12]
         [--output-dir DIR] [--settle 5]
 
 It prints one JSON line on stdout; progress goes to stderr.
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -52,7 +57,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--big-rows", type=int, default=1_000_000)
     parser.add_argument("--draws", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=10_000)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=12)
     parser.add_argument(
         "--settle", type=float, default=5.0, help="seconds of rest before each measured process (default 5)"
     )
@@ -154,6 +159,18 @@ def run_roof(args: argparse.Namespace) -> dict[str, Any]:
     return {"gflops": 5 * 2 * 4096**3 / (time.perf_counter() - started) / 1e9}
 
 
+def median_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float] | None:
+    """The sign test's distribution-free interval for the median of ``values``: from the k-th
+    smallest to the k-th largest value, k the largest number with
+    ``P(Binomial(n, 1/2) < k) <= (1 - confidence) / 2``; ``None`` when no k >= 1 qualifies
+    (5 values or fewer at 95%). With 12 values at 95%: the 3rd smallest to the 3rd largest."""
+    ordered, n = sorted(values), len(values)
+    tail, below = (1 - confidence) / 2, 0
+    while sum(math.comb(n, i) for i in range(below + 1)) / 2**n <= tail:
+        below += 1
+    return (ordered[below - 1], ordered[n - below]) if below else None
+
+
 def filesystem(path: str) -> str:
     """The type of the file system holding ``path`` (the stores' cost depends on it: on these
     machines ext4 on a virtual disk costs the computation ~0.4 s per 100,000 rows more than
@@ -207,6 +224,8 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         "predictive_wall_s": predictive_wall,
         "wall_ratio": aimz_wall / predictive_wall,
         "paired_wall_ratio": statistics.median(pair_ratios),
+        "paired_wall_ratio_ci95": median_interval(pair_ratios),
+        "pairs_won": sum(ratio < 1.0 for ratio in pair_ratios),
         "rss_growth_mib": small_growth,
         "predictive_rss_growth_mib": statistics.median(growths["predictive"]),
         "big_rows": args.big_rows,
