@@ -10,6 +10,7 @@ import pytest
 from numpyro.infer import Trace_ELBO
 
 from aimz_trainer import Callback, ConfigurationError, DataError, PosteriorSampler, Trainer
+from aimz_trainer.plates import model_layout
 from aimz_trainer.step import make_validation_step
 from aimz_trainer.trainer import FitKeys
 
@@ -188,7 +189,8 @@ class TestValidation:
         reference.init(jax.random.key(0), **val)
         # The per-batch step is checked against NumPyro's log_likelihood in test_step.py; here,
         # the fit's keys, batches, weights and the way batches are combined.
-        step = jax.jit(make_validation_step(svi, 8, 1000))
+        layout = model_layout(svi.model, val, batch_rows=100)
+        step = jax.jit(make_validation_step(svi, 8, 1000, layout))
         validation_key = FitKeys.split(jax.random.key(0)).validation
         losses, lpds, weights = [], [], []
         for index in range(3):
@@ -199,11 +201,13 @@ class TestValidation:
             elbo = Trace_ELBO().loss(loss_key, params, reference.model, reference.guide, **batch)
             losses.append(float(elbo) / 1000)
             record = {
-                "rows": {"indices": (rows % 250)[None]},
+                "indices": (rows % 250)[None],
+                "rows": {},
                 "weights": (rows < 250)[None].astype(np.float32),
                 "num_steps": np.int32(1),
             }
-            loss, lpd_sum, weight_sum = step(result.state, key, {k: jnp.asarray(v) for k, v in val.items()}, record)
+            outputs = step(result.state, key, {k: jnp.asarray(v) for k, v in val.items()}, record)
+            loss, lpd_sum, weight_sum = outputs["loss"], outputs["lpd_sum"], outputs["weight_sum"]
             np.testing.assert_allclose(loss, losses[-1], rtol=1e-5)
             lpds.append(float(lpd_sum))
             weights.append(float(weight_sum))

@@ -48,7 +48,7 @@ def epoch_batches(src: ChunkSource, p: FitPlan, epoch: int) -> np.ndarray:
     for index, chunk in enumerate(p.chunks):
         if chunk.epoch == epoch:
             record = src[index]
-            parts.append(record["rows"]["indices"][: record["num_steps"]])
+            parts.append(record["indices"][: record["num_steps"]])
     return np.concatenate(parts)
 
 
@@ -207,8 +207,8 @@ class TestChunkSource:
         assert len(src) == p.num_chunks
         for index, chunk in enumerate(p.chunks):
             record = src[index]
-            assert set(record) == {"rows", "num_steps"} and set(record["rows"]) == {"indices"}
-            indices = record["rows"]["indices"]
+            assert set(record) == {"indices", "rows", "num_steps"} and record["rows"] == {}
+            indices = record["indices"]
             assert indices.shape == (4, 100) and indices.dtype == np.int32
             assert isinstance(record["num_steps"], np.int32) and record["num_steps"] == chunk.num_steps
             assert (indices[chunk.num_steps :] == 0).all()
@@ -272,10 +272,10 @@ class TestChunkSource:
         parts = [source(p, process_index=i, process_count=4) for i in range(4)]
         for index in range(len(whole)):
             records = [part[index] for part in parts]
-            assert all(r["rows"]["indices"].shape == (4, 25) for r in records)
+            assert all(r["indices"].shape == (4, 25) for r in records)
             assert all(r["num_steps"] == whole[index]["num_steps"] for r in records)
             np.testing.assert_array_equal(
-                np.concatenate([r["rows"]["indices"] for r in records], axis=1), whole[index]["rows"]["indices"]
+                np.concatenate([r["indices"] for r in records], axis=1), whole[index]["indices"]
             )
 
 
@@ -286,11 +286,11 @@ class TestValidationSource:
         assert len(src) == math.ceil(num_rows / batch_size)
         records = [src[i] for i in range(len(src))]
         for record in records:
-            assert set(record) == {"rows", "weights", "num_steps"}
-            assert record["rows"]["indices"].shape == record["weights"].shape == (1, batch_size)
-            assert record["rows"]["indices"].dtype == np.int32 and record["weights"].dtype == np.float32
+            assert set(record) == {"indices", "rows", "weights", "num_steps"}
+            assert record["indices"].shape == record["weights"].shape == (1, batch_size)
+            assert record["indices"].dtype == np.int32 and record["weights"].dtype == np.float32
             assert isinstance(record["num_steps"], np.int32) and record["num_steps"] == 1
-        indices = np.concatenate([r["rows"]["indices"][0] for r in records])
+        indices = np.concatenate([r["indices"][0] for r in records])
         weights = np.concatenate([r["weights"][0] for r in records])
         positions = np.arange(len(indices))
         np.testing.assert_array_equal(indices, positions % num_rows)  # in order, wrapping around
@@ -300,7 +300,7 @@ class TestValidationSource:
     def test_last_batch_wraps_with_zero_weights(self):
         src = ValidationSource(20, 8, process_index=0, process_count=1)
         last = src[2]
-        np.testing.assert_array_equal(last["rows"]["indices"], [[16, 17, 18, 19, 0, 1, 2, 3]])
+        np.testing.assert_array_equal(last["indices"], [[16, 17, 18, 19, 0, 1, 2, 3]])
         np.testing.assert_array_equal(last["weights"], [[1, 1, 1, 1, 0, 0, 0, 0]])
 
     def test_processes_split_every_batch(self):
@@ -309,9 +309,9 @@ class TestValidationSource:
         assert all(len(part) == len(whole) == 3 for part in parts)
         for index in range(len(whole)):
             for key in ("indices", "weights"):
-                pieces = [part[index]["rows"][key] if key == "indices" else part[index][key] for part in parts]
+                pieces = [part[index][key] for part in parts]
                 assert all(piece.shape == (1, 4) for piece in pieces)
-                expected = whole[index]["rows"][key] if key == "indices" else whole[index][key]
+                expected = whole[index][key]
                 np.testing.assert_array_equal(np.concatenate(pieces, axis=1), expected)
 
 
@@ -322,7 +322,7 @@ class TestLoader:
         records = list(make_chunk_loader(src, None))
         assert len(records) == p.num_chunks
         for index, record in enumerate(records):
-            np.testing.assert_array_equal(record["rows"]["indices"], src[index]["rows"]["indices"])
+            np.testing.assert_array_equal(record["indices"], src[index]["indices"])
             assert record["num_steps"] == p.chunks[index].num_steps
 
     def test_host_loader_gathers_whole_chunks_pads_and_casts(self):
@@ -335,8 +335,9 @@ class TestLoader:
         assert len(records) == p.num_chunks
         for index, record in enumerate(records):
             num_steps = p.chunks[index].num_steps
-            indices = src[index]["rows"]["indices"][:num_steps]
-            assert set(record) == {"rows", "num_steps"} and record["num_steps"] == num_steps
+            indices = src[index]["indices"][:num_steps]
+            assert set(record) == {"indices", "rows", "num_steps"} and record["num_steps"] == num_steps
+            np.testing.assert_array_equal(record["indices"], src[index]["indices"])
             rows = record["rows"]
             assert set(rows) == {"x", "y", "mask"}
             assert rows["x"].dtype == np.float32 and rows["y"].dtype == np.int32 and rows["mask"].dtype == bool
@@ -353,10 +354,10 @@ class TestLoader:
         records = list(make_chunk_loader(src, {"x": x}))
         assert len(records) == 3
         for index, record in enumerate(records):
-            assert set(record) == {"rows", "weights", "num_steps"} and record["num_steps"] == 1
+            assert set(record) == {"indices", "rows", "weights", "num_steps"} and record["num_steps"] == 1
             np.testing.assert_array_equal(record["weights"], src[index]["weights"])
             assert record["rows"]["x"].dtype == np.float32
-            np.testing.assert_array_equal(record["rows"]["x"], x[src[index]["rows"]["indices"]])
+            np.testing.assert_array_equal(record["rows"]["x"], x[src[index]["indices"]])
         np.testing.assert_array_equal(records[2]["rows"]["x"], [[160, 170, 180, 190, 0, 10, 20, 30]])
 
 

@@ -17,12 +17,12 @@ from optax import adam
 
 from aimz_trainer.data import ChunkSource, FitPlan, ValidationSource, make_chunk_loader
 from aimz_trainer.errors import DataError
+from aimz_trainer.plates import ModelLayout, model_layout
 from aimz_trainer.step import (
     TrainState,
     batch_from,
     check_model_accepts,
     first_batch,
-    latent_sites,
     make_init,
     make_params,
     make_posterior_sampler,
@@ -42,7 +42,11 @@ def record(batches: np.ndarray, num_steps: int | None = None) -> dict:
     """A training record: ``batches`` (real steps, rows) padded with row 0 to ``STEPS`` steps."""
     indices = np.zeros((STEPS, batches.shape[1]), np.int32)
     indices[: len(batches)] = batches
-    return {"rows": {"indices": indices}, "num_steps": np.int32(len(batches) if num_steps is None else num_steps)}
+    return {"indices": indices, "rows": {}, "num_steps": np.int32(len(batches) if num_steps is None else num_steps)}
+
+
+def layout(svi, data, rows: int) -> ModelLayout:
+    return model_layout(svi.model, data, batch_rows=rows, static_kwargs=svi.static_kwargs)
 
 
 def assert_same_state(actual, expected, rtol=1e-5):
@@ -60,8 +64,10 @@ class Fixture:
         self.data = {key: jnp.asarray(value) for key, value in linear_data(NUM_ROWS).items()}
         self.batches = np.sort(np.random.default_rng(0).permutation(NUM_ROWS)[: STEPS * BATCH].reshape(STEPS, BATCH))
         self.key = jax.random.key(3)
-        self.init = jax.jit(make_init(self.svi))
-        self.chunk = jax.jit(make_train_chunk(self.svi))
+        self.layout = layout(self.svi, self.data, BATCH)
+        self.plates = self.layout.row_plates
+        self.init = jax.jit(make_init(self.svi, self.plates))
+        self.chunk = jax.jit(make_train_chunk(self.svi, self.plates))
         self.state = self.init(self.key, self.data, record(self.batches))
         self._hand = None
 
@@ -90,21 +96,23 @@ def fx() -> Fixture:
 class TestBatches:
     def test_batch_from_gathers_rows_of_device_data(self):
         data = {"x": jnp.arange(10.0), "z": jnp.arange(20).reshape(10, 2)}
-        batch = batch_from(data, {"indices": jnp.array([7, 1, 1])})
+        batch = batch_from(data, {}, jnp.array([7, 1, 1]))
         np.testing.assert_array_equal(batch["x"], [7.0, 1.0, 1.0])
         np.testing.assert_array_equal(batch["z"], [[14, 15], [2, 3], [2, 3]])
 
     def test_batch_from_host_rows_is_the_batch(self):
         rows = {"x": jnp.ones(3), "y": jnp.zeros(3)}
-        batch = batch_from({}, rows)
+        batch = batch_from({}, rows, jnp.arange(3))
         assert batch == rows and batch is not rows
 
     def test_first_batch_is_the_records_first_step(self):
         data = {"x": jnp.arange(10.0)}
-        rec = {"rows": {"indices": jnp.array([[4, 5], [6, 7]])}, "num_steps": 2}
-        np.testing.assert_array_equal(first_batch(data, rec)["x"], [4.0, 5.0])
-        host = {"rows": {"x": jnp.array([[1.0, 2.0], [3.0, 4.0]])}, "num_steps": 2}
-        np.testing.assert_array_equal(first_batch({}, host)["x"], [1.0, 2.0])
+        rec = {"indices": jnp.array([[4, 5], [6, 7]]), "rows": {}, "num_steps": 2}
+        batch, indices = first_batch(data, rec)
+        np.testing.assert_array_equal(batch["x"], [4.0, 5.0])
+        np.testing.assert_array_equal(indices, [4, 5])
+        host = {"indices": jnp.array([[0, 1], [2, 3]]), "rows": {"x": jnp.array([[1.0, 2.0], [3.0, 4.0]])}}
+        np.testing.assert_array_equal(first_batch({}, host)[0]["x"], [1.0, 2.0])
 
 
 class TestTracedSvi:
@@ -116,8 +124,9 @@ class TestTracedSvi:
 
         @jax.jit
         def fails(batch):
-            with traced_svi(svi, batch):
-                seen["latent"] = latent_sites(svi)
+            with traced_svi(svi, batch, jnp.arange(4), ("data",)):
+                trace = svi.guide.prototype_trace
+                seen["latent"] = {n for n, s in trace.items() if s["type"] == "sample" and not s["is_observed"]}
                 seen["constrain_fn"] = svi.constrain_fn
                 raise ValueError("boom")
 
@@ -131,13 +140,14 @@ class TestTracedSvi:
     def test_compiled_functions_leave_svi_and_guide_untouched(self):
         svi = linear_svi(40)
         data = {"x": jnp.linspace(-1, 1, 40), "y": jnp.linspace(0, 1, 40)}
-        rec = {"rows": {"indices": jnp.arange(20).reshape(2, 10)}, "num_steps": np.int32(2)}
+        rec = {"indices": jnp.arange(20).reshape(2, 10), "rows": {}, "num_steps": np.int32(2)}
         guide_before, svi_before = dict(vars(svi.guide)), dict(vars(svi))
+        shape = layout(svi, data, 10)
 
-        state = jax.jit(make_init(svi))(jax.random.key(0), data, rec)
-        state, _ = jax.jit(make_train_chunk(svi))(state, data, rec)
-        params = jax.jit(make_params(svi))(state.svi_state, data, rec)
-        posterior = jax.jit(make_posterior_sampler(svi, 7))(state.svi_state, jax.random.key(1), data, rec)
+        state = jax.jit(make_init(svi, shape.row_plates))(jax.random.key(0), data, rec)
+        state, _ = jax.jit(make_train_chunk(svi, shape.row_plates))(state, data, rec)
+        params = jax.jit(make_params(svi, shape.row_plates))(state.svi_state, data, rec)
+        posterior = jax.jit(make_posterior_sampler(svi, 7, shape))(state.svi_state, jax.random.key(1), data, rec)
 
         assert vars(svi.guide) == guide_before and vars(svi) == svi_before
         assert svi.guide.prototype_trace is None
@@ -160,9 +170,9 @@ class TestTracedSvi:
         guide.append(AutoDelta(block(model, expose=["b"])))
         svi = SVI(model, guide, adam(0.05), Trace_ELBO())
         data = {"x": jnp.linspace(-1, 1, 8), "y": jnp.linspace(0, 1, 8)}
-        rec = {"rows": {"indices": jnp.arange(8).reshape(1, 8)}, "num_steps": np.int32(1)}
-        state = jax.jit(make_init(svi))(jax.random.key(0), data, rec)
-        state, losses = jax.jit(make_train_chunk(svi))(state, data, rec)
+        rec = {"indices": jnp.arange(8).reshape(1, 8), "rows": {}, "num_steps": np.int32(1)}
+        state = jax.jit(make_init(svi, ()))(jax.random.key(0), data, rec)
+        state, losses = jax.jit(make_train_chunk(svi, ()))(state, data, rec)
         assert np.isfinite(losses).all()
         assert all(sub.prototype_trace is None for sub in guide._guides)
         svi.init(jax.random.key(0), **data)  # a leaked tracer would raise UnexpectedTracerError
@@ -238,10 +248,11 @@ class TestTrainChunk:
         plan = FitPlan.create(NUM_ROWS, BATCH, drop_last=False, max_epochs=1, max_steps=None, steps_per_chunk=STEPS)
         src = ChunkSource(plan, seed=[5], shuffle=True, process_index=0, process_count=1)
         host_arrays = {key: np.asarray(value) for key, value in fx.data.items()}
-        host_chunk = jax.jit(make_train_chunk(fx.svi))
+        host_chunk = jax.jit(make_train_chunk(fx.svi, fx.plates))
         device_state = host_state = fx.state
         for index, rec in enumerate(make_chunk_loader(src, host_arrays)):
-            assert "indices" not in rec["rows"]
+            assert set(rec["rows"]) == {"x", "y"}
+            np.testing.assert_array_equal(rec["indices"], src[index]["indices"])
             host_state, host_losses = host_chunk(host_state, {}, rec)
             device_state, device_losses = fx.chunk(device_state, fx.data, src[index])
             np.testing.assert_allclose(host_losses, device_losses, rtol=1e-6)
@@ -251,7 +262,7 @@ class TestTrainChunk:
 
 class TestParamsAndPosterior:
     def test_params_are_numpyros_constrained_params(self, fx):
-        params = jax.jit(make_params(fx.svi))(fx.state.svi_state, fx.data, record(fx.batches))
+        params = jax.jit(make_params(fx.svi, fx.plates))(fx.state.svi_state, fx.data, record(fx.batches))
         reference = linear_svi(NUM_ROWS)
         reference.init(fx.key, **fx.batch(fx.batches[0]))
         expected = reference.get_params(fx.state.svi_state)
@@ -261,7 +272,7 @@ class TestParamsAndPosterior:
 
     def test_sampler_draws_from_the_guide_one_key_per_draw(self, fx):
         rng_key = jax.random.key(11)
-        sample = jax.jit(make_posterior_sampler(fx.svi, 6))
+        sample = jax.jit(make_posterior_sampler(fx.svi, 6, fx.layout))
         draws = sample(fx.state.svi_state, rng_key, fx.data, record(fx.batches))
         assert draws["w"].shape == draws["b"].shape == (6,) and draws["mu"].shape == (6, BATCH)
 
@@ -281,10 +292,10 @@ class TestParamsAndPosterior:
 
         @jax.jit
         def both(svi_state, key):
-            with traced_svi(fx.svi, batch):
+            with traced_svi(fx.svi, batch, jnp.asarray(fx.batches[0]), fx.plates):
                 params = fx.svi.get_params(svi_state)
-                chunked = sample_posterior(fx.svi, key, params, batch, 7, draws_per_chunk=3)
-                whole = sample_posterior(fx.svi, key, params, batch, 7)
+                chunked = sample_posterior(fx.svi, key, params, batch, 7, fx.layout, draws_per_chunk=3)
+                whole = sample_posterior(fx.svi, key, params, batch, 7, fx.layout)
             return chunked, whole
 
         chunked, whole = both(fx.state.svi_state, jax.random.key(4))
@@ -319,7 +330,7 @@ def val(fx):
     val_data = {key: jnp.asarray(value) for key, value in linear_data(VAL_ROWS, seed=1).items()}
     source = ValidationSource(VAL_ROWS, BATCH, process_index=0, process_count=1)
     trained, _ = fx.chunk(fx.state, fx.data, record(fx.batches))
-    step = jax.jit(make_validation_step(fx.svi, NUM_SAMPLES, NUM_ROWS))
+    step = jax.jit(make_validation_step(fx.svi, NUM_SAMPLES, NUM_ROWS, fx.layout))
     return val_data, source, trained.svi_state, step
 
 
@@ -328,9 +339,9 @@ class TestValidationStep:
         val_data, source, svi_state, step = val
         rec = source[len(source) - 1]  # rows 16..19 then 0..3 again with weight 0
         rng_key = jax.random.key(21)
-        loss, lpd_sum, weight_sum = step(svi_state, rng_key, val_data, rec)
+        loss, lpd_sum, weight_sum = step(svi_state, rng_key, val_data, rec).values()
 
-        rows, weights = rec["rows"]["indices"][0], rec["weights"][0]
+        rows, weights = rec["indices"][0], rec["weights"][0]
         batch = {key: array[rows] for key, array in val_data.items()}
         reference = linear_svi(NUM_ROWS)
         reference.init(fx.key, **batch)
@@ -361,7 +372,7 @@ class TestValidationStep:
         key = jax.random.key(5)
         outputs = {}
         for name, weights in [("real", rec["weights"]), ("wrapped", 1 - rec["weights"]), ("all", np.ones((1, BATCH)))]:
-            outputs[name] = step(svi_state, key, val_data, {**rec, "weights": np.asarray(weights, np.float32)})
+            outputs[name] = step(svi_state, key, val_data, {**rec, "weights": np.asarray(weights, np.float32)}).values()
         losses = {float(loss) for loss, _, _ in outputs.values()}
         assert len(losses) == 1  # the loss does not depend on the weights
         assert [float(w) for _, _, w in outputs.values()] == [4.0, 4.0, 8.0]
@@ -371,9 +382,9 @@ class TestValidationStep:
 
     def test_same_key_same_outputs(self, fx, val):
         val_data, source, svi_state, step = val
-        first = step(svi_state, jax.random.key(1), val_data, source[0])
-        again = step(svi_state, jax.random.key(1), val_data, source[0])
-        other = step(svi_state, jax.random.key(2), val_data, source[0])
+        first, again, other = (
+            list(step(svi_state, jax.random.key(seed), val_data, source[0]).values()) for seed in (1, 1, 2)
+        )
         assert [float(v) for v in first] == [float(v) for v in again]
         assert float(first[0]) != float(other[0]) and float(first[1]) != float(other[1])
 
@@ -384,11 +395,13 @@ class TestValidationStep:
 
         svi = SVI(model, AutoNormal(model), adam(0.05), Trace_ELBO())
         data = {"x": jnp.arange(6.0)}
-        rec = {"rows": {"indices": np.arange(6)[None]}, "weights": np.ones((1, 6), np.float32), "num_steps": 1}
-        state = jax.jit(make_init(svi))(jax.random.key(0), data, rec)
+        rec = {"indices": np.arange(6)[None], "rows": {}, "weights": np.ones((1, 6), np.float32), "num_steps": 1}
+        state = jax.jit(make_init(svi, ()))(jax.random.key(0), data, rec)
         rng_key = jax.random.key(8)
-        loss, lpd_sum, weight_sum = jax.jit(make_validation_step(svi, 3, 12))(state.svi_state, rng_key, data, rec)
-        assert lpd_sum is None and float(weight_sum) == 6.0
+        step = make_validation_step(svi, 3, 12, layout(svi, data, 6))
+        outputs = jax.jit(step)(state.svi_state, rng_key, data, rec)
+        assert set(outputs) == {"loss", "weight_sum"} and float(outputs["weight_sum"]) == 6.0
+        loss = outputs["loss"]
         svi.init(jax.random.key(0), **data)
         params = svi.get_params(state.svi_state)
         expected = Trace_ELBO().loss(jax.random.split(rng_key, 3)[0], params, model, svi.guide, **data)
@@ -402,16 +415,18 @@ class TestValidationStep:
                 numpyro.sample("y", dist.Normal(w * x, noise), obs=y)
 
         data = {"x": jnp.linspace(-1, 1, 6), "y": jnp.linspace(-2, 2, 6)}
-        rec = {"rows": {"indices": np.arange(6)[None]}, "weights": np.ones((1, 6), np.float32), "num_steps": 1}
+        rec = {"indices": np.arange(6)[None], "rows": {}, "weights": np.ones((1, 6), np.float32), "num_steps": 1}
         outputs = {}
         for noise in (0.1, 10.0):
             svi = SVI(model, AutoNormal(model), adam(0.05), Trace_ELBO(), noise=noise)
-            state = jax.jit(make_init(svi))(jax.random.key(0), data, rec)
-            outputs[noise] = jax.jit(make_validation_step(svi, 4, 6))(state.svi_state, jax.random.key(1), data, rec)
-            draws = jax.jit(make_posterior_sampler(svi, 4))(state.svi_state, jax.random.key(2), data, rec)
+            shape = layout(svi, data, 6)
+            state = jax.jit(make_init(svi, ()))(jax.random.key(0), data, rec)
+            step = make_validation_step(svi, 4, 6, shape)
+            outputs[noise] = jax.jit(step)(state.svi_state, jax.random.key(1), data, rec)
+            draws = jax.jit(make_posterior_sampler(svi, 4, shape))(state.svi_state, jax.random.key(2), data, rec)
             assert draws["mu"].shape == (4, 6)
         # A wide likelihood makes the same data far less surprising.
-        assert float(outputs[10.0][1]) > float(outputs[0.1][1])
+        assert float(outputs[10.0]["lpd_sum"]) > float(outputs[0.1]["lpd_sum"])
 
 
 class TestCheckModelAccepts:

@@ -253,9 +253,11 @@ def default_steps_per_chunk(steps_per_epoch: int, boundaries: Sequence[int] = ()
 class ChunkSource:
     """A Grain random-access source: record ``c`` holds the row indices of chunk ``c``.
 
-    ``record["rows"]["indices"]`` has shape ``(steps_per_chunk, batch_size // process_count)``:
-    this process's columns of each global batch, so every process reads its share of every
-    step. Rows past ``record["num_steps"]`` are padding (row 0) for the inactive steps.
+    ``record["indices"]`` has shape ``(steps_per_chunk, batch_size // process_count)``: this
+    process's columns of each global batch, so every process reads its share of every step.
+    Rows past ``record["num_steps"]`` are padding (row 0) for the inactive steps.
+    ``record["rows"]`` is empty: the rows themselves are gathered later, on the host
+    (:func:`make_chunk_loader`) or on the devices.
     """
 
     def __init__(
@@ -285,7 +287,7 @@ class ChunkSource:
         batches = np.sort(rows.reshape(chunk.num_steps, size), axis=1)[:, self._columns]
         indices = np.zeros((self._plan.steps_per_chunk, batches.shape[1]), self._index_dtype)
         indices[: chunk.num_steps] = batches
-        return {"rows": {"indices": indices}, "num_steps": np.int32(chunk.num_steps)}
+        return {"indices": indices, "rows": {}, "num_steps": np.int32(chunk.num_steps)}
 
     @functools.lru_cache(maxsize=2)  # noqa: B019 - one source per fit; two epochs in flight at most
     def epoch_order(self, epoch: int) -> np.ndarray:
@@ -322,7 +324,7 @@ class ValidationSource:
         positions = np.arange(index * self._batch_size, (index + 1) * self._batch_size)[self._columns]
         indices = (positions % self._num_rows).astype(np.int32 if self._num_rows < 2**31 else np.int64)
         weights = (positions < self._num_rows).astype(np.float32)
-        return {"rows": {"indices": indices[None]}, "weights": weights[None], "num_steps": np.int32(1)}
+        return {"indices": indices[None], "rows": {}, "weights": weights[None], "num_steps": np.int32(1)}
 
 
 def make_chunk_loader(
@@ -332,7 +334,8 @@ def make_chunk_loader(
     prefetch: int = 2,
 ) -> grain.IterDataset:
     """The Grain pipeline over ``source``: index records, or (with ``host_arrays``) records
-    whose ``rows`` are the gathered rows themselves, read ahead on Grain's threads."""
+    whose ``rows`` are the gathered rows themselves, beside their indices, read ahead on
+    Grain's threads."""
     dataset = grain.MapDataset.source(source)
     if host_arrays is not None:
         dataset = dataset.map(functools.partial(_gather_rows, host_arrays))
@@ -342,8 +345,8 @@ def make_chunk_loader(
 
 
 def _gather_rows(arrays: Mapping[str, np.ndarray], record: dict[str, Any]) -> dict[str, Any]:
-    indices = record["rows"]["indices"][: record["num_steps"]]
-    padding = record["rows"]["indices"].shape[0] - indices.shape[0]
+    indices = record["indices"][: record["num_steps"]]
+    padding = record["indices"].shape[0] - indices.shape[0]
     rows = {}
     for key, array in arrays.items():
         # Cast on the chunk, not the whole array: float64 inputs would otherwise need a full copy.

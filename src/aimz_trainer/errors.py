@@ -14,6 +14,7 @@ __all__ = [
     "DataError",
     "DistributedError",
     "MetricNotFoundError",
+    "MinibatchScalingWarning",
     "NonFiniteLossError",
     "NotFittedError",
     "StoreError",
@@ -87,3 +88,8 @@ class NotFittedError(AimzTrainerError, RuntimeError):
 
 class DistributedError(AimzTrainerError, RuntimeError):
     """The processes of a multi-process run cannot join, or disagree on the run."""
+
+
+class MinibatchScalingWarning(UserWarning):
+    """A model's observed site is not inside a subsampled plate, so the likelihood of a
+    minibatch is not scaled up to the whole data (the prior weighs too much)."""

@@ -171,7 +171,16 @@ class ImpactModel:
         self.vi_result = SVIRunResult(params=result.params, state=result.state, losses=result.losses)
         self.posterior = result.posterior
         self._predictor = (
-            Predictor(self.kernel, self.posterior, mesh=self.mesh, rng_key=predict_key, scratch=self._scratch)
+            Predictor(
+                self.kernel,
+                self.posterior,
+                mesh=self.mesh,
+                rng_key=predict_key,
+                scratch=self._scratch,
+                guide=self.inference.guide,
+                params=result.params,
+                static_kwargs=self.inference.static_kwargs,
+            )
             if self.posterior
             else None
         )
@@ -190,7 +199,7 @@ class ImpactModel:
         batch_size: int | None = None,
         output_dir: str | os.PathLike[str] | None = None,
         intervention: Mapping[str, Any] | None = None,
-        return_sites: Sequence[str] | None = None,
+        return_sites: str | Sequence[str] | None = None,
         in_sample: bool = True,
         progress: bool = True,
         resume: bool = False,
@@ -223,7 +232,7 @@ class ImpactModel:
         num_samples: int | None = None,
         batch_size: int | None = None,
         output_dir: str | os.PathLike[str] | None = None,
-        return_sites: Sequence[str] | None = None,
+        return_sites: str | Sequence[str] | None = None,
         progress: bool = True,
         **kwargs: Any,
     ) -> xr.DataTree:
@@ -232,7 +241,12 @@ class ImpactModel:
         if self._prior_predictor is None:
             prior_key = jax.random.fold_in(self.rng_key, 1)
             self._prior_predictor = Predictor(
-                self.kernel, None, mesh=self.mesh, rng_key=prior_key, scratch=self._scratch
+                self.kernel,
+                None,
+                mesh=self.mesh,
+                rng_key=prior_key,
+                scratch=self._scratch,
+                static_kwargs=self.inference.static_kwargs,
             )
         if num_samples is None:
             num_samples = self._predictor.num_samples if self._predictor is not None else 1000

@@ -43,7 +43,7 @@ import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -65,7 +65,9 @@ from aimz_trainer.callbacks.progress import progress_bar_wanted
 from aimz_trainer.data import digest_rows, validate_data
 from aimz_trainer.distributed import allgather_json, require_agreement
 from aimz_trainer.errors import ConfigurationError, DataError, StoreError
+from aimz_trainer.plates import ModelLayout, model_layout, on_rows
 from aimz_trainer.sharding import DATA_AXIS, batch_sharding, make_mesh, replicated, to_global_array
+from aimz_trainer.step import guide_draw, guide_on_rows
 from aimz_trainer.store import COMPLETE, FINGERPRINT, ArraySpec, ScratchDirectory, ZarrStore, open_store
 
 __all__ = ["DEFAULT_BATCH_SIZE", "Predictor"]
@@ -83,6 +85,13 @@ class Predictor:
         posterior: site -> draws with a leading draw axis, e.g. ``FitResult.posterior``;
             deterministic sites in it (computed on the guide's prototype batch) are ignored.
             ``None``: a Predictor for :meth:`sample_prior_predictive` only.
+        guide: the fitted guide (``svi.guide``), with ``params``: where the model has per-row
+            latent sites (inside its subsampled data plate), in-sample predictions and
+            log-likelihoods draw each row's latents from it, row by row (see :meth:`predict`).
+        params: the guide's constrained parameters (``FitResult.params``).
+        static_kwargs: keyword arguments the model (and guide) take on every call and that are
+            not rows, as given to ``SVI(model, guide, optim, loss, **static_kwargs)``: e.g.
+            ``{"num_groups": 12}``.
         mesh: the device mesh (share the trainer's: ``trainer.mesh``); default: all devices.
         rng_key: the key of every random draw (see the module docstring).
         draws_per_chunk: draws computed together per tile of rows; ``None`` (default) picks
@@ -127,6 +136,9 @@ class Predictor:
         rows_per_tile: int | None = None,
         scratch: ScratchDirectory | None = None,
         compress_floats: bool = False,
+        guide: Callable[..., Any] | None = None,
+        params: Mapping[str, Any] | None = None,
+        static_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         if not callable(model):
             raise ConfigurationError(f"model must be a NumPyro model (a callable); got {type(model).__name__}.")
@@ -143,7 +155,22 @@ class Predictor:
         ]:
             if value is not None and not is_int_at_least(value, 1):
                 raise ConfigurationError(f"{name} must be a positive int; got {value!r}.")
+        if (guide is None) != (params is None):
+            raise ConfigurationError("pass guide and params together (svi.guide and FitResult.params), or neither.")
+        if guide is not None and not callable(guide):
+            raise ConfigurationError(f"guide must be a NumPyro guide (a callable); got {type(guide).__name__}.")
+        if params is not None and not isinstance(params, Mapping):
+            raise ConfigurationError(f"params must map parameter names to arrays; got {type(params).__name__}.")
+        if static_kwargs is not None and not isinstance(static_kwargs, Mapping):
+            raise ConfigurationError(
+                f"static_kwargs must map the model's keyword names to values; got {type(static_kwargs).__name__}."
+            )
         self.model = model
+        self.guide = guide
+        self.params = dict(params) if params is not None else None
+        self.static_kwargs = dict(static_kwargs or {})
+        # What the pipeline runs: the model with its static arguments bound.
+        self._model = functools.partial(model, **self.static_kwargs) if self.static_kwargs else model
         self.posterior = {name: np.asarray(value) for name, value in posterior.items()}
         self.num_samples: int | None = next(iter(sizes.values()), None)
         self.mesh = mesh if mesh is not None else make_mesh()
@@ -170,12 +197,18 @@ class Predictor:
         batch_size: int = DEFAULT_BATCH_SIZE,
         output_dir: str | os.PathLike[str] | None = None,
         intervention: Mapping[str, Any] | None = None,
-        return_sites: Sequence[str] | None = None,
+        return_sites: str | Sequence[str] | None = None,
         in_sample: bool = True,
         resume: bool = False,
         progress: bool = False,
     ) -> xr.DataTree:
         """Posterior-predictive draws for ``data``, written to Zarr, opened as a DataTree.
+
+        Per-row latent sites (inside the model's subsampled data plate) have no posterior
+        draws of their own. In sample (``in_sample=True``) they are drawn from the fitted guide
+        (``guide`` and ``params``), row by row, so ``data`` must be the fit's rows in their
+        order; out of sample (``in_sample=False``, new rows) they are drawn from the prior,
+        given each draw of the global sites.
 
         Args:
             data: the model's keyword inputs, one row per observation; an observed site's
@@ -187,8 +220,9 @@ class Predictor:
                 us); ``None``: this Predictor's scratch directory (see :meth:`cleanup`). A
                 multi-process run needs one that every process reaches.
             intervention: ``{site: value}`` applied with ``numpyro.handlers.do``.
-            return_sites: sites to write (default: observed and deterministic sites).
-            in_sample: group ``posterior_predictive`` (else ``predictions``).
+            return_sites: a site or sites to write (default: observed and deterministic sites).
+            in_sample: ``data`` are the fit's rows (group ``posterior_predictive``); else new
+                rows (group ``predictions``).
             resume: continue the newest interrupted store in ``output_dir`` (single-process
                 runs only).
             progress: show a bar of the batches written (on a terminal, ``CI`` unset).
@@ -205,7 +239,7 @@ class Predictor:
         num_samples: int | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         output_dir: str | os.PathLike[str] | None = None,
-        return_sites: Sequence[str] | None = None,
+        return_sites: str | Sequence[str] | None = None,
         progress: bool = False,
     ) -> xr.DataTree:
         """Draws from the prior predictive (groups ``prior`` and ``prior_predictive``), streamed
@@ -220,7 +254,7 @@ class Predictor:
         arrays, num_rows = validate_data(data, name="data")
         optional = _optional_parameters(self.model)  # targets such as y=None: not conditioned on
         probe = {k: np.asarray(v[: min(num_rows, self.rows_per_key)]) for k, v in arrays.items() if k not in optional}
-        prior = _prior_draws(self.model, probe, jax.random.fold_in(self.rng_key, _PRIOR_STREAM), num_samples)
+        prior = _prior_draws(self._model, probe, jax.random.fold_in(self.rng_key, _PRIOR_STREAM), num_samples)
         return self._run(
             data, batch_size, output_dir, None, return_sites, "prior_predictive", False, "predictive", prior, "prior",
             progress=progress,
@@ -235,7 +269,8 @@ class Predictor:
         progress: bool = False,
     ) -> xr.DataTree:
         """Pointwise log-likelihood of the observed sites in ``data`` under each posterior draw
-        (group ``log_likelihood``, for LOO with arviz)."""
+        (group ``log_likelihood``, for LOO with arviz). Per-row latent sites are drawn from
+        the fitted guide, as in an in-sample :meth:`predict`."""
         return self._run(
             data, batch_size, output_dir, None, None, "log_likelihood", False, "log_likelihood", progress=progress
         )
@@ -253,7 +288,7 @@ class Predictor:
         batch_size: int,
         output_dir: str | os.PathLike[str] | None,
         intervention: Mapping[str, Any] | None,
-        return_sites: Sequence[str] | None,
+        return_sites: str | Sequence[str] | None,
         group: str,
         resume: bool,
         kind: str,
@@ -286,7 +321,8 @@ class Predictor:
         batch = math.ceil(min(batch_size, num_rows) / block) * block
         first_row, last_row = _process_rows(self.mesh, batch)  # this process's rows of every batch
         probe = {key: np.asarray(value[: min(num_rows, self.rows_per_key)]) for key, value in arrays.items()}
-        sites = _trace_sites(self.model, probe)
+        sites = _trace_sites(self._model, probe)
+        layout = model_layout(self._model, arrays, batch_rows=self.rows_per_key)
         constants, row_values = _split_intervention(intervention or {}, sites, num_rows)
         samples = [n for n, s in sites.items() if s["type"] == "sample"]
         latent = {n: v for n, v in draws.items() if n in samples}
@@ -303,7 +339,9 @@ class Predictor:
                 )
         else:
             defaults = observed + [n for n, s in sites.items() if s["type"] == "deterministic"]
-            outputs = list(return_sites) if return_sites is not None else defaults
+            if isinstance(return_sites, str):  # one site
+                return_sites = [return_sites]
+            outputs = defaults if return_sites is None else list(return_sites)
             unknown = sorted(set(outputs) - set(sites))
             if unknown:
                 raise ConfigurationError(
@@ -315,21 +353,28 @@ class Predictor:
                     f"return_sites {given} are posterior draws, not predictions: they are written to the "
                     f"{draws_group!r} group already."
                 )
+        in_sample = draws_group == "posterior" and group != "predictions"
+        # Targets (``y=None``) are observed in training: never the guide's to draw.
+        not_guided = {*latent, *(intervention or {}), *(n for n in samples if n in optional)}
+        local = self._local_draws(layout, not_guided, num_rows) if in_sample else None
+        guide_params = self.params if local is not None else {}
         # Predictions are not conditioned on the observed values; the log-likelihood is.
         model_inputs = {**arrays, **(observed_data if kind == "log_likelihood" else {})}
         model_inputs.update({DO_PREFIX + name: value for name, value in row_values.items()})
         rows_per_tile = _tile_rows(batch // self.mesh.size, self.rows_per_key, self.rows_per_tile)
         draws_per_chunk = self.draws_per_chunk or max(1, 20_000 // rows_per_tile)
         make_step = functools.partial(
-            _make_step, self.model, outputs, kind, self.rows_per_key, draws_per_chunk, num_samples, rows_per_tile,
-            self.mesh.size,
+            _make_step, self._model, outputs, kind, self.rows_per_key, draws_per_chunk, num_samples, rows_per_tile,
+            self.mesh.size, local,
         )  # fmt: skip
-        shapes = _output_shapes(make_step(), latent, model_inputs, constants, outputs, self.rows_per_key, sites)
+        shapes = _output_shapes(
+            make_step(), latent, model_inputs, constants, guide_params, outputs, self.rows_per_key, sites
+        )
         dtypes = {name: dtype for name, (_, dtype) in shapes.items()}
         # Constant intervention values are arguments, not part of the program: a baseline and
         # an intervention (t = 0, t = 1) share one compiled function.
         constant_shapes = {name: f"{value.shape}{value.dtype}" for name, value in constants.items()}
-        signature = (outputs, kind, batch, sorted(model_inputs), constant_shapes, num_samples)
+        signature = (outputs, kind, batch, sorted(model_inputs), constant_shapes, num_samples, local and local.sites)
         step = self._compiled_step(make_step(dtypes), signature)
         specs = [
             ArraySpec(group, name, (1, num_samples, num_rows, *shape[1:]), dtype, (
@@ -355,8 +400,9 @@ class Predictor:
             for name, value in observed_data.items()
         ]
         fingerprint = _fingerprint(
-            self.rng_key, latent, arrays, intervention or {}, outputs, group, self.rows_per_key, _KEY_SCHEME
-        )
+            self.rng_key, latent, arrays, intervention or {}, outputs, group, self.rows_per_key, _KEY_SCHEME,
+            guide_params,
+        )  # fmt: skip
         if processes > 1:  # each writes its share of every batch: they must all compute the same
             require_agreement(
                 {"rows": num_rows, "batch_size": batch, "computation": fingerprint[:12]},
@@ -383,6 +429,7 @@ class Predictor:
             rep = replicated(self.mesh)
             latent_device = jax.device_put(latent, rep)
             constants_device = jax.device_put(constants, rep)
+            guide_params_device = jax.device_put(guide_params, rep)
             bar = tqdm(
                 total=num_rows, initial=store.rows_written, unit="row", desc=group,
                 disable=not (progress and progress_bar_wanted()) or jax.process_index() != 0,
@@ -392,7 +439,7 @@ class Predictor:
                 inputs = {k: _padded(np.asarray(v[start:stop]), batch) for k, v in model_inputs.items()}
                 inputs = {k: to_global_array(v, batch_sharding(self.mesh), v.shape) for k, v in inputs.items()}
                 block0 = jnp.asarray(start // self.rows_per_key, jnp.uint32)
-                result = step(latent_device, inputs, self.rng_key, block0, constants_device)
+                result = step(latent_device, inputs, self.rng_key, block0, constants_device, guide_params_device)
                 if processes > 1:  # this process's shards: (draws, last_row - first_row) on its devices
                     result = multihost_utils.global_array_to_host_local_array(
                         result, self.mesh, _out_sharding(self.mesh).spec
@@ -417,6 +464,35 @@ class Predictor:
         tree._aimz_owner = self  # type: ignore[attr-defined]
         return tree
 
+    def _local_draws(self, layout: ModelLayout, not_guided: set[str], num_rows: int) -> _LocalDraws | None:
+        """For an in-sample run: the per-row latent sites to draw from the guide (``None`` when
+        the model has none but ``not_guided``), after checking that ``data`` can be the fit's
+        rows."""
+        sites = tuple(s for s in layout.local_sites if s not in not_guided)
+        if not sites:
+            return None
+        if self.guide is None:
+            raise ConfigurationError(
+                f"the model's per-row latent site(s) {list(sites)} have no posterior draws: in sample they are drawn "
+                "row by row from the fitted guide, so pass guide=svi.guide and params=FitResult.params to the "
+                "Predictor; for new rows, predict(..., in_sample=False) draws them from the prior."
+            )
+        if layout.unindexed_local:
+            raise ConfigurationError(
+                f"the per-row latent site(s) {list(layout.unindexed_local)} sit in a plate that is not subsampled, so "
+                "the guide's parameters for them do not belong to rows of the data: write the plate as "
+                "plate(name, n, subsample_size=len(x)), or predict(..., in_sample=False) to draw them from the prior."
+            )
+        mismatched = {name: size for name, size in layout.plate_sizes.items() if size != num_rows}
+        if mismatched:
+            raise ConfigurationError(
+                f"in-sample draws of the per-row latent site(s) {list(sites)} come from the fitted guide, row by row, "
+                f"so data must be the fit's rows in their order; data has {num_rows} rows but the plate(s) "
+                f"{mismatched} have other sizes. For new rows pass in_sample=False (their latents are then drawn "
+                "from the prior)."
+            )
+        return _LocalDraws(self.guide, sites, self.static_kwargs)
+
     def _store_path(self, output_dir: str | os.PathLike[str] | None, resume: bool) -> Path:
         parent = Path(output_dir) if output_dir is not None else self._scratch.path
         if resume:
@@ -439,7 +515,7 @@ class Predictor:
                 return {name: value[None] for name, value in step(*args).items()}
 
             self._compiled[key] = jax.jit(
-                with_chain_axis, in_shardings=(rep, rows, rep, rep, rep), out_shardings=_out_sharding(self.mesh)
+                with_chain_axis, in_shardings=(rep, rows, rep, rep, rep, rep), out_shardings=_out_sharding(self.mesh)
             )
         return self._compiled[key]
 
@@ -542,6 +618,14 @@ def _finalize_shared_store(store: ZarrStore, failure: BaseException | None) -> N
         raise failure or StoreError(f"process 0 could not mark {str(store.path)!r} complete; see its error.")
 
 
+class _LocalDraws(NamedTuple):
+    """Per-row latent sites drawn from the fitted guide inside the predictive step."""
+
+    guide: Callable[..., Any]
+    sites: tuple[str, ...]
+    static_kwargs: Mapping[str, Any]
+
+
 def _make_step(
     model: Callable[..., Any],
     outputs: list[str],
@@ -551,21 +635,35 @@ def _make_step(
     num_samples: int,
     rows_per_tile: int,
     shards: int,
+    local: _LocalDraws | None,
     dtypes: Mapping[str, np.dtype] | None = None,
 ) -> Callable[..., Draws]:
-    """``step(latent, inputs, rng_key, first_block, constants) -> {site: (draws, rows, ...)}``;
-    inputs named ``DO_PREFIX + site`` are row-wise intervention values, ``constants`` the
-    others. ``dtypes``: the sites' output dtypes (default: the model's)."""
+    """``step(latent, inputs, rng_key, first_block, constants, guide_params) -> {site: (draws,
+    rows, ...)}``; inputs named ``DO_PREFIX + site`` are row-wise intervention values,
+    ``constants`` the others. Every subsampled plate holds the block's dataset rows; with
+    ``local``, each draw's per-row latent sites come from the guide (``guide_params``) on those
+    rows, given the draw's global sites, under a key of their own. ``dtypes``: the sites'
+    output dtypes (default: the model's)."""
     dtypes = dtypes or {}
 
     def one_draw_one_block(
-        theta: Draws, block_inputs: Mapping[str, jax.Array], key: jax.Array, constants: Draws
+        theta: Draws,
+        block_inputs: Mapping[str, jax.Array],
+        key: jax.Array,
+        rows: jax.Array,
+        constants: Draws,
+        guide_params: Draws,
     ) -> Draws:
         interventions = {k[len(DO_PREFIX) :]: v for k, v in block_inputs.items() if k.startswith(DO_PREFIX)}
         interventions.update(constants)
         block_inputs = {k: v for k, v in block_inputs.items() if not k.startswith(DO_PREFIX)}
+        if local is not None:
+            with guide_on_rows(local.guide, rows) as guide:
+                guide_key = jax.random.fold_in(key, _GUIDE_STREAM)
+                drawn = guide_draw(guide, guide_key, {**guide_params, **theta}, {**block_inputs, **local.static_kwargs})
+            theta = {**theta, **{name: drawn[name] for name in local.sites}}
         intervened = handlers.do(model, data=interventions) if interventions else model
-        intervened = _without_subsampling(intervened)
+        intervened = on_rows(intervened, rows)
         if kind == "log_likelihood":
             values = numpyro_log_likelihood(
                 handlers.seed(intervened, key), {k: v[None] for k, v in theta.items()}, **block_inputs
@@ -584,10 +682,13 @@ def _make_step(
         first_block: jax.Array,
         blocks_in_batch: jax.Array,
         constants: Draws,
+        guide_params: Draws,
     ) -> Draws:
         rows = jax.tree.leaves(inputs)[0].shape[0]
         blocked = {k: v.reshape(rows // rows_per_key, rows_per_key, *v.shape[1:]) for k, v in inputs.items()}
         block_ids = first_block + blocks_in_batch.astype(jnp.uint32)
+        # Each block's dataset rows (those of the batch's padding point past the data).
+        block_rows = block_ids.astype(jnp.int32)[:, None] * rows_per_key + jnp.arange(rows_per_key, dtype=jnp.int32)
         # Every (draw, block) key at once, before the loop: one vectorised hash instead of two
         # small ones in every iteration.
         keys = jax.vmap(
@@ -596,7 +697,9 @@ def _make_step(
 
         def one_draw(args: tuple[Draws, jax.Array]) -> Draws:
             theta, keys = args
-            per_block = jax.vmap(one_draw_one_block, in_axes=(None, 0, 0, None))(theta, blocked, keys, constants)
+            per_block = jax.vmap(one_draw_one_block, in_axes=(None, 0, 0, 0, None, None))(
+                theta, blocked, keys, block_rows, constants, guide_params
+            )
             # Cast here, chunk by chunk: a cast after the map would write and read every draw
             # in the wide dtype once more.
             return {k: v.reshape(rows, *v.shape[2:]).astype(dtypes.get(k, v.dtype)) for k, v in per_block.items()}
@@ -604,12 +707,18 @@ def _make_step(
         return lax.map(one_draw, (latent, keys), batch_size=min(draws_per_chunk, num_samples))
 
     def step(
-        latent: Draws, inputs: Mapping[str, jax.Array], rng_key: jax.Array, first_block: jax.Array, constants: Draws
+        latent: Draws,
+        inputs: Mapping[str, jax.Array],
+        rng_key: jax.Array,
+        first_block: jax.Array,
+        constants: Draws,
+        guide_params: Draws,
     ) -> Draws:
         rows = jax.tree.leaves(inputs)[0].shape[0]
         tiles = rows // shards // rows_per_tile  # per shard
         if tiles <= 1:
-            return one_tile(latent, inputs, rng_key, first_block, jnp.arange(rows // rows_per_key), constants)
+            blocks = jnp.arange(rows // rows_per_key)
+            return one_tile(latent, inputs, rng_key, first_block, blocks, constants, guide_params)
 
         # Every draw of one tile of rows, then the next tile: a tile's inputs and activations
         # stay in cache across the draws instead of the whole batch streaming from memory once
@@ -622,7 +731,9 @@ def _make_step(
         tiled = {k: by_tile(v).reshape(tiles, shards * rows_per_tile, *v.shape[1:]) for k, v in inputs.items()}
         blocks = jnp.arange(rows // rows_per_key).reshape(shards, tiles, rows_per_tile // rows_per_key)
         tile_blocks = jnp.moveaxis(blocks, 1, 0).reshape(tiles, -1)
-        out = lax.map(lambda a: one_tile(latent, a[0], rng_key, first_block, a[1], constants), (tiled, tile_blocks))
+        out = lax.map(
+            lambda a: one_tile(latent, a[0], rng_key, first_block, a[1], constants, guide_params), (tiled, tile_blocks)
+        )
         return {
             k: jnp.moveaxis(v.reshape(tiles, num_samples, shards, rows_per_tile, *v.shape[3:]), 0, 2).reshape(
                 num_samples, rows, *v.shape[3:]
@@ -648,6 +759,7 @@ def _out_sharding(mesh: Mesh) -> NamedSharding:
 
 DO_PREFIX = "__do__:"
 _PRIOR_STREAM = 0x7072696F  # the prior draws' key: fold_in(rng_key, "prio")
+_GUIDE_STREAM = 0x6775696465 & 0xFFFFFFFF  # a block's per-row guide draws: fold_in(its key, "guide")
 # How keys become draws (the module docstring); part of a store's fingerprint, so a store
 # begun under another scheme is not resumed into a mix of two.
 _KEY_SCHEME = 2
@@ -658,7 +770,7 @@ def _prior_draws(model: Callable[..., Any], probe: Mapping[str, Any], rng_key: j
     rows = len(next(iter(probe.values())))
 
     def one(key: jax.Array) -> Draws:
-        trace = handlers.trace(handlers.seed(_without_subsampling(model), key)).get_trace(**probe)
+        trace = handlers.trace(handlers.seed(on_rows(model), key)).get_trace(**probe)
         return {
             name: site["value"]
             for name, site in trace.items()
@@ -706,21 +818,6 @@ def _jsonable_part(part: Any) -> Any:
     return list(part) if isinstance(part, list | tuple) else part
 
 
-def _without_subsampling(model: Callable[..., Any]) -> Callable[..., Any]:
-    """``model`` with every subsampling plate's indices an ``arange``: a minibatch plate such
-    as ``plate("data", size=n, subsample_size=len(X))`` would otherwise draw a random subset of
-    all n indices on every run (a permutation of n: 0.2 s for the reference's million rows,
-    and per block and draw inside the step), while the predictions do not depend on it."""
-    return handlers.substitute(model, substitute_fn=_whole_subsample)
-
-
-def _whole_subsample(msg: Mapping[str, Any]) -> jax.Array | None:
-    if msg["type"] != "plate":
-        return None
-    size, subsample_size = msg["args"]
-    return jnp.arange(subsample_size) if subsample_size is not None and subsample_size < size else None
-
-
 def _optional_parameters(model: Callable[..., Any]) -> set[str]:
     try:
         parameters = inspect.signature(model).parameters.values()
@@ -732,7 +829,7 @@ def _optional_parameters(model: Callable[..., Any]) -> set[str]:
 def _trace_sites(model: Callable[..., Any], probe: Mapping[str, Any]) -> dict[str, Any]:
     """The model's sample and deterministic sites, from one run on a small batch."""
     with handlers.trace() as trace, handlers.seed(rng_seed=0):
-        _without_subsampling(model)(**probe)
+        on_rows(model)(**probe)
     return {name: site for name, site in trace.items() if site["type"] in ("sample", "deterministic")}
 
 
@@ -741,6 +838,7 @@ def _output_shapes(
     latent: Draws,
     inputs: Mapping[str, Any],
     constants: Mapping[str, Any],
+    guide_params: Mapping[str, Any],
     outputs: list[str],
     rows_per_key: int,
     sites: Mapping[str, Any],
@@ -748,7 +846,7 @@ def _output_shapes(
     """``{site: (shape of one draw over rows_per_key rows, compact dtype)}``, without compiling."""
     rows = {k: _padded(np.asarray(v[:rows_per_key]), rows_per_key) for k, v in inputs.items()}
     one = jax.ShapeDtypeStruct((), jnp.uint32)
-    shapes = jax.eval_shape(step, latent, rows, jax.random.key(0), one, constants)
+    shapes = jax.eval_shape(step, latent, rows, jax.random.key(0), one, constants, guide_params)
     return {name: (shapes[name].shape[1:], _compact_dtype(shapes[name].dtype, sites.get(name))) for name in outputs}
 
 

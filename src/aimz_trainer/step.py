@@ -2,10 +2,12 @@
 
 Each factory returns a plain function meant for :func:`jax.jit`: state in, state out, nothing
 kept on an object. The functions take the training data (``device_data``, possibly empty) and
-a *record* from the data pipeline whose ``rows`` stack K per-step batch inputs (row indices
-when the data live on the devices, the rows themselves when the host gathered them);
-:func:`batch_from` turns the pair into the model's keyword arguments, so every compiled
-function shares one notion of "a batch".
+a *record* from the data pipeline: ``indices`` stacks the dataset row indices of K per-step
+batches, and ``rows`` the rows themselves when the host gathered them (empty when the data
+live on the devices and the step gathers them); :func:`batch_from` turns these into the
+model's keyword arguments, so every compiled function shares one notion of "a batch". The row
+indices also go into the model's row plates (:func:`aimz_trainer.plates.at_rows`), so that
+per-row latent sites line up with their rows.
 
 NumPyro's guides and ``SVI.init`` store what they learn about the model (the guide's
 prototype trace, ``svi.constrain_fn``) on the objects themselves. Set up inside a trace, those
@@ -27,19 +29,22 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.scipy.special import logsumexp
-from numpyro.handlers import seed
+from numpyro import handlers
 from numpyro.infer import SVI
+from numpyro.infer.autoguide import AutoGuide
 from numpyro.infer.svi import SVIState
 from numpyro.infer.util import log_likelihood
 
 from aimz_trainer.errors import DataError
+from aimz_trainer.plates import ModelLayout, at_rows, on_rows
 
 __all__ = [
     "TrainState",
     "batch_from",
     "check_model_accepts",
     "first_batch",
-    "latent_sites",
+    "guide_draw",
+    "guide_on_rows",
     "make_init",
     "make_params",
     "make_posterior_sampler",
@@ -47,6 +52,7 @@ __all__ = [
     "make_validation_step",
     "model_kwargs",
     "pointwise_lpd",
+    "restored_after",
     "sample_posterior",
     "traced_svi",
 ]
@@ -68,40 +74,68 @@ class TrainState(NamedTuple):
     finite: jax.Array
 
 
-def batch_from(device_data: Mapping[str, jax.Array], rows: Mapping[str, jax.Array]) -> Batch:
-    """The model's keyword arguments for one step.
-
-    With device-resident data, ``rows`` holds row ``indices`` and the rows are gathered here,
-    on the device; otherwise ``rows`` already is the batch.
-    """
+def batch_from(device_data: Mapping[str, jax.Array], rows: Mapping[str, jax.Array], indices: jax.Array) -> Batch:
+    """The model's keyword arguments for one step: with device-resident data, the rows at
+    ``indices`` gathered here, on the device; otherwise ``rows`` already is the batch."""
     if device_data:
-        return {key: array[rows["indices"]] for key, array in device_data.items()}
+        return {key: array[indices] for key, array in device_data.items()}
     return dict(rows)
 
 
 @contextlib.contextmanager
-def traced_svi(svi: SVI, batch: Batch, rng_key: jax.Array | None = None) -> Iterator[SVIState]:
-    """Inside a trace: set up ``svi`` and its guide for ``batch``, then restore them on exit.
+def traced_svi(
+    svi: SVI,
+    batch: Batch,
+    indices: jax.Array,
+    row_plates: tuple[str, ...],
+    rng_key: jax.Array | None = None,
+) -> Iterator[SVIState]:
+    """Inside a trace: set up ``svi`` and its guide for ``batch`` (whose dataset rows are
+    ``indices``), then restore them on exit.
 
     Yields the ``SVIState`` of ``svi.init(rng_key, **batch)``: the guide draws its initial
     values from ``rng_key`` while it sets itself up, so this is the one init of a fit. Callers
     that only need the set-up leave ``rng_key`` out (the state is then compiled away).
     """
-    saved = [(obj, dict(vars(obj))) for obj in _stateful_parts(svi)]
+    with restored_after(svi):
+        with at_rows(row_plates, indices):  # only the init: the caller chooses the rows of the rest
+            state = svi.init(jax.random.key(0) if rng_key is None else rng_key, **batch)
+        yield state
+
+
+@contextlib.contextmanager
+def restored_after(obj: SVI | Callable[..., Any]) -> Iterator[None]:
+    """Put an ``SVI`` or a guide (and every guide inside it) back as it was on exit: what they
+    set up on themselves inside a trace holds tracers."""
+    saved = [(part, dict(vars(part))) for part in _stateful_parts(obj)]
     try:
-        yield svi.init(jax.random.key(0) if rng_key is None else rng_key, **batch)
+        yield
     finally:
-        for obj, attributes in saved:
-            vars(obj).clear()
-            vars(obj).update(attributes)
+        for part, attributes in saved:
+            vars(part).clear()
+            vars(part).update(attributes)
 
 
-def _stateful_parts(svi: SVI) -> list[Any]:
-    """``svi``, its guide and, for an ``AutoGuideList``, every guide inside it."""
-    parts, pending = [svi], [svi.guide]
+@contextlib.contextmanager
+def guide_on_rows(guide: Callable[..., Any], rows: jax.Array) -> Iterator[Callable[..., Any]]:
+    """Inside a trace: ``guide`` with every subsampled plate on ``rows``
+    (:func:`~aimz_trainer.plates.on_rows`), its own plates and those of the model run that sets
+    up an ``AutoGuide``'s prototype alike; the guide is put back as it was on exit."""
+    with restored_after(guide):
+        for part in _stateful_parts(guide):
+            if isinstance(part, AutoGuide):
+                part.model = on_rows(part.model, rows)
+        yield on_rows(guide, rows)
+
+
+def _stateful_parts(obj: Any) -> list[Any]:
+    """``obj`` (an ``SVI`` or a guide), the guide, and every guide inside an ``AutoGuideList``."""
+    parts = [obj] if isinstance(obj, SVI) else []
+    pending = [obj.guide if isinstance(obj, SVI) else obj]
     while pending:
         guide = pending.pop()
-        parts.append(guide)
+        if hasattr(guide, "__dict__"):
+            parts.append(guide)
         pending.extend(getattr(guide, "_guides", ()))
     return parts
 
@@ -111,62 +145,83 @@ def model_kwargs(svi: SVI, batch: Batch) -> dict[str, Any]:
     return {**batch, **svi.static_kwargs}
 
 
-def first_batch(device_data: Mapping[str, jax.Array], record: Record) -> Batch:
-    """The batch of a record's first step (the prototype batch every traced function uses)."""
-    return batch_from(device_data, jax.tree.map(lambda leaf: leaf[0], record["rows"]))
+def first_batch(device_data: Mapping[str, jax.Array], record: Record) -> tuple[Batch, jax.Array]:
+    """The batch of a record's first step and its dataset row indices (the prototype batch
+    every traced function uses)."""
+    indices = record["indices"][0]
+    return batch_from(device_data, jax.tree.map(lambda leaf: leaf[0], record["rows"]), indices), indices
 
 
-def make_init(svi: SVI) -> Callable[[jax.Array, Mapping[str, jax.Array], Record], TrainState]:
+def make_init(
+    svi: SVI, row_plates: tuple[str, ...]
+) -> Callable[[jax.Array, Mapping[str, jax.Array], Record], TrainState]:
     """``init(rng_key, device_data, record) -> TrainState`` from the record's first batch."""
 
     def init(rng_key: jax.Array, device_data: Mapping[str, jax.Array], record: Record) -> TrainState:
-        with traced_svi(svi, first_batch(device_data, record), rng_key) as svi_state:
+        with traced_svi(svi, *first_batch(device_data, record), row_plates, rng_key) as svi_state:
             return TrainState(svi_state, jnp.asarray(True))
 
     return init
 
 
 def make_train_chunk(
-    svi: SVI,
+    svi: SVI, row_plates: tuple[str, ...]
 ) -> Callable[[TrainState, Mapping[str, jax.Array], Record], tuple[TrainState, jax.Array]]:
     """``chunk(state, device_data, record) -> (state, losses)``: SVI updates in one
     ``lax.scan`` over the record's K stacked batches, of which the first ``record["num_steps"]``
     are real; the others skip the update (their loss is NaN), so one compiled function serves
-    every chunk length. The K losses come back together.
+    every chunk length. The K losses come back together. Each batch's row indices go into
+    ``row_plates``.
     """
 
     def train_chunk(
         state: TrainState, device_data: Mapping[str, jax.Array], record: Record
     ) -> tuple[TrainState, jax.Array]:
-        def update(svi_state: SVIState, batch: Batch) -> tuple[SVIState, jax.Array]:
-            return svi.update(svi_state, **batch)
+        def update(svi_state: SVIState, batch: Batch, indices: jax.Array) -> tuple[SVIState, jax.Array]:
+            with at_rows(row_plates, indices):
+                return svi.update(svi_state, **batch)
 
-        def skip(svi_state: SVIState, batch: Batch) -> tuple[SVIState, jax.Array]:
+        def skip(svi_state: SVIState, batch: Batch, indices: jax.Array) -> tuple[SVIState, jax.Array]:
             return svi_state, jnp.asarray(jnp.nan, jnp.result_type(float))
 
-        def step(carry: TrainState, inputs: tuple[jax.Array, Any]) -> tuple[TrainState, jax.Array]:
-            position, rows = inputs
+        def step(carry: TrainState, inputs: tuple[jax.Array, Any, jax.Array]) -> tuple[TrainState, jax.Array]:
+            position, rows, indices = inputs
             real = position < record["num_steps"]
-            updated, loss = lax.cond(real, update, skip, carry.svi_state, batch_from(device_data, rows))
+            batch = batch_from(device_data, rows, indices)
+            updated, loss = lax.cond(real, update, skip, carry.svi_state, batch, indices)
             finite = carry.finite & (jnp.isfinite(loss) | ~real)
             svi_state = lax.cond(finite, lambda: updated, lambda: carry.svi_state)
             return TrainState(svi_state, finite), loss
 
-        positions = jnp.arange(jax.tree.leaves(record["rows"])[0].shape[0])
-        with traced_svi(svi, first_batch(device_data, record)):
-            return lax.scan(step, state, (positions, record["rows"]))
+        positions = jnp.arange(record["indices"].shape[0])
+        with traced_svi(svi, *first_batch(device_data, record), row_plates):
+            return lax.scan(step, state, (positions, record["rows"], record["indices"]))
 
     return train_chunk
 
 
-def make_params(svi: SVI) -> Callable[[SVIState, Mapping[str, jax.Array], Record], dict[str, jax.Array]]:
+def make_params(
+    svi: SVI, row_plates: tuple[str, ...]
+) -> Callable[[SVIState, Mapping[str, jax.Array], Record], dict[str, jax.Array]]:
     """``params(svi_state, device_data, record)``: the constrained variational parameters."""
 
     def params(svi_state: SVIState, device_data: Mapping[str, jax.Array], record: Record) -> dict[str, jax.Array]:
-        with traced_svi(svi, first_batch(device_data, record)):
+        with traced_svi(svi, *first_batch(device_data, record), row_plates):
             return svi.get_params(svi_state)
 
     return params
+
+
+def guide_draw(
+    guide: Callable[..., Any], rng_key: jax.Array, params: Mapping[str, jax.Array], batch: Mapping[str, Any]
+) -> dict[str, jax.Array]:
+    """One draw of every latent site of ``guide`` run on ``batch`` with ``params`` (constrained,
+    as ``svi.get_params`` gives them; latent values in ``params`` are kept, not drawn). Under
+    :func:`~aimz_trainer.plates.at_rows`, per-row sites are drawn for the batch's rows only;
+    works for any guide, hand-written ones included."""
+    conditioned = handlers.seed(handlers.substitute(guide, data=params), rng_key)
+    trace = handlers.trace(conditioned).get_trace(**batch)
+    return {name: site["value"] for name, site in trace.items() if site["type"] == "sample" and not site["is_observed"]}
 
 
 def sample_posterior(
@@ -175,31 +230,41 @@ def sample_posterior(
     params: dict[str, jax.Array],
     batch: Batch,
     num_samples: int,
+    layout: ModelLayout,
     *,
     draws_per_chunk: int = 100,
 ) -> dict[str, jax.Array]:
     """``num_samples`` draws from the guide, ``draws_per_chunk`` at a time (vectorised within a
     chunk, sequential across chunks) so memory stays bounded. Call under :func:`traced_svi`.
-    Deterministic sites are computed on ``batch``."""
+
+    A model with global latents only, under an ``AutoGuide``, is drawn by the guide's own
+    ``sample_posterior`` (deterministic sites computed on ``batch``). Otherwise the guide
+    itself is run on ``batch`` and only the model's global latent sites are kept: a per-row
+    site has one value per row of the whole data (a million rows x a thousand draws would not
+    fit in memory) and is drawn row by row where it is needed (the Predictor)."""
     keys = jax.random.split(rng_key, num_samples)
-    return lax.map(
-        lambda key: svi.guide.sample_posterior(key, params, **model_kwargs(svi, batch)),
-        keys,
-        batch_size=min(draws_per_chunk, num_samples),
-    )
+    kwargs = model_kwargs(svi, batch)
+    if isinstance(svi.guide, AutoGuide) and not layout.local_sites:
+        draw = lambda key: svi.guide.sample_posterior(key, params, **kwargs)  # noqa: E731
+    else:
+        draw = lambda key: {  # noqa: E731
+            name: value for name, value in guide_draw(svi.guide, key, params, kwargs).items()
+            if name in layout.global_sites
+        }  # fmt: skip
+    return lax.map(draw, keys, batch_size=min(draws_per_chunk, num_samples))
 
 
 def make_posterior_sampler(
-    svi: SVI, num_samples: int
+    svi: SVI, num_samples: int, layout: ModelLayout
 ) -> Callable[[SVIState, jax.Array, Mapping[str, jax.Array], Record], dict[str, jax.Array]]:
     """``sample(svi_state, rng_key, device_data, record)``: ``num_samples`` posterior draws."""
 
     def sample(
         svi_state: SVIState, rng_key: jax.Array, device_data: Mapping[str, jax.Array], record: Record
     ) -> dict[str, jax.Array]:
-        batch = first_batch(device_data, record)
-        with traced_svi(svi, batch):
-            return sample_posterior(svi, rng_key, svi.get_params(svi_state), batch, num_samples)
+        batch, indices = first_batch(device_data, record)
+        with traced_svi(svi, batch, indices, layout.row_plates), at_rows(layout.row_plates, indices):
+            return sample_posterior(svi, rng_key, svi.get_params(svi_state), batch, num_samples, layout)
 
     return sample
 
@@ -218,52 +283,49 @@ def pointwise_lpd(log_likelihoods: Mapping[str, jax.Array]) -> jax.Array:
 
 
 def make_validation_step(
-    svi: SVI, num_samples: int, num_train_rows: int
-) -> Callable[[SVIState, jax.Array, Mapping[str, jax.Array], Record], tuple[jax.Array, jax.Array | None, jax.Array]]:
-    """``val(svi_state, rng_key, device_data, record) -> (loss, lpd_sum, weight_sum)`` for one
-    validation batch.
+    svi: SVI, num_samples: int, num_train_rows: int, layout: ModelLayout
+) -> Callable[[SVIState, jax.Array, Mapping[str, jax.Array], Record], dict[str, jax.Array]]:
+    """``val(svi_state, rng_key, device_data, record) -> {"loss", "lpd_sum", "weight_sum"}``
+    for one validation batch.
 
     ``loss`` is the SVI loss (the negative ELBO, with the model's own minibatch scaling) on the
     batch divided by ``num_train_rows``: the held-out negative ELBO per observation, on the
     scale of the training loss per observation. ``lpd_sum`` sums, over the batch's weighted
-    rows, the log predictive density under ``num_samples`` guide draws (``None`` when the
-    model has no observed site); ``weight_sum`` counts the batch's real rows. ``rng_key`` is
-    split into the keys of the ELBO estimate, of the draws and of the model's plates.
+    rows, the log predictive density under ``num_samples`` guide draws (absent when the model
+    has no observed site); ``weight_sum`` counts the batch's real rows. ``rng_key`` is split
+    into the keys of the ELBO estimate, of the draws and of the sites drawn from the prior.
+
+    Held-out rows have no fitted guide parameters of their own: for a model with per-row
+    latent sites, ``loss`` (which would need them) is absent, and the log predictive density
+    draws those sites from the prior, given each draw of the global sites (the density of new
+    rows, whose latents are unknown).
     """
 
     def validate(
         svi_state: SVIState, rng_key: jax.Array, device_data: Mapping[str, jax.Array], record: Record
-    ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
-        batch = first_batch(device_data, record)
+    ) -> dict[str, jax.Array]:
+        batch, indices = first_batch(device_data, record)
+        # The rows are not training rows: the plates get valid indices that stand for nothing.
+        indices = indices % num_train_rows
         weights = record["weights"][0]
         loss_key, draw_key, plate_key = jax.random.split(rng_key, 3)
-        with traced_svi(svi, batch):
+        metrics = {"weight_sum": jnp.sum(weights)}
+        with traced_svi(svi, batch, indices, layout.row_plates), at_rows(layout.row_plates, indices):
             params = svi.get_params(svi_state)
-            loss = svi.loss.loss(loss_key, params, svi.model, svi.guide, **model_kwargs(svi, batch))
-            latent = latent_sites(svi)
-            observed = [name for name, site in svi.guide.prototype_trace.items() if _is_observed(site)]
-            if not observed:
-                return loss / num_train_rows, None, jnp.sum(weights)
-            draws = sample_posterior(svi, draw_key, params, batch, num_samples)
-            draws = {name: value for name, value in draws.items() if name in latent}
-            # seeded: a subsampling plate draws (unused) indices even on a whole batch.
-            log_likelihoods = log_likelihood(seed(svi.model, plate_key), draws, **model_kwargs(svi, batch))
-        lpd = pointwise_lpd({name: log_likelihoods[name] for name in observed})
-        return loss / num_train_rows, jnp.sum(lpd * weights), jnp.sum(weights)
+            kwargs = model_kwargs(svi, batch)
+            if not layout.local_sites:
+                metrics["loss"] = svi.loss.loss(loss_key, params, svi.model, svi.guide, **kwargs) / num_train_rows
+            if not layout.observed_sites:
+                return metrics
+            draws = sample_posterior(svi, draw_key, params, batch, num_samples, layout)
+            draws = {name: value for name, value in draws.items() if name in layout.global_sites}
+            # Seeded: sites not drawn (per-row latents) come from the prior.
+            log_likelihoods = log_likelihood(handlers.seed(svi.model, plate_key), draws, **kwargs)
+        lpd = pointwise_lpd({name: log_likelihoods[name] for name in layout.observed_sites})
+        metrics["lpd_sum"] = jnp.sum(lpd * weights)
+        return metrics
 
     return validate
-
-
-def latent_sites(svi: SVI) -> set[str]:
-    """Names of the model's latent sample sites (what a guide's draws may substitute); the
-    guide's prototype must be set up (inside :func:`traced_svi`)."""
-    return {
-        name for name, site in svi.guide.prototype_trace.items() if site["type"] == "sample" and not site["is_observed"]
-    }
-
-
-def _is_observed(site: dict[str, Any]) -> bool:
-    return site["type"] == "sample" and site["is_observed"]
 
 
 def check_model_accepts(model: Callable[..., Any], keys: list[str]) -> None:

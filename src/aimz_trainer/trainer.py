@@ -61,6 +61,7 @@ from aimz_trainer.data import (
 )
 from aimz_trainer.distributed import allgather_json, require_agreement
 from aimz_trainer.errors import CheckpointError, ConfigurationError, DataError, NonFiniteLossError
+from aimz_trainer.plates import ModelLayout, check_trainable, model_layout
 from aimz_trainer.sharding import DATA_AXIS, make_mesh, replicated, stacked_batch_sharding, to_global_array
 from aimz_trainer.step import (
     TrainState,
@@ -156,12 +157,15 @@ class _Compiled:
     in the chunk it costs next to nothing.
     """
 
-    def __init__(self, svi: SVI, mesh: Mesh, device_data: dict[str, jax.Array], first_record: Record) -> None:
+    def __init__(
+        self, svi: SVI, layout: ModelLayout, mesh: Mesh, device_data: dict[str, jax.Array], first_record: Record
+    ) -> None:
         self._svi = svi
+        self._layout = layout
         self._rep = replicated(mesh)
         self.device_data = device_data
         # The first step of the first record: what the draws set ``svi`` up with.
-        self.prototype = {"rows": jax.tree.map(lambda leaf: leaf[:1], first_record["rows"])}
+        self.prototype = {key: jax.tree.map(lambda leaf: leaf[:1], first_record[key]) for key in ("indices", "rows")}
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="aimz-compile")
         self._validate: Any = None
         self._samplers: dict[int, Any] = {}
@@ -169,8 +173,9 @@ class _Compiled:
     def start(self, rng_key: jax.Array, record: Record) -> tuple[TrainState, Params, Callable[..., Any]]:
         """Compile init and the training chunk; return the initial state, its parameters and
         ``chunk(state, device_data, record) -> (state, losses, params)``."""
-        rep = self._rep
-        init, train_chunk, params = make_init(self._svi), make_train_chunk(self._svi), make_params(self._svi)
+        rep, plates = self._rep, self._layout.row_plates
+        init, train_chunk = make_init(self._svi, plates), make_train_chunk(self._svi, plates)
+        params = make_params(self._svi, plates)
 
         def init_with_params(rng_key: jax.Array, device_data: Any, record: Record) -> tuple[TrainState, Params]:
             state = init(rng_key, device_data, record)
@@ -202,7 +207,7 @@ class _Compiled:
         """Trace validation now and compile it on the worker thread."""
         rep = self._rep
         validate = jax.jit(
-            make_validation_step(self._svi, num_samples, num_train_rows),
+            make_validation_step(self._svi, num_samples, num_train_rows, self._layout),
             in_shardings=(rep, rep, rep, _record_shardings(rep, record)),
             out_shardings=rep,
         )
@@ -215,7 +220,7 @@ class _Compiled:
         if num_samples not in self._samplers:
             rep = self._rep
             sampler = jax.jit(
-                make_posterior_sampler(self._svi, num_samples),
+                make_posterior_sampler(self._svi, num_samples, self._layout),
                 in_shardings=(rep, rep, rep, _record_shardings(rep, self.prototype)),
                 out_shardings=rep,
             )
@@ -425,7 +430,9 @@ class Trainer:
             batch_size: rows per step (the global batch, split over the mesh's devices).
             val_data: held-out data with the same keys; validation reports ``val_loss`` (the
                 negative ELBO per training observation, with the current guide) and, for
-                models with an observed site, ``val_lpd`` (mean log predictive density).
+                models with an observed site, ``val_lpd`` (mean log predictive density). A
+                model with per-row latent sites reports ``val_lpd`` only: held-out rows have
+                no guide parameters, so their latents are drawn from the prior.
             val_batch_size: rows per validation batch (default: ``batch_size``).
             val_num_samples: guide draws behind ``val_lpd``.
             num_samples: posterior draws from the guide at the end (0: none); shorthand for a
@@ -449,6 +456,8 @@ class Trainer:
         arrays, num_rows = validate_data(train_data)
         check_model_accepts(svi.model, list(arrays))
         batch_size = validate_batch_size(batch_size, num_rows, self.mesh.size)
+        layout = model_layout(svi.model, arrays, batch_rows=batch_size, static_kwargs=svi.static_kwargs)
+        check_trainable(layout, svi.guide, num_rows, batch_size)
         _check_processes_agree(arrays, num_rows, batch_size)
         if not is_int_at_least(num_samples, 0):
             raise ConfigurationError(f"num_samples must be an int >= 0; got {num_samples!r}.")
@@ -510,7 +519,7 @@ class Trainer:
         self.state = TrainerState(step=0, epoch=0, svi_state=None, rng_key=self.rng_key)
         first_record = to_device(next(records))
         first_loader_state = records.get_state()
-        compiled = self._compiled = _Compiled(svi, self.mesh, train.device_data, first_record)
+        compiled = self._compiled = _Compiled(svi, layout, self.mesh, train.device_data, first_record)
         train_state, self.state.params, chunk_fn = compiled.start(self._keys.init, first_record)
         self._validation = None
         if val_arrays is not None:
@@ -824,7 +833,7 @@ class _Validation:
         )
         self._to_device = _records_to_device(trainer.mesh, batch_size)
         self._key = trainer._keys.validation
-        first = self._to_device(self._source[0])
+        first = self._to_device(next(iter(make_chunk_loader(self._source, self._data.host_arrays))))
         assert trainer._compiled is not None
         trainer._compiled.prepare_validation(state, self._key, self._data, first, num_samples, num_train_rows)
 
@@ -843,11 +852,13 @@ class _Validation:
         for index, record in enumerate(make_chunk_loader(self._source, self._data.host_arrays)):
             key = jax.random.fold_in(self._key, index)
             outputs.append(compiled.validate(svi_state, key, self._data.device_data, self._to_device(record)))
-        columns = zip(*jax.device_get(outputs), strict=True)
-        losses, lpd_sums, weights = (np.asarray(values, np.float64) for values in columns)
-        metrics = {"val_loss": float(np.sum(losses * weights) / np.sum(weights))}
-        if not np.isnan(lpd_sums).any():
-            metrics["val_lpd"] = float(np.sum(lpd_sums) / np.sum(weights))
+        columns = {key: np.asarray([o[key] for o in jax.device_get(outputs)], np.float64) for key in outputs[0]}
+        weights = columns["weight_sum"]
+        metrics = {}
+        if "loss" in columns:
+            metrics["val_loss"] = float(np.sum(columns["loss"] * weights) / np.sum(weights))
+        if "lpd_sum" in columns and not np.isnan(columns["lpd_sum"]).any():
+            metrics["val_lpd"] = float(np.sum(columns["lpd_sum"]) / np.sum(weights))
         return metrics
 
 

@@ -1,0 +1,224 @@
+"""The model's row plates: which plates run over the rows of the data, which latent sites
+belong to a row, and the handler that puts a batch's dataset row indices into those plates.
+
+A minibatch plate, ``plate("data", n, subsample_size=len(x))``, left to itself draws ``len(x)``
+random indices out of ``n`` on every run. Its scale (``n / len(x)``) does not depend on them,
+so a model with global latents only trains right either way; but a guide's per-row parameters
+(``AutoNormal``'s ``z_auto_loc`` of shape ``(n,)``) are indexed by those indices, so a per-row
+latent would be trained against random rows. :func:`at_rows` substitutes the indices of the
+rows the batch really holds, in the model and in the guide alike.
+
+Which plates run over the rows is read from the model itself: :func:`model_layout` traces it
+(abstractly, nothing is computed) on two batch lengths, and the plates whose size follows the
+batch are the row plates. A group plate that happens to have as many entries as a batch is
+therefore never mistaken for one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from numpyro import handlers
+from numpyro.infer.autoguide import AutoContinuous
+
+from aimz_trainer.errors import ConfigurationError, MinibatchScalingWarning
+
+__all__ = ["ModelLayout", "at_rows", "check_trainable", "model_layout", "on_rows"]
+
+
+class ModelLayout(NamedTuple):
+    """How a model's sites sit on the rows of its data.
+
+    Attributes:
+        row_plates: subsampled plates over the rows (``plate(name, n, subsample_size=len(x))``),
+            whose indices :func:`at_rows` substitutes.
+        plate_sizes: each row plate's full size ``n``.
+        fixed_row_plates: plates over the rows that are not subsampled (``plate(name, len(x))``).
+        local_sites: latent sample sites inside a row plate (one value per row), in trace order;
+            enumerated discrete sites are not counted (the ELBO sums them out).
+        unindexed_local: local sites inside no subsampled row plate: a guide's parameters for
+            them would belong to positions in a batch, not to rows.
+        global_sites: latent sample sites outside every row plate.
+        observed_sites: observed sample sites, in trace order.
+        unscaled_observed: observed sites inside no subsampled row plate: their minibatch
+            likelihood is not scaled up to the whole data.
+        fixed_subsample_plates: subsampled plates whose subsample size does not follow the
+            batch (``plate("data", n, subsample_size=100)``): ``{name: (size, subsample_size)}``.
+    """
+
+    row_plates: tuple[str, ...]
+    plate_sizes: dict[str, int]
+    fixed_row_plates: tuple[str, ...]
+    local_sites: tuple[str, ...]
+    unindexed_local: tuple[str, ...]
+    global_sites: tuple[str, ...]
+    observed_sites: tuple[str, ...]
+    unscaled_observed: tuple[str, ...]
+    fixed_subsample_plates: dict[str, tuple[int, int]]
+
+
+def model_layout(
+    model: Callable[..., Any],
+    rows: Mapping[str, Any],
+    *,
+    batch_rows: int,
+    static_kwargs: Mapping[str, Any] | None = None,
+) -> ModelLayout:
+    """Trace ``model`` on ``batch_rows`` and ``batch_rows + 1`` rows shaped like ``rows`` (arrays
+    or shape structs; only each one's row shape and dtype are used) and sort its sites.
+
+    Example:
+        >>> import numpyro, numpyro.distributions as dist
+        >>> def model(x, y=None):
+        ...     b = numpyro.sample("b", dist.Normal())
+        ...     with numpyro.plate("data", 500, subsample_size=len(x)):
+        ...         z = numpyro.sample("z", dist.Normal())
+        ...         numpyro.sample("y", dist.Normal(z + b * x), obs=y)
+        >>> layout = model_layout(model, {"x": np.zeros(500), "y": np.zeros(500)}, batch_rows=50)
+        >>> layout.row_plates, layout.local_sites, layout.global_sites
+        (('data',), ('z',), ('b',))
+    """
+    first = _trace_structure(model, rows, batch_rows, static_kwargs or {})
+    second = _trace_structure(model, rows, batch_rows + 1, static_kwargs or {})
+    plates, sites = first
+    following = {name for name, args in plates.items() if second[0].get(name) != args}
+    row_plates = tuple(name for name, (_, subsample) in plates.items() if name in following and subsample is not None)
+    fixed_row_plates = tuple(name for name, (_, subsample) in plates.items() if name in following and subsample is None)
+    fixed_subsample = {
+        name: (size, subsample)
+        for name, (size, subsample) in plates.items()
+        if subsample is not None and name not in following
+    }
+    local, unindexed, global_, observed, unscaled = [], [], [], [], []
+    for name, site in sites.items():
+        in_rows = any(frame in following for frame in site["frames"])
+        if site["observed"]:
+            observed.append(name)
+            if not any(frame in row_plates for frame in site["frames"]):
+                unscaled.append(name)
+        elif in_rows:
+            if not site["enumerated"]:
+                local.append(name)
+                if not any(frame in row_plates for frame in site["frames"]):
+                    unindexed.append(name)
+        else:
+            global_.append(name)
+    return ModelLayout(
+        row_plates=row_plates,
+        plate_sizes={name: plates[name][0] for name in row_plates},
+        fixed_row_plates=fixed_row_plates,
+        local_sites=tuple(local),
+        unindexed_local=tuple(unindexed),
+        global_sites=tuple(global_),
+        observed_sites=tuple(observed),
+        unscaled_observed=tuple(unscaled),
+        fixed_subsample_plates=fixed_subsample,
+    )
+
+
+def check_trainable(layout: ModelLayout, guide: Any, num_rows: int, batch_size: int) -> None:
+    """Raise :class:`ConfigurationError` for a model that minibatch SVI over ``num_rows`` rows
+    would fit wrong, and warn when its minibatch likelihood is not scaled."""
+    for name in layout.row_plates:
+        size = layout.plate_sizes[name]
+        if size != num_rows:
+            raise ConfigurationError(
+                f"plate {name!r} has size {size}, but fit was given {num_rows} rows: a minibatch plate's size is "
+                "the number of rows its batches are scaled up to, and its indices are the rows of the data. Write "
+                f"plate({name!r}, {num_rows}, subsample_size=len(x)), or fit it on the {size} rows it was written for."
+            )
+    for name, (size, subsample) in layout.fixed_subsample_plates.items():
+        if size == num_rows:
+            raise ConfigurationError(
+                f"plate {name!r} subsamples a fixed {subsample} of its {size} rows, but the Trainer already passes the "
+                f"model batches of batch_size={batch_size} rows: write plate({name!r}, {size}, "
+                "subsample_size=len(x)) so that the plate follows the batch."
+            )
+    if layout.unindexed_local and batch_size < num_rows:
+        raise ConfigurationError(
+            f"the per-row latent site(s) {list(layout.unindexed_local)} sit in a plate over the batch's rows that is "
+            "not subsampled, so their guide parameters would belong to positions in a batch, not to rows of the "
+            f"data. Write the plate as plate(name, {num_rows}, subsample_size=len(x))."
+        )
+    if layout.local_sites and isinstance(guide, AutoContinuous):
+        raise ConfigurationError(
+            f"{type(guide).__name__} cannot fit the per-row latent site(s) {list(layout.local_sites)}: NumPyro's "
+            "AutoContinuous guides (AutoDiagonalNormal, AutoMultivariateNormal, AutoLowRankMultivariateNormal, "
+            "AutoIAFNormal, AutoBNAFNormal, ...) are one joint distribution over every latent value and do not "
+            "support latent sites in a subsampled plate. Use AutoNormal or AutoDelta, or an AutoGuideList that "
+            "gives the per-row sites to one of them."
+        )
+    if layout.unscaled_observed and batch_size < num_rows:
+        warnings.warn(
+            f"the observed site(s) {list(layout.unscaled_observed)} are not inside a subsampled plate, so each "
+            f"batch's likelihood counts {batch_size} rows where the data have {num_rows}: the prior weighs "
+            f"{num_rows / batch_size:.3g}x too much. Put them in plate('data', {num_rows}, subsample_size=len(x)).",
+            MinibatchScalingWarning,
+            stacklevel=3,
+        )
+
+
+def _trace_structure(
+    model: Callable[..., Any], rows: Mapping[str, Any], count: int, static_kwargs: Mapping[str, Any]
+) -> tuple[dict[str, tuple[int, int | None]], dict[str, dict[str, Any]]]:
+    """``(plates, sample sites)`` of one abstract run of ``model`` on ``count`` rows:
+    ``{plate: (size, subsample_size)}`` and ``{site: {"observed", "enumerated", "frames"}}``."""
+    found: list[Any] = []
+
+    def run(inputs: Mapping[str, Any]) -> None:
+        with handlers.trace() as trace, handlers.seed(rng_seed=0):
+            on_rows(model)(**inputs, **static_kwargs)
+        found.append(trace)
+
+    inputs = {
+        key: jax.ShapeDtypeStruct((count, *np.shape(value)[1:]), jax.dtypes.canonicalize_dtype(value.dtype))
+        for key, value in rows.items()
+    }
+    jax.eval_shape(run, inputs)
+    trace = found[0]
+    plates = {name: tuple(site["args"]) for name, site in trace.items() if site["type"] == "plate"}
+    sites = {
+        name: {
+            "observed": bool(site["is_observed"]),
+            "enumerated": bool(site.get("infer", {}).get("enumerate")),
+            "frames": tuple(frame.name for frame in site["cond_indep_stack"]),
+        }
+        for name, site in trace.items()
+        if site["type"] == "sample"
+    }
+    return plates, sites  # type: ignore[return-value]
+
+
+def on_rows(fn: Callable[..., Any], rows: jax.Array | None = None) -> Callable[..., Any]:
+    """``fn`` (a model or a guide) with every subsampled plate's indices given instead of drawn:
+    ``rows`` (dataset row indices, clipped to the plate's size) where the subsample has their
+    length, ``arange(subsample_size)`` otherwise. Where the values do not depend on which rows
+    a plate holds, this saves drawing them (a permutation of all n rows, per run); and a
+    subsample longer than its plate (the padded rows of a small prediction) is no error."""
+
+    def indices(msg: Mapping[str, Any]) -> jax.Array | None:
+        if msg["type"] != "plate" or msg["args"][1] is None:
+            return None
+        size, subsample_size = msg["args"]
+        if rows is not None and rows.shape[0] == subsample_size:
+            return jnp.minimum(rows, size - 1)
+        return jnp.arange(subsample_size)
+
+    return handlers.substitute(fn, substitute_fn=indices)
+
+
+@contextlib.contextmanager
+def at_rows(row_plates: Sequence[str], indices: jax.Array) -> Iterator[None]:
+    """Inside: every one of ``row_plates`` takes ``indices`` (the batch's dataset rows) as its
+    subsample, in the model and in the guide (a handler on NumPyro's stack reaches both)."""
+    if not row_plates:
+        yield
+        return
+    with handlers.substitute(data=dict.fromkeys(row_plates, indices)):
+        yield
