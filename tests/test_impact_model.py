@@ -106,14 +106,14 @@ class TestFit:
 
     def test_trainer_and_fit_arguments_and_callbacks_pass_through(self, tmp_path):
         X, t, y = data()
+        held_out = dict(zip(("X", "t", "y"), data(seed=1)[:3], strict=True))
         im = new_model().fit(
-            X[:1500], y[:1500], t=t[:1500], num_samples=5, batch_size=500, epochs=2, progress=False,
-            callbacks=[CSVLogger(tmp_path / "metrics.csv")], log_every_n_steps=1,
-            val_data={"X": X[1500:], "t": t[1500:], "y": y[1500:]},
+            X, y, t=t, num_samples=5, batch_size=500, epochs=2, progress=False,
+            callbacks=[CSVLogger(tmp_path / "metrics.csv")], log_every_n_steps=1, val_data=held_out,
         )  # fmt: skip
         assert "val_loss" in im.trainer.callback_metrics
         lines = (tmp_path / "metrics.csv").read_text().splitlines()
-        assert sum(",train_loss," in line for line in lines) == 6  # logged every step
+        assert sum(",train_loss," in line for line in lines) == 8  # logged every step
 
     def test_an_unknown_keyword_is_refused_listing_the_valid_ones(self):
         X, _, y = data()

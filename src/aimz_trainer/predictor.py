@@ -103,7 +103,7 @@ class Predictor:
             10,000 rows were 16% faster than the whole batch per draw (its inputs no longer fit
             in cache).
         rows_per_key: rows sharing one random key; batches are rounded up to a multiple of it
-            times the device count.
+            times the device count. Data of fewer rows are one block of that many rows.
         scratch: where stores written without ``output_dir`` go; several Predictors may share
             one (:class:`~aimz_trainer.store.ScratchDirectory`); default: a new one.
         compress_floats: compress float sites (``p``) with Blosc-lz4. Default: integer sites
@@ -254,7 +254,9 @@ class Predictor:
         arrays, num_rows = validate_data(data, name="data")
         optional = _optional_parameters(self.model)  # targets such as y=None: not conditioned on
         probe = {k: np.asarray(v[: min(num_rows, self.rows_per_key)]) for k, v in arrays.items() if k not in optional}
-        prior = _prior_draws(self._model, probe, jax.random.fold_in(self.rng_key, _PRIOR_STREAM), num_samples)
+        layout = model_layout(self._model, probe, batch_rows=self.rows_per_key)
+        prior_key = jax.random.fold_in(self.rng_key, _PRIOR_STREAM)
+        prior = _prior_draws(self._model, probe, layout.global_sites, prior_key, num_samples)
         return self._run(
             data, batch_size, output_dir, None, return_sites, "prior_predictive", False, "predictive", prior, "prior",
             progress=progress,
@@ -317,12 +319,14 @@ class Predictor:
         num_samples = len(next(iter(draws.values())))
         if not is_int_at_least(batch_size, 1):
             raise ConfigurationError(f"batch_size must be a positive int; got {batch_size!r}.")
-        block = self.rows_per_key * self.mesh.size
+        # Fewer rows than a key's block are one block of that many (no padding to compute).
+        rows_per_key = min(self.rows_per_key, num_rows)
+        block = rows_per_key * self.mesh.size
         batch = math.ceil(min(batch_size, num_rows) / block) * block
         first_row, last_row = _process_rows(self.mesh, batch)  # this process's rows of every batch
-        probe = {key: np.asarray(value[: min(num_rows, self.rows_per_key)]) for key, value in arrays.items()}
+        probe = {key: np.asarray(value[:rows_per_key]) for key, value in arrays.items()}
         sites = _trace_sites(self._model, probe)
-        layout = model_layout(self._model, arrays, batch_rows=self.rows_per_key)
+        layout = model_layout(self._model, arrays, batch_rows=rows_per_key)
         constants, row_values = _split_intervention(intervention or {}, sites, num_rows)
         samples = [n for n, s in sites.items() if s["type"] == "sample"]
         latent = {n: v for n, v in draws.items() if n in samples}
@@ -361,14 +365,14 @@ class Predictor:
         # Predictions are not conditioned on the observed values; the log-likelihood is.
         model_inputs = {**arrays, **(observed_data if kind == "log_likelihood" else {})}
         model_inputs.update({DO_PREFIX + name: value for name, value in row_values.items()})
-        rows_per_tile = _tile_rows(batch // self.mesh.size, self.rows_per_key, self.rows_per_tile)
+        rows_per_tile = _tile_rows(batch // self.mesh.size, rows_per_key, self.rows_per_tile)
         draws_per_chunk = self.draws_per_chunk or max(1, 20_000 // rows_per_tile)
         make_step = functools.partial(
-            _make_step, self._model, outputs, kind, self.rows_per_key, draws_per_chunk, num_samples, rows_per_tile,
+            _make_step, self._model, outputs, kind, rows_per_key, draws_per_chunk, num_samples, rows_per_tile,
             self.mesh.size, local,
         )  # fmt: skip
         shapes = _output_shapes(
-            make_step(), latent, model_inputs, constants, guide_params, outputs, self.rows_per_key, sites
+            make_step(), latent, model_inputs, constants, guide_params, outputs, rows_per_key, sites
         )
         dtypes = {name: dtype for name, (_, dtype) in shapes.items()}
         # Constant intervention values are arguments, not part of the program: a baseline and
@@ -400,7 +404,7 @@ class Predictor:
             for name, value in observed_data.items()
         ]
         fingerprint = _fingerprint(
-            self.rng_key, latent, arrays, intervention or {}, outputs, group, self.rows_per_key, _KEY_SCHEME,
+            self.rng_key, latent, arrays, intervention or {}, outputs, group, rows_per_key, _KEY_SCHEME,
             guide_params,
         )  # fmt: skip
         if processes > 1:  # each writes its share of every batch: they must all compute the same
@@ -416,7 +420,7 @@ class Predictor:
             "store_path": str(path),
             "aimz_trainer_version": library_version(),
             "intervention": json.dumps(_jsonable(intervention or {})),
-            "rows_per_key": self.rows_per_key,
+            "rows_per_key": rows_per_key,
             "num_rows": num_rows,
             FINGERPRINT: fingerprint,
         }
@@ -438,7 +442,7 @@ class Predictor:
                 stop = min(start + batch, num_rows)
                 inputs = {k: _padded(np.asarray(v[start:stop]), batch) for k, v in model_inputs.items()}
                 inputs = {k: to_global_array(v, batch_sharding(self.mesh), v.shape) for k, v in inputs.items()}
-                block0 = jnp.asarray(start // self.rows_per_key, jnp.uint32)
+                block0 = jnp.asarray(start // rows_per_key, jnp.uint32)
                 result = step(latent_device, inputs, self.rng_key, block0, constants_device, guide_params_device)
                 if processes > 1:  # this process's shards: (draws, last_row - first_row) on its devices
                     result = multihost_utils.global_array_to_host_local_array(
@@ -468,7 +472,16 @@ class Predictor:
         """For an in-sample run: the per-row latent sites to draw from the guide (``None`` when
         the model has none but ``not_guided``), after checking that ``data`` can be the fit's
         rows."""
-        sites = tuple(s for s in layout.local_sites if s not in not_guided)
+        # Per-row sites of a plate that is not subsampled are drawn by the model, as any
+        # other predicted site: a guide's parameters for them would not belong to rows.
+        unindexed = [s for s in layout.unindexed_local if s not in not_guided]
+        if self.guide is not None and unindexed:
+            raise ConfigurationError(
+                f"the per-row latent site(s) {unindexed} sit in a plate that is not subsampled, so the guide's "
+                "parameters for them do not belong to rows of the data: write the plate as "
+                "plate(name, n, subsample_size=len(x)), or predict(..., in_sample=False) to draw them from the prior."
+            )
+        sites = tuple(s for s in layout.local_sites if s not in not_guided and s not in unindexed)
         if not sites:
             return None
         if self.guide is None:
@@ -476,12 +489,6 @@ class Predictor:
                 f"the model's per-row latent site(s) {list(sites)} have no posterior draws: in sample they are drawn "
                 "row by row from the fitted guide, so pass guide=svi.guide and params=FitResult.params to the "
                 "Predictor; for new rows, predict(..., in_sample=False) draws them from the prior."
-            )
-        if layout.unindexed_local:
-            raise ConfigurationError(
-                f"the per-row latent site(s) {list(layout.unindexed_local)} sit in a plate that is not subsampled, so "
-                "the guide's parameters for them do not belong to rows of the data: write the plate as "
-                "plate(name, n, subsample_size=len(x)), or predict(..., in_sample=False) to draw them from the prior."
             )
         mismatched = {name: size for name, size in layout.plate_sizes.items() if size != num_rows}
         if mismatched:
@@ -765,19 +772,15 @@ _GUIDE_STREAM = 0x6775696465 & 0xFFFFFFFF  # a block's per-row guide draws: fold
 _KEY_SCHEME = 2
 
 
-def _prior_draws(model: Callable[..., Any], probe: Mapping[str, Any], rng_key: jax.Array, num_samples: int) -> Draws:
-    """Prior draws of the model's global latent sites (those outside the rows' plate)."""
-    rows = len(next(iter(probe.values())))
+def _prior_draws(
+    model: Callable[..., Any], probe: Mapping[str, Any], sites: Sequence[str], rng_key: jax.Array, num_samples: int
+) -> Draws:
+    """Prior draws of the model's global latent ``sites`` (per-row sites are drawn row by row
+    in the step)."""
 
     def one(key: jax.Array) -> Draws:
         trace = handlers.trace(handlers.seed(on_rows(model), key)).get_trace(**probe)
-        return {
-            name: site["value"]
-            for name, site in trace.items()
-            if site["type"] == "sample"
-            and not site["is_observed"]
-            and not any(frame.size == rows for frame in site["cond_indep_stack"])
-        }
+        return {name: trace[name]["value"] for name in sites}
 
     return {k: np.asarray(v) for k, v in jax.jit(jax.vmap(one))(jax.random.split(rng_key, num_samples)).items()}
 
@@ -867,10 +870,12 @@ def _compact_dtype(dtype: Any, site: Mapping[str, Any] | None) -> np.dtype:
 
 
 def _dims(site: Mapping[str, Any], name: str, ndim: int) -> tuple[str, ...]:
-    """Dim names of a site's value: its plates' names where they apply, else ``<site>_dim_i``."""
+    """Dim names of a site's value: its plates' names where they apply, else ``<site>_dim_i``.
+    A plate's ``dim`` counts from the right of the batch shape, left of the event dims."""
     names = [f"{name}_dim_{i}" for i in range(ndim)]
+    event_dim = getattr(site.get("fn"), "event_dim", 0)
     for frame in site.get("cond_indep_stack", ()):
-        axis = ndim + frame.dim if frame.dim < 0 else frame.dim
+        axis = ndim - event_dim + frame.dim if frame.dim < 0 else frame.dim
         if 0 <= axis < ndim:
             names[axis] = frame.name
     return tuple(names)

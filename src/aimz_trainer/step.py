@@ -319,8 +319,11 @@ def make_validation_step(
                 return metrics
             draws = sample_posterior(svi, draw_key, params, batch, num_samples, layout)
             draws = {name: value for name, value in draws.items() if name in layout.global_sites}
-            # Seeded: sites not drawn (per-row latents) come from the prior.
-            log_likelihoods = log_likelihood(handlers.seed(svi.model, plate_key), draws, **kwargs)
+            # Sites not drawn (per-row latents) come from the prior: a key of their own per draw.
+            keys = jax.random.split(plate_key, num_samples)
+            log_likelihoods = jax.vmap(
+                lambda theta, key: log_likelihood(handlers.seed(svi.model, key), theta, batch_ndims=0, **kwargs)
+            )(draws, keys)
         lpd = pointwise_lpd({name: log_likelihoods[name] for name in layout.observed_sites})
         metrics["lpd_sum"] = jnp.sum(lpd * weights)
         return metrics

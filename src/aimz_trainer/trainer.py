@@ -87,6 +87,7 @@ class FitResult(NamedTuple):
         losses: one ELBO loss per step, as a NumPy array.
         posterior: site name -> draws from the guide with a leading ``num_samples`` axis (the
             latest draws of a :class:`~aimz_trainer.callbacks.PosteriorSampler`), or ``None``.
+            Per-row latent sites are not among them (see the README's "Which models").
         state: the final ``SVIState``.
     """
 
@@ -279,7 +280,7 @@ class Trainer:
         >>> from optax import adam
         >>> def model(x, y=None):
         ...     w = numpyro.sample("w", dist.Normal())
-        ...     with numpyro.plate("data", 1000, subsample_size=len(x)):
+        ...     with numpyro.plate("data", 800, subsample_size=len(x)):  # the training rows
         ...         numpyro.sample("y", dist.Normal(w * x, 1.0), obs=y)
         >>> x = np.linspace(-1, 1, 1000, dtype=np.float32); y = 2 * x
         >>> svi = SVI(model, AutoNormal(model), adam(0.05), Trace_ELBO())
