@@ -513,3 +513,32 @@ def test_tiles_of_rows_give_the_same_draws(predictor):
 def test_rows_per_tile_must_be_whole_blocks():
     with pytest.raises(ConfigurationError, match="rows_per_tile must be a multiple of rows_per_key=4; got 6"):
         linear_predictor(rows_per_tile=6)
+
+
+@pytest.mark.parametrize(
+    ("site", "draw"),
+    [
+        ("bernoulli", lambda logits: dist.Bernoulli(logits=logits)),
+        ("poisson", lambda logits: dist.Poisson(jnp.exp(logits))),
+        ("categorical", lambda logits: dist.Categorical(logits=jnp.stack([logits, -logits, 0 * logits], -1))),
+        ("normal", lambda logits: dist.Normal(logits, 0.5)),
+    ],
+)
+def test_log_likelihood_of_discrete_sites_is_stored_as_floats(site, draw, tmp_path):
+    """Densities of a discrete site are floats (a truncation to the site's int8 would read
+    -1.956 as -1), equal to NumPyro's own log_likelihood."""
+
+    def model(x, y=None):
+        w = numpyro.sample("w", dist.Normal())
+        with numpyro.plate("data", x.shape[0]):
+            numpyro.sample("y", draw(w * x), obs=y)
+
+    x = np.linspace(-2, 2, 50, dtype=np.float32)
+    posterior = {"w": np.linspace(0.5, 1.5, 6, dtype=np.float32)}
+    y = np.asarray(Predictive(model, posterior)(jax.random.key(0), x=x)["y"][0])
+    tree = Predictor(model, posterior).log_likelihood({"x": x, "y": y}, output_dir=tmp_path)
+    values = tree["log_likelihood"]["y"].values[0]
+    assert values.dtype == np.float32
+    expected = numpyro_log_likelihood(model, posterior, x=x, y=y)["y"]
+    np.testing.assert_allclose(values, expected, rtol=1e-5, atol=1e-6)
+    assert not np.all(values == np.round(values))

@@ -372,8 +372,9 @@ class Predictor:
             self.mesh.size, local,
         )  # fmt: skip
         shapes = _output_shapes(
-            make_step(), latent, model_inputs, constants, guide_params, outputs, rows_per_key, sites
-        )
+            make_step(), latent, model_inputs, constants, guide_params, outputs, rows_per_key,
+            {} if kind == "log_likelihood" else sites,  # densities keep their dtype, whatever the support
+        )  # fmt: skip
         dtypes = {name: dtype for name, (_, dtype) in shapes.items()}
         # Constant intervention values are arguments, not part of the program: a baseline and
         # an intervention (t = 0, t = 1) share one compiled function.
@@ -854,8 +855,8 @@ def _output_shapes(
 
 
 def _compact_dtype(dtype: Any, site: Mapping[str, Any] | None) -> np.dtype:
-    """The smallest dtype that holds the site's values unchanged: a Bernoulli or Categorical
-    site with few classes needs no int32."""
+    """The smallest dtype that holds the site's drawn values unchanged: a Bernoulli or
+    Categorical site with few classes needs no int32. For draws only, never densities."""
     dtype = np.dtype(dtype)
     support = getattr(site.get("fn"), "support", None) if site else None
     if support is constraints.boolean:
