@@ -542,3 +542,31 @@ def test_log_likelihood_of_discrete_sites_is_stored_as_floats(site, draw, tmp_pa
     expected = numpyro_log_likelihood(model, posterior, x=x, y=y)["y"]
     np.testing.assert_allclose(values, expected, rtol=1e-5, atol=1e-6)
     assert not np.all(values == np.round(values))
+
+
+def test_an_intervention_of_another_length_than_the_rows_is_refused(tmp_path):
+    """A value per 1,000-row block, a length that matches nothing: refused, naming the site and
+    the shapes that would do, and nothing is written."""
+
+    def model(x, t, y=None):
+        beta = numpyro.sample("beta", dist.Normal().expand([2]).to_event(1))
+        with numpyro.plate("data", 2000, subsample_size=len(x)):
+            t = numpyro.sample("t", dist.Bernoulli(0.5), obs=t)
+            numpyro.sample("y", dist.Normal(beta[0] * x + beta[1] * t), obs=y)
+
+    x = np.linspace(-1, 1, 2000, dtype=np.float32)
+    predictor = Predictor(model, {"beta": np.ones((4, 2), np.float32)})
+    data = {"x": x, "t": np.zeros(2000, np.float32)}
+    for value in (np.ones(1000), np.ones((2000, 2)), np.ones(3)):
+        with pytest.raises(ConfigurationError, match=r"intervention\['t'\] has shape .* constant of shape \(\)"):
+            predictor.predict(data, intervention={"t": value}, output_dir=tmp_path)
+    with pytest.raises(ConfigurationError, match=r"intervention\['beta'\] has shape \(3,\).*\(2,\)"):
+        predictor.predict(data, intervention={"beta": np.ones(3)}, output_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    per_row = predictor.predict(data, intervention={"t": np.ones(2000)}, output_dir=tmp_path)
+    constant = predictor.predict(data, intervention={"t": np.float32(1.0)}, output_dir=tmp_path)
+    np.testing.assert_array_equal(
+        per_row["posterior_predictive"]["y"].values, constant["posterior_predictive"]["y"].values
+    )
+    shifted = predictor.predict(data, intervention={"beta": np.array([1.0, 2.0])}, output_dir=tmp_path)
+    assert shifted["posterior_predictive"]["y"].shape == (1, 4, 2000)

@@ -327,7 +327,7 @@ class Predictor:
         probe = {key: np.asarray(value[:rows_per_key]) for key, value in arrays.items()}
         sites = _trace_sites(self._model, probe)
         layout = model_layout(self._model, arrays, batch_rows=rows_per_key)
-        constants, row_values = _split_intervention(intervention or {}, sites, num_rows)
+        constants, row_values = _split_intervention(intervention or {}, sites, layout.global_sites, num_rows)
         samples = [n for n, s in sites.items() if s["type"] == "sample"]
         latent = {n: v for n, v in draws.items() if n in samples}
         # Values of a site the model takes as an optional argument (``y=None``) are targets:
@@ -787,9 +787,12 @@ def _prior_draws(
 
 
 def _split_intervention(
-    intervention: Mapping[str, Any], sites: Mapping[str, Any], num_rows: int
+    intervention: Mapping[str, Any], sites: Mapping[str, Any], global_sites: Sequence[str], num_rows: int
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """``(constants, row-wise values)``: a value with one entry per row follows the batches."""
+    """``(constants, row-wise values)``. A value is constant when it is a scalar, has the
+    site's event shape, or (a global site) the site's whole shape; it is row-wise when it has
+    one entry per row (of the site's event shape). Anything else is refused: broadcast against
+    blocks of rows, it would be applied to the wrong rows."""
     samples = sorted(n for n, s in sites.items() if s["type"] == "sample")
     unknown = sorted(set(intervention) - set(samples))
     if unknown:
@@ -799,7 +802,18 @@ def _split_intervention(
     constants, rows = {}, {}
     for name, value in intervention.items():
         value = np.asarray(value)
-        (rows if value.ndim and value.shape[0] == num_rows else constants)[name] = value
+        event = tuple(sites[name]["fn"].event_shape)
+        constant_shapes = {(), event} | ({tuple(np.shape(sites[name]["value"]))} if name in global_sites else set())
+        if value.shape in constant_shapes:
+            constants[name] = value
+        elif value.shape == (num_rows, *event):
+            rows[name] = value
+        else:
+            raise ConfigurationError(
+                f"intervention[{name!r}] has shape {value.shape}; accepted: a constant of shape "
+                f"{' or '.join(map(str, sorted(constant_shapes)))}, or one value per row, of shape "
+                f"{(num_rows, *event)} (the data have {num_rows} rows)."
+            )
     return constants, rows
 
 
