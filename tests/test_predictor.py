@@ -570,3 +570,35 @@ def test_an_intervention_of_another_length_than_the_rows_is_refused(tmp_path):
     )
     shifted = predictor.predict(data, intervention={"beta": np.array([1.0, 2.0])}, output_dir=tmp_path)
     assert shifted["posterior_predictive"]["y"].shape == (1, 4, 2000)
+
+
+def test_non_finite_inputs_are_refused_naming_where_they_are(tmp_path):
+    def model(x, t, y=None):
+        w = numpyro.sample("w", dist.Normal())
+        with numpyro.plate("data", 3000, subsample_size=len(x)):
+            t = numpyro.sample("t", dist.Normal(), obs=t)
+            p = numpyro.deterministic("p", jax.nn.sigmoid(w * x + t))
+            numpyro.sample("y", dist.Bernoulli(p), obs=y)
+
+    x = np.linspace(-1, 1, 3000, dtype=np.float32)
+    t = np.zeros(3000, np.float32)
+    posterior = {"w": np.ones(4, np.float32)}
+    predictor = Predictor(model, posterior)
+    bad_x = x.copy()
+    bad_x[2500] = np.nan  # past the first block of rows
+    with pytest.raises(DataError, match=r"data\['x'\] holds nan at row 2500"):
+        predictor.predict({"x": bad_x, "t": t}, output_dir=tmp_path)
+    bad_t = t.copy()
+    bad_t[1234] = np.inf
+    with pytest.raises(DataError, match=r"intervention\['t'\] holds inf at row 1234"):
+        predictor.predict({"x": x, "t": t}, intervention={"t": bad_t}, output_dir=tmp_path)
+    with pytest.raises(DataError, match=r"intervention\['t'\] holds nan at index \(\)"):
+        predictor.predict({"x": x, "t": t}, intervention={"t": np.float32(np.nan)}, output_dir=tmp_path)
+    with pytest.raises(DataError, match=r"posterior\['w'\] holds nan at draw 2"):
+        Predictor(model, {"w": np.array([1, 1, np.nan, 1], np.float32)}).predict({"x": x, "t": t})
+    assert list(tmp_path.iterdir()) == []
+    # The opt-out lets NaN through, where it shows in the float site.
+    loose = Predictor(model, posterior, check_finite=False)
+    tree = loose.predict({"x": bad_x, "t": t}, output_dir=tmp_path)
+    p = tree["posterior_predictive"]["p"].values[0]
+    assert np.isnan(p[:, 2500]).all() and np.isfinite(np.delete(p, 2500, axis=1)).all()

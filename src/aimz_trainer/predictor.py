@@ -85,6 +85,9 @@ class Predictor:
         posterior: site -> draws with a leading draw axis, e.g. ``FitResult.posterior``;
             deterministic sites in it (computed on the guide's prototype batch) are ignored.
             ``None``: a Predictor for :meth:`sample_prior_predictive` only.
+        check_finite: refuse NaN or infinite values in the data, interventions and posterior
+            draws (:class:`~aimz_trainer.errors.DataError` naming the first), before anything
+            is computed; ``False`` lets them propagate into the predictions.
         guide: the fitted guide (``svi.guide``), with ``params``: where the model has per-row
             latent sites (inside its subsampled data plate), in-sample predictions and
             log-likelihoods draw each row's latents from it, row by row (see :meth:`predict`).
@@ -136,6 +139,7 @@ class Predictor:
         rows_per_tile: int | None = None,
         scratch: ScratchDirectory | None = None,
         compress_floats: bool = False,
+        check_finite: bool = True,
         guide: Callable[..., Any] | None = None,
         params: Mapping[str, Any] | None = None,
         static_kwargs: Mapping[str, Any] | None = None,
@@ -185,6 +189,9 @@ class Predictor:
         if not isinstance(compress_floats, bool):
             raise ConfigurationError(f"compress_floats must be True or False; got {compress_floats!r}.")
         self.compress_floats = compress_floats
+        if not isinstance(check_finite, bool):
+            raise ConfigurationError(f"check_finite must be True or False; got {check_finite!r}.")
+        self.check_finite = check_finite
         self._scratch = scratch if scratch is not None else ScratchDirectory()
         self._compiled: dict[Any, Any] = {}
 
@@ -365,6 +372,10 @@ class Predictor:
         # Predictions are not conditioned on the observed values; the log-likelihood is.
         model_inputs = {**arrays, **(observed_data if kind == "log_likelihood" else {})}
         model_inputs.update({DO_PREFIX + name: value for name, value in row_values.items()})
+        if self.check_finite:
+            _require_finite("data", model_inputs, per_row=True)
+            _require_finite("intervention", constants, per_row=False)
+            _require_finite(draws_group, latent, per_row=False)
         rows_per_tile = _tile_rows(batch // self.mesh.size, rows_per_key, self.rows_per_tile)
         draws_per_chunk = self.draws_per_chunk or max(1, 20_000 // rows_per_tile)
         make_step = functools.partial(
@@ -815,6 +826,34 @@ def _split_intervention(
                 f"{(num_rows, *event)} (the data have {num_rows} rows)."
             )
     return constants, rows
+
+
+def _require_finite(what: str, arrays: Mapping[str, Any], *, per_row: bool) -> None:
+    """Raise :class:`DataError` at the first NaN or infinity in a float array, naming where it
+    is: it would turn every prediction it touches into NaN, and a Bernoulli draw of a NaN
+    probability into a 0 that looks like data."""
+    for name, value in arrays.items():
+        value = np.asarray(value)
+        # A sum is NaN or infinite when any term is (or, rarely, when it overflows): one pass
+        # without a mask the size of the data.
+        if value.dtype.kind != "f" or np.isfinite(np.sum(value)):
+            continue
+        bad = ~np.isfinite(value)
+        if bad.any():
+            index = np.unravel_index(int(np.argmax(bad)), value.shape)
+            if name.startswith(DO_PREFIX):  # a row-wise intervention travels with the data
+                source = f"intervention[{name[len(DO_PREFIX) :]!r}]"
+            else:
+                source = f"{what}[{name!r}]"
+            if per_row:
+                where = f"row {index[0]}"
+            else:
+                where = f"draw {index[0]}" if what != "intervention" else f"index {index}"
+            raise DataError(
+                f"{source} holds {value[index]} at {where} ({int(bad.sum())} non-finite value(s) in all): "
+                "predictions would be NaN there. Remove or fill them, or pass check_finite=False to the Predictor "
+                "to let NaN propagate."
+            )
 
 
 def _fingerprint(rng_key: jax.Array, *parts: Any) -> str:
