@@ -45,6 +45,8 @@ class ModelLayout(NamedTuple):
         unindexed_local: local sites inside no subsampled row plate: a guide's parameters for
             them would belong to positions in a batch, not to rows.
         global_sites: latent sample sites outside every row plate.
+        global_deterministic: deterministic sites outside every row plate whose shape does not
+            follow the batch (``b = exp(log_b)``; not ``mu = w * x``).
         observed_sites: observed sample sites, in trace order.
         unscaled_observed: observed sites inside no subsampled row plate: their minibatch
             likelihood is not scaled up to the whole data.
@@ -58,6 +60,7 @@ class ModelLayout(NamedTuple):
     local_sites: tuple[str, ...]
     unindexed_local: tuple[str, ...]
     global_sites: tuple[str, ...]
+    global_deterministic: tuple[str, ...]
     observed_sites: tuple[str, ...]
     unscaled_observed: tuple[str, ...]
     fixed_subsample_plates: dict[str, tuple[int, int]]
@@ -96,7 +99,16 @@ def model_layout(
         if subsample is not None and name not in following
     }
     local, unindexed, global_, observed, unscaled = [], [], [], [], []
+    deterministic = [
+        name
+        for name, site in sites.items()
+        if site["deterministic"]
+        and not any(frame in following for frame in site["frames"])
+        and site["shape"] == second[1][name]["shape"]
+    ]
     for name, site in sites.items():
+        if site["deterministic"]:
+            continue
         in_rows = any(frame in following for frame in site["frames"])
         if site["observed"]:
             observed.append(name)
@@ -116,6 +128,7 @@ def model_layout(
         local_sites=tuple(local),
         unindexed_local=tuple(unindexed),
         global_sites=tuple(global_),
+        global_deterministic=tuple(deterministic),
         observed_sites=tuple(observed),
         unscaled_observed=tuple(unscaled),
         fixed_subsample_plates=fixed_subsample,
@@ -168,7 +181,8 @@ def _trace_structure(
     model: Callable[..., Any], rows: Mapping[str, Any], count: int, static_kwargs: Mapping[str, Any]
 ) -> tuple[dict[str, tuple[int, int | None]], dict[str, dict[str, Any]]]:
     """``(plates, sample sites)`` of one abstract run of ``model`` on ``count`` rows:
-    ``{plate: (size, subsample_size)}`` and ``{site: {"observed", "enumerated", "frames"}}``."""
+    ``{plate: (size, subsample_size)}`` and ``{site: {"deterministic", "observed", "enumerated",
+    "frames", "shape"}}`` of the sample and deterministic sites."""
     found: list[Any] = []
 
     def run(inputs: Mapping[str, Any]) -> None:
@@ -185,12 +199,14 @@ def _trace_structure(
     plates = {name: tuple(site["args"]) for name, site in trace.items() if site["type"] == "plate"}
     sites = {
         name: {
-            "observed": bool(site["is_observed"]),
-            "enumerated": bool(site.get("infer", {}).get("enumerate")),
-            "frames": tuple(frame.name for frame in site["cond_indep_stack"]),
+            "deterministic": site["type"] == "deterministic",
+            "observed": bool(site.get("is_observed")),
+            "enumerated": bool((site.get("infer") or {}).get("enumerate")),
+            "frames": tuple(frame.name for frame in site.get("cond_indep_stack", ())),
+            "shape": tuple(np.shape(site["value"])),
         }
         for name, site in trace.items()
-        if site["type"] == "sample"
+        if site["type"] in ("sample", "deterministic")
     }
     return plates, sites  # type: ignore[return-value]
 

@@ -234,23 +234,35 @@ def sample_posterior(
     *,
     draws_per_chunk: int = 100,
 ) -> dict[str, jax.Array]:
-    """``num_samples`` draws from the guide, ``draws_per_chunk`` at a time (vectorised within a
-    chunk, sequential across chunks) so memory stays bounded. Call under :func:`traced_svi`.
+    """``num_samples`` draws of the model's global sites from the guide, ``draws_per_chunk`` at
+    a time (vectorised within a chunk, sequential across chunks) so memory stays bounded. Call
+    under :func:`traced_svi`, with ``batch``'s rows in the row plates (:func:`at_rows`).
+
+    The draws hold the global latent sites and the global deterministic sites. Per-row sites
+    are left out: a per-row latent has one value per row of the whole data (a million rows x a
+    thousand draws would not fit in memory) and is drawn row by row where it is needed (the
+    Predictor), and a per-row deterministic site would hold the values of one batch only.
 
     A model with global latents only, under an ``AutoGuide``, is drawn by the guide's own
-    ``sample_posterior`` (deterministic sites computed on ``batch``). Otherwise the guide
-    itself is run on ``batch`` and only the model's global latent sites are kept: a per-row
-    site has one value per row of the whole data (a million rows x a thousand draws would not
-    fit in memory) and is drawn row by row where it is needed (the Predictor)."""
+    ``sample_posterior``; otherwise the guide itself is run on ``batch`` (any guide, a
+    hand-written one too) and the model computes the deterministic sites from its draw."""
     keys = jax.random.split(rng_key, num_samples)
     kwargs = model_kwargs(svi, batch)
-    if isinstance(svi.guide, AutoGuide) and not layout.local_sites:
-        draw = lambda key: svi.guide.sample_posterior(key, params, **kwargs)  # noqa: E731
-    else:
-        draw = lambda key: {  # noqa: E731
-            name: value for name, value in guide_draw(svi.guide, key, params, kwargs).items()
-            if name in layout.global_sites
-        }  # fmt: skip
+    kept = {*layout.global_sites, *layout.global_deterministic}
+
+    def draw(key: jax.Array) -> dict[str, jax.Array]:
+        if isinstance(svi.guide, AutoGuide) and not layout.local_sites:
+            values = svi.guide.sample_posterior(key, params, **kwargs)
+        else:
+            guide_key, model_key = jax.random.split(key)
+            values = guide_draw(svi.guide, guide_key, params, kwargs)
+            values = {name: value for name, value in values.items() if name in layout.global_sites}
+            if layout.global_deterministic:
+                model = handlers.seed(handlers.substitute(svi.model, data=values), model_key)
+                trace = handlers.trace(model).get_trace(**kwargs)
+                values.update({name: trace[name]["value"] for name in layout.global_deterministic})
+        return {name: value for name, value in values.items() if name in kept}
+
     return lax.map(draw, keys, batch_size=min(draws_per_chunk, num_samples))
 
 
