@@ -42,6 +42,29 @@ def linear_svi(num_rows: int, learning_rate: float = 0.05) -> SVI:
     return SVI(model, AutoNormal(model), adam(learning_rate), Trace_ELBO())
 
 
+LOCAL_NOISE, LOCAL_SLOPE = 0.05, 0.5
+
+
+def local_model(num_rows: int) -> Callable[..., None]:
+    """``b`` global; one latent ``z`` per row, observed through ``y = z + b x`` with little noise."""
+
+    def model(x, y=None):
+        b = numpyro.sample("b", dist.Normal(0.0, 1.0))
+        with numpyro.plate("data", num_rows, subsample_size=len(x)):
+            z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+            numpyro.sample("y", dist.Normal(z + b * x, LOCAL_NOISE), obs=y)
+
+    return model
+
+
+def local_data(num_rows: int, seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """``({"x", "y"}, z)``: standard normal ``x`` and ``z``, ``y = z + 0.5 x + noise``."""
+    rng = np.random.default_rng(seed)
+    x, z = rng.normal(size=(2, num_rows)).astype(np.float32)
+    y = (z + LOCAL_SLOPE * x + LOCAL_NOISE * rng.normal(size=num_rows)).astype(np.float32)
+    return {"x": x, "y": y}, z
+
+
 @pytest.fixture
 def make_linear():
     """``make_linear(n) -> (svi, data)`` for a fresh linear regression problem."""

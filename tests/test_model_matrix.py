@@ -67,7 +67,15 @@ from numpyro.infer.autoguide import (
 
 from aimz_trainer import ConfigurationError, Trainer
 
-from .conftest import TRUE_INTERCEPT, TRUE_SLOPE, linear_data, linear_svi
+from .conftest import (
+    LOCAL_NOISE,
+    TRUE_INTERCEPT,
+    TRUE_SLOPE,
+    linear_data,
+    linear_svi,
+    local_data,
+    local_model,
+)
 
 # Fits compared with a posterior run this many steps at a decaying rate: steps cost little next
 # to compiling, and posterior sds converge slowly under minibatch noise.
@@ -148,26 +156,7 @@ def auto_normal_mean_sd(params, site):
 
 # -- local latents: one per row ----------------------------------------------------------------
 
-LOCAL_ROWS, LOCAL_NOISE, LOCAL_SLOPE = 2000, 0.05, 0.5
-
-
-def local_model(num_rows):
-    """``b`` global; one ``z`` per row, observed through ``y`` with little noise."""
-
-    def model(x, y=None):
-        b = numpyro.sample("b", dist.Normal(0.0, 1.0))
-        with numpyro.plate("data", num_rows, subsample_size=len(x)):
-            z = numpyro.sample("z", dist.Normal(0.0, 1.0))
-            numpyro.sample("y", dist.Normal(z + b * x, LOCAL_NOISE), obs=y)
-
-    return model
-
-
-def local_data(num_rows, seed=0):
-    rng = np.random.default_rng(seed)
-    x, z = rng.normal(size=(2, num_rows)).astype(np.float32)
-    y = (z + LOCAL_SLOPE * x + LOCAL_NOISE * rng.normal(size=num_rows)).astype(np.float32)
-    return {"x": x, "y": y}, z
+LOCAL_ROWS = 2000
 
 
 def exact_slope(x, y, row_noise_var):

@@ -20,27 +20,7 @@ from aimz_trainer import ConfigurationError, ImpactModel, Predictor, Trainer, es
 from aimz_trainer.errors import MinibatchScalingWarning
 from aimz_trainer.plates import check_trainable, model_layout
 
-LOCAL_NOISE = 0.05
-
-
-def local_model(num_rows: int):
-    """The per-row latent model: ``y = z + b x + noise``, one ``z`` per row."""
-
-    def model(x, y=None):
-        b = numpyro.sample("b", dist.Normal(0, 1))
-        with numpyro.plate("data", num_rows, subsample_size=len(x)):
-            z = numpyro.sample("z", dist.Normal(0, 1))
-            numpyro.sample("y", dist.Normal(z + b * x, LOCAL_NOISE), obs=y)
-
-    return model
-
-
-def local_data(num_rows: int, seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=num_rows).astype(np.float32)
-    z = rng.normal(size=num_rows).astype(np.float32)
-    y = (z + 0.5 * x + LOCAL_NOISE * rng.normal(size=num_rows)).astype(np.float32)
-    return {"x": x, "y": y}, z
+from .conftest import LOCAL_NOISE, local_data, local_model
 
 
 def quiet_trainer(**kwargs) -> Trainer:
