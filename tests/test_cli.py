@@ -27,7 +27,8 @@ def test_run_bnn_binary_prints_the_summary_and_where_its_outputs_went(tmp_path):
     out = completed.stdout
     assert "bnn_binary: 4,000 rows x 100, 1 device(s), data on device" in out
     assert "final ELBO loss" in out and "after 16 steps" in out
-    assert "nn_p_linear1.kernel (5, 100, 32)" in out and "p (5, 500)" in out
+    posterior = next(line for line in out.splitlines() if line.startswith("posterior: "))
+    assert "nn_p_linear1.kernel (5, 100, 32)" in posterior and " p (" not in posterior  # per-row: not a global draw
     assert "held out (1,000 rows): ELBO loss per row" in out and "mean lpd -0." in out
     footer = out[out.index("bnn_binary wrote:") :].splitlines()
     assert footer[1:3] == [f"  logs: {tmp_path / 'logs'}", f"  checkpoints: {tmp_path / 'checkpoints'}"]
