@@ -202,7 +202,7 @@ class TestPerRowPredictions:
         model = local_model(300)
         svi = SVI(model, AutoNormal(model), adam(0.05), Trace_ELBO())
         held_out, _ = local_data(400, seed=7)
-        trainer = quiet_trainer(max_epochs=60)
+        trainer = quiet_trainer(max_epochs=60, check_val_every_n_epoch=60)  # one validation, at the end
         result = trainer.fit(svi, data, batch_size=100, val_data=held_out, val_batch_size=100, val_num_samples=3000)
         metrics = trainer.callback_metrics
         assert "val_loss" not in metrics  # held-out rows have no guide parameters: no ELBO
