@@ -32,7 +32,7 @@ def start(mode: str, directory: Path, num_processes: int, local_devices: int) ->
             **os.environ,
             "XLA_FLAGS": f"--xla_force_host_platform_device_count={local_devices}",
             "JAX_PLATFORMS": "cpu",
-            "PYTHONHASHSEED": "0",  # numpyro sums ELBO terms in set order: same order everywhere
+            "PYTHONHASHSEED": "0",  # one hash seed in every process, as distributed.initialize requires
         }
         if num_processes > 1:
             env.update({
@@ -136,27 +136,52 @@ def test_an_unreachable_coordinator_fails_in_bounded_time_naming_it(tmp_path):
     assert time.monotonic() - started < 60
 
 
-def test_processes_told_different_sizes_all_fail():
+def initialize_in_processes(sizes: list[str], hash_seeds: list[str | None]) -> list[tuple[int, dict | None, str]]:
+    """``distributed.initialize`` in one process per entry: told that run size, with that hash seed."""
     port = distributed.free_port()
     script = (
         "import sys\nfrom aimz_trainer import distributed\n"
         f"distributed.initialize('127.0.0.1:{port}', int(sys.argv[1]), int(sys.argv[2]), timeout_s=30)\n"
     )
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONHASHSEED"}
     processes = [
         subprocess.Popen(
-            [sys.executable, "-c", script, size, rank],
+            [sys.executable, "-c", script, size, str(rank)],
             cwd=ROOT,
-            env=env,
+            env={**env, "JAX_PLATFORMS": "cpu", **({"PYTHONHASHSEED": seed} if seed is not None else {})},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for size, rank in [("2", "0"), ("3", "1")]
+        for rank, (size, seed) in enumerate(zip(sizes, hash_seeds, strict=True))
     ]
-    for code, _, err in finish(processes):
+    return finish(processes)
+
+
+def test_processes_told_different_sizes_all_fail():
+    for code, _, err in initialize_in_processes(["2", "3"], ["0", "0"]):
         assert code != 0
         assert "the processes disagree on the run's size: told [2, 3]" in err
+
+
+@pytest.mark.parametrize("hash_seeds", [["0", "1"], [None, None]], ids=["different", "unset"])
+def test_processes_without_one_hash_seed_all_fail_naming_the_fix(hash_seeds):
+    # Different hash seeds can compile the step into differently rounded float sums: the
+    # processes would hold slightly different copies of the parameters.
+    shown = str([seed for seed in hash_seeds])
+    for code, _, err in initialize_in_processes(["2", "2"], hash_seeds):
+        assert code != 0
+        assert f"the processes of this run have PYTHONHASHSEED {shown}" in err
+        assert "export PYTHONHASHSEED=0" in err
+
+
+def test_launch_gives_every_process_one_hash_seed(capfd):
+    command = [sys.executable, "-c", "import os; print('hash seed', os.environ['PYTHONHASHSEED'])"]
+    unset = {key: value for key, value in os.environ.items() if key != "PYTHONHASHSEED"}
+    assert distributed.launch(command, 2, environ=unset) == 0
+    assert distributed.launch(command, 2, environ={**unset, "PYTHONHASHSEED": "7"}) == 0
+    lines = sorted(line for line in capfd.readouterr().out.splitlines() if "hash seed" in line)
+    assert lines == ["[process 1] hash seed 0", "[process 1] hash seed 7", "hash seed 0", "hash seed 7"]
 
 
 def test_cluster_spec_sources():

@@ -34,6 +34,7 @@ def run_processes(directory: str, timeout_s: float = 120) -> list[dict]:
             "AIMZ_PROCESS_ID": str(rank),
             "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
             "JAX_PLATFORMS": "cpu",
+            "PYTHONHASHSEED": "0",  # one hash seed in every process, as distributed.initialize requires
         }
         command = [sys.executable, "-m", "tests.predictor_worker", "distributed-predict", directory]
         children.append(

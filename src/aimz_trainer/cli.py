@@ -13,6 +13,10 @@ the run's logs, checkpoints and predictions went (the summary's ``log_dir``,
 machine (loopback, ``--local-devices K`` CPU devices each); a process started that way (or by
 SLURM, see :mod:`aimz_trainer.distributed`) joins the run before the recipe starts, and only
 process 0 prints.
+
+The command runs with a fixed ``PYTHONHASHSEED`` (``0`` unless the environment sets one): started
+without one, it starts itself again with it, so that two runs of one recipe, or a run and its
+resume, compute the same losses bit for bit (see :func:`aimz_trainer.distributed.with_fixed_hash_seed`).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import jax
 from aimz_trainer import distributed
 from aimz_trainer.errors import ConfigurationError
 
-__all__ = ["load_recipe", "main"]
+__all__ = ["command", "load_recipe", "main"]
 
 # (flag, argparse keywords): the options every bundled recipe understands.
 COMMON_OPTIONS: list[tuple[str, dict[str, object]]] = [
@@ -121,5 +125,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def command() -> int:
+    """The ``aimz-trainer`` console script: :func:`main` in a process whose hash seed is fixed.
+
+    ``PYTHONHASHSEED`` only takes effect when the interpreter starts, so a process started
+    without it replaces itself (``exec``, same arguments) with one that has it.
+    """
+    if distributed.HASH_SEED not in os.environ:
+        arguments = [sys.executable, "-m", "aimz_trainer.cli", *sys.argv[1:]]
+        os.execve(sys.executable, arguments, distributed.with_fixed_hash_seed(os.environ))
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command())

@@ -39,13 +39,22 @@ from jax.experimental import multihost_utils
 from aimz_trainer._validation import is_int_at_least
 from aimz_trainer.errors import ConfigurationError, DistributedError
 
-__all__ = ["ClusterSpec", "allgather_json", "cluster_spec", "initialize", "launch", "require_agreement"]
+__all__ = [
+    "ClusterSpec",
+    "allgather_json",
+    "cluster_spec",
+    "initialize",
+    "launch",
+    "require_agreement",
+    "with_fixed_hash_seed",
+]
 
 ENV_ADDRESS = "AIMZ_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "AIMZ_NUM_PROCESSES"
 ENV_PROCESS_ID = "AIMZ_PROCESS_ID"
 ENV_PORT = "AIMZ_COORDINATOR_PORT"
 DEFAULT_PORT = 61234
+HASH_SEED = "PYTHONHASHSEED"
 
 
 @dataclass(frozen=True)
@@ -185,6 +194,15 @@ def initialize(
             f"the processes disagree on the run's size: told {claims} (in process order), the runtime has "
             f"{jax.process_count()} processes. Start every process with the same num_processes."
         )
+    seeds = allgather_json(os.environ.get(HASH_SEED))
+    if None in seeds or len(set(seeds)) > 1:
+        raise DistributedError(
+            f"the processes of this run have PYTHONHASHSEED {seeds} (in process order; None: not set, so random), "
+            "and processes with different hash seeds can compile the same step into different float sums (see "
+            "with_fixed_hash_seed). Set PYTHONHASHSEED to one value in every process's environment (e.g. "
+            "`export PYTHONHASHSEED=0` in the job script), or start the run with `aimz-trainer run ... "
+            "--num-processes N` or distributed.launch, which set it."
+        )
     return spec
 
 
@@ -247,6 +265,26 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def with_fixed_hash_seed(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` with ``PYTHONHASHSEED`` set: kept when it is set, else ``"0"``.
+
+    Python's string hashing decides the order in which JAX lowers some of a model's constants,
+    and XLA fuses (and so rounds) the float sums of the step differently for each order. Two
+    processes with random hash seeds can therefore compute a loss that differs in its last bits:
+    a resumed fit would no longer continue bit for bit, and the processes of one run would hold
+    slightly different copies of the parameters. The seed only takes effect when a process
+    starts, so it is set where processes are started: :func:`launch` and the ``aimz-trainer``
+    command.
+
+    Example:
+        >>> with_fixed_hash_seed({"HOME": "/root"})
+        {'HOME': '/root', 'PYTHONHASHSEED': '0'}
+        >>> with_fixed_hash_seed({"PYTHONHASHSEED": "7"})
+        {'PYTHONHASHSEED': '7'}
+    """
+    return {**environ, HASH_SEED: environ.get(HASH_SEED, "0")}
+
+
 def launch(
     command: Sequence[str],
     num_processes: int,
@@ -258,7 +296,8 @@ def launch(
     """Run ``command`` as ``num_processes`` processes of one run on this machine, over loopback.
 
     Each process gets ``AIMZ_COORDINATOR_ADDRESS`` (a free local port), ``AIMZ_NUM_PROCESSES``
-    and ``AIMZ_PROCESS_ID``, and ``local_devices`` CPU devices. Process 0's output is shown as
+    and ``AIMZ_PROCESS_ID``, ``local_devices`` CPU devices and one ``PYTHONHASHSEED`` (see
+    :func:`with_fixed_hash_seed`). Process 0's output is shown as
     is; the others' output lines are prefixed with their number. When a process fails, the
     others get ``grace_s`` seconds to stop on their own (they notice through the runtime's
     heartbeat), then are terminated.
@@ -268,7 +307,7 @@ def launch(
     """
     if not is_int_at_least(num_processes, 1):
         raise ConfigurationError(f"num_processes must be a positive int; got {num_processes!r}.")
-    base = dict(os.environ if environ is None else environ)
+    base = with_fixed_hash_seed(os.environ if environ is None else environ)
     address = f"127.0.0.1:{free_port()}"
     flags = " ".join(f for f in base.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f)
     processes = []
