@@ -23,7 +23,16 @@ from numpyro import handlers
 from numpyro.infer import Predictive
 from numpyro.infer import log_likelihood as numpyro_log_likelihood
 
-from aimz_trainer import ConfigurationError, DataError, Predictor, estimate_effect, make_mesh, open_store
+from aimz_trainer import (
+    ConfigurationError,
+    DataError,
+    NonFinitePredictionError,
+    Predictor,
+    StoreError,
+    estimate_effect,
+    make_mesh,
+    open_store,
+)
 from tests.predictor_worker import (
     NOISE,
     NUM_DRAWS,
@@ -602,3 +611,51 @@ def test_non_finite_inputs_are_refused_naming_where_they_are(tmp_path):
     tree = loose.predict({"x": bad_x, "t": t}, output_dir=tmp_path)
     p = tree["posterior_predictive"]["p"].values[0]
     assert np.isnan(p[:, 2500]).all() and np.isfinite(np.delete(p, 2500, axis=1)).all()
+
+
+def test_non_finite_values_the_model_computes_stop_at_their_batch(tmp_path):
+    """Finite inputs, a model that takes a log of negative numbers from row 2,500 on: the
+    batch holding them is refused (p NaN, and y drawn from NaN probabilities, which would read
+    as 0), the batches before are kept, and the store stays incomplete."""
+
+    def model(x, y=None):
+        w = numpyro.sample("w", dist.Normal())
+        with numpyro.plate("data", 3000, subsample_size=len(x)):
+            p = numpyro.deterministic("p", jax.nn.sigmoid(w * jnp.log(x)))
+            numpyro.sample("y", dist.Bernoulli(p), obs=y)
+
+    x = np.linspace(2.0, 0.1, 3000, dtype=np.float32)
+    x[2500:] = -1.0
+    y = np.ones(3000, np.float32)
+    predictor = Predictor(model, {"w": np.ones(4, np.float32)})
+    for return_sites, counted in ((None, "'p': 2,000; 'y': 2,000"), ("y", "'y': 2,000")):
+        with pytest.raises(
+            NonFinitePredictionError, match=f"rows 2,000 to 3,000 hold non-finite values \\({counted}\\)"
+        ):
+            predictor.predict({"x": x}, batch_size=1000, return_sites=return_sites, output_dir=tmp_path)
+    with pytest.raises(NonFinitePredictionError, match=r"rows 2,000 to 3,000 .*\('y': 2,000\)") as caught:
+        predictor.log_likelihood({"x": x, "y": y}, batch_size=1000, output_dir=tmp_path)
+    assert caught.value.rows == (2000, 3000) and caught.value.counts == {"y": 2000}
+    for store in tmp_path.iterdir():
+        with pytest.raises(StoreError, match="incomplete .* after 2000 rows"):
+            open_store(store)
+    # The opt-out writes them as computed: NaN where the float site is, whatever y got there.
+    tree = Predictor(model, {"w": np.ones(4, np.float32)}, check_finite=False).predict({"x": x}, batch_size=1000)
+    p = tree["posterior_predictive"]["p"].values[0]
+    assert np.isnan(p[:, 2500:]).all() and np.isfinite(p[:, :2500]).all()
+
+
+def test_an_impossible_observation_keeps_its_log_density_of_minus_infinity():
+    def model(x, y=None):
+        w = numpyro.sample("w", dist.Uniform(0.2, 0.8))
+        with numpyro.plate("data", len(x)):
+            numpyro.sample("y", dist.Poisson(w * x), obs=y)
+
+    x = np.ones(10, np.float32)
+    x[3] = 0.0  # a rate of 0, one event observed: impossible under every draw
+    y = np.ones(10, np.float32)
+    posterior = {"w": np.array([0.3, 0.7], np.float32)}
+    tree = Predictor(model, posterior).log_likelihood({"x": x, "y": y})
+    expected = numpyro_log_likelihood(model, posterior, x=x, y=y)["y"]
+    np.testing.assert_array_equal(tree["log_likelihood"]["y"].values[0], expected)
+    assert np.isneginf(expected[:, 3]).all() and np.isfinite(np.delete(expected, 3, axis=1)).all()

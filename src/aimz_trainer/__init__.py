@@ -19,6 +19,7 @@ from aimz_trainer.errors import (
     DistributedError,
     MetricNotFoundError,
     NonFiniteLossError,
+    NonFinitePredictionError,
     NotFittedError,
     StoreError,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "MetricNotFoundError",
     "ModelCheckpoint",
     "NonFiniteLossError",
+    "NonFinitePredictionError",
     "NotFittedError",
     "PosteriorSampler",
     "Predictor",

@@ -10,12 +10,14 @@ from __future__ import annotations
 __all__ = [
     "AimzTrainerError",
     "CheckpointError",
+    "CheckpointWarning",
     "ConfigurationError",
     "DataError",
     "DistributedError",
     "MetricNotFoundError",
     "MinibatchScalingWarning",
     "NonFiniteLossError",
+    "NonFinitePredictionError",
     "NotFittedError",
     "StoreError",
 ]
@@ -56,6 +58,29 @@ class NonFiniteLossError(AimzTrainerError, FloatingPointError):
         self.loss = loss
 
 
+class NonFinitePredictionError(AimzTrainerError, FloatingPointError):
+    """A batch of predictions holds NaN or infinite values that the model computed from finite
+    inputs and draws (an overflow, a log of a negative number, ...); the store is left
+    incomplete, holding only the batches before it.
+
+    Attributes:
+        rows: the batch's first and last row (``(start, stop)``).
+        counts: site -> how many of its values in the batch are not finite (for a discrete
+            site: draws from NaN parameters, which would read as a plausible 0).
+    """
+
+    def __init__(self, rows: tuple[int, int], counts: dict[str, int], store: str) -> None:
+        found = "; ".join(f"{site!r}: {count:,}" for site, count in counts.items())
+        super().__init__(
+            f"the predictions of rows {rows[0]:,} to {rows[1]:,} hold non-finite values ({found}), computed from "
+            f"finite data and draws: the model overflows or takes a log/sqrt of a negative number there. The store "
+            f"{store!r} holds the batches before them and is marked incomplete. Pass check_finite=False to the "
+            "Predictor to write NaN instead."
+        )
+        self.rows = rows
+        self.counts = counts
+
+
 class MetricNotFoundError(AimzTrainerError, KeyError):
     """A callback monitors a metric the fit does not log.
 
@@ -93,3 +118,9 @@ class DistributedError(AimzTrainerError, RuntimeError):
 class MinibatchScalingWarning(UserWarning):
     """A model's observed site is not inside a subsampled plate, so the likelihood of a
     minibatch is not scaled up to the whole data (the prior weighs too much)."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint is used, but not quite as asked: a damaged newer checkpoint was skipped for
+    an older one, or a resumed fit trains on other data or with other optimizer settings than
+    the fit that wrote it."""

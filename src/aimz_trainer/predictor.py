@@ -64,7 +64,7 @@ from aimz_trainer._version import library_version
 from aimz_trainer.callbacks.progress import progress_bar_wanted
 from aimz_trainer.data import digest_rows, validate_data
 from aimz_trainer.distributed import allgather_json, require_agreement
-from aimz_trainer.errors import ConfigurationError, DataError, StoreError
+from aimz_trainer.errors import ConfigurationError, DataError, NonFinitePredictionError, StoreError
 from aimz_trainer.plates import ModelLayout, model_layout, on_rows
 from aimz_trainer.sharding import DATA_AXIS, batch_sharding, make_mesh, replicated, to_global_array
 from aimz_trainer.step import guide_draw, guide_on_rows
@@ -87,7 +87,10 @@ class Predictor:
             ``None``: a Predictor for :meth:`sample_prior_predictive` only.
         check_finite: refuse NaN or infinite values in the data, interventions and posterior
             draws (:class:`~aimz_trainer.errors.DataError` naming the first), before anything
-            is computed; ``False`` lets them propagate into the predictions.
+            is computed, and in what the model computes from them, batch by batch
+            (:class:`~aimz_trainer.errors.NonFinitePredictionError`; the store keeps the
+            batches before and stays incomplete); ``False`` lets them propagate into the
+            predictions.
         guide: the fitted guide (``svi.guide``), with ``params``: where the model has per-row
             latent sites (inside its subsampled data plate), in-sample predictions and
             log-likelihoods draw each row's latents from it, row by row (see :meth:`predict`).
@@ -380,7 +383,7 @@ class Predictor:
         draws_per_chunk = self.draws_per_chunk or max(1, 20_000 // rows_per_tile)
         make_step = functools.partial(
             _make_step, self._model, outputs, kind, rows_per_key, draws_per_chunk, num_samples, rows_per_tile,
-            self.mesh.size, local,
+            self.mesh.size, local, self.check_finite,
         )  # fmt: skip
         shapes = _output_shapes(
             make_step(), latent, model_inputs, constants, guide_params, outputs, rows_per_key,
@@ -390,7 +393,10 @@ class Predictor:
         # Constant intervention values are arguments, not part of the program: a baseline and
         # an intervention (t = 0, t = 1) share one compiled function.
         constant_shapes = {name: f"{value.shape}{value.dtype}" for name, value in constants.items()}
-        signature = (outputs, kind, batch, sorted(model_inputs), constant_shapes, num_samples, local and local.sites)
+        signature = (
+            outputs, kind, batch, sorted(model_inputs), constant_shapes, num_samples, local and local.sites,
+            self.check_finite,
+        )  # fmt: skip
         step = self._compiled_step(make_step(dtypes), signature)
         specs = [
             ArraySpec(group, name, (1, num_samples, num_rows, *shape[1:]), dtype, (
@@ -450,16 +456,12 @@ class Predictor:
                 total=num_rows, initial=store.rows_written, unit="row", desc=group,
                 disable=not (progress and progress_bar_wanted()) or jax.process_index() != 0,
             )  # fmt: skip
-            for start in range(store.rows_written, num_rows, batch):
-                stop = min(start + batch, num_rows)
-                inputs = {k: _padded(np.asarray(v[start:stop]), batch) for k, v in model_inputs.items()}
-                inputs = {k: to_global_array(v, batch_sharding(self.mesh), v.shape) for k, v in inputs.items()}
-                block0 = jnp.asarray(start // rows_per_key, jnp.uint32)
-                result = step(latent_device, inputs, self.rng_key, block0, constants_device, guide_params_device)
-                if processes > 1:  # this process's shards: (draws, last_row - first_row) on its devices
-                    result = multihost_utils.global_array_to_host_local_array(
-                        result, self.mesh, _out_sharding(self.mesh).spec
-                    )
+
+            def write(start: int, stop: int, result: Draws, nonfinite: Draws) -> None:
+                nonlocal failure
+                bad = {name: int(count) for name, count in nonfinite.items() if int(count)}
+                if bad:  # every process has the whole batch's counts: all of them stop here
+                    raise NonFinitePredictionError((start, stop), bad, str(path))
                 begin, end = start + first_row, min(start + last_row, stop)
                 if end > begin and failure is None:
                     try:
@@ -469,7 +471,28 @@ class Predictor:
                             raise
                         # Keep computing: the other processes wait for this one in every step.
                         failure = error
+
+            # A batch is checked and written once the next one is dispatched: reading its counts
+            # then waits for a batch the devices have finished, never for the one they compute.
+            previous: tuple[int, int, Draws, Draws] | None = None
+            for start in range(store.rows_written, num_rows, batch):
+                stop = min(start + batch, num_rows)
+                inputs = {k: _padded(np.asarray(v[start:stop]), batch) for k, v in model_inputs.items()}
+                inputs = {k: to_global_array(v, batch_sharding(self.mesh), v.shape) for k, v in inputs.items()}
+                block0 = jnp.asarray(start // rows_per_key, jnp.uint32)
+                result, nonfinite = step(
+                    latent_device, inputs, self.rng_key, block0, constants_device, guide_params_device
+                )
+                if processes > 1:  # this process's shards: (draws, last_row - first_row) on its devices
+                    result = multihost_utils.global_array_to_host_local_array(
+                        result, self.mesh, _out_sharding(self.mesh).spec
+                    )
+                if previous is not None:
+                    write(*previous)
+                previous = (start, stop, result, nonfinite)
                 bar.update(stop - start)
+            if previous is not None:
+                write(*previous)
             bar.close()
             _finalize_shared_store(store, failure)
         except BaseException:
@@ -524,17 +547,20 @@ class Predictor:
         stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S%f")
         return parent / str(allgather_json(f"predict-{stamp}")[0])  # process 0's name in every process
 
-    def _compiled_step(self, step: Callable[..., Draws], signature: Any) -> Any:
+    def _compiled_step(self, step: Callable[..., tuple[Draws, Draws]], signature: Any) -> Any:
         """``step`` jitted with the batch shardings; cached by ``signature``."""
         key = json.dumps([str(part) if isinstance(part, str) else _jsonable_part(part) for part in signature])
         if key not in self._compiled:
             rep, rows = replicated(self.mesh), batch_sharding(self.mesh)
 
-            def with_chain_axis(*args: Any) -> Draws:  # the store's layout, free on the devices
-                return {name: value[None] for name, value in step(*args).items()}
+            def with_chain_axis(*args: Any) -> tuple[Draws, Draws]:  # the store's layout, free on the devices
+                values, counts = step(*args)
+                return {name: value[None] for name, value in values.items()}, counts
 
             self._compiled[key] = jax.jit(
-                with_chain_axis, in_shardings=(rep, rows, rep, rep, rep, rep), out_shardings=_out_sharding(self.mesh)
+                with_chain_axis,
+                in_shardings=(rep, rows, rep, rep, rep, rep),
+                out_shardings=(_out_sharding(self.mesh), rep),  # the counts: the whole batch's, in every process
             )
         return self._compiled[key]
 
@@ -655,14 +681,16 @@ def _make_step(
     rows_per_tile: int,
     shards: int,
     local: _LocalDraws | None,
+    check_finite: bool,
     dtypes: Mapping[str, np.dtype] | None = None,
-) -> Callable[..., Draws]:
-    """``step(latent, inputs, rng_key, first_block, constants, guide_params) -> {site: (draws,
-    rows, ...)}``; inputs named ``DO_PREFIX + site`` are row-wise intervention values,
-    ``constants`` the others. Every subsampled plate holds the block's dataset rows; with
+) -> Callable[..., tuple[Draws, Draws]]:
+    """``step(latent, inputs, rng_key, first_block, constants, guide_params) -> ({site: (draws,
+    rows, ...)}, {site: count})``; inputs named ``DO_PREFIX + site`` are row-wise intervention
+    values, ``constants`` the others. Every subsampled plate holds the block's dataset rows; with
     ``local``, each draw's per-row latent sites come from the guide (``guide_params``) on those
-    rows, given the draw's global sites, under a key of their own. ``dtypes``: the sites'
-    output dtypes (default: the model's)."""
+    rows, given the draw's global sites, under a key of their own. The counts are the batch's
+    non-finite values per site (:func:`_nonfinite`; empty unless ``check_finite``). ``dtypes``:
+    the sites' output dtypes (default: the model's)."""
     dtypes = dtypes or {}
 
     def one_draw_one_block(
@@ -672,7 +700,7 @@ def _make_step(
         rows: jax.Array,
         constants: Draws,
         guide_params: Draws,
-    ) -> Draws:
+    ) -> tuple[Draws, Draws]:
         interventions = {k[len(DO_PREFIX) :]: v for k, v in block_inputs.items() if k.startswith(DO_PREFIX)}
         interventions.update(constants)
         block_inputs = {k: v for k, v in block_inputs.items() if not k.startswith(DO_PREFIX)}
@@ -687,12 +715,16 @@ def _make_step(
             values = numpyro_log_likelihood(
                 handlers.seed(intervened, key), {k: v[None] for k, v in theta.items()}, **block_inputs
             )
-            return {name: values[name][0] for name in outputs}
+            densities = {name: values[name][0] for name in outputs}
+            # -inf is a density's true value (an impossible observation); NaN and +inf are not.
+            bad = {name: jnp.isnan(v) | (v == jnp.inf) for name, v in densities.items()} if check_finite else {}
+            return densities, {name: jnp.sum(b, dtype=jnp.int32) for name, b in bad.items()}
         # The draw's values are substituted inside the seed: the seed then splits keys only for
         # the sites still to draw, not for every latent site (fewer small ops per step).
         conditioned = handlers.seed(handlers.substitute(intervened, data=theta), key)
         trace = handlers.trace(conditioned).get_trace(**block_inputs)
-        return {name: trace[name]["value"] for name in outputs}
+        counts = {name: _nonfinite(trace[name]) for name in outputs} if check_finite else {}
+        return {name: trace[name]["value"] for name in outputs}, counts
 
     def one_tile(
         latent: Draws,
@@ -714,16 +746,18 @@ def _make_step(
             lambda draw: jax.vmap(lambda block: jax.random.fold_in(jax.random.fold_in(rng_key, draw), block))(block_ids)
         )(jnp.arange(num_samples, dtype=jnp.uint32))
 
-        def one_draw(args: tuple[Draws, jax.Array]) -> Draws:
+        def one_draw(args: tuple[Draws, jax.Array]) -> tuple[Draws, Draws]:
             theta, keys = args
-            per_block = jax.vmap(one_draw_one_block, in_axes=(None, 0, 0, 0, None, None))(
+            per_block, counts = jax.vmap(one_draw_one_block, in_axes=(None, 0, 0, 0, None, None))(
                 theta, blocked, keys, block_rows, constants, guide_params
             )
             # Cast here, chunk by chunk: a cast after the map would write and read every draw
             # in the wide dtype once more.
-            return {k: v.reshape(rows, *v.shape[2:]).astype(dtypes.get(k, v.dtype)) for k, v in per_block.items()}
+            values = {k: v.reshape(rows, *v.shape[2:]).astype(dtypes.get(k, v.dtype)) for k, v in per_block.items()}
+            return values, {k: jnp.sum(v) for k, v in counts.items()}
 
-        return lax.map(one_draw, (latent, keys), batch_size=min(draws_per_chunk, num_samples))
+        values, counts = lax.map(one_draw, (latent, keys), batch_size=min(draws_per_chunk, num_samples))
+        return values, {k: jnp.sum(v) for k, v in counts.items()}
 
     def step(
         latent: Draws,
@@ -732,7 +766,7 @@ def _make_step(
         first_block: jax.Array,
         constants: Draws,
         guide_params: Draws,
-    ) -> Draws:
+    ) -> tuple[Draws, Draws]:
         rows = jax.tree.leaves(inputs)[0].shape[0]
         tiles = rows // shards // rows_per_tile  # per shard
         if tiles <= 1:
@@ -750,17 +784,30 @@ def _make_step(
         tiled = {k: by_tile(v).reshape(tiles, shards * rows_per_tile, *v.shape[1:]) for k, v in inputs.items()}
         blocks = jnp.arange(rows // rows_per_key).reshape(shards, tiles, rows_per_tile // rows_per_key)
         tile_blocks = jnp.moveaxis(blocks, 1, 0).reshape(tiles, -1)
-        out = lax.map(
+        out, counts = lax.map(
             lambda a: one_tile(latent, a[0], rng_key, first_block, a[1], constants, guide_params), (tiled, tile_blocks)
         )
-        return {
+        values = {
             k: jnp.moveaxis(v.reshape(tiles, num_samples, shards, rows_per_tile, *v.shape[3:]), 0, 2).reshape(
                 num_samples, rows, *v.shape[3:]
             )
             for k, v in out.items()
         }
+        return values, {k: jnp.sum(v) for k, v in counts.items()}
 
     return step
+
+
+def _nonfinite(site: Mapping[str, Any]) -> jax.Array:
+    """How many of a traced site's values are NaN or infinite; for a discrete sample site, how
+    many were drawn from NaN parameters (``Bernoulli(NaN)`` draws a plausible 0, whose
+    log-density is NaN)."""
+    value = site["value"]
+    if jnp.issubdtype(value.dtype, jnp.inexact):
+        return jnp.sum(~jnp.isfinite(value), dtype=jnp.int32)
+    if site["type"] == "sample":
+        return jnp.sum(jnp.isnan(site["fn"].log_prob(value)), dtype=jnp.int32)
+    return jnp.zeros((), jnp.int32)
 
 
 def _tile_rows(rows_per_device: int, rows_per_key: int, requested: int | None) -> int:
@@ -903,7 +950,7 @@ def _output_shapes(
     """``{site: (shape of one draw over rows_per_key rows, compact dtype)}``, without compiling."""
     rows = {k: _padded(np.asarray(v[:rows_per_key]), rows_per_key) for k, v in inputs.items()}
     one = jax.ShapeDtypeStruct((), jnp.uint32)
-    shapes = jax.eval_shape(step, latent, rows, jax.random.key(0), one, constants, guide_params)
+    shapes, _ = jax.eval_shape(step, latent, rows, jax.random.key(0), one, constants, guide_params)
     return {name: (shapes[name].shape[1:], _compact_dtype(shapes[name].dtype, sites.get(name))) for name in outputs}
 
 
