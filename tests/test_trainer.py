@@ -7,19 +7,25 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro
+import numpyro.distributions as dist
 import pytest
+from numpyro.infer import SVI, Trace_ELBO
+from numpyro.infer.autoguide import AutoNormal
 from numpyro.infer.svi import SVIState
+from optax import adam
 
 from aimz_trainer import (
     Callback,
     ConfigurationError,
     DataError,
+    ModelCheckpoint,
     NonFiniteLossError,
     ProgressBar,
     Trainer,
 )
 
-from .conftest import TRUE_SLOPE, Recorder
+from .conftest import TRUE_SLOPE, Recorder, linear_data
 
 
 def trainer(**kwargs) -> Trainer:
@@ -224,3 +230,28 @@ class TestProgressBar:
         trainer(max_epochs=2, steps_per_chunk=2, callbacks=[ProgressBar()]).fit(svi, data, batch_size=100)
         err = capsys.readouterr().err
         assert "epoch 0" in err and "epoch 1" in err and "4/4" in err
+
+
+@pytest.mark.parametrize("placement", ["device", "host"])
+def test_global_deterministic_draws_are_computed_on_the_first_rows_also_after_a_resume(placement, tmp_path):
+    """A global deterministic site that reads the batch (the batch mean of x) is computed on the
+    data's first batch_size rows: the same in an uninterrupted fit and in one resumed from a
+    checkpoint, whose first batch is another."""
+
+    def model(x, y=None):
+        w = numpyro.sample("w", dist.Normal())
+        numpyro.deterministic("w_times_mean_x", w * jnp.mean(x))
+        with numpyro.plate("data", 600, subsample_size=len(x)):
+            numpyro.sample("y", dist.Normal(w * x, 0.3), obs=y)
+
+    data = linear_data(600)
+    svi = SVI(model, AutoNormal(model), adam(0.05), Trace_ELBO())
+    fit = dict(batch_size=60, num_samples=8, data_placement=placement)
+    whole = trainer(max_epochs=4).fit(svi, data, **fit)
+    trainer(max_epochs=2, callbacks=[ModelCheckpoint(tmp_path)]).fit(svi, data, **fit)
+    resumed = trainer(max_epochs=4, callbacks=[ModelCheckpoint(tmp_path)]).fit(svi, data, ckpt_path="last", **fit)
+    np.testing.assert_array_equal(resumed.posterior["w"], whole.posterior["w"])
+    np.testing.assert_array_equal(resumed.posterior["w_times_mean_x"], whole.posterior["w_times_mean_x"])
+    np.testing.assert_allclose(
+        whole.posterior["w_times_mean_x"], whole.posterior["w"] * data["x"][:60].mean(), rtol=1e-5
+    )

@@ -43,6 +43,7 @@ __all__ = [
     "device_data_budget",
     "digest_rows",
     "epoch_length",
+    "leading_batch",
     "make_chunk_loader",
     "resolve_placement",
     "validate_batch_size",
@@ -342,6 +343,25 @@ def make_chunk_loader(
     return dataset.to_iter_dataset(
         grain.ReadOptions(num_threads=2 if host_arrays is not None else 1, prefetch_buffer_size=prefetch)
     )
+
+
+def leading_batch(
+    num_rows: int,
+    batch_size: int,
+    host_arrays: Mapping[str, np.ndarray] | None,
+    *,
+    process_index: int,
+    process_count: int,
+) -> dict[str, Any]:
+    """A record of one step over the data's first ``batch_size`` rows, in row order (wrapping
+    around when there are fewer): ``{"indices", "rows"}``, this process's columns, the rows
+    gathered when ``host_arrays`` are given. A batch that depends neither on the shuffle nor on
+    where a fit was resumed."""
+    source = ValidationSource(num_rows, batch_size, process_index=process_index, process_count=process_count)
+    record = source[0]
+    if host_arrays is not None:
+        record = _gather_rows(host_arrays, record)
+    return {"indices": record["indices"], "rows": record["rows"]}
 
 
 def _gather_rows(arrays: Mapping[str, np.ndarray], record: dict[str, Any]) -> dict[str, Any]:

@@ -57,6 +57,7 @@ from aimz_trainer.data import (
     make_chunk_loader,
     resolve_placement,
     validate_batch_size,
+    leading_batch,
     validate_data,
 )
 from aimz_trainer.distributed import allgather_json, require_agreement
@@ -87,7 +88,9 @@ class FitResult(NamedTuple):
         losses: one ELBO loss per step, as a NumPy array.
         posterior: site name -> draws from the guide with a leading ``num_samples`` axis (the
             latest draws of a :class:`~aimz_trainer.callbacks.PosteriorSampler`), or ``None``.
-            Per-row latent sites are not among them (see the README's "Which models").
+            Per-row latent and deterministic sites are not among them (see the README's "Which
+            models"); deterministic sites are computed on the data's first ``batch_size`` rows
+            in row order, whatever the shuffle and wherever the fit was resumed.
         state: the final ``SVIState``.
     """
 
@@ -159,14 +162,14 @@ class _Compiled:
     """
 
     def __init__(
-        self, svi: SVI, layout: ModelLayout, mesh: Mesh, device_data: dict[str, jax.Array], first_record: Record
+        self, svi: SVI, layout: ModelLayout, mesh: Mesh, device_data: dict[str, jax.Array], draw_record: Record
     ) -> None:
         self._svi = svi
         self._layout = layout
         self._rep = replicated(mesh)
         self.device_data = device_data
-        # The first step of the first record: what the draws set ``svi`` up with.
-        self.prototype = {key: jax.tree.map(lambda leaf: leaf[:1], first_record[key]) for key in ("indices", "rows")}
+        # The batch posterior draws set ``svi`` up with and compute deterministic sites on.
+        self.prototype = draw_record
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="aimz-compile")
         self._validate: Any = None
         self._samplers: dict[int, Any] = {}
@@ -520,7 +523,16 @@ class Trainer:
         self.state = TrainerState(step=0, epoch=0, svi_state=None, rng_key=self.rng_key)
         first_record = to_device(next(records))
         first_loader_state = records.get_state()
-        compiled = self._compiled = _Compiled(svi, layout, self.mesh, train.device_data, first_record)
+        # Fixed rows, not the run's first batch: a resumed fit starts from another batch, and
+        # draws of a deterministic site computed on it would differ from an uninterrupted fit's.
+        draw_record = leading_batch(
+            num_rows,
+            batch_size,
+            train.host_arrays,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        compiled = self._compiled = _Compiled(svi, layout, self.mesh, train.device_data, to_device(draw_record))
         train_state, self.state.params, chunk_fn = compiled.start(self._keys.init, first_record)
         self._validation = None
         if val_arrays is not None:
