@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import zarr
+from zarr.codecs import BloscCodec
 
 from aimz_trainer import ConfigurationError, Predictor, StoreError, make_mesh, open_store
 from aimz_trainer.store import COMPLETE, ROWS_WRITTEN, ArraySpec, ScratchDirectory, ZarrStore, sweep_scratch
@@ -91,23 +92,27 @@ def test_zarr_store_writes_batches_from_its_thread(tmp_path):
 
 @pytest.mark.parametrize("compress_floats", [False, True])
 def test_codecs_by_dtype_and_every_chunk_written(tmp_path, compress_floats):
-    """Integer arrays Blosc-zstd; float arrays as they are, or Blosc-lz4 when asked; a chunk
-    equal to the fill value (all-zero integers) is still written: the store reads the same
-    either way, and a chunk file per batch shows the batch was written."""
+    """Integer arrays Blosc-zstd; float arrays as they are, or Blosc-lz4 when asked; every
+    chunk ends in a crc32c checksum of its bytes; a chunk equal to the fill value (all-zero
+    integers) is still written: the store reads the same either way, and a chunk file per
+    batch shows the batch was written."""
     path = tmp_path / "store"
     store = ZarrStore(path, specs(), batch_size=4, compress_floats=compress_floats)
     zeros = {key: np.zeros_like(value[:, :, :4]) for key, value in full_values().items()}
     store.write_batch(0, 4, zeros)
     store.finalize()
     root = zarr.open_group(path, mode="r")
-    blosc = {
-        name: [(str(codec.cname), str(codec.shuffle)) for codec in root[name].compressors]
+    codecs = {
+        name: [
+            (str(codec.cname), str(codec.shuffle)) if isinstance(codec, BloscCodec) else type(codec).__name__
+            for codec in root[name].compressors
+        ]
         for name in ("posterior_predictive/y", "posterior_predictive/k", "posterior/w")
     }
-    floats = [("lz4", "bitshuffle")] if compress_floats else []
-    assert blosc == {
+    floats = [("lz4", "bitshuffle"), "Crc32cCodec"] if compress_floats else ["Crc32cCodec"]
+    assert codecs == {
         "posterior_predictive/y": floats,
-        "posterior_predictive/k": [("zstd", "bitshuffle")],
+        "posterior_predictive/k": [("zstd", "bitshuffle"), "Crc32cCodec"],
         "posterior/w": floats,
     }
     assert (path / "posterior_predictive" / "k" / "c" / "0" / "0" / "0" / "0").is_file()
@@ -118,7 +123,7 @@ def test_predictor_passes_compress_floats_and_checks_it(tmp_path):
     predictor = Predictor(linear_model, dyadic_posterior(), compress_floats=True)
     tree = predictor.predict({"x": dyadic_x(6)}, batch_size=4, output_dir=tmp_path)
     y = zarr.open_group(tree.attrs["store_path"], mode="r")["posterior_predictive/y"]
-    assert [str(codec.cname) for codec in y.compressors] == ["lz4"]
+    assert [str(codec.cname) for codec in y.compressors if isinstance(codec, BloscCodec)] == ["lz4"]
     with pytest.raises(ConfigurationError, match="compress_floats must be True or False; got 'yes'"):
         Predictor(linear_model, dyadic_posterior(), compress_floats="yes")
 
@@ -234,8 +239,9 @@ def test_each_chunk_is_synced_to_disk_before_its_rows_count(tmp_path, monkeypatc
     assert synced == expected
     assert all(Path(file).is_file() for file in expected)
     # An uncompressed float chunk: 1 chain x 3 draws x 4 rows of float32 (the last one 4 rows
-    # too: zarr writes whole chunks, the padding past row 10 being the fill value).
-    assert store.chunk_path(("posterior_predictive", "y"), 4).stat().st_size == 3 * 4 * 4
+    # too: zarr writes whole chunks, the padding past row 10 being the fill value) and its
+    # 4-byte checksum.
+    assert store.chunk_path(("posterior_predictive", "y"), 4).stat().st_size == 3 * 4 * 4 + 4
 
     error = OSError(5, "Input/output error")
 

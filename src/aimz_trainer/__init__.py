@@ -22,6 +22,7 @@ from aimz_trainer.errors import (
     NonFinitePredictionError,
     NotFittedError,
     StoreError,
+    StoreWarning,
 )
 from aimz_trainer.sharding import make_mesh
 from aimz_trainer.trainer import FitResult, Trainer, TrainerState
@@ -34,6 +35,7 @@ _LAZY = {
     "Predictor": "aimz_trainer.predictor",
     "estimate_effect": "aimz_trainer.effects",
     "open_store": "aimz_trainer.store",
+    "verify_store": "aimz_trainer.store",
 }
 
 
@@ -67,6 +69,7 @@ __all__ = [
     "Predictor",
     "ProgressBar",
     "StoreError",
+    "StoreWarning",
     "TensorBoardLogger",
     "Trainer",
     "TrainerState",
@@ -75,4 +78,5 @@ __all__ = [
     "load_checkpoint",
     "make_mesh",
     "open_store",
+    "verify_store",
 ]

@@ -20,6 +20,7 @@ __all__ = [
     "NonFinitePredictionError",
     "NotFittedError",
     "StoreError",
+    "StoreWarning",
 ]
 
 
@@ -124,3 +125,8 @@ class CheckpointWarning(UserWarning):
     """A checkpoint is used, but not quite as asked: a damaged newer checkpoint was skipped for
     an older one, or a resumed fit trains on other data or with other optimizer settings than
     the fit that wrote it."""
+
+
+class StoreWarning(UserWarning):
+    """A prediction store is continued, but not from where it was recorded: written chunks that
+    are missing or damaged are computed again."""

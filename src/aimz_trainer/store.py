@@ -1,8 +1,10 @@
-"""Prediction stores: Zarr v3 groups written by a background thread, marked complete last.
+"""Prediction stores: Zarr v3 groups written by a background thread, marked complete last, and
+read back only as the values written.
 
 A :class:`ZarrStore` creates every array up front (chunked by batches of rows; integer arrays
-Blosc-zstd, float arrays uncompressed unless asked: they hardly compress),
-then takes whole batches from the compute loop through a bounded queue: a writer thread
+Blosc-zstd, float arrays uncompressed unless asked: they hardly compress; every chunk ends in
+a crc32c checksum of its bytes), then takes whole batches from the compute loop through a
+bounded queue: a writer thread
 writes them while the devices compute the next ones, and host memory holds at most
 ``max_pending`` batches whatever the number of rows. A second thread syncs each batch's chunk
 files to the disk, at most ``max_unsynced`` batches behind the writer, so a slow disk is waited
@@ -11,6 +13,16 @@ are written, so an interrupted store can be continued; only when the last batch
 and the metadata are written is the store marked complete, and :func:`open_store` refuses an
 incomplete one. A failed write (disk full, permission) is raised to the compute loop at its
 next batch and leaves the store incomplete.
+
+Every chunk of a store is written, even one equal to the fill value, so a chunk that is not
+there was lost, never left out. Zarr reads a missing chunk as the fill value (0 or NaN: a
+Bernoulli outcome, a "not computed"); the stores here are opened on a
+:class:`zarr.storage.LocalStore` that raises :class:`~aimz_trainer.errors.StoreError` instead,
+naming the chunk, or the store when its directory is gone (removed by ``cleanup()``, say, while
+a tree read from it was still in use), and that checks each chunk's checksum before zarr decodes
+it. :func:`verify_store` reads every chunk of a store and names the missing and the damaged
+ones; a resume reads back the chunks of the rows recorded as written and continues from the
+first batch that is not intact, with a warning.
 
 Several processes (a ``jax.distributed`` run) can write one store together, each its own rows:
 writer 0 creates it (``writers=N``), the others open it once it exists (``join=True``; the
@@ -21,13 +33,20 @@ interrupted store of several writers cannot be resumed, only written again.
 
 :class:`ScratchDirectory` is the life cycle of stores written without an ``output_dir``: a
 directory created on first use, removed by ``cleanup()``, when its owner is garbage-collected
-and at interpreter exit; directories of processes that died without cleaning up (SIGKILL) are
-swept the next time one is created.
+and at interpreter exit. Its owner holds an exclusive lock on a file in it for as long as the
+directory is in use; the kernel releases the lock when the process dies, however it dies, so
+directories of processes that died without cleaning up (SIGKILL) are those whose lock can be
+taken, and are swept the next time one is created. A process ID would not do: where the
+temporary directory is shared across PID namespaces (containers, some CI runners) the owner's
+ID means nothing, or another process, in the sweeper's namespace. A directory without a lock
+file (made by an earlier version) is left alone, as nothing tells whether its owner lives.
 """
 
 from __future__ import annotations
 
-import contextlib
+import fcntl
+import itertools
+import json
 import os
 import queue
 import re
@@ -41,16 +60,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import numpy as np
 import xarray as xr
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.abc.store import ByteRequest
+from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.errors import ZarrUserWarning
+from zarr.storage import LocalStore
 
 from aimz_trainer._validation import is_int_at_least
-from aimz_trainer.errors import StoreError
+from aimz_trainer.errors import StoreError, StoreWarning
 
-__all__ = ["COMPLETE", "FINGERPRINT", "ArraySpec", "ScratchDirectory", "ZarrStore", "open_store"]
+__all__ = ["COMPLETE", "FINGERPRINT", "ArraySpec", "ScratchDirectory", "ZarrStore", "open_store", "verify_store"]
 
 COMPLETE = "aimz_trainer_complete"
 ROWS_WRITTEN = "aimz_trainer_rows_written"
@@ -85,7 +108,9 @@ class ZarrStore:
 
     Args:
         path: the store's directory (created; with ``resume`` it must be an incomplete store
-            of the same arrays).
+            of the same arrays; its written chunks are read back, and it continues from the
+            first batch with a missing or damaged chunk, with a warning, see
+            :attr:`rows_written`).
         specs: the arrays.
         batch_size: rows per batch; with one writer also per chunk along each array's row axis.
         attrs: attributes of the root group.
@@ -100,6 +125,9 @@ class ZarrStore:
             attributes, no :meth:`finalize`).
         compress_floats: compress float arrays too (Blosc-lz4; default: written as they are,
             see :func:`_compressors`); integer arrays are always Blosc-zstd.
+
+    Attributes:
+        rows_written: the rows on the disk, synced (a resume continues after them).
     """
 
     def __init__(
@@ -125,15 +153,16 @@ class ZarrStore:
         self.writers = writers
         self.joined = join
         _one_codec_thread()
-        if resume:
-            self._root = self._reopen(batch_size, (attrs or {}).get(FINGERPRINT))
+        reopened = self._reopen(batch_size, (attrs or {}).get(FINGERPRINT)) if resume else None
+        if reopened is not None:
+            self._root = reopened
         elif join:
             try:
-                self._root = zarr.open_group(self.path, mode="r+", zarr_format=3)
+                self._root = zarr.open_group(_VerifyingStore(self.path), mode="r+", zarr_format=3)
             except Exception as error:
                 raise StoreError(f"join: writer 0 has not created a store at {str(self.path)!r} ({error}).") from error
         else:
-            self._root = zarr.open_group(self.path, mode="w", zarr_format=3)
+            self._root = zarr.open_group(_VerifyingStore(self.path), mode="w", zarr_format=3)
             shared = {"writers": writers} if writers > 1 else {}
             self._root.attrs.update(
                 {**(attrs or {}), **shared, COMPLETE: False, ROWS_WRITTEN: 0, "batch_size": batch_size}
@@ -147,6 +176,8 @@ class ZarrStore:
             key: self._root[f"{spec.group}/{spec.name}"].with_config({"write_empty_chunks": True})
             for key, spec in self.specs.items()
         }
+        if resume:
+            self._rewind_to_intact_rows(batch_size)
         self._queue: queue.Queue[Any] = queue.Queue(max_pending)
         self._unsynced: queue.Queue[Any] = queue.Queue(max_unsynced)
         self._error: BaseException | None = None
@@ -163,16 +194,19 @@ class ZarrStore:
                 shape=spec.shape,
                 dtype=spec.dtype,
                 chunks=spec.chunks(chunk_rows),
-                compressors=_compressors(spec.dtype, compress_floats),
+                # Last: the checksum is of the bytes in the file, whatever the compression.
+                compressors=(*_compressors(spec.dtype, compress_floats), Crc32cCodec()),
                 dimension_names=spec.dims,
                 attributes=dict(spec.attrs or {}),
                 # Unwritten float chunks read as NaN, never as plausible zeros.
                 fill_value=np.nan if np.dtype(spec.dtype).kind == "f" else 0,
             )
 
-    def _reopen(self, batch_size: int, fingerprint: str | None) -> zarr.Group:
+    def _reopen(self, batch_size: int, fingerprint: str | None) -> zarr.Group | None:
+        """The interrupted store to continue, checked to be this computation's; ``None`` when
+        it was interrupted while its arrays were being created (nothing written: create it anew)."""
         try:
-            root = zarr.open_group(self.path, mode="r+", zarr_format=3)
+            root = zarr.open_group(_VerifyingStore(self.path), mode="r+", zarr_format=3)
         except Exception as error:
             raise StoreError(f"resume: {str(self.path)!r} is not a prediction store ({error}).") from error
         if root.attrs.get(COMPLETE, True):
@@ -192,11 +226,34 @@ class ZarrStore:
                 f"resume: {str(self.path)!r} was written with batch_size={root.attrs.get('batch_size')}; "
                 f"resume with that batch size (got {batch_size})."
             )
+        arrays = {(group, name): root.get(f"{group}/{name}") for group, name in self.specs}
+        if None in arrays.values() and root.attrs.get(ROWS_WRITTEN, 0) == 0:
+            return None
         for (group, name), spec in self.specs.items():
-            existing = root.get(f"{group}/{name}")
+            existing = arrays[(group, name)]
             if existing is None or tuple(existing.shape) != spec.shape or existing.dtype != spec.dtype:
                 raise StoreError(f"resume: {str(self.path)!r} was written for other arrays ({group}/{name} differs).")
         return root
+
+    def _rewind_to_intact_rows(self, batch_size: int) -> None:
+        """Read back the chunks of the rows recorded as written, and record only the batches
+        before the first with a missing or damaged chunk: a resume recomputes it and every
+        batch after it, rather than trusting what the record says is there."""
+        store: _VerifyingStore = self._root.store
+        for start in range(0, self.rows_written, batch_size):
+            problems = {key: problem for key in self._chunk_keys(start) if (problem := store.chunk_problem(key))}
+            if problems:
+                warnings.warn(
+                    f"resume: in the rows of {str(self.path)!r} recorded as written, {_describe(problems)}; "
+                    f"the rows from {start} on are computed again, not only those from {self.rows_written}.",
+                    StoreWarning,
+                    stacklevel=3,
+                )
+                self._root.attrs[ROWS_WRITTEN] = self.rows_written = start
+                return
+
+    def _chunk_keys(self, start: int) -> list[str]:
+        return [self._chunk_key(key, start) for key, spec in self.specs.items() if spec.row_axis is not None]
 
     def write_batch(self, start: int, stop: int, values: Mapping[tuple[str, str], Any]) -> None:
         """Queue the rows ``start:stop`` of every row-wise array (host or device arrays; the
@@ -245,9 +302,12 @@ class ZarrStore:
 
     def chunk_path(self, key: tuple[str, str], start: int) -> Path:
         """The file of the chunk of row-wise array ``key`` that begins at row ``start``."""
+        return self.path / self._chunk_key(key, start)
+
+    def _chunk_key(self, key: tuple[str, str], start: int) -> str:
         spec, array = self.specs[key], self._arrays[key]
         coords = tuple(start // array.chunks[axis] if axis == spec.row_axis else 0 for axis in range(spec.ndim))
-        return self.path / spec.group / spec.name / array.metadata.encode_chunk_key(coords)
+        return f"{spec.group}/{spec.name}/{array.metadata.encode_chunk_key(coords)}"
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
@@ -335,11 +395,63 @@ def _one_codec_thread() -> None:
 
 
 def open_store(path: str | os.PathLike[str]) -> xr.DataTree:
-    """Open a complete prediction store lazily as an ``xarray.DataTree``."""
+    """Open a complete prediction store lazily as an ``xarray.DataTree``.
+
+    Reading a chunk that is missing (deleted, or the whole store removed) or damaged (its
+    checksum does not match) raises :class:`~aimz_trainer.errors.StoreError` naming it; no
+    fill value stands in for it. Raises ``StoreError`` at once when ``path`` is not a
+    prediction store or is incomplete.
+    """
+    root = _open_complete(path)
+    return xr.open_datatree(root.store, engine="zarr", consolidated=True, zarr_format=3)
+
+
+def verify_store(path: str | os.PathLike[str]) -> int:
+    """Read every chunk of the complete prediction store ``path``; return how many there are.
+
+    Raises:
+        StoreError: naming every missing chunk (deleted since it was written) and every
+            damaged one (its crc32c checksum does not match its bytes), or saying that
+            ``path`` is not a prediction store (or no longer exists) or is incomplete.
+
+    Example:
+        >>> import tempfile
+        >>> import numpy as np
+        >>> from aimz_trainer.store import ArraySpec, ZarrStore, verify_store
+        >>> directory = tempfile.TemporaryDirectory()
+        >>> path = f"{directory.name}/store"
+        >>> spec = ArraySpec("posterior_predictive", "y", (1, 2, 5), np.dtype(np.int8), ("chain", "draw", "obs"), 2)
+        >>> store = ZarrStore(path, [spec], batch_size=4)
+        >>> store.write_batch(0, 4, {("posterior_predictive", "y"): np.ones((1, 2, 4), np.int8)})
+        >>> store.write_batch(4, 5, {("posterior_predictive", "y"): np.ones((1, 2, 1), np.int8)})
+        >>> store.finalize()
+        >>> verify_store(path)
+        2
+        >>> directory.cleanup()
+    """
+    root = _open_complete(path)
+    store: _VerifyingStore = root.store
+    arrays = [node for _, node in root.members(max_depth=None) if isinstance(node, zarr.Array)]
+    keys = [key for array in arrays for key in _all_chunk_keys(array)]
+    problems = {key: problem for key in keys if (problem := store.chunk_problem(key))}
+    if problems:
+        raise StoreError(_unreadable(store.root, problems))
+    return len(keys)
+
+
+def _all_chunk_keys(array: zarr.Array) -> list[str]:
+    return [
+        f"{array.path}/{array.metadata.encode_chunk_key(coords)}"
+        for coords in itertools.product(*(range(n) for n in array.cdata_shape))
+    ]
+
+
+def _open_complete(path: str | os.PathLike[str]) -> zarr.Group:
     try:
-        attrs = zarr.open_group(path, mode="r", zarr_format=3).attrs
+        root = zarr.open_group(_VerifyingStore(path, read_only=True), mode="r", zarr_format=3)
     except Exception as error:
         raise StoreError(f"{str(path)!r} is not a prediction store ({error}).") from error
+    attrs = root.attrs
     if not attrs.get(COMPLETE, False):
         if attrs.get("writers", 1) > 1:
             raise StoreError(
@@ -350,12 +462,104 @@ def open_store(path: str | os.PathLike[str]) -> xr.DataTree:
             f"the prediction store {str(path)!r} is incomplete (its writing was interrupted after "
             f"{attrs.get(ROWS_WRITTEN, 0)} rows): continue it with predict(..., resume=True) or delete it."
         )
-    return xr.open_datatree(path, engine="zarr", consolidated=True, zarr_format=3)
+    return root
+
+
+# A chunk's key under zarr v3's default encoding: "<array path>/c/<i>/<j>/...".
+_CHUNK_KEY = re.compile(r"(?:(?P<array>.+)/)?c(?:/\d+)*")
+
+
+class _VerifyingStore(LocalStore):
+    """A local zarr store that reads a chunk as its bytes as written, or raises.
+
+    zarr reads a chunk its store does not have as the array's fill value, which is right for
+    a chunk never written and wrong for a prediction store, every chunk of which is written:
+    here a missing chunk raises :class:`~aimz_trainer.errors.StoreError`. So does a chunk whose
+    crc32c checksum (the last codec of the arrays :class:`ZarrStore` creates) does not match
+    its bytes: zarr checks it again as it decodes, but its error could not say which chunk.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, read_only: bool = False) -> None:
+        super().__init__(Path(root), read_only=read_only)
+        self._checksummed: dict[str, bool] = {}  # array path -> whether its chunks end in a crc32c
+
+    def get_sync(
+        self, key: str, *, prototype: BufferPrototype | None = None, byte_range: ByteRequest | None = None
+    ) -> Buffer | None:
+        return self._verified(key, super().get_sync(key, prototype=prototype, byte_range=byte_range), byte_range)
+
+    async def get(
+        self, key: str, prototype: BufferPrototype | None = None, byte_range: ByteRequest | None = None
+    ) -> Buffer | None:
+        return self._verified(key, await super().get(key, prototype, byte_range), byte_range)
+
+    def chunk_problem(self, key: str) -> str | None:
+        """``"missing"``, ``"damaged"`` or ``None`` (intact, or not a chunk) for ``key``."""
+        return self._problem(key, super().get_sync(key), None)
+
+    def _verified(self, key: str, value: Buffer | None, byte_range: ByteRequest | None) -> Buffer | None:
+        problem = self._problem(key, value, byte_range)
+        if problem is not None:
+            raise StoreError(_unreadable(self.root, {key: problem}))
+        return value
+
+    def _problem(self, key: str, value: Buffer | None, byte_range: ByteRequest | None) -> str | None:
+        chunk = _CHUNK_KEY.fullmatch(key)
+        if chunk is None:
+            return None  # metadata: zarr reads a missing document as "no such node"
+        if value is None:
+            return "missing"
+        whole = byte_range is None  # a part of a chunk cannot be checked
+        if whole and self._has_checksum(chunk["array"] or "") and not _checksum_matches(value.as_numpy_array()):
+            return "damaged"
+        return None
+
+    def _has_checksum(self, array: str) -> bool:
+        if array not in self._checksummed:
+            document = json.loads((self.root / array / "zarr.json").read_bytes())
+            codecs = document.get("codecs") or [{}]
+            self._checksummed[array] = codecs[-1].get("name") == "crc32c"
+        return self._checksummed[array]
+
+
+def _checksum_matches(chunk: np.ndarray) -> bool:
+    """Whether a chunk's last 4 bytes (the crc32c codec's, little-endian) are the checksum of
+    the bytes before them."""
+    return len(chunk) >= 4 and google_crc32c.value(chunk[:-4]) == int.from_bytes(chunk[-4:].tobytes(), "little")
+
+
+_LISTED = 10  # chunks named in an error; the rest counted
+
+
+def _describe(problems: Mapping[str, str]) -> str:
+    named = [f"{key!r} ({problem})" for key, problem in itertools.islice(problems.items(), _LISTED)]
+    more = f" and {len(problems) - _LISTED} more" if len(problems) > _LISTED else ""
+    return f"{len(problems)} chunk(s) missing or damaged: {', '.join(named)}{more}"
+
+
+def _unreadable(root: Path, problems: Mapping[str, str]) -> str:
+    """Why the chunks ``problems`` of the store ``root`` cannot be read, and what to do."""
+    if not root.is_dir():
+        return (
+            f"the prediction store {str(root)!r} no longer exists, so its values cannot be read: it was removed, "
+            "by cleanup() of the Predictor or ImpactModel whose scratch directory held it (or at that process's "
+            "exit), by a clean-up of the temporary directory, or by hand. Predict again; pass output_dir=... to "
+            "keep a store until you delete it."
+        )
+    return (
+        f"the prediction store {str(root)!r} cannot be read: {_describe(problems)}. Every chunk of a store is "
+        "written, so a missing one was deleted since, and a damaged one (its crc32c checksum does not match its "
+        "bytes) was changed on the disk; no fill value stands in for either. verify_store(path) names every one; "
+        "predict again."
+    )
 
 
 class ScratchDirectory:
     """A temporary directory created on first use and removed by :meth:`cleanup`, when the
     object is garbage-collected, or at interpreter exit.
+
+    While it exists this process holds an exclusive lock on its :attr:`LOCK` file, which tells
+    :func:`sweep_scratch` in any process that it is in use.
 
     Example:
         >>> scratch = ScratchDirectory()
@@ -367,6 +571,7 @@ class ScratchDirectory:
     """
 
     PREFIX = "aimz-trainer-scratch-"
+    LOCK = "owner.lock"
 
     def __init__(self, parent: str | os.PathLike[str] | None = None) -> None:
         self._parent = Path(parent or tempfile.gettempdir())
@@ -376,9 +581,10 @@ class ScratchDirectory:
     @property
     def path(self) -> Path:
         if self._path is None or not self._path.exists():
+            self.cleanup()  # a directory removed behind our back: release its lock
             sweep_scratch(self._parent)
-            self._path = Path(tempfile.mkdtemp(prefix=f"{self.PREFIX}{os.getpid()}-", dir=self._parent))
-            self._finalizer = weakref.finalize(self, shutil.rmtree, self._path, ignore_errors=True)
+            self._path, lock = _create_locked(self._parent, f"{self.PREFIX}{os.getpid()}-")
+            self._finalizer = weakref.finalize(self, _remove_and_unlock, self._path, lock)
         return self._path
 
     @property
@@ -391,24 +597,54 @@ class ScratchDirectory:
             self._finalizer()
 
 
+def _create_locked(parent: Path, prefix: str) -> tuple[Path, int]:
+    """A new directory in ``parent`` and the descriptor of the exclusive lock on its
+    :attr:`ScratchDirectory.LOCK` file, held until the descriptor is closed.
+
+    The lock file gets its name only once it is locked: a sweep that opened it in between
+    would take the lock and remove a directory in use."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    lock, unnamed = tempfile.mkstemp(dir=path, prefix=".lock-")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    os.rename(unnamed, path / ScratchDirectory.LOCK)
+    return path, lock
+
+
+def _remove_and_unlock(path: Path, lock: int) -> None:
+    try:
+        shutil.rmtree(path, ignore_errors=True)
+    finally:  # after: a sweep must not find the directory half removed and unlocked
+        os.close(lock)
+
+
 def sweep_scratch(parent: str | os.PathLike[str]) -> list[Path]:
-    """Remove scratch directories whose process is gone (killed before it could clean up)."""
+    """Remove the scratch directories in ``parent`` whose owner is gone; return them.
+
+    An owner holds the lock on its directory's :attr:`ScratchDirectory.LOCK` file until it
+    removes the directory, and the kernel releases it when the owner dies, in whatever PID
+    namespace it ran: a lock this process can take is the mark of a dead owner. A directory
+    without a lock file (made by a version before the locks) is kept: nothing tells whether
+    its owner lives, and removing a live process's stores would lose them. So is one named
+    with this process's ID: where ``flock`` is emulated by per-process locks (NFS), this
+    process would be granted its own lock again.
+    """
     removed = []
-    pattern = re.compile(rf"{re.escape(ScratchDirectory.PREFIX)}(\d+)-")
+    mine = f"{ScratchDirectory.PREFIX}{os.getpid()}-"
     for entry in Path(parent).glob(f"{ScratchDirectory.PREFIX}*"):
-        match = pattern.match(entry.name)
-        if match and entry.is_dir() and not _process_alive(int(match.group(1))):
-            shutil.rmtree(entry, ignore_errors=True)
+        if entry.is_dir() and not entry.name.startswith(mine) and _remove_if_abandoned(entry):
             removed.append(entry)
     return removed
 
 
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    with contextlib.suppress(PermissionError):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
+def _remove_if_abandoned(directory: Path) -> bool:
+    try:
+        lock = os.open(directory / ScratchDirectory.LOCK, os.O_RDONLY)
+    except OSError:  # no lock file (or not ours to open): kept
+        return False
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # held: its owner lives
+        os.close(lock)
+        return False
+    _remove_and_unlock(directory, lock)
     return True
