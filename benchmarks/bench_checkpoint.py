@@ -3,8 +3,9 @@
 Setting: the fit benchmark's model (``recipes/bnn_binary.py``: a d -> 32 -> 32 -> 1 Bayesian
 MLP, batch 2,000) on the reference workflow's 1,000,000 x 100 rows (500 steps, about 0.4 s, per
 epoch), ``--epochs`` epochs. ``--num-rows 100000`` gives 50-step epochs of ~37 ms: a save costs
-a fixed ~10 ms of CPU on the writer thread (orbax's step bookkeeping, not the bytes), which two
-shared cores pay out of training, so there checkpointing every epoch costs ~11%.
+a fixed 12-16 ms of CPU on the writer thread (orbax's step bookkeeping and the .npz's overhead
+per named array, not the bytes), which two shared cores pay out of training, so there
+checkpointing every epoch costs over 10%.
 
 The two loops, each in fresh subprocesses, alternating, ``--repeats`` times (medians):
 

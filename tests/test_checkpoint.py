@@ -1,6 +1,8 @@
-"""Checkpoints: what ModelCheckpoint writes, exact resumes (in-process and after a real SIGKILL),
-resumes on another device count, load_checkpoint without a Trainer, bad checkpoints and bad
-requests, callback state across a resume, and TensorBoard after a resume.
+"""Checkpoints: what ModelCheckpoint writes (named arrays that NumPy alone reads, as the README
+shows), exact resumes (in-process and after a real SIGKILL), resumes on another device count,
+load_checkpoint without a Trainer, bad checkpoints and bad requests (damaged ones, other data,
+another optimizer), callback state across a resume (save_top_k too), and TensorBoard after a
+resume.
 
 Most fits share one configuration (that of ``tests/checkpoint_worker.py``): 1000 rows, batches of
 100 (10 steps an epoch), 4 epochs, a checkpoint at every epoch end and every 7 steps, so the
@@ -11,14 +13,19 @@ so a ``Recorder(stop_after_chunks=3)`` stops a fit at step 14 (mid-epoch), ``4``
 
 from __future__ import annotations
 
+import ast
+import contextlib
+import errno
 import hashlib
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,7 +36,8 @@ import numpyro.distributions as dist
 import pytest
 from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoNormal
-from optax import adam, sgd
+from numpyro.optim import SGD, Adam, optax_to_numpyro
+from optax import adam, multi_transform, sgd
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from aimz_trainer import (
@@ -43,7 +51,15 @@ from aimz_trainer import (
     Trainer,
     load_checkpoint,
 )
-from aimz_trainer.checkpoint import CHECKPOINT_FORMAT, checkpoint_steps, resolve_checkpoint
+from aimz_trainer.checkpoint import (
+    CHECKPOINT_FORMAT,
+    NamedArraysHandler,
+    checkpoint_steps,
+    data_digest,
+    optimizer_probe,
+    resolve_checkpoint,
+)
+from aimz_trainer.errors import CheckpointWarning
 
 from .checkpoint_worker import BATCH_SIZE, EVERY_N_TRAIN_STEPS, MAX_EPOCHS, NUM_ROWS
 from .conftest import NOISE, Recorder, linear_data, linear_svi
@@ -129,6 +145,14 @@ def hooks(recorder: Recorder) -> list[str]:
     return [call[0] for call in recorder.calls]
 
 
+@contextlib.contextmanager
+def no_checkpoint_warning():
+    """A CheckpointWarning inside fails the test."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CheckpointWarning)
+        yield
+
+
 # -- shared fits -------------------------------------------------------------------------------
 
 
@@ -170,7 +194,7 @@ class TestWhatIsSaved:
         assert (saved.path, saved.step, saved.epoch) == (reference.dirpath / "14", 14, 1)
         np.testing.assert_array_equal(saved.losses, reference.result.losses[:14], strict=True)
         meta = saved.meta
-        assert meta["format"] == CHECKPOINT_FORMAT == 2 and (meta["step"], meta["epoch"]) == (14, 1)
+        assert meta["format"] == CHECKPOINT_FORMAT == 3 and (meta["step"], meta["epoch"]) == (14, 1)
         assert meta["rng_key"]["data"] == np.asarray(jax.random.key_data(jax.random.key(0))).tolist()
         assert meta["rng_key"]["impl"] == str(jax.random.key_impl(jax.random.key(0)))
         assert meta["loader_state"]["next_index"] == 3  # chunks [0, 7), [7, 10), [10, 14) done
@@ -178,6 +202,8 @@ class TestWhatIsSaved:
         assert meta["params_tree"] == {name: [[], "float32"] for name in PARAM_NAMES}
         fit_shape = dict(meta["fit"])
         assert fit_shape.pop("steps_per_chunk") >= EVERY_N_TRAIN_STEPS
+        assert fit_shape.pop("data_digest") == data_digest(DATA)
+        assert fit_shape.pop("optimizer_probe") == optimizer_probe(linear_svi(NUM_ROWS).optim)
         assert fit_shape == {
             "num_rows": NUM_ROWS,
             "batch_size": BATCH_SIZE,
@@ -196,6 +222,45 @@ class TestWhatIsSaved:
         saved = load_checkpoint(reference.dirpath)  # a directory of checkpoints: its newest
         assert (saved.path, saved.step, saved.epoch) == (reference.dirpath / "40", 40, 3)
         assert_bitwise_equal(saved, reference.result)
+
+    def test_the_state_is_named_arrays_that_numpy_reads(self, reference):
+        with np.load(reference.dirpath / "40" / "state" / "arrays.npz") as archive:
+            arrays = {name: archive[name] for name in archive.files}
+        for name in PARAM_NAMES:
+            np.testing.assert_array_equal(arrays.pop(f"params/{name}"), reference.result.params[name], strict=True)
+        np.testing.assert_array_equal(arrays.pop("losses"), reference.result.losses, strict=True)
+        # The SVI state by tree path: the step count, optax's (unconstrained parameters, Adam's
+        # state), and the rng key as its raw data.
+        state = reference.result.state
+        expected_key = np.asarray(jax.random.key_data(state.rng_key))
+        np.testing.assert_array_equal(arrays.pop("svi_state/rng_key"), expected_key, strict=True)
+        assert arrays.pop("svi_state/optim_state/0") == TOTAL_STEPS
+        assert arrays.pop("svi_state/optim_state/1/1/0/count") == TOTAL_STEPS
+        unconstrained, (moments, _) = state.optim_state[1]
+        for name in PARAM_NAMES:
+            for path, value in [("0", unconstrained), ("1/0/mu", moments.mu), ("1/0/nu", moments.nu)]:
+                stored = arrays.pop(f"svi_state/optim_state/1/{path}/{name}")
+                np.testing.assert_array_equal(stored, value[name], err_msg=f"{path}/{name}", strict=True)
+        assert arrays == {}
+
+    def test_the_readme_reader_gives_the_parameters_without_aimz_trainer(self, reference, monkeypatch):
+        readme = (ROOT / "README.md").read_text()
+        code = re.search(r"```python\n(.*?)```", readme.split("### Checkpoint format\n", 1)[1], re.S).group(1)
+        statements = list(ast.walk(ast.parse(code)))
+        assert not any(isinstance(node, ast.ImportFrom) for node in statements)
+        assert {alias.name for node in statements if isinstance(node, ast.Import) for alias in node.names} == {
+            "json",
+            "numpy",
+        }
+        monkeypatch.chdir(reference.dirpath.parent)  # it reads checkpoints/40
+        namespace: dict = {}
+        exec(code, namespace)
+        saved = load_checkpoint(reference.dirpath / "40")
+        assert sorted(namespace["params"]) == sorted(saved.params) == PARAM_NAMES
+        for name in PARAM_NAMES:
+            np.testing.assert_array_equal(namespace["params"][name], saved.params[name], strict=True)
+        np.testing.assert_array_equal(namespace["losses"], saved.losses, strict=True)
+        assert namespace["meta"] == saved.meta
 
     def test_best_and_last_model_paths_without_a_monitor(self, reference):
         newest = str(reference.dirpath.resolve() / "40")
@@ -312,6 +377,17 @@ class TestDiskError:
     def test_no_save_thread_is_left_waiting_after_fit_raised(self, failed_save):
         assert failed_save.blocked == []
 
+    def test_a_full_disk_raises_once_naming_the_directory_without_orbax_logging_it(self, tmp_path, monkeypatch, capfd):
+        def full_disk(self, directory, args):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(NamedArraysHandler, "save", full_disk)  # runs in orbax's own thread
+        with pytest.raises(OSError, match=r"saving the checkpoint of step 10 into .* failed: No space left") as raised:
+            fit(make_trainer([ModelCheckpoint(tmp_path / "checkpoints")]))
+        assert raised.value.errno == errno.ENOSPC
+        assert str(tmp_path / "checkpoints") in str(raised.value)
+        assert "Traceback" not in capfd.readouterr().err  # orbax's own log of it is dropped
+
 
 # -- exact resumes, in-process -----------------------------------------------------------------
 
@@ -351,7 +427,8 @@ class TestExactResume:
         dirpath = copy_checkpoints(stopped_at_20, tmp_path / "checkpoints")
         ckpt_path = {"step": 20, "step_dir": dirpath / "20", "directory": str(dirpath)}[form]
         recorder = Recorder()
-        result = fit(make_trainer([recorder, store(dirpath)]), ckpt_path=ckpt_path)
+        with no_checkpoint_warning():  # the same data and optimizer
+            result = fit(make_trainer([recorder, store(dirpath)]), ckpt_path=ckpt_path)
         assert recorder.calls[0] == ("fit_start", 20, 1)
         assert_bitwise_equal(result, reference.result)
 
@@ -505,30 +582,99 @@ def other_model_svi(kind: str) -> SVI:
     return SVI(model, AutoNormal(model), adam(0.05), Trace_ELBO())
 
 
+DAMAGES = {
+    "no_state": "it has no 'state' item",  # e.g. a deletion cut short
+    "meta": "its 'meta' item is damaged",
+    "state": "its 'state' item is damaged",
+}
+
+
+def damage(step_dir: Path, kind: str) -> None:
+    if kind == "no_state":
+        shutil.rmtree(step_dir / "state")
+        return
+    files = [path for path in (step_dir / kind).rglob("*") if path.is_file()]
+    assert files
+    for path in files:
+        path.write_bytes(b"\x00 not what orbax wrote {")
+
+
 class TestBadCheckpoints:
     def test_an_interrupted_save_is_never_resumed(self, reference, stopped_at_20, tmp_path):
         dirpath = copy_checkpoints(stopped_at_20, tmp_path / "checkpoints")
         # What a save cut short leaves: orbax's temporary directory (0.12 names it
-        # "<step>.orbax-checkpoint-tmp"; others add a suffix), and step directories lacking an item.
+        # "<step>.orbax-checkpoint-tmp"; others add a suffix). Not a checkpoint: no warning.
         for name in ("30.orbax-checkpoint-tmp", "30.orbax-checkpoint-tmp-1234"):
             shutil.copytree(dirpath / "20" / "meta", dirpath / name / "meta")
             (dirpath / name / "state").mkdir()
-        shutil.copytree(dirpath / "20" / "meta", dirpath / "25" / "meta")  # no 'state'
-        shutil.copytree(dirpath / "20" / "state", dirpath / "27" / "state")  # no 'meta'
 
         assert checkpoint_steps(dirpath) == [7, 10, 14, 20]
-        assert resolve_checkpoint(dirpath) == dirpath / "20"
-        assert load_checkpoint(dirpath).step == 20
-
         recorder = Recorder()
-        result = fit(make_trainer([recorder, store(dirpath)]), ckpt_path="last")
+        with no_checkpoint_warning():
+            assert resolve_checkpoint(dirpath) == dirpath / "20"
+            assert load_checkpoint(dirpath).step == 20
+            result = fit(make_trainer([recorder, store(dirpath)]), ckpt_path="last")
         assert recorder.calls[0] == ("fit_start", 20, 1)
         assert_bitwise_equal(result, reference.result)
+
+    @pytest.mark.parametrize("kind", list(DAMAGES))
+    def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning_naming_both(
+        self, reference, stopped_at_20, tmp_path, kind
+    ):
+        # Issue 16: the newest checkpoint, damaged, was skipped for the previous one without a word.
+        dirpath = copy_checkpoints(stopped_at_20, tmp_path / "checkpoints")
+        damage(dirpath / "20", kind)
+        names_both = (
+            re.escape(f"{str(dirpath / '20')!r} ({DAMAGES[kind]}")
+            + "(?s:.*)"
+            + re.escape(f"using {str(dirpath / '14')!r} (step 14)")
+        )
+        with pytest.warns(CheckpointWarning, match=names_both):
+            assert load_checkpoint(dirpath).step == 14
+        recorder = Recorder()
+        with pytest.warns(CheckpointWarning, match=names_both):
+            result = fit(make_trainer([recorder, store(dirpath)]), ckpt_path="last")
+        assert recorder.calls[0] == ("fit_start", 14, 1)
+        assert_bitwise_equal(result, reference.result)
+        # The resumed fit wrote step 20 again, in place of the damaged directory.
+        assert checkpoint_steps(dirpath) == SAVED_STEPS
+        with no_checkpoint_warning():
+            np.testing.assert_array_equal(load_checkpoint(dirpath / "20").losses, result.losses[:20], strict=True)
+
+    def test_when_every_checkpoint_is_damaged_last_is_refused_and_names_them(self, stopped_at_20, tmp_path):
+        dirpath = copy_checkpoints(stopped_at_20, tmp_path / "checkpoints")
+        for step in (7, 10, 14, 20):
+            damage(dirpath / str(step), "no_state")
+        recorder = Recorder()
+        with pytest.raises(
+            CheckpointError, match=f"every checkpoint in {re.escape(repr(str(dirpath)))} is damaged"
+        ) as raised:
+            fit(make_trainer([recorder, store(dirpath)]), ckpt_path="last")
+        assert all(str(dirpath / str(step)) in str(raised.value) for step in (7, 10, 14, 20))
+        assert recorder.calls == []
+
+    @pytest.mark.parametrize("asked_by", ["step", "path"])
+    @pytest.mark.parametrize("kind", list(DAMAGES))
+    def test_a_damaged_checkpoint_asked_for_by_its_step_or_path_is_refused(
+        self, stopped_at_20, tmp_path, kind, asked_by
+    ):
+        dirpath = copy_checkpoints(stopped_at_20, tmp_path / "checkpoints")
+        damage(dirpath / "20", kind)
+        before = snapshot(dirpath)
+        recorder = Recorder()
+        refusal = re.escape(f"the checkpoint {str(dirpath / '20')!r} cannot be used: {DAMAGES[kind]}")
+        with pytest.raises(CheckpointError, match=refusal):
+            fit(make_trainer([recorder, store(dirpath)]), ckpt_path=20 if asked_by == "step" else dirpath / "20")
+        assert recorder.calls == []
+        assert snapshot(dirpath) == before
+        if asked_by == "path":
+            with pytest.raises(CheckpointError, match=refusal):
+                load_checkpoint(dirpath / "20")
 
     @pytest.mark.parametrize(
         ("kind", "expected"),
         [
-            ("extra_site", ["c_auto_loc: only in this model", "c_auto_scale: only in this model"]),
+            ("extra_site", ["c_auto_loc: not in the checkpoint", "c_auto_scale: not in the checkpoint"]),
             (
                 "other_shape",
                 [
@@ -562,24 +708,25 @@ class TestBadCheckpoints:
         assert "fit_start" not in hooks(recorder)
         assert snapshot(dirpath) == before
 
-    @pytest.mark.parametrize("damage", ["meta", "state"])
-    def test_a_corrupted_checkpoint(self, stopped_at_20, tmp_path, damage):
+    def test_resuming_with_other_data_of_the_same_shape_warns(self, stopped_at_20, tmp_path):
+        # Issue 16: a resume with different data of the same shape continued silently.
         dirpath = copy_checkpoints(stopped_at_20, tmp_path / "checkpoints")
-        files = [path for path in (dirpath / "20" / damage).rglob("*") if path.is_file()]
-        assert files
-        for path in files:
-            path.write_bytes(b"\x00 not what orbax wrote {")
-        before = snapshot(dirpath)
-        recorder = Recorder()
-        message = "'meta' item is damaged" if damage == "meta" else "cannot be restored"
-        with pytest.raises(CheckpointError, match=message) as raised:
-            fit(make_trainer([recorder, store(dirpath)]), ckpt_path="last")
-        assert str(dirpath / "20") in str(raised.value)
-        assert "fit_start" not in hooks(recorder)
-        assert snapshot(dirpath) == before
-        if damage == "meta":
-            with pytest.raises(CheckpointError, match="damaged"):
-                load_checkpoint(dirpath)
+        other = linear_data(NUM_ROWS, seed=1)
+        digests = f"is {data_digest(DATA)} in the checkpoint, {data_digest(other)} now"
+        trainer = make_trainer([store(dirpath)], max_epochs=3)
+        with pytest.warns(CheckpointWarning, match="other training data.*" + re.escape(digests)) as caught:
+            result = trainer.fit(linear_svi(NUM_ROWS), other, batch_size=BATCH_SIZE, ckpt_path="last")
+        assert [str(w.message) for w in caught if "optimizer" in str(w.message)] == []
+        assert result.losses.shape == (30,)
+
+    def test_resuming_with_another_learning_rate_warns(self, stopped_at_20, tmp_path):
+        # Issue 16: a resume with a different learning rate continued silently.
+        dirpath = copy_checkpoints(stopped_at_20, tmp_path / "checkpoints")
+        saved, now = (optimizer_probe(linear_svi(NUM_ROWS, rate).optim) for rate in (0.05, 0.02))
+        probes = f"are {saved} in the checkpoint, {now} now"
+        with pytest.warns(CheckpointWarning, match="such as the learning rate.*" + re.escape(probes)) as caught:
+            fit(make_trainer([store(dirpath)], max_epochs=3), svi=linear_svi(NUM_ROWS, 0.02), ckpt_path="last")
+        assert [str(w.message) for w in caught if "training data" in str(w.message)] == []
 
     def test_a_missing_path_or_an_empty_directory(self, tmp_path):
         for ckpt_path, message in [
@@ -680,6 +827,37 @@ class TestCallbackState:
         assert relative(resumed_store.last_model_path) == relative(uninterrupted.last_model_path) == "20"
         assert resumed_store.best_model_score == uninterrupted.best_model_score
 
+    @pytest.mark.parametrize("mode", ["min", "max"])
+    def test_save_top_k_holds_across_a_resume(self, tmp_path, mode):
+        # Issue 16: after a resume with save_top_k=2, four checkpoints remained (mode="min": the
+        # two kept before the resume stayed, unranked, beside the two best after it).
+        def checkpoint():
+            return ModelCheckpoint(tmp_path, monitor="train_loss_epoch", mode=mode, save_top_k=2)
+
+        fit(make_trainer([Recorder(stop_after_chunks=3), checkpoint()], max_epochs=6))  # epochs 0-2
+        assert checkpoint_steps(tmp_path) == ([20, 30] if mode == "min" else [10, 20, 30])
+        resumed_store = checkpoint()
+        result = fit(make_trainer([resumed_store], max_epochs=6), ckpt_path="last")
+        epoch_means = {10 * (e + 1): float(result.losses[e * 10 : (e + 1) * 10].mean()) for e in range(6)}
+        ranked = sorted(epoch_means, key=epoch_means.get, reverse=mode == "max")
+        assert checkpoint_steps(tmp_path) == sorted({*ranked[:2], 60})  # the two best and the last
+        assert resumed_store.best_model_path == str(tmp_path.resolve() / str(ranked[0]))
+
+
+# -- the optimizer probe -----------------------------------------------------------------------
+
+
+def test_the_optimizer_probe_tells_numpyro_and_optax_settings_apart():
+    numpyro_probes = [optimizer_probe(o) for o in (Adam(0.01), Adam(0.02), Adam(0.01, b1=0.8), SGD(0.01))]
+    optax_settings = [adam(0.01), adam(0.02), adam(0.01, b1=0.8), sgd(0.01, momentum=0.9), sgd(0.01, momentum=0.8)]
+    optax_probes = [optimizer_probe(optax_to_numpyro(o)) for o in optax_settings]
+    for probes in (numpyro_probes, optax_probes):
+        assert all(len(probe) == 4 for probe in probes)
+        assert len({tuple(probe) for probe in probes}) == len(probes)
+    assert optimizer_probe(Adam(0.01)) == numpyro_probes[0]  # the same settings: the same probe
+    # One that needs the model's own parameter tree cannot move the probe: nothing to compare.
+    assert optimizer_probe(optax_to_numpyro(multi_transform({"a": adam(0.01)}, {"w": "a"}))) is None
+
 
 # -- TensorBoard across a resume ---------------------------------------------------------------
 
@@ -697,7 +875,8 @@ def test_tensorboard_events_after_a_resume_are_those_of_the_resumed_fit(tmp_path
     # Event files are named by the second and read in name order: open the next one a second later.
     time.sleep(1.05 - time.time() % 1.0)
     # Resumed with another learning rate, so its losses from step 20 on differ from the first fit's.
-    result = fit(make_trainer(callbacks(), log_every_n_steps=5), svi=linear_svi(NUM_ROWS, 0.02), ckpt_path="last")
+    with pytest.warns(CheckpointWarning, match="another optimizer setting"):
+        result = fit(make_trainer(callbacks(), log_every_n_steps=5), svi=linear_svi(NUM_ROWS, 0.02), ckpt_path="last")
     np.testing.assert_array_equal(result.losses[:20], first.losses[:20], strict=True)
     assert result.losses[24] != first.losses[24]
 

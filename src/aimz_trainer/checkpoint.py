@@ -2,155 +2,341 @@
 
 A checkpoint is an orbax-checkpoint step directory ``<dirpath>/<step>`` with two items:
 
-* ``state`` (:class:`PackedArraysHandler`, one ``arrays.npz``): the array leaves
-  (:func:`pack`) of ``svi_state`` (optimizer state, mutable state, the SVI rng key as raw key
-  data) and of ``params`` (the constrained variational parameters), and ``losses`` (every
-  step's loss so far);
-* ``meta`` (JSON): ``step``, ``epoch``, the trainer's ``rng_key`` (raw data and
-  implementation), the Grain iterator state of the next chunk (``loader_state``), each
-  callback's ``state_dict`` under its ``state_key``, and descriptive metadata: library and
-  jax versions, the trainer's settings, the fit's shape (rows, batch size, chunking), the
-  mesh shape, the parameter tree (name -> shape and dtype) and the SVI state's structure.
+* ``state`` (:class:`NamedArraysHandler`): one uncompressed ``arrays.npz`` of named host
+  arrays, which ``np.load`` reads without this library: ``params/<name>`` for each constrained
+  variational parameter (the names ``SVI.get_params`` gives; nested names joined with ``/``),
+  ``svi_state/<path>`` for each leaf of the ``SVIState``, named by its tree path (e.g.
+  ``svi_state/optim_state/1/0/mu/w_auto_loc``; the SVI rng key as its raw ``uint32`` key data),
+  and ``losses``, every step's loss so far;
+* ``meta`` (JSON, the file ``meta/metadata``): ``step``, ``epoch``, the trainer's ``rng_key``
+  (raw data and implementation), the Grain iterator state of the next chunk
+  (``loader_state``), each callback's ``state_dict`` under its ``state_key``, and descriptive
+  metadata: library and jax versions, the trainer's settings, the fit's shape (rows, batch
+  size, chunking) and fingerprint (a digest of the training data, the optimizer's
+  :func:`optimizer_probe`), the mesh shape, the parameter tree (name -> shape and dtype) and
+  the SVI state's structure.
+
+The README's "Checkpoint format" section has a reader in plain NumPy.
 
 orbax writes a step into a temporary directory and renames it when complete, so a save cut
-short (a killed process) never looks like a checkpoint; :func:`resolve_checkpoint` only ever
-sees complete ones. Restoring takes the structure and the shardings from a live target, so a
-checkpoint written on one device count is read onto another mesh as it is.
+short (a killed process) never looks like a checkpoint. A step directory can be damaged all
+the same (an item missing or unreadable: a deletion cut short, a disk error, a hand edit):
+asked for a directory of checkpoints, :func:`resolve_checkpoint` skips damaged newer ones for
+the newest usable one with a :class:`~aimz_trainer.errors.CheckpointWarning` naming both; a
+damaged checkpoint asked for by its own path is refused. Restoring takes the structure and the
+shardings from a live target, so a checkpoint written on one device count is read onto
+another mesh as it is.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
+import hashlib
+import io
 import os
+import warnings
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from numpyro.handlers import seed
 
-from aimz_trainer.errors import CheckpointError
+from aimz_trainer.data import digest_rows
+from aimz_trainer.errors import CheckpointError, CheckpointWarning
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "LoadedCheckpoint",
-    "PackedArraysHandler",
-    "PackedArraysRestore",
-    "PackedArraysSave",
+    "NamedArraysHandler",
+    "NamedArraysRestore",
+    "NamedArraysSave",
+    "array_tree",
+    "checkpoint_damage",
     "checkpoint_steps",
-    "compare_param_trees",
+    "compare_array_trees",
+    "data_digest",
+    "fingerprint_differences",
+    "fit_fingerprint",
     "load_checkpoint",
-    "pack",
-    "packed_like",
-    "param_tree",
+    "named_arrays",
+    "newest_checkpoint",
+    "optimizer_probe",
+    "read_arrays",
     "read_meta",
+    "require_usable",
     "resolve_checkpoint",
     "restore_state",
     "save_args",
+    "tree_from_arrays",
     "tree_signature",
-    "unpack",
+    "warn_checkpoint",
 ]
 
-CHECKPOINT_FORMAT = 2  # 1 stored the state with orbax's StandardSave (tensorstore)
+# 2 packed the arrays into one buffer per dtype, sliced by the parameter tree; 1 stored them
+# with orbax's StandardSave (tensorstore).
+CHECKPOINT_FORMAT = 3
 _ARRAYS_FILE = "arrays.npz"
+_ITEMS = ("meta", "state")
+_PARAMS = "params/"
+_LIBRARY = os.path.dirname(__file__)  # warnings point at the first frame outside it
 
 
-class PackedArraysHandler(ocp.CheckpointHandler):
-    """An orbax item of a few host arrays, written as one uncompressed ``.npz`` file.
+class NamedArraysHandler(ocp.CheckpointHandler):
+    """An orbax item of named host arrays, written as one uncompressed ``.npz`` file.
 
-    A checkpoint's state is a handful of packed buffers (:func:`pack`), already on the host;
-    orbax's tensorstore-backed ``StandardSave`` spent 11 ms of CPU per save on them (of 25 ms
-    in all), a fixed cost paid at every epoch end. One file write is a fraction of a
-    millisecond. The arrays are replicated, so only process 0 writes them.
+    A checkpoint's state is a few dozen small arrays, already on the host; orbax's
+    tensorstore-backed ``StandardSave`` spent 11 ms of CPU per save on them (of 25 ms in all),
+    a fixed cost paid at every epoch end, where a ``.npz`` takes a few milliseconds. The archive
+    is built in memory and written in one call: ``np.savez`` seeks back into every member's
+    header, a system call each on a file. The arrays are replicated, so only process 0 writes
+    them.
     """
 
-    def save(self, directory: Any, args: PackedArraysSave) -> None:  # type: ignore[override]
+    def save(self, directory: Any, args: NamedArraysSave) -> None:  # type: ignore[override]
         if jax.process_index() == 0:
-            with open(Path(directory) / _ARRAYS_FILE, "wb") as file:
-                np.savez(file, **_flatten(args.arrays))
+            archive = io.BytesIO()
+            np.savez(archive, **args.arrays)
+            (Path(directory) / _ARRAYS_FILE).write_bytes(archive.getbuffer())
 
-    def restore(self, directory: Any, args: PackedArraysRestore | None = None) -> dict[str, Any]:  # type: ignore[override]
+    def restore(self, directory: Any, args: NamedArraysRestore | None = None) -> dict[str, np.ndarray]:  # type: ignore[override]
         with np.load(Path(directory) / _ARRAYS_FILE) as archive:
-            return _unflatten({name: archive[name] for name in archive.files})
+            return {name: archive[name] for name in archive.files}
 
 
-@ocp.args.register_with_handler(PackedArraysHandler, for_save=True)
+@ocp.args.register_with_handler(NamedArraysHandler, for_save=True)
 @dataclasses.dataclass
-class PackedArraysSave(ocp.args.CheckpointArgs):
-    """Save arguments of :class:`PackedArraysHandler`: ``{name: array or {name: array}}``."""
+class NamedArraysSave(ocp.args.CheckpointArgs):
+    """Save arguments of :class:`NamedArraysHandler`: ``{name: host array}`` (:func:`named_arrays`)."""
 
-    arrays: Mapping[str, Any]
+    arrays: Mapping[str, np.ndarray]
 
 
-@ocp.args.register_with_handler(PackedArraysHandler, for_restore=True)
+@ocp.args.register_with_handler(NamedArraysHandler, for_restore=True)
 @dataclasses.dataclass
-class PackedArraysRestore(ocp.args.CheckpointArgs):
-    """Restore arguments of :class:`PackedArraysHandler` (nothing to say: the file has it all)."""
+class NamedArraysRestore(ocp.args.CheckpointArgs):
+    """Restore arguments of :class:`NamedArraysHandler` (nothing to say: the file has it all)."""
 
 
-def _flatten(arrays: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    flat: dict[str, np.ndarray] = {}
-    for name, value in arrays.items():
-        if isinstance(value, Mapping):
-            flat.update({f"{name}/{inner}": np.asarray(array) for inner, array in value.items()})
-        else:
-            flat[name] = np.asarray(value)
-    return flat
+def save_args(state: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> ocp.args.Composite:
+    """The orbax arguments that write one checkpoint: ``state`` from :func:`named_arrays`."""
+    return ocp.args.Composite(state=NamedArraysSave(dict(state)), meta=ocp.args.JsonSave(dict(meta)))
 
 
-def _unflatten(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    arrays: dict[str, Any] = {}
-    for name, array in flat.items():
-        outer, _, inner = name.partition("/")
-        if inner:
-            arrays.setdefault(outer, {})[inner] = array
-        else:
-            arrays[outer] = array
-    return arrays
+# -- named arrays ------------------------------------------------------------------------------
 
 
-def save_args(state: Mapping[str, Any], meta: Mapping[str, Any]) -> ocp.args.Composite:
-    """The orbax arguments that write one checkpoint."""
-    return ocp.args.Composite(state=PackedArraysSave(dict(state)), meta=ocp.args.JsonSave(dict(meta)))
+def named_arrays(tree: Any) -> dict[str, np.ndarray]:
+    """The array leaves of ``tree`` on the host, each named by its tree path (keys joined with
+    ``/``, e.g. ``svi_state/optim_state/1/0/mu/w_auto_loc``); typed PRNG keys as their raw
+    ``uint32`` data. What a checkpoint's ``state`` item holds.
+
+    Raises:
+        CheckpointError: two leaves get the same name (e.g. a parameter named ``"a/b"`` next
+            to a dict ``{"a": {"b": ...}}``): one would overwrite the other.
+    """
+    names, leaves, _ = _named_leaves(tree)
+    raw = [jax.random.key_data(leaf) if _is_key(leaf) else leaf for leaf in leaves]
+    # One device_get for all: the copies to the host overlap.
+    return dict(zip(names, map(np.asarray, jax.device_get(raw)), strict=True))
+
+
+def array_tree(tree: Any) -> dict[str, list[Any]]:
+    """``{name: [shape, dtype]}`` of every array leaf of ``tree`` as :func:`named_arrays` stores
+    it (typed PRNG keys as their ``uint32`` data), without copying: JSON-ready, and the
+    expected contents of a checkpoint (``jax.ShapeDtypeStruct`` leaves work too)."""
+    names, leaves, _ = _named_leaves(tree)
+    return {name: [list(shape), dtype] for name, (shape, dtype) in zip(names, map(_stored_spec, leaves), strict=True)}
+
+
+def tree_from_arrays(arrays: Mapping[str, np.ndarray], like: Any) -> Any:
+    """Undo :func:`named_arrays`: the structure of ``like`` filled with ``arrays`` by name, each
+    put on the sharding of its ``like`` leaf when that is a ``jax.Array`` (and wrapped as a key
+    of its implementation when that is a typed key)."""
+    names, refs, treedef = _named_leaves(like)
+    return treedef.unflatten([_leaf_like(arrays[name], ref) for name, ref in zip(names, refs, strict=True)])
+
+
+def compare_array_trees(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Human-readable differences between two :func:`array_tree` results (empty: the same)."""
+    differences = [f"{name}: only in the checkpoint" for name in sorted(set(saved) - set(current))]
+    differences += [f"{name}: not in the checkpoint" for name in sorted(set(current) - set(saved))]
+    differences += [
+        f"{name}: {saved[name][0]} {saved[name][1]} in the checkpoint, {current[name][0]} {current[name][1]} now"
+        for name in sorted(set(saved) & set(current))
+        if list(saved[name]) != list(current[name])
+    ]
+    return differences
+
+
+def tree_signature(tree: Any) -> str:
+    """The structure of a pytree, leaves described by shape and dtype (to compare two fits)."""
+    return str(jax.tree.structure(tree)) + str([(tuple(leaf.shape), str(leaf.dtype)) for leaf in jax.tree.leaves(tree)])
+
+
+def _named_leaves(tree: Any) -> tuple[tuple[str, ...], list[Any], Any]:
+    leaves, treedef = jax.tree.flatten(tree)
+    return _leaf_names(treedef), leaves, treedef
+
+
+@functools.lru_cache(maxsize=64)
+def _leaf_names(treedef: Any) -> tuple[str, ...]:
+    """The leaves' path names of a tree structure; cached, as every save of a fit names the same
+    structure (naming the paths was half of a save's time on the training loop)."""
+    placeholders = treedef.unflatten(range(treedef.num_leaves))
+    names = tuple(_path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(placeholders)[0])
+    if len(set(names)) < len(names):
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        raise CheckpointError(
+            f"two leaves of the checkpointed state share the name(s) {repeated}; rename the parameter whose "
+            "name contains '/' so that its path differs from a nested one."
+        )
+    return names
+
+
+def _path_name(path: tuple[Any, ...]) -> str:
+    return "/".join(str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path)
+
+
+def _is_key(leaf: Any) -> bool:
+    return hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+
+
+def _stored_spec(leaf: Any) -> tuple[tuple[int, ...], str]:
+    if _is_key(leaf):
+        return tuple(jax.random.key_data(leaf).shape), "uint32"
+    if not hasattr(leaf, "dtype"):  # a Python number
+        leaf = np.asarray(leaf)
+    return tuple(leaf.shape), np.dtype(leaf.dtype).name
+
+
+def _leaf_like(value: np.ndarray, ref: Any) -> Any:
+    leaf = jax.device_put(value, ref.sharding) if isinstance(ref, jax.Array) else value
+    return jax.random.wrap_key_data(leaf, impl=jax.random.key_impl(ref)) if _is_key(ref) else leaf
+
+
+# -- finding a checkpoint ----------------------------------------------------------------------
 
 
 def checkpoint_steps(directory: str | os.PathLike[str]) -> list[int]:
-    """The complete checkpoints in ``directory``, by step (in-progress saves excluded)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    return sorted(
-        int(entry.name)
-        for entry in directory.iterdir()
-        if entry.is_dir() and entry.name.isdigit() and (entry / "meta").exists() and (entry / "state").exists()
-    )
+    """The steps of the step directories in ``directory`` that hold both items, ascending
+    (saves in progress excluded; their contents are not read: see :func:`checkpoint_damage`)."""
+    return sorted(int(step_dir.name) for step_dir in _step_directories(Path(directory)) if _has_items(step_dir))
 
 
-def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
-    """A checkpoint step directory from ``path``: a step directory itself, or a directory of
-    checkpoints (its newest complete one)."""
+def checkpoint_damage(step_dir: Path) -> str | None:
+    """What keeps the step directory ``step_dir`` from being resumed (an item missing, its
+    ``meta`` unreadable, its ``arrays.npz`` missing or not an archive), or ``None``.
+
+    The archive's members are not read here (a corrupted member shows when it is restored).
+    """
+    missing = [repr(item) for item in _ITEMS if not (step_dir / item).is_dir()]
+    if missing:
+        return f"it has no {' and no '.join(missing)} item"
+    try:
+        _read_json(step_dir)
+    except Exception as error:  # orbax raises many types for a damaged file
+        return f"its 'meta' item is damaged ({error})"
+    if not zipfile.is_zipfile(step_dir / "state" / _ARRAYS_FILE):
+        return f"its 'state' item is damaged ({_ARRAYS_FILE} is missing or not a .npz archive)"
+    return None
+
+
+def require_usable(step_dir: Path) -> Path:
+    """``step_dir``, after checking it is not damaged (:func:`checkpoint_damage`).
+
+    Raises:
+        CheckpointError: it is; a checkpoint asked for by its path or step is never swapped
+            for another one.
+    """
+    damage = checkpoint_damage(step_dir)
+    if damage is not None:
+        raise CheckpointError(
+            f"the checkpoint {str(step_dir)!r} cannot be used: {damage}. Resume from another step, or pass the "
+            "directory of checkpoints for its newest usable one."
+        )
+    return step_dir
+
+
+def newest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
+    """The newest usable checkpoint in ``directory`` (``None``: it holds no step directory).
+
+    A damaged step directory newer than it (:func:`checkpoint_damage`) is skipped with a
+    :class:`~aimz_trainer.errors.CheckpointWarning` that names it and the one used: the fit
+    continues the same run from an earlier step rather than not at all.
+
+    Raises:
+        CheckpointError: every step directory in ``directory`` is damaged.
+    """
+    skipped = []
+    for step_dir in _step_directories(Path(directory)):
+        damage = checkpoint_damage(step_dir)
+        if damage is None:
+            if skipped:
+                warn_checkpoint(
+                    f"skipped the damaged checkpoint(s) {'; '.join(skipped)}; using {str(step_dir)!r} (step "
+                    f"{step_dir.name}), the newest usable one, instead. Remove the damaged directories, or pass a "
+                    "checkpoint's own path, to silence this."
+                )
+            return step_dir
+        skipped.append(f"{str(step_dir)!r} ({damage})")
+    if skipped:
+        raise CheckpointError(f"every checkpoint in {str(directory)!r} is damaged: {'; '.join(skipped)}.")
+    return None
+
+
+def resolve_checkpoint(path: str | os.PathLike[str], *, name: str = "ckpt_path") -> Path:
+    """A checkpoint step directory from ``path`` (the argument ``name``): a step directory itself
+    (refused when damaged), or a directory of checkpoints (its newest usable one:
+    :func:`newest_checkpoint`)."""
+    if not isinstance(path, str | os.PathLike) or not str(path):
+        raise CheckpointError(f"{name} must be a checkpoint's path; got {path!r}.")
     location = Path(path)
     if not location.exists():
-        raise CheckpointError(f"ckpt_path={str(path)!r} does not exist.")
-    if (location / "meta").exists() and (location / "state").exists():
-        return location
-    steps = checkpoint_steps(location)
-    if not steps:
+        raise CheckpointError(f"{name}={str(path)!r} does not exist.")
+    if any((location / item).exists() for item in _ITEMS):
+        return require_usable(location)
+    newest = newest_checkpoint(location)
+    if newest is None:
         raise CheckpointError(
-            f"ckpt_path={str(path)!r} holds no complete checkpoint (expected step directories such as "
+            f"{name}={str(path)!r} holds no complete checkpoint (expected step directories such as "
             f"{str(location / '100')!r} with 'state' and 'meta' inside)."
         )
-    return location / str(steps[-1])
+    return newest
+
+
+def warn_checkpoint(message: str) -> None:
+    """Issue a :class:`~aimz_trainer.errors.CheckpointWarning` at the caller's line (the first
+    frame outside this library)."""
+    warnings.warn(message, CheckpointWarning, skip_file_prefixes=(_LIBRARY,))
+
+
+def _step_directories(directory: Path) -> list[Path]:
+    """The directories named by a step number, newest first (orbax names a save in progress
+    otherwise: ``<step>.orbax-checkpoint-tmp...``)."""
+    if not directory.is_dir():
+        return []
+    entries = (entry for entry in directory.iterdir() if entry.name.isdigit() and entry.is_dir())
+    return sorted(entries, key=lambda entry: int(entry.name), reverse=True)
+
+
+def _has_items(step_dir: Path) -> bool:
+    return all((step_dir / item).exists() for item in _ITEMS)
+
+
+# -- reading a checkpoint ----------------------------------------------------------------------
 
 
 def read_meta(step_dir: Path) -> dict[str, Any]:
     """The JSON item of a checkpoint, checked for the fields a resume needs."""
     try:
-        meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / "meta")
+        meta = _read_json(step_dir)
     except Exception as error:  # orbax raises many types for a damaged file
         raise CheckpointError(
             f"the checkpoint {str(step_dir)!r} cannot be read: its 'meta' item is damaged ({error})."
@@ -168,98 +354,109 @@ def read_meta(step_dir: Path) -> dict[str, Any]:
     return meta
 
 
-def restore_state(step_dir: Path, target: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Read the ``state`` item (host arrays); with ``target`` (arrays of the expected shapes
-    and dtypes, e.g. :func:`packed_like`), check that it is what this fit holds."""
+def _read_json(step_dir: Path) -> dict[str, Any]:
+    return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / "meta")
+
+
+def read_arrays(step_dir: Path) -> dict[str, np.ndarray]:
+    """A checkpoint's ``state`` item: ``{name: array}`` (:func:`named_arrays`), on the host."""
     try:
-        restored = ocp.Checkpointer(PackedArraysHandler()).restore(step_dir / "state", args=PackedArraysRestore())
+        return ocp.Checkpointer(NamedArraysHandler()).restore(step_dir / "state", args=NamedArraysRestore())
     except Exception as error:  # numpy and zipfile raise many types for a damaged file
         raise CheckpointError(f"the checkpoint {str(step_dir)!r} cannot be restored: {error}") from error
-    if target is not None:
-        expected = {name: (array.shape, array.dtype) for name, array in _flatten(target).items()}
-        found = {name: (array.shape, array.dtype) for name, array in _flatten(restored).items()}
-        if found != expected:
-            raise CheckpointError(
-                f"the checkpoint {str(step_dir)!r} cannot be restored: its arrays {found} are not this fit's "
-                f"{expected}."
-            )
-    return restored
 
 
-def pack(tree: Any) -> dict[str, np.ndarray]:
-    """The array leaves of ``tree`` on the host, flattened into one buffer per dtype (typed
-    PRNG keys as their raw ``uint32`` data): what a checkpoint holds.
+def restore_state(step_dir: Path, like: Any) -> Any:
+    """A checkpoint's ``state`` item as a tree shaped like ``like`` (:func:`tree_from_arrays`),
+    after checking that it holds exactly ``like``'s arrays, by name, shape and dtype.
 
-    A few large buffers save several times faster than many small arrays, and orbax cannot
-    store every pytree node type (e.g. the empty ``ParamShape`` nodes of
-    ``numpyro.contrib.module``); the structure comes back from the live fit (:func:`unpack`).
-    Only ready buffers are copied: nothing waits for a computation in flight.
+    Raises:
+        CheckpointError: the item cannot be read, or its arrays are not ``like``'s (each
+            difference is named).
     """
-    buffers: dict[str, list[np.ndarray]] = {}
-    for leaf in jax.tree.leaves(tree):
-        host = np.asarray(jax.random.key_data(leaf) if _is_key(leaf) else leaf)
-        buffers.setdefault(host.dtype.name, []).append(host.ravel())
-    return {dtype: np.concatenate(parts) for dtype, parts in buffers.items()}
+    arrays = read_arrays(step_dir)
+    differences = compare_array_trees(array_tree(arrays), array_tree(like))
+    if differences:
+        raise CheckpointError(
+            f"the checkpoint {str(step_dir)!r} cannot be restored: its arrays are not this fit's; "
+            + "; ".join(differences)
+        )
+    return tree_from_arrays(arrays, like)
 
 
-def unpack(buffers: Mapping[str, np.ndarray], like: Any) -> Any:
-    """Undo :func:`pack` with the structure, key types and shardings of ``like``."""
-    live, treedef = jax.tree.flatten(like)
-    offsets = dict.fromkeys(buffers, 0)
-    leaves = []
-    for ref in live:
-        data_shape = jax.random.key_data(ref).shape if _is_key(ref) else ref.shape
-        dtype = np.dtype(np.uint32) if _is_key(ref) else np.dtype(ref.dtype)
-        start, size = offsets.get(dtype.name, 0), math.prod(data_shape)
-        chunk = np.asarray(buffers[dtype.name][start : start + size]).reshape(data_shape)
-        offsets[dtype.name] = start + size
-        leaf = jax.device_put(chunk, ref.sharding) if isinstance(ref, jax.Array) else chunk
-        leaves.append(jax.random.wrap_key_data(leaf, impl=jax.random.key_impl(ref)) if _is_key(ref) else leaf)
-    if any(offsets[name] != len(buffer) for name, buffer in buffers.items()):
-        raise CheckpointError("the checkpoint's arrays do not fit this fit's state (another model or optimizer?).")
-    return treedef.unflatten(leaves)
+# -- what a resume compares --------------------------------------------------------------------
+
+_PROBE_START = np.array([0.0, 0.0, 1.0, -2.0], np.float32)  # zeros: moves read exactly; others: decay
+# Three steps (momenta show from the second), a large gradient (clipping), and a loss for the
+# optimizers that take one (numpyro's update_with_value).
+_PROBE_GRADIENTS = np.array([[0.1, -0.4, 2.0, -1e-3], [0.3, 0.2, -1.0, 5e-3], [-10.0, 3.0, 0.5, 1.0]], np.float32)
+_PROBE_LOSSES = np.array([3.0, 2.0, 1.0], np.float32)
 
 
-def packed_like(tree: Any) -> dict[str, np.ndarray]:
-    """Empty buffers shaped like :func:`pack` of ``tree`` (a restore target), without copying."""
-    sizes: dict[str, int] = {}
-    for leaf in jax.tree.leaves(tree):
-        dtype = np.dtype(np.uint32) if _is_key(leaf) else np.dtype(leaf.dtype)
-        shape = jax.random.key_data(leaf).shape if _is_key(leaf) else leaf.shape
-        sizes[dtype.name] = sizes.get(dtype.name, 0) + math.prod(shape)
-    return {name: np.zeros(size, name) for name, size in sizes.items()}
+def optimizer_probe(optim: Any) -> list[float] | None:
+    """How far the optimizer ``optim`` (an SVI's: ``numpyro.optim``, or optax as SVI wraps it)
+    moves a fixed probe parameter in three updates from fixed gradients, each move to 4
+    significant digits.
+
+    A fingerprint of its hyperparameters that needs no access to them (numpyro keeps them in
+    closures): it tells Adam(0.01) from Adam(0.02), other momenta, weight decay or clipping
+    apart; a schedule that differs only after its first steps goes unseen. ``None`` when the
+    optimizer cannot update the probe (one that needs the model's own parameter tree, such as
+    optax's ``multi_transform`` with a tree of labels).
+
+    Example:
+        >>> from numpyro.optim import Adam
+        >>> optimizer_probe(Adam(0.01)) != optimizer_probe(Adam(0.02))
+        True
+    """
+
+    def moves() -> jax.Array:
+        state = optim.init({"probe": jnp.asarray(_PROBE_START)})
+        for gradient, loss in zip(_PROBE_GRADIENTS, _PROBE_LOSSES, strict=True):
+            state = optim.update({"probe": jnp.asarray(gradient)}, state, value=jnp.asarray(loss))
+        return optim.get_params(state)["probe"] - _PROBE_START
+
+    try:
+        # One compiled function: 50-150 ms, where op by op each op compiles on its first use
+        # in a process (0.5-1 s in all).
+        moved = np.asarray(jax.jit(moves)())
+    except Exception:  # the optimizer's own error: it needs other parameters than the probe
+        return None
+    return [float(f"{move:.4g}") for move in moved]
 
 
-def tree_signature(tree: Any) -> str:
-    """The structure of a pytree, leaves described by shape and dtype (to compare two fits)."""
-    return str(jax.tree.structure(tree)) + str([(tuple(leaf.shape), str(leaf.dtype)) for leaf in jax.tree.leaves(tree)])
+def data_digest(arrays: Mapping[str, Any]) -> str:
+    """A short digest of training data (:func:`~aimz_trainer.data.digest_rows`: names, shapes,
+    dtypes and every n/1024-th row): tells apart datasets given by mistake."""
+    digest = hashlib.sha256()
+    digest_rows(digest, arrays)
+    return digest.hexdigest()[:16]
 
 
-def _is_key(leaf: Any) -> bool:
-    return hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+def fit_fingerprint(arrays: Mapping[str, Any], optim: Any) -> dict[str, Any]:
+    """What a resumed fit checks it still has: ``{"data_digest", "optimizer_probe"}``."""
+    return {"data_digest": data_digest(arrays), "optimizer_probe": optimizer_probe(optim)}
 
 
-def param_tree(params: Mapping[str, Any]) -> dict[str, list[Any]]:
-    """``{name: [shape, dtype]}`` for every array leaf of the parameters, in :func:`pack`
-    order; nested names are joined with ``/`` (JSON-ready)."""
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    return {_path_name(path): [list(leaf.shape), str(leaf.dtype)] for path, leaf in leaves}
-
-
-def _path_name(path: tuple[Any, ...]) -> str:
-    return "/".join(str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path)
-
-
-def compare_param_trees(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """Human-readable differences between two :func:`param_tree` results (empty: the same)."""
-    differences = [f"{name}: only in the checkpoint" for name in sorted(set(saved) - set(current))]
-    differences += [f"{name}: only in this model" for name in sorted(set(current) - set(saved))]
-    differences += [
-        f"{name}: {saved[name][0]} {saved[name][1]} in the checkpoint, {current[name][0]} {current[name][1]} now"
-        for name in sorted(set(saved) & set(current))
-        if list(saved[name]) != list(current[name])
-    ]
+def fingerprint_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """How a fit's :func:`fit_fingerprint` differs from the one a checkpoint recorded (a value
+    missing on either side is not compared)."""
+    differences = []
+    data = saved.get("data_digest"), current.get("data_digest")
+    if None not in data and data[0] != data[1]:
+        differences.append(
+            f"other training data (the digest of their sampled rows is {data[0]} in the checkpoint, {data[1]} now)"
+        )
+    probes = saved.get("optimizer_probe"), current.get("optimizer_probe")
+    if None not in probes and list(probes[0]) != list(probes[1]):
+        differences.append(
+            "another optimizer setting, such as the learning rate (its moves of a probe parameter from fixed "
+            f"gradients are {probes[0]} in the checkpoint, {probes[1]} now)"
+        )
     return differences
+
+
+# -- without a Trainer -------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -270,7 +467,8 @@ class LoadedCheckpoint:
         path: the step directory.
         step: SVI steps done when it was written.
         epoch: the epoch it was written in.
-        params: the constrained variational parameters (``SVI.get_params``), as NumPy arrays.
+        params: the constrained variational parameters (``SVI.get_params``), as NumPy arrays;
+            nested names joined with ``/``.
         losses: the loss of every step up to ``step``.
         meta: the JSON metadata (versions, settings, parameter tree, callback states).
     """
@@ -291,36 +489,25 @@ class LoadedCheckpoint:
         return guide.sample_posterior(rng_key, self.params, sample_shape=(num_samples,), **data)
 
 
-def _named_params(buffers: Mapping[str, np.ndarray], tree: Mapping[str, list[Any]]) -> dict[str, np.ndarray]:
-    """Split packed parameters by the checkpoint's parameter tree (name -> [shape, dtype])."""
-    offsets: dict[str, int] = {}
-    params = {}
-    for name, (shape, dtype) in tree.items():
-        dtype = "uint32" if dtype.startswith("key<") else dtype
-        start, size = offsets.get(dtype, 0), math.prod(shape)
-        params[name] = np.asarray(buffers[dtype][start : start + size]).reshape(shape)
-        offsets[dtype] = start + size
-    return params
-
-
 def load_checkpoint(path: str | os.PathLike[str]) -> LoadedCheckpoint:
     """Read a checkpoint's parameters, losses and metadata, for prediction without a Trainer.
 
     Args:
-        path: a checkpoint step directory, or a directory of checkpoints (its newest).
+        path: a checkpoint step directory, or a directory of checkpoints (its newest usable
+            one: :func:`resolve_checkpoint`).
 
     Example:
         >>> ckpt = load_checkpoint("checkpoints")  # doctest: +SKIP
         >>> ckpt.params["w_auto_loc"]  # doctest: +SKIP
     """
-    step_dir = resolve_checkpoint(path)
+    step_dir = resolve_checkpoint(path, name="path")
     meta = read_meta(step_dir)
-    restored = restore_state(step_dir)
+    arrays = read_arrays(step_dir)
     return LoadedCheckpoint(
         path=step_dir,
         step=int(meta["step"]),
         epoch=int(meta["epoch"]),
-        params=_named_params(restored["params"], meta["params_tree"]),
-        losses=np.asarray(restored["losses"]),
+        params={name.removeprefix(_PARAMS): array for name, array in arrays.items() if name.startswith(_PARAMS)},
+        losses=arrays["losses"],
         meta=meta,
     )

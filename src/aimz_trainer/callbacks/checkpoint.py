@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import datetime
+import logging
 import math
 import os
 import shutil
+import traceback
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -13,11 +18,11 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN, preservation_policy
 
-from aimz_trainer._validation import is_int_at_least
+from aimz_trainer._validation import is_int_at_least, require_bool, require_choice
 from aimz_trainer.callbacks.base import Callback, FitProgress
 from aimz_trainer.callbacks.logger import writable_directory
-from aimz_trainer.checkpoint import checkpoint_steps, save_args
-from aimz_trainer.errors import ConfigurationError, MetricNotFoundError
+from aimz_trainer.checkpoint import checkpoint_steps, newest_checkpoint, read_meta, save_args
+from aimz_trainer.errors import CheckpointError, ConfigurationError, MetricNotFoundError
 
 if TYPE_CHECKING:
     from aimz_trainer.trainer import Trainer
@@ -33,7 +38,9 @@ class ModelCheckpoint(Callback):
     the host (its arrays are small and ready) and hands it to a writer thread, which runs the
     orbax ``CheckpointManager`` save, one at a time, while the devices keep training. The fit
     waits for the last save before it returns, and a failed save raises from ``fit`` (at the
-    next save or at the end). Resume with ``trainer.fit(..., ckpt_path="last")``.
+    next save or at the end). Resume with ``trainer.fit(..., ckpt_path="last")``; ``save_top_k``
+    then also ranks the checkpoints already in ``dirpath`` (by the score each one recorded), so
+    a resumed fit leaves the same checkpoints as an uninterrupted one.
 
     Args:
         dirpath: the directory of the checkpoints (``<dirpath>/<step>``), created if needed.
@@ -52,6 +59,7 @@ class ModelCheckpoint(Callback):
             when nothing is monitored).
         best_model_score: its ``monitor`` value.
         last_model_path: the newest checkpoint.
+        last_model_score: its ``monitor`` value (each checkpoint records its own).
 
     Example:
         >>> import tempfile
@@ -78,8 +86,9 @@ class ModelCheckpoint(Callback):
         for name, value in [("every_n_epochs", every_n_epochs), ("every_n_train_steps", every_n_train_steps)]:
             if value is not None and not is_int_at_least(value, 0):
                 raise ConfigurationError(f"ModelCheckpoint {name} must be an int >= 0 or None; got {value!r}.")
-        if mode not in ("min", "max"):
-            raise ConfigurationError(f"ModelCheckpoint mode must be 'min' or 'max'; got {mode!r}.")
+        require_choice("ModelCheckpoint mode", mode, ("min", "max"))
+        require_bool("ModelCheckpoint save_last", save_last)
+        require_bool("ModelCheckpoint async_save", async_save)
         if isinstance(save_top_k, bool) or not isinstance(save_top_k, int) or save_top_k < -1 or save_top_k == 0:
             raise ConfigurationError(
                 f"ModelCheckpoint save_top_k must be a positive int or -1 (all); got {save_top_k!r}."
@@ -97,6 +106,8 @@ class ModelCheckpoint(Callback):
         self.best_model_path: str | None = None
         self.best_model_score: float | None = None
         self.last_model_path: str | None = None
+        self.last_model_score: float | None = None
+        self._scores: dict[int, float] = {}  # step -> monitor value of the checkpoints in dirpath
         self._manager: ocp.CheckpointManager | None = None
         self._writer: ThreadPoolExecutor | None = None
         self._pending: Future[None] | None = None
@@ -114,18 +125,23 @@ class ModelCheckpoint(Callback):
             "best_model_path": self.best_model_path,
             "best_model_score": self.best_model_score,
             "last_model_path": self.last_model_path,
+            "last_model_score": self.last_model_score,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best_model_path = state["best_model_path"]
         self.best_model_score = state["best_model_score"]
         self.last_model_path = state["last_model_path"]
+        self.last_model_score = state["last_model_score"]
 
     def step_interval(self, trainer: Trainer) -> int | None:
         return self.every_n_train_steps
 
     def on_fit_start(self, trainer: Trainer, progress: FitProgress) -> None:
         self._last_saved_step = progress.step if progress.step else None  # a resume: that one exists
+        # A resume ranks the checkpoints its run wrote before; a fresh fit leaves others' alone.
+        ranks_saved = progress.step > 0 and self.monitor is not None and self.save_top_k != -1
+        self._scores = self._saved_scores() if ranks_saved else {}
         options = ocp.CheckpointManagerOptions(
             # Our writer thread is the asynchrony: orbax's own (a thread and event loops per
             # save) cost 5 ms more CPU per save and still held the loop for 9 ms.
@@ -142,6 +158,7 @@ class ModelCheckpoint(Callback):
             ),
         )
         self.dirpath.mkdir(parents=True, exist_ok=True)
+        logging.getLogger("absl").addFilter(_FAILED_SAVE_LOGS)
         self._manager = ocp.CheckpointManager(self.dirpath, options=options)
         if self.async_save:
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aimz-checkpoint")
@@ -153,7 +170,22 @@ class ModelCheckpoint(Callback):
             return LatestN(self.save_top_k)
         monitor = self.monitor
         best = BestN(get_metric_fn=lambda metrics: metrics[monitor], reverse=self.mode == "min", n=self.save_top_k)
-        return AnyPreservationPolicy([best, LatestN(1)]) if self.save_last else best
+        ranked = _RankedByScores(best, monitor, self._scores)
+        return AnyPreservationPolicy([ranked, LatestN(1)]) if self.save_last else ranked
+
+    def _saved_scores(self) -> dict[int, float]:
+        """The score of each checkpoint already in ``dirpath``, from its meta (this callback's
+        ``last_model_score``). One without (unreadable, or written by another callback) is not
+        ranked, and so is kept."""
+        scores = {}
+        for step in checkpoint_steps(self.dirpath):
+            try:
+                state = read_meta(self.dirpath / str(step))["callbacks"].get(self.state_key)
+            except CheckpointError:
+                continue
+            if state is not None and state.get("last_model_score") is not None:
+                scores[step] = state["last_model_score"]
+        return scores
 
     def on_train_chunk_end(self, trainer: Trainer, progress: FitProgress, losses: Any, steps: range) -> None:
         if self.every_n_train_steps and steps.stop % self.every_n_train_steps == 0:
@@ -179,8 +211,10 @@ class ModelCheckpoint(Callback):
         self.last_model_path = path
         if metrics is None:
             self.best_model_path = path
-        elif self._improves(metrics[self.monitor]):
-            self.best_model_path, self.best_model_score = path, metrics[self.monitor]
+        else:
+            self.last_model_score = self._scores[progress.step] = metrics[self.monitor]
+            if self._improves(self.last_model_score):
+                self.best_model_path, self.best_model_score = path, self.last_model_score
         checkpoint = trainer.checkpoint()
         args = save_args(checkpoint["state"], checkpoint["meta"])
         if self._writer is None:
@@ -190,9 +224,20 @@ class ModelCheckpoint(Callback):
         self._last_saved_step = progress.step
 
     def _write(self, manager: ocp.CheckpointManager, step: int, args: Any, metrics: dict[str, float] | None) -> None:
-        if step in manager.all_steps():
-            # A fit resumed from an older checkpoint writes its later steps again: replace them
-            # (before the save: orbax's background delete would race the new save of that step).
+        try:
+            self._replace_and_save(manager, step, args, metrics)
+        except OSError as error:  # the OS's message (ENOSPC) does not say which save failed
+            raise type(error)(
+                error.errno, f"saving the checkpoint of step {step} into {str(self.dirpath)!r} failed: {error.strerror}"
+            ) from error
+
+    def _replace_and_save(
+        self, manager: ocp.CheckpointManager, step: int, args: Any, metrics: dict[str, float] | None
+    ) -> None:
+        if (self.dirpath / str(step)).exists():
+            # A fit resumed from an older checkpoint writes its later steps again, and a damaged
+            # step directory that was skipped may be in the way (orbax need not list it): replace
+            # it (before the save: orbax's background delete would race the new save of that step).
             shutil.rmtree(self.dirpath / str(step))
             manager.reload()
         manager.save(step, args=args, metrics=metrics, force=True)
@@ -220,8 +265,52 @@ class ModelCheckpoint(Callback):
         if self._manager is not None:
             manager, self._manager = self._manager, None
             manager.close()
+        logging.getLogger("absl").removeFilter(_FAILED_SAVE_LOGS)
 
     def latest(self) -> Path | None:
-        """The newest complete checkpoint in ``dirpath`` (what ``ckpt_path="last"`` resumes)."""
-        steps = checkpoint_steps(self.dirpath)
-        return self.dirpath / str(steps[-1]) if steps else None
+        """The newest usable checkpoint in ``dirpath`` (what ``ckpt_path="last"`` resumes; see
+        :func:`~aimz_trainer.checkpoint.newest_checkpoint`)."""
+        return newest_checkpoint(self.dirpath)
+
+
+@dataclass(frozen=True)
+class _Scored:
+    """A checkpoint as orbax's preservation policies see it (its ``PolicyCheckpointInfo``)."""
+
+    step: int
+    time: datetime.datetime
+    metrics: dict[str, float] | None
+
+
+@dataclass(frozen=True)
+class _RankedByScores:
+    """orbax's ``BestN``, ranking by the scores the callback knows, those of the checkpoints in
+    ``dirpath`` when a resumed fit started included. orbax itself knows only the metrics given to
+    ``save`` since it was created (with a preservation policy it does not write them), and
+    ``BestN`` keeps every checkpoint without metrics: after a resume, all the older ones."""
+
+    best: BestN
+    monitor: str
+    scores: dict[int, float]
+
+    def should_preserve(self, checkpoints: Sequence[Any], *, context: Any) -> Sequence[bool]:
+        scored = [
+            _Scored(info.step, info.time, {self.monitor: self.scores[info.step]} if info.step in self.scores else None)
+            for info in checkpoints
+        ]
+        return self.best.should_preserve(scored, context=context)
+
+
+class _FailedSaveLogs(logging.Filter):
+    """Drops the tracebacks orbax logs (absl, ERROR, from its own threads) for a failed save:
+    the fit raises that same error, and the log would print it a second time above it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or not record.exc_info or record.exc_info[2] is None:
+            return True
+        # absl names itself as the record's caller: the traceback tells where the error arose.
+        frames = traceback.extract_tb(record.exc_info[2])
+        return not any(f"{os.sep}orbax{os.sep}" in frame.filename for frame in frames)
+
+
+_FAILED_SAVE_LOGS = _FailedSaveLogs()
