@@ -115,6 +115,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.max_epochs = args.max_epochs or (10 if args.full else 5)
     args.num_samples = args.num_samples if args.num_samples is not None else (500 if args.full else 100)
     args.val_rows = args.val_rows if args.val_rows is not None else max(args.num_rows // 10, 1)
+    if args.val_rows < 1:  # the summary's held-out accuracy, AUC and calibration need rows
+        parser.error(f"--val-rows must be at least 1; got {args.val_rows}.")
     args.output_dir = output_directory(args.output_dir, args.resume, parser)
     return args
 

@@ -72,7 +72,7 @@ class TestConstruction:
     @pytest.mark.parametrize(
         ("kwargs", "message"),
         [
-            ({"rng_key": 7}, "rng_key must be a jax.random.key"),
+            ({"rng_key": 7}, r"rng_key must be one key, jax.random.key\(seed\); got 7"),
             (
                 {"param_input": "Z"},
                 r"param_input='Z' is not a parameter of the kernel; its parameters are \['X', 't', 'y'\]",

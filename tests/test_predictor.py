@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import arviz
 import jax
@@ -28,6 +29,7 @@ from aimz_trainer import (
     DataError,
     NonFinitePredictionError,
     Predictor,
+    SamplingNoiseWarning,
     StoreError,
     estimate_effect,
     make_mesh,
@@ -302,6 +304,21 @@ def test_estimate_effect_recovers_the_treatment_coefficient():
         assert summary.attrs["ci_low"] <= 1.5 + 1e-5 and summary.attrs["ci_high"] >= 1.5 - 1e-5
         assert summary.attrs["ci_high"] - summary.attrs["ci_low"] < 1e-5  # shared random numbers: no noise
     predictor.cleanup()
+
+
+def test_estimate_effect_warns_when_the_trees_were_drawn_with_other_keys_or_draws(treatment):
+    predictor, posterior, data = treatment
+    control = predictor.predict(data, intervention={"t": 0.0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SamplingNoiseWarning)  # one Predictor: no warning
+        estimate_effect(control, predictor.predict(data, intervention={"t": 1.0}), "y")
+    other_key = Predictor(treatment_model, posterior, rng_key=jax.random.key(7))
+    with pytest.warns(SamplingNoiseWarning, match=r"different random keys \(\[0, 1\] and \[0, 7\]\)"):
+        estimate_effect(control, other_key.predict(data, intervention={"t": 1.0}), "y")
+    shifted = {name: value + 1 for name, value in posterior.items()}
+    other_draws = Predictor(treatment_model, shifted, rng_key=predictor.rng_key)
+    with pytest.warns(SamplingNoiseWarning, match="different posterior draws: their difference carries"):
+        estimate_effect(control, other_draws.predict(data, intervention={"t": 1.0}), "y")
 
 
 def test_estimate_effect_per_draw_is_the_coefficient_draw(treatment):

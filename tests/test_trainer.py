@@ -69,13 +69,15 @@ def test_device_and_host_placement_and_chunk_size_give_the_same_fit(make_linear)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), device.params, host.params)
 
 
-def test_jax_arrays_and_a_legacy_key_are_accepted(make_linear):
+def test_jax_arrays_and_a_legacy_key_are_accepted_with_a_warning(make_linear):
     svi, data = make_linear(200)
     jax_data = {k: jnp.asarray(v) for k, v in data.items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         legacy = jax.random.PRNGKey(0)
-    result = Trainer(max_steps=4, rng_key=legacy, enable_progress_bar=False).fit(svi, jax_data, batch_size=50)
+    with pytest.warns(UserWarning, match="rng_key is a legacy uint32 key"):
+        trainer_with_legacy_key = Trainer(max_steps=4, rng_key=legacy, enable_progress_bar=False)
+    result = trainer_with_legacy_key.fit(svi, jax_data, batch_size=50)
     assert result.losses.shape == (4,)
 
 
@@ -150,13 +152,15 @@ class TestNonFiniteLoss:
     @staticmethod
     def poisoned(make_linear):
         svi, data = make_linear(1000)
-        data["x"][730] = np.nan  # with shuffle=False, row 730 is in step 7 of batch 100
+        # Finite, but its squared error overflows float32: with shuffle=False, row 730 is in
+        # step 7 of batch 100, whose loss is inf.
+        data["x"][730] = 1e30
         return svi, data
 
     def test_raises_naming_the_step_and_keeps_the_last_good_state(self, make_linear):
         svi, data = self.poisoned(make_linear)
         t = trainer(max_epochs=3, steps_per_chunk=3)
-        with pytest.raises(NonFiniteLossError, match="step 7 is nan") as caught:
+        with pytest.raises(NonFiniteLossError, match="step 7 is inf") as caught:
             t.fit(svi, data, batch_size=100, shuffle=False)
         assert caught.value.step == 7
         seven = trainer(max_steps=7, steps_per_chunk=3).fit(svi, data, batch_size=100, shuffle=False)
@@ -164,9 +168,25 @@ class TestNonFiniteLoss:
 
     def test_warn_mode_returns_the_fit_up_to_the_bad_step(self, make_linear):
         svi, data = self.poisoned(make_linear)
-        with pytest.warns(RuntimeWarning, match="step 7 is nan"):
+        with pytest.warns(RuntimeWarning, match="step 7 is inf"):
             result = trainer(max_epochs=3, nonfinite_loss="warn").fit(svi, data, batch_size=100, shuffle=False)
         assert result.losses.shape == (7,) and np.isfinite(result.losses).all()
+
+    @pytest.mark.parametrize("which", ["train_data", "val_data"])
+    def test_non_finite_data_is_refused_before_training_naming_the_row(self, make_linear, which):
+        svi, data = make_linear(200)
+        val = {key: value.copy() for key, value in data.items()}
+        (data if which == "train_data" else val)["x"][123] = np.nan
+        with pytest.raises(DataError, match=rf"{which}\['x'\] holds nan at row 123 \(1 non-finite value\(s\) in all\)"):
+            trainer(max_epochs=1).fit(svi, data, batch_size=50, val_data=val)
+
+    def test_a_non_finite_val_lpd_is_reported_not_dropped(self, make_linear):
+        svi, data = make_linear(200)
+        val = {key: value.copy() for key, value in data.items()}
+        val["x"][7] = 1e30  # finite, but no draw gives y a density there
+        t = trainer(max_epochs=1)
+        t.fit(svi, data, batch_size=50, val_data=val)
+        assert t.callback_metrics["val_lpd"] == -np.inf
 
 
 class TestBadInput:
@@ -182,7 +202,7 @@ class TestBadInput:
             ({"max_epochs": 1, "nonfinite_loss": "ignore"}, "nonfinite_loss must be 'raise' or 'warn'"),
             ({"max_epochs": 1, "devices": 99}, r"devices=99 but \d+ device\(s\) are available"),
             ({"max_epochs": 1, "callbacks": [object()]}, "callbacks must be aimz_trainer.callbacks.Callback"),
-            ({"max_epochs": 1, "rng_key": 3}, "rng_key must be a jax.random.key"),
+            ({"max_epochs": 1, "rng_key": 3}, r"rng_key must be one key, jax.random.key\(seed\); got 3"),
         ],
     )
     def test_trainer_arguments(self, kwargs, message):
@@ -191,7 +211,7 @@ class TestBadInput:
 
     def test_data_key_the_model_does_not_accept(self, make_linear):
         svi, data = make_linear(100)
-        with pytest.raises(DataError, match=r"does not accept the data key\(s\) \['z'\].*parameters are \['x', 'y'\]"):
+        with pytest.raises(DataError, match=r"does not accept the train_data key\(s\) \[.z.\].*parameters are"):
             trainer(max_epochs=1).fit(svi, {**data, "z": data["x"]}, batch_size=10)
 
     def test_arrays_of_different_lengths(self, make_linear):

@@ -14,6 +14,7 @@ from aimz_trainer.checkpoint import LoadedCheckpoint, load_checkpoint
 from aimz_trainer.errors import (
     AimzTrainerError,
     CheckpointError,
+    CheckpointWarning,
     ConfigurationError,
     DataError,
     DistributedError,
@@ -21,6 +22,7 @@ from aimz_trainer.errors import (
     NonFiniteLossError,
     NonFinitePredictionError,
     NotFittedError,
+    SamplingNoiseWarning,
     StoreError,
     StoreWarning,
 )
@@ -52,6 +54,7 @@ __all__ = [
     "CSVLogger",
     "Callback",
     "CheckpointError",
+    "CheckpointWarning",
     "ConfigurationError",
     "DataError",
     "DistributedError",
@@ -68,6 +71,7 @@ __all__ = [
     "PosteriorSampler",
     "Predictor",
     "ProgressBar",
+    "SamplingNoiseWarning",
     "StoreError",
     "StoreWarning",
     "TensorBoardLogger",

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
+import jax
 import numpy as np
 
-__all__ = ["is_int_at_least"]
+from aimz_trainer.errors import ConfigurationError
+
+__all__ = ["as_key", "is_int_at_least", "require_bool", "require_choice"]
 
 
 def is_int_at_least(value: Any, minimum: int) -> bool:
@@ -18,3 +22,60 @@ def is_int_at_least(value: Any, minimum: int) -> bool:
         (True, False, False)
     """
     return isinstance(value, int | np.integer) and not isinstance(value, bool) and value >= minimum
+
+
+def as_key(rng_key: Any, *, name: str = "rng_key") -> jax.Array:
+    """``rng_key`` as one typed JAX key: a ``jax.random.key(seed)`` as it is, a legacy ``uint32[2]``
+    key (``jax.random.PRNGKey``) wrapped, with a warning; anything else (a seed, a batch of
+    keys) is refused with a :class:`~aimz_trainer.errors.ConfigurationError` naming ``name``.
+
+    Example:
+        >>> as_key(jax.random.key(1)).shape
+        ()
+        >>> try:
+        ...     as_key(1)
+        ... except ConfigurationError as error:
+        ...     print(error)
+        rng_key must be one key, jax.random.key(seed); got 1 (an int: pass jax.random.key(1)).
+    """
+    is_array = isinstance(rng_key, jax.Array | np.ndarray)
+    if is_array and jax.dtypes.issubdtype(rng_key.dtype, jax.dtypes.prng_key):
+        if rng_key.shape != ():
+            raise ConfigurationError(
+                f"{name} must be one key, jax.random.key(seed); got a batch of keys of shape {rng_key.shape}."
+            )
+        return rng_key  # type: ignore[return-value]
+    if is_array and rng_key.dtype == np.uint32 and rng_key.shape == (2,):
+        warnings.warn(
+            f"{name} is a legacy uint32 key (jax.random.PRNGKey); converted to a typed key. "
+            "Pass jax.random.key(seed) instead.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return jax.random.wrap_key_data(rng_key)
+    hint = f" (an int: pass jax.random.key({rng_key}))" if isinstance(rng_key, int | np.integer) else ""
+    shape = f" of shape {rng_key.shape} and dtype {rng_key.dtype}" if is_array else ""
+    raise ConfigurationError(f"{name} must be one key, jax.random.key(seed); got {rng_key!r}{shape}{hint}.")
+
+
+def require_bool(name: str, value: Any) -> None:
+    """Raise :class:`~aimz_trainer.errors.ConfigurationError` unless ``value`` is ``True`` or
+    ``False`` (a string such as ``"no"`` would otherwise count as true).
+
+    Example:
+        >>> require_bool("shuffle", True)
+    """
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"{name} must be True or False; got {value!r}.")
+
+
+def require_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    """Raise :class:`~aimz_trainer.errors.ConfigurationError` unless ``value`` is one of the
+    strings ``choices`` (checked as a string first: an array would not compare as one value).
+
+    Example:
+        >>> require_choice("mode", "min", ("min", "max"))
+    """
+    if not isinstance(value, str) or value not in choices:
+        accepted = " or ".join(repr(choice) for choice in choices)
+        raise ConfigurationError(f"{name} must be {accepted}; got {value!r}.")

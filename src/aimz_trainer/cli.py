@@ -12,7 +12,9 @@ the run's logs, checkpoints and predictions went (the summary's ``log_dir``,
 ``--num-processes N`` runs the recipe as N processes of one ``jax.distributed`` run on this
 machine (loopback, ``--local-devices K`` CPU devices each); a process started that way (or by
 SLURM, see :mod:`aimz_trainer.distributed`) joins the run before the recipe starts, and only
-process 0 prints.
+process 0 prints. An error of the library's own types (a bad option value, a checkpoint of
+another model, ...) is printed as one line naming its cause, with exit status 1; any other
+error keeps its traceback.
 
 The command runs with a fixed ``PYTHONHASHSEED`` (``0`` unless the environment sets one): started
 without one, it starts itself again with it, so that two runs of one recipe, or a run and its
@@ -32,7 +34,7 @@ from types import ModuleType
 import jax
 
 from aimz_trainer import distributed
-from aimz_trainer.errors import ConfigurationError
+from aimz_trainer.errors import AimzTrainerError, ConfigurationError
 
 __all__ = ["command", "load_recipe", "main"]
 
@@ -114,9 +116,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The launcher: N copies of this command (without --num-processes), one run.
         command = [sys.executable, "-m", "aimz_trainer.cli", "run", args.recipe, *forwarded, *recipe_argv]
         return distributed.launch(command, args.num_processes, local_devices=args.local_devices)
-    if distributed.initialize() is not None and jax.process_index() != 0:
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - one summary: process 0 prints it
-    summary = recipe.main([*forwarded, *recipe_argv])
+    try:
+        if distributed.initialize() is not None and jax.process_index() != 0:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - one summary: process 0 prints it
+        summary = recipe.main([*forwarded, *recipe_argv])
+    except AimzTrainerError as error:  # our errors say what to do: a traceback would bury it
+        print(f"aimz-trainer: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
     written = [(label, summary[key]) for key, label in OUTPUTS if isinstance(summary, dict) and summary.get(key)]
     if written:
         print(f"{args.recipe} wrote:")

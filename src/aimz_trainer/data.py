@@ -45,6 +45,8 @@ __all__ = [
     "epoch_length",
     "leading_batch",
     "make_chunk_loader",
+    "nonfinite",
+    "require_finite_rows",
     "resolve_placement",
     "validate_batch_size",
     "validate_data",
@@ -74,7 +76,10 @@ def validate_data(data: Any, *, name: str = "train_data") -> tuple[dict[str, Arr
     for key, value in data.items():
         if not isinstance(key, str) or not key.isidentifier():
             raise DataError(f"{name} keys must be keyword names (identifiers); got {key!r}.")
-        array = value if isinstance(value, np.ndarray | jax.Array) else np.asarray(value)
+        try:
+            array = value if isinstance(value, np.ndarray | jax.Array) else np.asarray(value)
+        except (TypeError, ValueError) as error:  # ragged nested lists: rows of different lengths
+            raise DataError(f"{name}[{key!r}] is not an array with one row per observation ({error}).") from error
         if array.dtype.kind not in _NUMERIC_KINDS:
             raise DataError(
                 f"{name}[{key!r}] has dtype {array.dtype}; expected a boolean, integer or floating-point array."
@@ -89,6 +94,37 @@ def validate_data(data: Any, *, name: str = "train_data") -> tuple[dict[str, Arr
     if n == 0:
         raise DataError(f"{name} has no rows: every array has length 0.")
     return arrays, n
+
+
+def nonfinite(array: Any) -> tuple[tuple[int, ...], int] | None:
+    """``(index of the first NaN or infinity, how many there are)`` in a float array; ``None``
+    when there are none.
+
+    Example:
+        >>> nonfinite(np.array([1.0, np.nan, np.inf])), nonfinite(np.arange(3))
+        (((1,), 2), None)
+    """
+    value = np.asarray(array)
+    # A sum is NaN or infinite when any term is (or, rarely, when it overflows): one pass
+    # without a mask the size of the data.
+    if value.dtype.kind not in "fc" or np.isfinite(np.sum(value)):
+        return None
+    bad = ~np.isfinite(value)
+    if not bad.any():
+        return None
+    return tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), value.shape)), int(bad.sum())
+
+
+def require_finite_rows(name: str, arrays: Mapping[str, Any], consequence: str) -> None:
+    """Raise :class:`DataError` at the first NaN or infinity of ``arrays`` (rows of ``name``),
+    naming the array, the value, its row and ``consequence``."""
+    for key, array in arrays.items():
+        if (found := nonfinite(array)) is not None:
+            index, count = found
+            raise DataError(
+                f"{name}[{key!r}] holds {np.asarray(array)[index]} at row {index[0]} ({count} non-finite value(s) "
+                f"in all): {consequence}"
+            )
 
 
 def digest_rows(digest: hashlib._Hash, arrays: Mapping[str, Any]) -> None:
@@ -143,7 +179,7 @@ def device_data_budget(device: jax.Device, num_local_devices: int) -> int:
 
 def resolve_placement(placement: Placement, data_bytes: int, budget: int) -> Literal["device", "host"]:
     """Pick where the training arrays live: on the devices if they fit the budget."""
-    if placement not in ("auto", "device", "host"):
+    if not isinstance(placement, str) or placement not in ("auto", "device", "host"):
         raise ConfigurationError(f"data_placement must be 'auto', 'device' or 'host'; got {placement!r}.")
     if placement == "auto":
         return "device" if data_bytes <= budget else "host"

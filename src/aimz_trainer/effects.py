@@ -3,10 +3,18 @@ numbers (see :mod:`aimz_trainer.predictor`)."""
 
 from __future__ import annotations
 
+import numbers
+import warnings
+from typing import Any
+
 import numpy as np
 import xarray as xr
 
+from aimz_trainer.errors import ConfigurationError, SamplingNoiseWarning
+
 __all__ = ["estimate_effect"]
+
+_PREDICTION_GROUPS = ("posterior_predictive", "predictions")  # in sample, out of sample
 
 
 def estimate_effect(baseline: xr.DataTree, intervened: xr.DataTree, site: str, *, ci: float = 0.94) -> xr.DataTree:
@@ -14,15 +22,28 @@ def estimate_effect(baseline: xr.DataTree, intervened: xr.DataTree, site: str, *
 
     Both trees come from :meth:`Predictor.predict` with the same Predictor (hence the same
     random numbers): the difference ``intervened - baseline`` then carries no sampling noise of
-    its own.
+    its own. Trees drawn with different keys or posterior draws give a
+    :class:`~aimz_trainer.errors.SamplingNoiseWarning`: their difference mixes the effect with
+    the noise of two draws.
 
     Returns:
         A DataTree with ``effect/<site>`` (chain, draw, rows: the per-draw differences) and
         ``summary``: ``mean_effect`` per observation, ``average_effect`` per draw (the mean
         over rows), and its mean with the central ``ci`` credible interval as attributes.
     """
-    group = "posterior_predictive" if "posterior_predictive" in baseline.children else "predictions"
-    difference = (intervened[group][site].astype("float64") - baseline[group][site].astype("float64")).compute()
+    if not isinstance(site, str):
+        raise ConfigurationError(f"site must be the name of a predicted site (a str); got {site!r}.")
+    if isinstance(ci, bool) or not isinstance(ci, numbers.Real) or not 0 < ci <= 1:
+        raise ConfigurationError(f"ci must be a number in (0, 1], the interval's probability; got {ci!r}.")
+    group, before = _predictions(baseline, "baseline", site)
+    other_group, after = _predictions(intervened, "intervened", site)
+    if (other_group, after.shape) != (group, before.shape):
+        raise ConfigurationError(
+            f"baseline holds {group}/{site} of shape {before.shape} and intervened {other_group}/{site} of shape "
+            f"{after.shape}: predict both for the same rows, both in sample or both not."
+        )
+    _warn_unless_same_draws(baseline, intervened)
+    difference = (after.astype("float64") - before.astype("float64")).compute()
     rows_dim = difference.dims[2]
     average = difference.mean(rows_dim)
     low, high = np.quantile(average.values.ravel(), [(1 - ci) / 2, (1 + ci) / 2])
@@ -31,3 +52,38 @@ def estimate_effect(baseline: xr.DataTree, intervened: xr.DataTree, site: str, *
         attrs={"average_effect_mean": float(average.mean()), "ci": ci, "ci_low": float(low), "ci_high": float(high)},
     )
     return xr.DataTree.from_dict({"effect": xr.Dataset({site: difference}), "summary": summary})
+
+
+def _predictions(tree: Any, argument: str, site: str) -> tuple[str, xr.DataArray]:
+    """``(group, draws of site)`` of a tree from :meth:`Predictor.predict`, or a
+    :class:`~aimz_trainer.errors.ConfigurationError` naming ``argument``."""
+    if not isinstance(tree, xr.DataTree):
+        raise ConfigurationError(f"{argument} must be a DataTree from Predictor.predict; got {type(tree).__name__}.")
+    group = next((name for name in _PREDICTION_GROUPS if name in tree.children), None)
+    if group is None:
+        raise ConfigurationError(
+            f"{argument} holds no predictions (a group {' or '.join(map(repr, _PREDICTION_GROUPS))}); its groups are "
+            f"{sorted(tree.children)}."
+        )
+    if site not in tree[group].data_vars:
+        raise ConfigurationError(
+            f"site={site!r} is not in {argument}'s {group}; its sites there are {sorted(tree[group].data_vars)}."
+        )
+    return group, tree[group][site]
+
+
+def _warn_unless_same_draws(baseline: xr.DataTree, intervened: xr.DataTree) -> None:
+    differing = []
+    if baseline.attrs.get("rng_key") != intervened.attrs.get("rng_key"):
+        differing.append(f"random keys ({baseline.attrs.get('rng_key')} and {intervened.attrs.get('rng_key')})")
+    both = "posterior" in baseline.children and "posterior" in intervened.children
+    if both and not baseline["posterior"].to_dataset().identical(intervened["posterior"].to_dataset()):
+        differing.append("posterior draws")
+    if differing:
+        warnings.warn(
+            f"the two trees were drawn with different {' and '.join(differing)}: their difference carries the "
+            "sampling noise of both draws, not the effect alone. Predict both with one Predictor (one rng_key, one "
+            "posterior).",
+            SamplingNoiseWarning,
+            stacklevel=3,
+        )

@@ -19,6 +19,7 @@ __all__ = [
     "NonFiniteLossError",
     "NonFinitePredictionError",
     "NotFittedError",
+    "SamplingNoiseWarning",
     "StoreError",
     "StoreWarning",
 ]
@@ -130,3 +131,8 @@ class CheckpointWarning(UserWarning):
 class StoreWarning(UserWarning):
     """A prediction store is continued, but not from where it was recorded: written chunks that
     are missing or damaged are computed again."""
+
+
+class SamplingNoiseWarning(UserWarning):
+    """An effect is estimated from two prediction trees drawn with different random keys or
+    posterior draws: the difference carries their sampling noise, not the effect alone."""

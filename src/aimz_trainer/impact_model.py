@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import inspect
 import os
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
-import numpy as np
 import xarray as xr
 from numpyro.infer import SVI
 from numpyro.infer.svi import SVIRunResult
 
+from aimz_trainer._validation import as_key
 from aimz_trainer.callbacks import Callback
 from aimz_trainer.effects import estimate_effect
 from aimz_trainer.errors import ConfigurationError, NotFittedError
@@ -90,7 +89,7 @@ class ImpactModel:
             )
         parameters = inspect.signature(kernel).parameters
         for name, value in [("param_input", param_input), ("param_output", param_output)]:
-            if value not in parameters:
+            if not isinstance(value, str) or value not in parameters:
                 raise ConfigurationError(
                     f"{name}={value!r} is not a parameter of the kernel; its parameters are {list(parameters)}."
                 )
@@ -98,7 +97,7 @@ class ImpactModel:
         self.inference = inference
         self.param_input = param_input
         self.param_output = param_output
-        self.rng_key = _typed_key(rng_key)
+        self.rng_key = as_key(rng_key)
         self.mesh = make_mesh(devices)
         self.trainer: Trainer | None = None
         self.vi_result: SVIRunResult | None = None
@@ -352,17 +351,3 @@ class ImpactModel:
             )
         pick = lambda names: {k: v for k, v in kwargs.items() if k in names}  # noqa: E731
         return pick(model), pick(trainer), pick(fit)
-
-
-def _typed_key(rng_key: Any) -> jax.Array:
-    if isinstance(rng_key, jax.Array | np.ndarray) and jax.dtypes.issubdtype(rng_key.dtype, jax.dtypes.prng_key):
-        return rng_key  # type: ignore[return-value]
-    if isinstance(rng_key, jax.Array | np.ndarray) and rng_key.dtype == np.uint32 and rng_key.shape == (2,):
-        warnings.warn(
-            "rng_key is a legacy uint32 key (jax.random.PRNGKey); converted to a typed key. "
-            "Pass jax.random.key(seed) instead.",
-            UserWarning,
-            stacklevel=3,
-        )
-        return jax.random.wrap_key_data(rng_key)
-    raise ConfigurationError(f"rng_key must be a jax.random.key(...); got {rng_key!r}.")

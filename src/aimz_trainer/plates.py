@@ -27,9 +27,9 @@ import numpy as np
 from numpyro import handlers
 from numpyro.infer.autoguide import AutoContinuous
 
-from aimz_trainer.errors import ConfigurationError, MinibatchScalingWarning
+from aimz_trainer.errors import AimzTrainerError, ConfigurationError, DataError, MinibatchScalingWarning
 
-__all__ = ["ModelLayout", "at_rows", "check_trainable", "model_layout", "on_rows"]
+__all__ = ["ModelLayout", "at_rows", "check_trainable", "model_guide_checked", "model_layout", "on_rows"]
 
 
 class ModelLayout(NamedTuple):
@@ -72,9 +72,11 @@ def model_layout(
     *,
     batch_rows: int,
     static_kwargs: Mapping[str, Any] | None = None,
+    name: str = "train_data",
 ) -> ModelLayout:
     """Trace ``model`` on ``batch_rows`` and ``batch_rows + 1`` rows shaped like ``rows`` (arrays
-    or shape structs; only each one's row shape and dtype are used) and sort its sites.
+    or shape structs; only each one's row shape and dtype are used) and sort its sites. A model
+    that cannot run on them raises :class:`DataError` naming ``name`` (the data's argument).
 
     Example:
         >>> import numpyro, numpyro.distributions as dist
@@ -87,8 +89,8 @@ def model_layout(
         >>> layout.row_plates, layout.local_sites, layout.global_sites
         (('data',), ('z',), ('b',))
     """
-    first = _trace_structure(model, rows, batch_rows, static_kwargs or {})
-    second = _trace_structure(model, rows, batch_rows + 1, static_kwargs or {})
+    first = _trace_structure(model, rows, batch_rows, static_kwargs or {}, name)
+    second = _trace_structure(model, rows, batch_rows + 1, static_kwargs or {}, name)
     plates, sites = first
     following = {name for name, args in plates.items() if second[0].get(name) != args}
     row_plates = tuple(name for name, (_, subsample) in plates.items() if name in following and subsample is not None)
@@ -177,8 +179,44 @@ def check_trainable(layout: ModelLayout, guide: Any, num_rows: int, batch_size: 
         )
 
 
+_GUIDE_NOT_MODEL = "Found non-auxiliary vars in guide but not model"
+
+
+@contextlib.contextmanager
+def model_guide_checked() -> Iterator[None]:
+    """Around the first traces of the SVI step, where the model first runs on the guide's draws
+    (it ran on its own prior draws when :func:`model_layout` traced it): a failure there is a
+    guide that does not fit the model, and becomes a :class:`ConfigurationError` saying so.
+    NumPyro only warns when the guide samples sites the model does not have (a guide built for
+    another model), and the fit would train on: made an error too. Other warnings pass through
+    as they were."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    except AimzTrainerError:
+        raise
+    except Exception as error:  # NumPyro's shape check, or the model's own broadcasting error
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigurationError(
+            f"the guide does not fit the model: the model fails on the guide's draws ({type(error).__name__}: "
+            f"{first_line}). A hand-written guide must sample each latent site with the model's shape and "
+            "support; an autoguide must be built from this model."
+        ) from error
+    for warning in caught:
+        message = str(warning.message)
+        if message.startswith(_GUIDE_NOT_MODEL):
+            sites = message.split("\n", 1)[-1]
+            raise ConfigurationError(
+                f"the guide samples sites the model does not have: {sites} (a guide built for another model?). "
+                "Build the guide from this model, e.g. AutoNormal(model), or mark a guide-only site "
+                "infer={'is_auxiliary': True}."
+            )
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+
+
 def _trace_structure(
-    model: Callable[..., Any], rows: Mapping[str, Any], count: int, static_kwargs: Mapping[str, Any]
+    model: Callable[..., Any], rows: Mapping[str, Any], count: int, static_kwargs: Mapping[str, Any], name: str
 ) -> tuple[dict[str, tuple[int, int | None]], dict[str, dict[str, Any]]]:
     """``(plates, sample sites)`` of one abstract run of ``model`` on ``count`` rows:
     ``{plate: (size, subsample_size)}`` and ``{site: {"deterministic", "observed", "enumerated",
@@ -194,7 +232,16 @@ def _trace_structure(
         key: jax.ShapeDtypeStruct((count, *np.shape(value)[1:]), jax.dtypes.canonicalize_dtype(value.dtype))
         for key, value in rows.items()
     }
-    jax.eval_shape(run, inputs)
+    try:
+        jax.eval_shape(run, inputs)
+    except Exception as error:  # the model's own error, from deep inside NumPyro or JAX
+        shapes = ", ".join(f"{key} {struct.shape} {struct.dtype}" for key, struct in inputs.items())
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise DataError(
+            f"the model cannot run on a batch of {name} ({shapes}): {type(error).__name__}: {first_line}. "
+            f"Check that the keys of {name} are the model's arguments and that each array has the row shape the "
+            "model expects (nothing was computed or written)."
+        ) from error
     trace = found[0]
     plates = {name: tuple(site["args"]) for name, site in trace.items() if site["type"] == "plate"}
     sites = {

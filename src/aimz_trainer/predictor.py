@@ -59,15 +59,15 @@ from numpyro.distributions import constraints
 from numpyro.infer.util import log_likelihood as numpyro_log_likelihood
 from tqdm.auto import tqdm
 
-from aimz_trainer._validation import is_int_at_least
+from aimz_trainer._validation import as_key, is_int_at_least, require_bool
 from aimz_trainer._version import library_version
 from aimz_trainer.callbacks.progress import progress_bar_wanted
-from aimz_trainer.data import digest_rows, validate_data
+from aimz_trainer.data import digest_rows, nonfinite, require_finite_rows, validate_data
 from aimz_trainer.distributed import allgather_json, require_agreement
 from aimz_trainer.errors import ConfigurationError, DataError, NonFinitePredictionError, StoreError
 from aimz_trainer.plates import ModelLayout, model_layout, on_rows
 from aimz_trainer.sharding import DATA_AXIS, batch_sharding, make_mesh, replicated, to_global_array
-from aimz_trainer.step import guide_draw, guide_on_rows
+from aimz_trainer.step import check_model_accepts, guide_draw, guide_on_rows
 from aimz_trainer.store import COMPLETE, FINGERPRINT, ArraySpec, ScratchDirectory, ZarrStore, open_store
 
 __all__ = ["DEFAULT_BATCH_SIZE", "Predictor"]
@@ -179,9 +179,16 @@ class Predictor:
         # What the pipeline runs: the model with its static arguments bound.
         self._model = functools.partial(model, **self.static_kwargs) if self.static_kwargs else model
         self.posterior = {name: np.asarray(value) for name, value in posterior.items()}
+        for name, value in self.posterior.items():
+            if value.dtype.kind not in "biuf":
+                raise ConfigurationError(f"posterior[{name!r}] must hold numbers; got dtype {value.dtype}.")
         self.num_samples: int | None = next(iter(sizes.values()), None)
+        if mesh is not None and (not isinstance(mesh, Mesh) or mesh.axis_names != (DATA_AXIS,)):
+            raise ConfigurationError(
+                f"mesh must be a jax.sharding.Mesh with the single axis {DATA_AXIS!r}; got {mesh!r}."
+            )
         self.mesh = mesh if mesh is not None else make_mesh()
-        self.rng_key = jax.random.key(0) if rng_key is None else rng_key
+        self.rng_key = jax.random.key(0) if rng_key is None else as_key(rng_key)
         self.draws_per_chunk = draws_per_chunk
         self.rows_per_key = rows_per_key
         if rows_per_tile is not None and rows_per_tile % rows_per_key:
@@ -189,11 +196,9 @@ class Predictor:
                 f"rows_per_tile must be a multiple of rows_per_key={rows_per_key}; got {rows_per_tile}."
             )
         self.rows_per_tile = rows_per_tile
-        if not isinstance(compress_floats, bool):
-            raise ConfigurationError(f"compress_floats must be True or False; got {compress_floats!r}.")
+        require_bool("compress_floats", compress_floats)
+        require_bool("check_finite", check_finite)
         self.compress_floats = compress_floats
-        if not isinstance(check_finite, bool):
-            raise ConfigurationError(f"check_finite must be True or False; got {check_finite!r}.")
         self.check_finite = check_finite
         self._scratch = scratch if scratch is not None else ScratchDirectory()
         self._compiled: dict[Any, Any] = {}
@@ -237,6 +242,7 @@ class Predictor:
                 runs only).
             progress: show a bar of the batches written (on a terminal, ``CI`` unset).
         """
+        require_bool("in_sample", in_sample)
         group = "posterior_predictive" if in_sample else "predictions"
         return self._run(
             data, batch_size, output_dir, intervention, return_sites, group, resume, "predictive", progress=progress
@@ -261,10 +267,11 @@ class Predictor:
             raise ConfigurationError("num_samples is needed: this Predictor has no posterior to take it from.")
         if not is_int_at_least(num_samples, 1):
             raise ConfigurationError(f"num_samples must be a positive int; got {num_samples!r}.")
-        arrays, num_rows = validate_data(data, name="data")
+        _check_request(batch_size, output_dir, None, return_sites, False, progress)
+        arrays, num_rows = self._model_data(data)
         optional = _optional_parameters(self.model)  # targets such as y=None: not conditioned on
         probe = {k: np.asarray(v[: min(num_rows, self.rows_per_key)]) for k, v in arrays.items() if k not in optional}
-        layout = model_layout(self._model, probe, batch_rows=self.rows_per_key)
+        layout = model_layout(self._model, probe, batch_rows=self.rows_per_key, name="data")
         prior_key = jax.random.fold_in(self.rng_key, _PRIOR_STREAM)
         prior = _prior_draws(self._model, probe, layout.global_sites, prior_key, num_samples)
         return self._run(
@@ -309,6 +316,7 @@ class Predictor:
         *,
         progress: bool = False,
     ) -> xr.DataTree:
+        _check_request(batch_size, output_dir, intervention, return_sites, resume, progress)
         if draws is None and not self.posterior:
             raise ConfigurationError(
                 "this Predictor has no posterior (posterior=None): only sample_prior_predictive can run."
@@ -324,27 +332,35 @@ class Predictor:
                 f"resume=True is not supported with {processes} processes (their progress is not recorded batch by "
                 "batch): delete the interrupted store and predict again."
             )
-        arrays, num_rows = validate_data(data, name="data")
+        arrays, num_rows = self._model_data(data)
         draws = self.posterior if draws is None else draws
         num_samples = len(next(iter(draws.values())))
-        if not is_int_at_least(batch_size, 1):
-            raise ConfigurationError(f"batch_size must be a positive int; got {batch_size!r}.")
         # Fewer rows than a key's block are one block of that many (no padding to compute).
         rows_per_key = min(self.rows_per_key, num_rows)
         block = rows_per_key * self.mesh.size
         batch = math.ceil(min(batch_size, num_rows) / block) * block
         first_row, last_row = _process_rows(self.mesh, batch)  # this process's rows of every batch
         probe = {key: np.asarray(value[:rows_per_key]) for key, value in arrays.items()}
+        layout = model_layout(self._model, arrays, batch_rows=rows_per_key, name="data")
         sites = _trace_sites(self._model, probe)
-        layout = model_layout(self._model, arrays, batch_rows=rows_per_key)
         constants, row_values = _split_intervention(intervention or {}, sites, layout.global_sites, num_rows)
         samples = [n for n, s in sites.items() if s["type"] == "sample"]
+        problems = []
+        if unknown := sorted(set(draws) - set(sites)):
+            problems.append(f"{unknown} are not sites of the model")
+        if missing := sorted(set(layout.global_sites) - set(draws) - set(intervention or {})):
+            problems.append(f"the model's latent site(s) {missing} have no draws")
+        if problems:
+            raise ConfigurationError(
+                f"the {draws_group} draws do not fit the model: {'; '.join(problems)}. The draws are of "
+                f"{sorted(draws)}; the model's global latent sites are {sorted(layout.global_sites)}."
+            )
         latent = {n: v for n, v in draws.items() if n in samples}
         # Values of a site the model takes as an optional argument (``y=None``) are targets:
         # written to observed_data, not conditioned on. Required arguments stay inputs.
         optional = _optional_parameters(self.model)
         observed_data = {n: arrays.pop(n) for n in list(arrays) if n in samples and n not in latent and n in optional}
-        observed = [n for n in samples if n not in latent and n not in arrays]
+        observed = [n for n in samples if n not in latent and n not in arrays and n not in (intervention or {})]
         if kind == "log_likelihood":
             outputs = [n for n in samples if n not in latent and (n in observed_data or sites[n]["is_observed"])]
             if not outputs:
@@ -439,6 +455,7 @@ class Predictor:
             "aimz_trainer_version": library_version(),
             "intervention": json.dumps(_jsonable(intervention or {})),
             "rows_per_key": rows_per_key,
+            "rng_key": np.asarray(jax.random.key_data(self.rng_key)).tolist(),
             "num_rows": num_rows,
             FINGERPRINT: fingerprint,
         }
@@ -534,6 +551,15 @@ class Predictor:
                 "from the prior)."
             )
         return _LocalDraws(self.guide, sites, self.static_kwargs)
+
+    def _model_data(self, data: Any) -> tuple[dict[str, Any], int]:
+        """``data``'s arrays and row count, checked to be finite (with ``check_finite``) arrays
+        of rows the model takes, before the model first runs on them."""
+        arrays, num_rows = validate_data(data, name="data")
+        if self.check_finite:
+            _require_finite("data", arrays, per_row=True)
+        check_model_accepts(self._model, list(arrays), name="data")
+        return arrays, num_rows
 
     def _store_path(self, output_dir: str | os.PathLike[str] | None, resume: bool) -> Path:
         parent = Path(output_dir) if output_dir is not None else self._scratch.path
@@ -860,6 +886,8 @@ def _split_intervention(
     constants, rows = {}, {}
     for name, value in intervention.items():
         value = np.asarray(value)
+        if value.dtype.kind not in "biuf":
+            raise ConfigurationError(f"intervention[{name!r}] must hold numbers; got {value!r}.")
         event = tuple(sites[name]["fn"].event_shape)
         constant_shapes = {(), event} | ({tuple(np.shape(sites[name]["value"]))} if name in global_sites else set())
         if value.shape in constant_shapes:
@@ -879,28 +907,43 @@ def _require_finite(what: str, arrays: Mapping[str, Any], *, per_row: bool) -> N
     """Raise :class:`DataError` at the first NaN or infinity in a float array, naming where it
     is: it would turn every prediction it touches into NaN, and a Bernoulli draw of a NaN
     probability into a 0 that looks like data."""
+    advice = (
+        "predictions would be NaN there. Remove or fill them, or pass check_finite=False to the Predictor to let "
+        "NaN propagate."
+    )
     for name, value in arrays.items():
-        value = np.asarray(value)
-        # A sum is NaN or infinite when any term is (or, rarely, when it overflows): one pass
-        # without a mask the size of the data.
-        if value.dtype.kind != "f" or np.isfinite(np.sum(value)):
-            continue
-        bad = ~np.isfinite(value)
-        if bad.any():
-            index = np.unravel_index(int(np.argmax(bad)), value.shape)
-            if name.startswith(DO_PREFIX):  # a row-wise intervention travels with the data
-                source = f"intervention[{name[len(DO_PREFIX) :]!r}]"
-            else:
-                source = f"{what}[{name!r}]"
-            if per_row:
-                where = f"row {index[0]}"
-            else:
-                where = f"draw {index[0]}" if what != "intervention" else f"index {index}"
+        if name.startswith(DO_PREFIX):  # a row-wise intervention travels with the data
+            require_finite_rows("intervention", {name[len(DO_PREFIX) :]: value}, advice)
+        elif per_row:
+            require_finite_rows(what, {name: value}, advice)
+        elif (found := nonfinite(value)) is not None:
+            index, count = found
+            where = f"draw {index[0]}" if what != "intervention" else f"index {index}"
             raise DataError(
-                f"{source} holds {value[index]} at {where} ({int(bad.sum())} non-finite value(s) in all): "
-                "predictions would be NaN there. Remove or fill them, or pass check_finite=False to the Predictor "
-                "to let NaN propagate."
+                f"{what}[{name!r}] holds {np.asarray(value)[index]} at {where} ({count} non-finite value(s) in all): "
+                + advice
             )
+
+
+def _check_request(
+    batch_size: Any, output_dir: Any, intervention: Any, return_sites: Any, resume: Any, progress: Any
+) -> None:
+    """The arguments of a prediction call that need neither the data nor the model, checked
+    before anything is traced or drawn."""
+    if not is_int_at_least(batch_size, 1):
+        raise ConfigurationError(f"batch_size must be a positive int; got {batch_size!r}.")
+    if output_dir is not None:
+        if not isinstance(output_dir, str | os.PathLike) or not str(output_dir):
+            raise ConfigurationError(f"output_dir must be a directory path or None; got {output_dir!r}.")
+        if Path(output_dir).exists() and not Path(output_dir).is_dir():
+            raise ConfigurationError(f"output_dir={str(output_dir)!r} is a file, not a directory.")
+    if intervention is not None and not isinstance(intervention, Mapping):
+        raise ConfigurationError(f"intervention must map site names to values; got {intervention!r}.")
+    names = [return_sites] if isinstance(return_sites, str) else return_sites
+    if names is not None and not (isinstance(names, Sequence) and all(isinstance(name, str) for name in names)):
+        raise ConfigurationError(f"return_sites must be a site name or a list of them; got {return_sites!r}.")
+    require_bool("resume", resume)
+    require_bool("progress", progress)
 
 
 def _fingerprint(rng_key: jax.Array, *parts: Any) -> str:

@@ -6,7 +6,7 @@ Training and prediction share one 1-D :class:`jax.sharding.Mesh` whose single ax
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import jax
 import numpy as np
@@ -45,19 +45,22 @@ def make_mesh(devices: int | Sequence[jax.Device] | None = None) -> Mesh:
     available = jax.devices()
     if devices is None:
         chosen = available
-    elif isinstance(devices, int) and not isinstance(devices, bool):
+    elif isinstance(devices, int | np.integer) and not isinstance(devices, bool):
         if not 1 <= devices <= len(available):
             raise ConfigurationError(
                 f"devices={devices} but {len(available)} device(s) are available; pass an int "
                 f"between 1 and {len(available)}, a list of devices, or None for all of them."
             )
-        chosen = available[:devices]
+        chosen = available[: int(devices)]
     else:
-        chosen = list(devices)
+        # Neither a float nor a string is a count or a collection of devices.
+        chosen = list(devices) if isinstance(devices, Iterable) and not isinstance(devices, str) else []
         if not chosen or not all(isinstance(d, jax.Device) for d in chosen):
             raise ConfigurationError(
                 f"devices must be None, an int or a non-empty sequence of jax.Device; got {devices!r}."
             )
+        if len(set(chosen)) < len(chosen):
+            raise ConfigurationError(f"devices must list each device once; got {devices!r}.")
     return Mesh(np.asarray(chosen), (DATA_AXIS,))
 
 

@@ -343,8 +343,8 @@ def make_validation_step(
     return validate
 
 
-def check_model_accepts(model: Callable[..., Any], keys: list[str]) -> None:
-    """Raise if the model cannot take every data key as a keyword argument."""
+def check_model_accepts(model: Callable[..., Any], keys: list[str], *, name: str = "train_data") -> None:
+    """Raise if the model cannot take every key of ``name`` (the data) as a keyword argument."""
     try:
         parameters = inspect.signature(model).parameters.values()
     except (TypeError, ValueError):  # builtins and C callables: nothing to check
@@ -359,7 +359,7 @@ def check_model_accepts(model: Callable[..., Any], keys: list[str]) -> None:
     unknown = [key for key in keys if key not in accepted]
     if unknown:
         raise DataError(
-            f"the model does not accept the data key(s) {unknown}: batches are passed as keyword "
+            f"the model does not accept the {name} key(s) {unknown}: batches are passed as keyword "
             f"arguments and the model's keyword parameters are {accepted}. Rename the keys of "
-            "the data mapping to match."
+            f"{name} to match."
         )

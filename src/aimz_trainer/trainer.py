@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 from numpyro.infer import SVI
 from numpyro.infer.svi import SVIState
 
-from aimz_trainer._validation import is_int_at_least
+from aimz_trainer._validation import as_key, is_int_at_least, require_bool, require_choice
 from aimz_trainer._version import library_version
 from aimz_trainer.callbacks.base import Callback, FitProgress, overrides_state
 from aimz_trainer.callbacks.checkpoint import ModelCheckpoint
@@ -34,16 +34,19 @@ from aimz_trainer.callbacks.posterior import PosteriorSampler
 from aimz_trainer.callbacks.progress import ProgressBar, progress_bar_wanted
 from aimz_trainer.checkpoint import (
     CHECKPOINT_FORMAT,
+    array_tree,
     checkpoint_steps,
-    compare_param_trees,
-    pack,
-    packed_like,
-    param_tree,
+    compare_array_trees,
+    fingerprint_differences,
+    fit_fingerprint,
+    named_arrays,
+    newest_checkpoint,
     read_meta,
+    require_usable,
     resolve_checkpoint,
     restore_state,
     tree_signature,
-    unpack,
+    warn_checkpoint,
 )
 from aimz_trainer.data import (
     Chunk,
@@ -54,15 +57,16 @@ from aimz_trainer.data import (
     device_data_budget,
     digest_rows,
     epoch_length,
+    leading_batch,
     make_chunk_loader,
+    require_finite_rows,
     resolve_placement,
     validate_batch_size,
-    leading_batch,
     validate_data,
 )
 from aimz_trainer.distributed import allgather_json, require_agreement
 from aimz_trainer.errors import CheckpointError, ConfigurationError, DataError, NonFiniteLossError
-from aimz_trainer.plates import ModelLayout, check_trainable, model_layout
+from aimz_trainer.plates import ModelLayout, check_trainable, model_guide_checked, model_layout
 from aimz_trainer.sharding import DATA_AXIS, make_mesh, replicated, stacked_batch_sharding, to_global_array
 from aimz_trainer.step import (
     TrainState,
@@ -190,13 +194,15 @@ class _Compiled:
             return state, losses, params(state.svi_state, device_data, record)
 
         shardings = (rep, rep, _record_shardings(rep, record))
-        lowered_init = jax.jit(init_with_params, in_shardings=shardings, out_shardings=rep).lower(
-            rng_key, self.device_data, record
-        )
-        # init runs once: unoptimized code compiles faster than it loses at run time.
-        compiled_init = self._pool.submit(lowered_init.compile, {"xla_backend_optimization_level": 0})
-        chunk = jax.jit(chunk_with_params, in_shardings=shardings, out_shardings=rep)
-        compiled_chunk = chunk.lower(lowered_init.out_info[0], self.device_data, record).compile()
+        with model_guide_checked():  # the chunk's trace is the ELBO's first
+            lowered_init = jax.jit(init_with_params, in_shardings=shardings, out_shardings=rep).lower(
+                rng_key, self.device_data, record
+            )
+            # init runs once: unoptimized code compiles faster than it loses at run time.
+            compiled_init = self._pool.submit(lowered_init.compile, {"xla_backend_optimization_level": 0})
+            chunk = jax.jit(chunk_with_params, in_shardings=shardings, out_shardings=rep)
+            lowered_chunk = chunk.lower(lowered_init.out_info[0], self.device_data, record)
+        compiled_chunk = lowered_chunk.compile()
         return *compiled_init.result()(rng_key, self.device_data, record), compiled_chunk
 
     def prepare_validation(
@@ -332,12 +338,14 @@ class Trainer:
                 "val_check_interval must be a positive int (steps), a float in (0, 1] (a fraction of "
                 f"an epoch) or None; got {val_check_interval!r}."
             )
-        if nonfinite_loss not in ("raise", "warn"):
-            raise ConfigurationError(f"nonfinite_loss must be 'raise' or 'warn'; got {nonfinite_loss!r}.")
+        require_choice("nonfinite_loss", nonfinite_loss, ("raise", "warn"))
+        require_bool("enable_progress_bar", enable_progress_bar)
         if mesh is not None and devices is not None:
             raise ConfigurationError("pass either devices or mesh, not both.")
         if mesh is not None and (not isinstance(mesh, Mesh) or mesh.axis_names != (DATA_AXIS,)):
             raise ConfigurationError(f"mesh must be a jax.sharding.Mesh with the single axis {DATA_AXIS!r}.")
+        if not isinstance(callbacks, Sequence):
+            raise ConfigurationError(f"callbacks must be a list of Callback instances; got {callbacks!r}.")
         callbacks = list(callbacks)
         for callback in callbacks:
             if not isinstance(callback, Callback):
@@ -356,7 +364,7 @@ class Trainer:
         self.nonfinite_loss = nonfinite_loss
         self.callbacks = callbacks
         self.mesh = mesh if mesh is not None else make_mesh(devices)
-        self.rng_key = _as_key(rng_key)
+        self.rng_key = jax.random.key(0) if rng_key is None else as_key(rng_key)
         self.state = TrainerState(step=0, epoch=0, svi_state=None, rng_key=self.rng_key)
         self.callback_metrics: dict[str, float] = {}
         self.should_stop = False
@@ -407,7 +415,7 @@ class Trainer:
         if not is_int_at_least(num_samples, 1):
             raise ConfigurationError(f"num_samples must be a positive int; got {num_samples!r}.")
         compiled = self._require_compiled("sample_posterior")
-        key = self.posterior_key if rng_key is None else _as_key(rng_key)
+        key = self.posterior_key if rng_key is None else as_key(rng_key)
         return compiled.sample(self.state.svi_state, key, num_samples)
 
     def fit(
@@ -457,7 +465,10 @@ class Trainer:
         started = time.perf_counter()
         if not isinstance(svi, SVI):
             raise ConfigurationError(f"svi must be a numpyro.infer.SVI; got {type(svi).__name__}.")
+        require_bool("shuffle", shuffle)
+        require_bool("drop_last", drop_last)
         arrays, num_rows = validate_data(train_data)
+        require_finite_rows("train_data", arrays, _NONFINITE_ROWS)
         check_model_accepts(svi.model, list(arrays))
         batch_size = validate_batch_size(batch_size, num_rows, self.mesh.size)
         layout = model_layout(svi.model, arrays, batch_rows=batch_size, static_kwargs=svi.static_kwargs)
@@ -467,6 +478,7 @@ class Trainer:
             raise ConfigurationError(f"num_samples must be an int >= 0; got {num_samples!r}.")
         val_arrays = _validate_val_data(val_data, arrays) if val_data is not None else None
         if val_arrays is not None:
+            require_finite_rows("val_data", val_arrays, _NONFINITE_ROWS)
             val_batch_size = self._validate_val_batch_size(batch_size if val_batch_size is None else val_batch_size)
             if not is_int_at_least(val_num_samples, 1):
                 raise ConfigurationError(f"val_num_samples must be a positive int; got {val_num_samples!r}.")
@@ -495,6 +507,10 @@ class Trainer:
         self.plan = plan
         self.svi = svi
         self._shuffle, self._drop_last = shuffle, drop_last
+        # Recorded in checkpoints, compared on resume. The optimizer probe compiles a small
+        # function (50-150 ms): only a fit that saves or resumes pays for it.
+        checkpointing = resume is not None or any(c.saves_checkpoints for c in callbacks)
+        self._fingerprint = fit_fingerprint(arrays, svi.optim) if checkpointing else {}
         self._keys = FitKeys.split(self.rng_key)
         self.placement = self._resolve_placement(data_placement, arrays, val_arrays)
         train = self._place(arrays, num_rows)
@@ -533,7 +549,11 @@ class Trainer:
             process_count=jax.process_count(),
         )
         compiled = self._compiled = _Compiled(svi, layout, self.mesh, train.device_data, to_device(draw_record))
-        train_state, self.state.params, chunk_fn = compiled.start(self._keys.init, first_record)
+        try:
+            train_state, self.state.params, chunk_fn = compiled.start(self._keys.init, first_record)
+        except BaseException:  # e.g. a guide that does not fit the model
+            compiled.close()
+            raise
         self._validation = None
         if val_arrays is not None:
             self._validation = _Validation(self, val_arrays, val_batch_size, val_num_samples, num_rows, train_state)
@@ -613,25 +633,29 @@ class Trainer:
         return sorted(callbacks, key=lambda c: 2 if c.saves_checkpoints else int(c.monitors_metrics))
 
     def _open_checkpoint(self, ckpt_path: Any, callbacks: list[Callback]) -> _Resume:
-        """Find and read the checkpoint to resume from (nothing is written)."""
-        if ckpt_path == "last" or (isinstance(ckpt_path, int) and not isinstance(ckpt_path, bool)):
+        """Find and read the checkpoint to resume from (nothing is written). ``"last"`` and a
+        directory skip damaged newer checkpoints with a warning; a step or a step directory is
+        that checkpoint or an error."""
+        last = isinstance(ckpt_path, str) and ckpt_path == "last"  # an array would compare elementwise
+        if last or (isinstance(ckpt_path, int) and not isinstance(ckpt_path, bool)):
             stores = [c for c in callbacks if isinstance(c, ModelCheckpoint)]
             if not stores:
                 raise CheckpointError(
                     f"ckpt_path={ckpt_path!r} refers to the fit's ModelCheckpoint, but it has none: add "
                     "ModelCheckpoint(dirpath) to the callbacks or pass the checkpoint's path."
                 )
-            steps = checkpoint_steps(stores[0].dirpath)
-            if ckpt_path == "last":
-                if not steps:
+            if last:
+                newest = newest_checkpoint(stores[0].dirpath)
+                if newest is None:
                     raise CheckpointError(f"ckpt_path='last' but {str(stores[0].dirpath)!r} holds no checkpoint yet.")
-                step_dir = stores[0].dirpath / str(steps[-1])
-            elif ckpt_path not in steps:
+                step_dir = newest
+            elif not (stores[0].dirpath / str(ckpt_path)).is_dir():
                 raise CheckpointError(
-                    f"ckpt_path={ckpt_path}: no checkpoint of that step; the steps saved are {steps}."
+                    f"ckpt_path={ckpt_path}: no checkpoint of that step; the steps saved are "
+                    f"{checkpoint_steps(stores[0].dirpath)}."
                 )
             else:
-                step_dir = stores[0].dirpath / str(ckpt_path)
+                step_dir = require_usable(stores[0].dirpath / str(ckpt_path))
         elif isinstance(ckpt_path, str | os.PathLike):
             step_dir = resolve_checkpoint(ckpt_path)
         else:
@@ -672,7 +696,7 @@ class Trainer:
         """Load the checkpoint's arrays onto this fit's mesh and its callbacks' states."""
         assert self.state.params is not None
         meta = resume.meta
-        differences = compare_param_trees(meta["params_tree"], param_tree(self.state.params))
+        differences = compare_array_trees(meta["params_tree"], array_tree(self.state.params))
         if differences:
             raise CheckpointError(
                 f"the checkpoint {str(resume.step_dir)!r} was written for a different model; its parameters "
@@ -683,19 +707,25 @@ class Trainer:
                 f"the checkpoint {str(resume.step_dir)!r} holds another optimizer or SVI state structure than "
                 "this fit (same model, another optimizer?); resume with the SVI that wrote it."
             )
-        target = {
-            "svi_state": packed_like(state.svi_state),
-            "params": packed_like(self.state.params),
-            "losses": np.zeros(int(meta["step"]), np.float32),
+        like = {
+            "svi_state": state.svi_state,
+            "params": self.state.params,
+            "losses": jax.ShapeDtypeStruct((int(meta["step"]),), np.float32),
         }
-        restored = restore_state(resume.step_dir, target)
-        svi_state = unpack(restored["svi_state"], state.svi_state)
+        restored = restore_state(resume.step_dir, like)
+        changed = fingerprint_differences(meta["fit"], self._fingerprint)
+        if changed:
+            warn_checkpoint(
+                f"resuming from the checkpoint {str(resume.step_dir)!r} with " + " and ".join(changed) + ": the fit "
+                "continues, but not as the run that wrote the checkpoint."
+            )
+        svi_state = restored["svi_state"]
         self.state = TrainerState(
             step=int(meta["step"]),
             epoch=int(meta["epoch"]),
             svi_state=svi_state,
             rng_key=self.rng_key,
-            params=unpack(restored["params"], self.state.params),
+            params=restored["params"],
         )
         losses.append(np.asarray(restored["losses"]))
         saved = dict(meta["callbacks"])
@@ -732,7 +762,7 @@ class Trainer:
             "loader_state": run.loader_state,
             "process_loader_states": allgather_json(run.loader_state),
             "callbacks": {c.state_key: c.state_dict() for c in self._active_callbacks if overrides_state(c)},
-            "params_tree": param_tree(self.state.params),
+            "params_tree": array_tree(self.state.params),
             "svi_state_tree": tree_signature(svi_state),
             "fit": self._fit_meta(self.plan),
             "trainer": {
@@ -747,16 +777,15 @@ class Trainer:
             "mesh_shape": dict(self.mesh.shape),
             "versions": {"aimz_trainer": library_version(), "jax": jax.__version__, "numpyro": numpyro.__version__},
         }
-        state = {
-            "svi_state": pack(svi_state),
-            "params": pack(self.state.params),
-            "losses": np.concatenate(run.losses) if run.losses else np.zeros(0, np.float32),
-        }
+        losses = np.concatenate(run.losses) if run.losses else np.zeros(0, np.float32)
+        state = named_arrays({"svi_state": svi_state, "params": self.state.params, "losses": losses})
         checkpoint = {"state": state, "meta": meta}
         self._call("on_save_checkpoint", checkpoint)
         return checkpoint
 
     def _fit_meta(self, plan: FitPlan) -> dict[str, Any]:
+        """The fit's shape and fingerprint (training data digest, optimizer probe), as a
+        checkpoint records them and a resume compares them."""
         return {
             "num_rows": plan.num_rows,
             "batch_size": plan.batch_size,
@@ -765,6 +794,7 @@ class Trainer:
             "total_steps": plan.total_steps,
             "shuffle": self._shuffle,
             "drop_last": self._drop_last,
+            **self._fingerprint,
         }
 
     def _val_interval_steps(self, steps_per_epoch: int) -> int | None:
@@ -870,7 +900,7 @@ class _Validation:
         metrics = {}
         if "loss" in columns:
             metrics["val_loss"] = float(np.sum(columns["loss"] * weights) / np.sum(weights))
-        if "lpd_sum" in columns and not np.isnan(columns["lpd_sum"]).any():
+        if "lpd_sum" in columns:
             metrics["val_lpd"] = float(np.sum(columns["lpd_sum"]) / np.sum(weights))
         return metrics
 
@@ -995,6 +1025,12 @@ class _Run:
         return True
 
 
+_NONFINITE_ROWS = (
+    "the ELBO of every batch holding that row would be NaN. Fill or drop those rows; for a missing "
+    "observation, fill it and mask the site (numpyro's obs_mask)."
+)
+
+
 def _validate_val_data(val_data: Any, train_arrays: Mapping[str, Any]) -> dict[str, Any]:
     arrays, _ = validate_data(val_data, name="val_data")
     if set(arrays) != set(train_arrays):
@@ -1026,17 +1062,6 @@ def _check_processes_agree(arrays: Mapping[str, Any], num_rows: int, batch_size:
 
 def _nbytes(array: Any) -> int:
     return int(np.prod(array.shape)) * jax.dtypes.canonicalize_dtype(array.dtype).itemsize
-
-
-def _as_key(rng_key: jax.Array | None) -> jax.Array:
-    if rng_key is None:
-        return jax.random.key(0)
-    if isinstance(rng_key, jax.Array) and jax.dtypes.issubdtype(rng_key.dtype, jax.dtypes.prng_key):
-        return rng_key
-    raw = np.asarray(rng_key)
-    if raw.dtype == np.uint32 and raw.shape == (2,):
-        return jax.random.wrap_key_data(raw)
-    raise ConfigurationError(f"rng_key must be a jax.random.key(...) (or a legacy uint32[2] key); got {rng_key!r}.")
 
 
 def _numpy_seed(key: jax.Array) -> list[int]:

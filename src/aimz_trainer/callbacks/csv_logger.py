@@ -5,10 +5,9 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from aimz_trainer.callbacks.logger import MetricLogger, writable_directory
+from aimz_trainer.callbacks.logger import MetricLogger, as_path, writable_directory
 from aimz_trainer.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -34,7 +33,7 @@ class CSVLogger(MetricLogger):
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         super().__init__()
-        self.path = Path(path)
+        self.path = as_path(path, "path")
         if self.is_writer:
             if self.path.is_dir():
                 raise ConfigurationError(f"path={str(path)!r} is a directory; pass a file path such as 'metrics.csv'.")

@@ -69,7 +69,7 @@ class EarlyStopping(Callback):
             raise ConfigurationError(
                 f"EarlyStopping monitor must be a metric name such as 'val_loss'; got {monitor!r}."
             )
-        if mode not in ("min", "max"):
+        if not isinstance(mode, str) or mode not in ("min", "max"):
             raise ConfigurationError(f"EarlyStopping mode must be 'min' or 'max'; got {mode!r}.")
         if isinstance(patience, bool) or not isinstance(patience, numbers.Integral) or patience < 0:
             raise ConfigurationError(f"EarlyStopping patience must be an int >= 0 (checks to wait); got {patience!r}.")
@@ -86,8 +86,17 @@ class EarlyStopping(Callback):
             ("stopping_threshold", stopping_threshold),
             ("divergence_threshold", divergence_threshold),
         ]:
-            if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, numbers.Real)):
-                raise ConfigurationError(f"EarlyStopping {name} must be a number or None; got {threshold!r}.")
+            # No value is better or worse than NaN: such a threshold would never stop the fit.
+            is_number = isinstance(threshold, numbers.Real) and not isinstance(threshold, bool)
+            if threshold is not None and (not is_number or math.isnan(threshold)):
+                raise ConfigurationError(f"EarlyStopping {name} must be a number (not NaN) or None; got {threshold!r}.")
+        for name, flag in [("check_finite", check_finite), ("strict", strict)]:
+            if not isinstance(flag, bool):
+                raise ConfigurationError(f"EarlyStopping {name} must be True or False; got {flag!r}.")
+        if check_on_train_epoch_end is not None and not isinstance(check_on_train_epoch_end, bool):
+            raise ConfigurationError(
+                f"EarlyStopping check_on_train_epoch_end must be True, False or None; got {check_on_train_epoch_end!r}."
+            )
         self.patience = int(patience)
         self.min_delta = float(min_delta)
         self.check_finite = check_finite

@@ -40,7 +40,7 @@ from aimz_trainer.errors import ConfigurationError
 if TYPE_CHECKING:
     from aimz_trainer.trainer import Trainer
 
-__all__ = ["MetricLogger", "learning_rate", "writable_directory"]
+__all__ = ["MetricLogger", "as_path", "learning_rate", "writable_directory"]
 
 _EPOCH_METRICS = ("train_loss_epoch", "epoch_time")
 _VALIDATION_METRICS = ("val_loss", "val_lpd")
@@ -55,9 +55,24 @@ def learning_rate(optim_state: Any) -> jax.Array | None:
     return None
 
 
+def as_path(path: Any, argument: str) -> Path:
+    """``path`` as a :class:`~pathlib.Path`, or a :class:`ConfigurationError` naming ``argument``
+    when it is no path: not a ``str`` or ``os.PathLike``, empty (``Path("")`` would be the
+    working directory), or holding a NUL character (no file system takes one).
+
+    Example:
+        >>> as_path("runs/metrics.csv", "path")
+        PosixPath('runs/metrics.csv')
+    """
+    text = os.fspath(path) if isinstance(path, str | os.PathLike) else None
+    if not isinstance(text, str) or not text or "\x00" in text:
+        raise ConfigurationError(f"{argument} must be a path (a non-empty str or os.PathLike); got {path!r}.")
+    return Path(text)
+
+
 def writable_directory(path: str | os.PathLike[str], argument: str) -> Path:
     """Create ``path`` if needed and prove it writable, or raise naming ``argument``."""
-    directory = Path(path)
+    directory = as_path(path, argument)
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=directory):

@@ -35,9 +35,12 @@ class PosteriorSampler(Callback):
     """
 
     def __init__(self, num_samples: int, every_n_epochs: int | None = None) -> None:
-        for name, value in [("num_samples", num_samples), ("every_n_epochs", every_n_epochs)]:
-            if value is not None and not is_int_at_least(value, 1):
-                raise ConfigurationError(f"PosteriorSampler {name} must be a positive int; got {value!r}.")
+        if not is_int_at_least(num_samples, 1):
+            raise ConfigurationError(f"PosteriorSampler num_samples must be a positive int; got {num_samples!r}.")
+        if every_n_epochs is not None and not is_int_at_least(every_n_epochs, 1):
+            raise ConfigurationError(
+                f"PosteriorSampler every_n_epochs must be a positive int or None; got {every_n_epochs!r}."
+            )
         self.num_samples = num_samples
         self.every_n_epochs = every_n_epochs
         self.samples: dict[str, jax.Array] | None = None

@@ -3,6 +3,7 @@ TensorBoard, written with tensorboardX."""
 
 from __future__ import annotations
 
+import numbers
 import os
 import time
 import uuid
@@ -15,6 +16,7 @@ from tensorboardX import SummaryWriter
 
 from aimz_trainer.callbacks.base import FitProgress
 from aimz_trainer.callbacks.logger import MetricLogger, writable_directory
+from aimz_trainer.errors import ConfigurationError
 
 if TYPE_CHECKING:
     from aimz_trainer.trainer import Trainer
@@ -51,8 +53,22 @@ class TensorBoardLogger(MetricLogger):
         log_histograms: bool = True,
     ) -> None:
         super().__init__()
+        if hparams is not None and not isinstance(hparams, Mapping):
+            raise ConfigurationError(f"hparams must map names to values or be None; got {type(hparams).__name__}.")
+        for name, value in (hparams or {}).items():
+            # TensorBoard records str, bool and number values only (others silently as "unset"),
+            # under str names.
+            if not isinstance(name, str) or not isinstance(value, str | numbers.Real):
+                raise ConfigurationError(
+                    f"hparams[{name!r}] must be a str, bool or number under a str name; got {value!r}."
+                )
+        if not isinstance(log_histograms, bool):
+            raise ConfigurationError(f"log_histograms must be True or False; got {log_histograms!r}.")
         self.log_dir = writable_directory(log_dir, "log_dir") if self.is_writer else None
-        self.hparams = dict(hparams or {})
+        # NumPy scalars as Python ones: tensorboardX records only those.
+        self.hparams = {
+            name: value.item() if isinstance(value, np.generic) else value for name, value in (hparams or {}).items()
+        }
         self.log_histograms = log_histograms
         self._writer: SummaryWriter | None = None
 
