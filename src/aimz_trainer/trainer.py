@@ -455,9 +455,12 @@ class Trainer:
             data_placement: ``"device"`` keeps the arrays on the devices and gathers batches
                 there; ``"host"`` gathers them on the host and streams them; ``"auto"`` picks
                 ``"device"`` when the data fit :func:`~aimz_trainer.data.device_data_budget`.
-            ckpt_path: resume from a checkpoint: ``"last"`` (the newest of the fit's
-                :class:`~aimz_trainer.callbacks.ModelCheckpoint`), a step (``int``) of it, or a
-                path (a checkpoint, or a directory of them: its newest). The fit continues
+            ckpt_path: resume from a checkpoint: ``"last"`` (the newest usable one of the
+                fit's :class:`~aimz_trainer.callbacks.ModelCheckpoint`; damaged newer ones are
+                skipped with a :class:`~aimz_trainer.errors.CheckpointWarning`), a step
+                (``int``) of it, or a path (a checkpoint, or a directory of them: its newest
+                usable one); a damaged checkpoint asked for by step or path is refused. A resume
+                with other data or optimizer settings warns, naming them. The fit continues
                 where the checkpoint left off (same position in the epoch, same shuffle order,
                 the checkpoint's random keys, callbacks restored) and returns the whole loss
                 history. Nothing on disk changes when the checkpoint cannot be used.
