@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import jax
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
@@ -12,7 +13,9 @@ from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoNormal
 from optax import adam
 
-from aimz_trainer import Callback
+from aimz_trainer import Callback, Predictor, make_mesh
+from tests.predictor_worker import ROWS_PER_KEY, dyadic_posterior
+from tests.predictor_worker import linear_model as dyadic_model
 
 TRUE_SLOPE, TRUE_INTERCEPT, NOISE = 2.0, -0.5, 0.3
 
@@ -112,3 +115,14 @@ class Recorder(Callback):
 
     def teardown(self, trainer):
         self.calls.append(("teardown", -1, -1))
+
+
+@pytest.fixture(scope="module")
+def dyadic_predictor():
+    """A one-device Predictor of the dyadic linear problem (tests.predictor_worker), whose draws
+    are exact in float32: stores written by it compare bit for bit."""
+    predictor = Predictor(
+        dyadic_model, dyadic_posterior(), mesh=make_mesh(1), rng_key=jax.random.key(7), rows_per_key=ROWS_PER_KEY
+    )
+    yield predictor
+    predictor.cleanup()

@@ -21,7 +21,7 @@ import pytest
 import zarr
 from zarr.codecs import BloscCodec
 
-from aimz_trainer import ConfigurationError, Predictor, StoreError, make_mesh, open_store
+from aimz_trainer import ConfigurationError, Predictor, StoreError, open_store
 from aimz_trainer.store import COMPLETE, ROWS_WRITTEN, ArraySpec, ScratchDirectory, ZarrStore, sweep_scratch
 from tests.predictor_worker import ROWS_PER_KEY, dyadic_posterior, dyadic_x, linear_model
 
@@ -120,8 +120,8 @@ def test_codecs_by_dtype_and_every_chunk_written(tmp_path, compress_floats):
 
 
 def test_predictor_passes_compress_floats_and_checks_it(tmp_path):
-    predictor = Predictor(linear_model, dyadic_posterior(), compress_floats=True)
-    tree = predictor.predict({"x": dyadic_x(6)}, batch_size=4, output_dir=tmp_path)
+    dyadic_predictor = Predictor(linear_model, dyadic_posterior(), compress_floats=True)
+    tree = dyadic_predictor.predict({"x": dyadic_x(6)}, batch_size=4, output_dir=tmp_path)
     y = zarr.open_group(tree.attrs["store_path"], mode="r")["posterior_predictive/y"]
     assert [str(codec.cname) for codec in y.compressors if isinstance(codec, BloscCodec)] == ["lz4"]
     with pytest.raises(ConfigurationError, match="compress_floats must be True or False; got 'yes'"):
@@ -264,17 +264,8 @@ def test_each_chunk_is_synced_to_disk_before_its_rows_count(tmp_path, monkeypatc
 
 
 @pytest.fixture(scope="module")
-def predictor():
-    predictor = Predictor(
-        linear_model, dyadic_posterior(), mesh=make_mesh(1), rng_key=jax.random.key(7), rows_per_key=ROWS_PER_KEY
-    )
-    yield predictor
-    predictor.cleanup()
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(predictor, tmp_path_factory):
-    return predictor.predict({"x": dyadic_x(NUM_ROWS)}, batch_size=4, output_dir=tmp_path_factory.mktemp("full"))
+def uninterrupted(dyadic_predictor, tmp_path_factory):
+    return dyadic_predictor.predict({"x": dyadic_x(NUM_ROWS)}, batch_size=4, output_dir=tmp_path_factory.mktemp("full"))
 
 
 def stores(directory: Path) -> list[Path]:
@@ -287,7 +278,7 @@ def assert_same_values(tree, reference) -> None:
             np.testing.assert_array_equal(tree[group][name].values, reference[group][name].values)
 
 
-def test_interrupted_prediction_resumes_to_the_same_values(predictor, uninterrupted, tmp_path, monkeypatch):
+def test_interrupted_prediction_resumes_to_the_same_values(dyadic_predictor, uninterrupted, tmp_path, monkeypatch):
     original = ZarrStore.write_batch
     calls = []
 
@@ -299,7 +290,7 @@ def test_interrupted_prediction_resumes_to_the_same_values(predictor, uninterrup
 
     monkeypatch.setattr(ZarrStore, "write_batch", interrupt_second_batch)
     with pytest.raises(Interrupted):
-        predictor.predict({"x": dyadic_x(NUM_ROWS)}, batch_size=4, output_dir=tmp_path)
+        dyadic_predictor.predict({"x": dyadic_x(NUM_ROWS)}, batch_size=4, output_dir=tmp_path)
     monkeypatch.undo()
     (path,) = stores(tmp_path)
     with pytest.raises(StoreError, match="after 4 rows"):
@@ -307,8 +298,8 @@ def test_interrupted_prediction_resumes_to_the_same_values(predictor, uninterrup
     assert zarr.open_group(path, mode="r").attrs[ROWS_WRITTEN] == 4
 
     with pytest.raises(StoreError, match="batch_size=4"):
-        predictor.predict({"x": dyadic_x(NUM_ROWS)}, batch_size=8, output_dir=tmp_path, resume=True)
-    tree = predictor.predict({"x": dyadic_x(NUM_ROWS)}, batch_size=4, output_dir=tmp_path, resume=True)
+        dyadic_predictor.predict({"x": dyadic_x(NUM_ROWS)}, batch_size=8, output_dir=tmp_path, resume=True)
+    tree = dyadic_predictor.predict({"x": dyadic_x(NUM_ROWS)}, batch_size=4, output_dir=tmp_path, resume=True)
     assert stores(tmp_path) == [path]  # continued, not rewritten elsewhere
     assert tree.attrs["store_path"] == str(path)
     assert tree.attrs[ROWS_WRITTEN] == NUM_ROWS
@@ -316,23 +307,23 @@ def test_interrupted_prediction_resumes_to_the_same_values(predictor, uninterrup
     assert_same_values(open_store(path), uninterrupted)
 
     with pytest.raises(ConfigurationError, match="no interrupted store"):
-        predictor.predict({"x": dyadic_x(NUM_ROWS)}, batch_size=4, output_dir=tmp_path, resume=True)
+        dyadic_predictor.predict({"x": dyadic_x(NUM_ROWS)}, batch_size=4, output_dir=tmp_path, resume=True)
 
 
-def test_resume_after_an_interruption_before_any_batch(predictor, uninterrupted, tmp_path, monkeypatch):
+def test_resume_after_an_interruption_before_any_batch(dyadic_predictor, uninterrupted, tmp_path, monkeypatch):
     def interrupt(self, values):
         raise Interrupted
 
     monkeypatch.setattr(ZarrStore, "write_whole", interrupt)
     with pytest.raises(Interrupted):
-        predictor.predict({"x": dyadic_x(NUM_ROWS)}, batch_size=4, output_dir=tmp_path)
+        dyadic_predictor.predict({"x": dyadic_x(NUM_ROWS)}, batch_size=4, output_dir=tmp_path)
     monkeypatch.undo()
-    tree = predictor.predict({"x": dyadic_x(NUM_ROWS)}, batch_size=4, output_dir=tmp_path, resume=True)
+    tree = dyadic_predictor.predict({"x": dyadic_x(NUM_ROWS)}, batch_size=4, output_dir=tmp_path, resume=True)
     assert_same_values(tree, uninterrupted)
 
 
 def test_writer_failure_surfaces_from_predict_and_leaves_the_store_incomplete(
-    predictor, uninterrupted, tmp_path, monkeypatch
+    dyadic_predictor, uninterrupted, tmp_path, monkeypatch
 ):
     errors = []
     original = zarr.Array.__setitem__
@@ -345,7 +336,7 @@ def test_writer_failure_surfaces_from_predict_and_leaves_the_store_incomplete(
 
     monkeypatch.setattr(zarr.Array, "__setitem__", setitem)
     with pytest.raises(OSError, match="No space left") as info:
-        predictor.predict({"x": dyadic_x(NUM_ROWS)}, batch_size=4, output_dir=tmp_path)
+        dyadic_predictor.predict({"x": dyadic_x(NUM_ROWS)}, batch_size=4, output_dir=tmp_path)
     monkeypatch.undo()
     assert info.value is errors[0]  # the writer's own exception, not a wrapper
     assert not isinstance(info.value, StoreError)
@@ -353,7 +344,7 @@ def test_writer_failure_surfaces_from_predict_and_leaves_the_store_incomplete(
     with pytest.raises(StoreError, match="after 0 rows"):
         open_store(path)
     # Once the disk has room again the store can be completed.
-    tree = predictor.predict({"x": dyadic_x(NUM_ROWS)}, batch_size=4, output_dir=tmp_path, resume=True)
+    tree = dyadic_predictor.predict({"x": dyadic_x(NUM_ROWS)}, batch_size=4, output_dir=tmp_path, resume=True)
     assert_same_values(tree, uninterrupted)
 
 
@@ -402,10 +393,10 @@ def test_predictor_scratch_directory_life_cycle(tmp_path, monkeypatch):
     assert not scratch.exists()
 
 
-def test_tree_outlives_a_temporary_predictor(predictor, tmp_path, monkeypatch):
+def test_tree_outlives_a_temporary_predictor(dyadic_predictor, tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     data = {"x": dyadic_x(6)}
-    expected = predictor.predict(data, batch_size=4)["posterior_predictive"]["mu"].values
+    expected = dyadic_predictor.predict(data, batch_size=4)["posterior_predictive"]["mu"].values
     tree = Predictor(linear_model, dyadic_posterior(), rows_per_key=ROWS_PER_KEY).predict(data, batch_size=4)
     gc.collect()
     np.testing.assert_array_equal(tree["posterior_predictive"]["mu"].values, expected)
@@ -462,7 +453,7 @@ def test_scratch_directory_of_a_killed_process_is_swept(scratch_workers):
     scratch.cleanup()
 
 
-def test_resume_refuses_a_store_of_another_computation(predictor, tmp_path, monkeypatch):
+def test_resume_refuses_a_store_of_another_computation(dyadic_predictor, tmp_path, monkeypatch):
     interrupted = {"batches": 0}
     original = ZarrStore.write_batch
 
@@ -474,13 +465,13 @@ def test_resume_refuses_a_store_of_another_computation(predictor, tmp_path, monk
 
     monkeypatch.setattr(ZarrStore, "write_batch", interrupt_after_one)
     with pytest.raises(Interrupted):
-        predictor.predict({"x": dyadic_x(NUM_ROWS)}, batch_size=4, output_dir=tmp_path)
+        dyadic_predictor.predict({"x": dyadic_x(NUM_ROWS)}, batch_size=4, output_dir=tmp_path)
     monkeypatch.undo()
     other = Predictor(linear_model, dyadic_posterior(), rows_per_key=ROWS_PER_KEY, rng_key=jax.random.key(99))
     with pytest.raises(StoreError, match="another computation"):
         other.predict({"x": dyadic_x(NUM_ROWS)}, batch_size=4, output_dir=tmp_path, resume=True)
     with pytest.raises(StoreError, match="another computation"):
-        predictor.predict(
+        dyadic_predictor.predict(
             {
                 "x": dyadic_x(NUM_ROWS) + 1,
             },
@@ -488,5 +479,5 @@ def test_resume_refuses_a_store_of_another_computation(predictor, tmp_path, monk
             output_dir=tmp_path,
             resume=True,
         )
-    tree = predictor.predict({"x": dyadic_x(NUM_ROWS)}, batch_size=4, output_dir=tmp_path, resume=True)
+    tree = dyadic_predictor.predict({"x": dyadic_x(NUM_ROWS)}, batch_size=4, output_dir=tmp_path, resume=True)
     assert tree.attrs["aimz_trainer_complete"]

@@ -22,9 +22,9 @@ from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoNormal
 from optax import adam
 
-from aimz_trainer import ImpactModel, Predictor, StoreError, StoreWarning, make_mesh, open_store
+from aimz_trainer import ImpactModel, Predictor, StoreError, StoreWarning, open_store
 from aimz_trainer.store import ArraySpec, ScratchDirectory, ZarrStore, sweep_scratch, verify_store
-from tests.predictor_worker import ROWS_PER_KEY, dyadic_posterior, dyadic_x, linear_model
+from tests.predictor_worker import dyadic_x
 
 NUM_ROWS, BATCH = 14, 4  # batches of rows 0-4, 4-8, 8-12, 12-14
 
@@ -36,24 +36,15 @@ class Interrupted(Exception):
 # -- a tree read after its store was removed ------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def predictor():
-    predictor = Predictor(
-        linear_model, dyadic_posterior(), mesh=make_mesh(1), rng_key=jax.random.key(7), rows_per_key=ROWS_PER_KEY
-    )
-    yield predictor
-    predictor.cleanup()
-
-
-def scratch_values(predictor: Predictor) -> tuple[xr.DataArray, Path]:
-    """Values not yet read from a store in the predictor's scratch directory, and the store."""
-    tree = predictor.predict({"x": dyadic_x(6)}, batch_size=4)
+def scratch_values(dyadic_predictor: Predictor) -> tuple[xr.DataArray, Path]:
+    """Values not yet read from a store in the dyadic_predictor's scratch directory, and the store."""
+    tree = dyadic_predictor.predict({"x": dyadic_x(6)}, batch_size=4)
     return tree["posterior_predictive"]["y"], Path(tree.attrs["store_path"])
 
 
-def test_a_predictor_tree_read_after_cleanup_raises_instead_of_reading_fill_values(predictor):
-    values, store = scratch_values(predictor)
-    predictor.cleanup()
+def test_a_predictor_tree_read_after_cleanup_raises_instead_of_reading_fill_values(dyadic_predictor):
+    values, store = scratch_values(dyadic_predictor)
+    dyadic_predictor.cleanup()
     with pytest.raises(StoreError, match=r"no longer exists.*cleanup\(\)") as info:
         values.values  # noqa: B018 (the lazy read is the point; before: NaN)
     assert str(store) in str(info.value)
@@ -76,10 +67,10 @@ def test_an_impact_model_tree_read_after_cleanup_raises_instead_of_reading_fill_
     assert tree.attrs["store_path"] in str(info.value)
 
 
-def test_a_tree_read_after_another_process_removed_the_scratch_directory_raises(predictor):
+def test_a_tree_read_after_another_process_removed_the_scratch_directory_raises(dyadic_predictor):
     """As an older version's sweep (which took an owner in another PID namespace for dead), or
     a clean-up of /tmp, would."""
-    values, store = scratch_values(predictor)
+    values, store = scratch_values(dyadic_predictor)
     command = [sys.executable, "-c", "import shutil, sys; shutil.rmtree(sys.argv[1])", str(store.parent)]
     subprocess.run(command, check=True)
     with pytest.raises(StoreError, match="no longer exists") as info:
@@ -165,7 +156,7 @@ def test_verify_store_names_every_bad_chunk_and_refuses_what_it_cannot_check(tmp
 # -- resume reads back what it continues -----------------------------------------------------------
 
 
-def interrupted_after(predictor: Predictor, batches: int, output_dir: Path, monkeypatch) -> Path:
+def interrupted_after(dyadic_predictor: Predictor, batches: int, output_dir: Path, monkeypatch) -> Path:
     original, calls = ZarrStore.write_batch, []
 
     def write_batch(self, start, stop, values):
@@ -177,22 +168,24 @@ def interrupted_after(predictor: Predictor, batches: int, output_dir: Path, monk
     with monkeypatch.context() as patch:
         patch.setattr(ZarrStore, "write_batch", write_batch)
         with pytest.raises(Interrupted):
-            predictor.predict({"x": dyadic_x(NUM_ROWS)}, batch_size=BATCH, output_dir=output_dir)
+            dyadic_predictor.predict({"x": dyadic_x(NUM_ROWS)}, batch_size=BATCH, output_dir=output_dir)
     (path,) = output_dir.glob("predict-*")
     return path
 
 
 @pytest.mark.parametrize("harm", ["deleted", "flipped byte"])
-def test_resume_recomputes_from_an_earlier_chunk_that_is_not_intact(predictor, harm, tmp_path, monkeypatch):
-    reference = predictor.predict({"x": dyadic_x(NUM_ROWS)}, batch_size=BATCH, output_dir=tmp_path / "reference")
-    path = interrupted_after(predictor, 3, tmp_path / "interrupted", monkeypatch)
+def test_resume_recomputes_from_an_earlier_chunk_that_is_not_intact(dyadic_predictor, harm, tmp_path, monkeypatch):
+    reference = dyadic_predictor.predict({"x": dyadic_x(NUM_ROWS)}, batch_size=BATCH, output_dir=tmp_path / "reference")
+    path = interrupted_after(dyadic_predictor, 3, tmp_path / "interrupted", monkeypatch)
     chunk = path / "posterior_predictive" / "y" / "c" / "0" / "0" / "1"  # rows 4-8, recorded as written
     if harm == "deleted":
         chunk.unlink()
     else:
         flip_a_byte(chunk)
     with pytest.warns(StoreWarning, match=r"'posterior_predictive/y/c/0/0/1'.*rows from 4 on are computed again"):
-        tree = predictor.predict({"x": dyadic_x(NUM_ROWS)}, batch_size=BATCH, output_dir=path.parent, resume=True)
+        tree = dyadic_predictor.predict(
+            {"x": dyadic_x(NUM_ROWS)}, batch_size=BATCH, output_dir=path.parent, resume=True
+        )
     for name in ("y", "mu"):
         np.testing.assert_array_equal(
             tree["posterior_predictive"][name].values, reference["posterior_predictive"][name].values
