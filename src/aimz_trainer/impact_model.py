@@ -153,7 +153,7 @@ class ImpactModel:
         trainer = Trainer(
             max_epochs=epochs,
             rng_key=fit_key,
-            callbacks=list(callbacks or ()),
+            callbacks=[] if callbacks is None else callbacks,
             mesh=self.mesh,
             enable_progress_bar=progress,
             **trainer_kwargs,

@@ -151,7 +151,10 @@ class Predictor:
             raise ConfigurationError(f"model must be a NumPyro model (a callable); got {type(model).__name__}.")
         if posterior is not None and (not isinstance(posterior, Mapping) or not posterior):
             raise ConfigurationError("posterior must map site names to draws with a leading draw axis, or be None.")
-        posterior = posterior or {}
+        try:
+            posterior = {name: np.asarray(value) for name, value in (posterior or {}).items()}
+        except (TypeError, ValueError) as error:  # ragged lists: draws of different shapes
+            raise ConfigurationError(f"posterior must map site names to arrays of draws ({error}).") from error
         sizes = {name: int(np.shape(value)[0]) if np.ndim(value) else -1 for name, value in posterior.items()}
         if len(set(sizes.values())) > 1 or -1 in sizes.values():
             raise ConfigurationError(f"posterior draws must share one leading draw axis; got sizes {sizes}.")
@@ -178,7 +181,7 @@ class Predictor:
         self.static_kwargs = dict(static_kwargs or {})
         # What the pipeline runs: the model with its static arguments bound.
         self._model = functools.partial(model, **self.static_kwargs) if self.static_kwargs else model
-        self.posterior = {name: np.asarray(value) for name, value in posterior.items()}
+        self.posterior = posterior
         for name, value in self.posterior.items():
             if value.dtype.kind not in "biuf":
                 raise ConfigurationError(f"posterior[{name!r}] must hold numbers; got dtype {value.dtype}.")
@@ -391,8 +394,8 @@ class Predictor:
         # Predictions are not conditioned on the observed values; the log-likelihood is.
         model_inputs = {**arrays, **(observed_data if kind == "log_likelihood" else {})}
         model_inputs.update({DO_PREFIX + name: value for name, value in row_values.items()})
-        if self.check_finite:
-            _require_finite("data", model_inputs, per_row=True)
+        if self.check_finite:  # the data were checked as they came in (_model_data)
+            _require_finite("intervention", row_values, per_row=True)
             _require_finite("intervention", constants, per_row=False)
             _require_finite(draws_group, latent, per_row=False)
         rows_per_tile = _tile_rows(batch // self.mesh.size, rows_per_key, self.rows_per_tile)
@@ -911,12 +914,11 @@ def _require_finite(what: str, arrays: Mapping[str, Any], *, per_row: bool) -> N
         "predictions would be NaN there. Remove or fill them, or pass check_finite=False to the Predictor to let "
         "NaN propagate."
     )
+    if per_row:
+        require_finite_rows(what, arrays, advice)
+        return
     for name, value in arrays.items():
-        if name.startswith(DO_PREFIX):  # a row-wise intervention travels with the data
-            require_finite_rows("intervention", {name[len(DO_PREFIX) :]: value}, advice)
-        elif per_row:
-            require_finite_rows(what, {name: value}, advice)
-        elif (found := nonfinite(value)) is not None:
+        if (found := nonfinite(value)) is not None:
             index, count = found
             where = f"draw {index[0]}" if what != "intervention" else f"index {index}"
             raise DataError(
@@ -933,10 +935,14 @@ def _check_request(
     if not is_int_at_least(batch_size, 1):
         raise ConfigurationError(f"batch_size must be a positive int; got {batch_size!r}.")
     if output_dir is not None:
-        if not isinstance(output_dir, str | os.PathLike) or not str(output_dir):
+        if not isinstance(output_dir, str | os.PathLike) or not str(output_dir) or "\x00" in str(output_dir):
             raise ConfigurationError(f"output_dir must be a directory path or None; got {output_dir!r}.")
-        if Path(output_dir).exists() and not Path(output_dir).is_dir():
-            raise ConfigurationError(f"output_dir={str(output_dir)!r} is a file, not a directory.")
+        path = Path(output_dir)
+        existing = next(p for p in (path, *path.parents) if p.exists())  # the root exists
+        if not existing.is_dir():
+            raise ConfigurationError(
+                f"output_dir={str(output_dir)!r} cannot be a directory: {str(existing)!r} is a file."
+            )
     if intervention is not None and not isinstance(intervention, Mapping):
         raise ConfigurationError(f"intervention must map site names to values; got {intervention!r}.")
     names = [return_sites] if isinstance(return_sites, str) else return_sites
