@@ -15,13 +15,13 @@ from numpyro.infer import SVI, Trace_ELBO, log_likelihood
 from numpyro.infer.autoguide import AutoDelta, AutoGuideList, AutoNormal
 from optax import adam
 
+from aimz_trainer._checks import check_model_accepts
 from aimz_trainer.data import ChunkSource, FitPlan, ValidationSource, make_chunk_loader
 from aimz_trainer.errors import DataError
 from aimz_trainer.plates import ModelLayout, model_layout
 from aimz_trainer.step import (
     TrainState,
     batch_from,
-    check_model_accepts,
     first_batch,
     make_init,
     make_params,

@@ -36,7 +36,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from aimz_trainer._validation import is_int_at_least
+from aimz_trainer._checks import is_int_at_least
 from aimz_trainer.errors import ConfigurationError, DistributedError
 
 __all__ = [

@@ -19,7 +19,7 @@ import xarray as xr
 from numpyro.infer import SVI
 from numpyro.infer.svi import SVIRunResult
 
-from aimz_trainer._validation import as_key
+from aimz_trainer._checks import as_key, model_parameters
 from aimz_trainer.callbacks import Callback
 from aimz_trainer.effects import estimate_effect
 from aimz_trainer.errors import ConfigurationError, NotFittedError
@@ -87,7 +87,7 @@ class ImpactModel:
                 f"inference must be a numpyro.infer.SVI (model, guide, optimizer, loss); got "
                 f"{type(inference).__name__}. aimz_trainer fits by minibatch SVI only."
             )
-        parameters = inspect.signature(kernel).parameters
+        parameters = model_parameters(kernel).names
         for name, value in [("param_input", param_input), ("param_output", param_output)]:
             if not isinstance(value, str) or value not in parameters:
                 raise ConfigurationError(
@@ -330,7 +330,7 @@ class ImpactModel:
         return self._predictor
 
     def _row_inputs(self, X: Any, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-        parameters = inspect.signature(self.kernel).parameters
+        parameters = model_parameters(self.kernel).names
         unknown = sorted(set(kwargs) - set(parameters))
         if unknown:
             raise ConfigurationError(
@@ -340,7 +340,7 @@ class ImpactModel:
 
     def _split_kwargs(self, kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
         """``fit``'s extra keywords, sorted into model inputs, Trainer and Trainer.fit arguments."""
-        model = set(inspect.signature(self.kernel).parameters) - {self.param_input, self.param_output}
+        model = set(model_parameters(self.kernel).names) - {self.param_input, self.param_output}
         trainer = set(inspect.signature(Trainer.__init__).parameters) - _SET_BY_FIT
         fit = set(inspect.signature(Trainer.fit).parameters) - _SET_BY_FIT
         unknown = sorted(set(kwargs) - model - trainer - fit)

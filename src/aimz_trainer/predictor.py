@@ -37,7 +37,6 @@ from __future__ import annotations
 import datetime
 import functools
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -59,7 +58,7 @@ from numpyro.distributions import constraints
 from numpyro.infer.util import log_likelihood as numpyro_log_likelihood
 from tqdm.auto import tqdm
 
-from aimz_trainer._validation import as_key, is_int_at_least, require_bool
+from aimz_trainer._checks import as_key, check_model_accepts, is_int_at_least, model_parameters, require_bool
 from aimz_trainer._version import library_version
 from aimz_trainer.callbacks.progress import progress_bar_wanted
 from aimz_trainer.data import digest_rows, nonfinite, require_finite_rows, validate_data
@@ -67,7 +66,7 @@ from aimz_trainer.distributed import allgather_json, require_agreement
 from aimz_trainer.errors import ConfigurationError, DataError, NonFinitePredictionError, StoreError
 from aimz_trainer.plates import ModelLayout, model_layout, on_rows
 from aimz_trainer.sharding import DATA_AXIS, batch_sharding, make_mesh, replicated, to_global_array
-from aimz_trainer.step import check_model_accepts, guide_draw, guide_on_rows
+from aimz_trainer.step import guide_draw, guide_on_rows
 from aimz_trainer.store import COMPLETE, FINGERPRINT, ArraySpec, ScratchDirectory, ZarrStore, open_store
 
 __all__ = ["DEFAULT_BATCH_SIZE", "Predictor"]
@@ -272,7 +271,7 @@ class Predictor:
             raise ConfigurationError(f"num_samples must be a positive int; got {num_samples!r}.")
         _check_request(batch_size, output_dir, None, return_sites, False, progress)
         arrays, num_rows = self._model_data(data)
-        optional = _optional_parameters(self.model)  # targets such as y=None: not conditioned on
+        optional = model_parameters(self.model).optional  # targets such as y=None: not conditioned on
         probe = {k: np.asarray(v[: min(num_rows, self.rows_per_key)]) for k, v in arrays.items() if k not in optional}
         layout = model_layout(self._model, probe, batch_rows=self.rows_per_key, name="data")
         prior_key = jax.random.fold_in(self.rng_key, _PRIOR_STREAM)
@@ -361,7 +360,7 @@ class Predictor:
         latent = {n: v for n, v in draws.items() if n in samples}
         # Values of a site the model takes as an optional argument (``y=None``) are targets:
         # written to observed_data, not conditioned on. Required arguments stay inputs.
-        optional = _optional_parameters(self.model)
+        optional = model_parameters(self.model).optional
         observed_data = {n: arrays.pop(n) for n in list(arrays) if n in samples and n not in latent and n in optional}
         observed = [n for n in samples if n not in latent and n not in arrays and n not in (intervention or {})]
         if kind == "log_likelihood":
@@ -969,14 +968,6 @@ def _jsonable_part(part: Any) -> Any:
     if isinstance(part, Mapping):
         return _jsonable(part)
     return list(part) if isinstance(part, list | tuple) else part
-
-
-def _optional_parameters(model: Callable[..., Any]) -> set[str]:
-    try:
-        parameters = inspect.signature(model).parameters.values()
-    except (TypeError, ValueError):
-        return set()
-    return {p.name for p in parameters if p.default is not inspect.Parameter.empty}
 
 
 def _trace_sites(model: Callable[..., Any], probe: Mapping[str, Any]) -> dict[str, Any]:

@@ -21,7 +21,6 @@ compilations.
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -35,13 +34,11 @@ from numpyro.infer.autoguide import AutoGuide
 from numpyro.infer.svi import SVIState
 from numpyro.infer.util import log_likelihood
 
-from aimz_trainer.errors import DataError
 from aimz_trainer.plates import ModelLayout, at_rows, on_rows
 
 __all__ = [
     "TrainState",
     "batch_from",
-    "check_model_accepts",
     "first_batch",
     "guide_draw",
     "guide_on_rows",
@@ -341,25 +338,3 @@ def make_validation_step(
         return metrics
 
     return validate
-
-
-def check_model_accepts(model: Callable[..., Any], keys: list[str], *, name: str = "train_data") -> None:
-    """Raise if the model cannot take every key of ``name`` (the data) as a keyword argument."""
-    try:
-        parameters = inspect.signature(model).parameters.values()
-    except (TypeError, ValueError):  # builtins and C callables: nothing to check
-        return
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
-        return
-    accepted = [
-        p.name
-        for p in parameters
-        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    ]
-    unknown = [key for key in keys if key not in accepted]
-    if unknown:
-        raise DataError(
-            f"the model does not accept the {name} key(s) {unknown}: batches are passed as keyword "
-            f"arguments and the model's keyword parameters are {accepted}. Rename the keys of "
-            f"{name} to match."
-        )

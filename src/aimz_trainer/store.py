@@ -70,7 +70,7 @@ from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.errors import ZarrUserWarning
 from zarr.storage import LocalStore
 
-from aimz_trainer._validation import is_int_at_least
+from aimz_trainer._checks import is_int_at_least
 from aimz_trainer.errors import StoreError, StoreWarning
 
 __all__ = ["COMPLETE", "FINGERPRINT", "ArraySpec", "ScratchDirectory", "ZarrStore", "open_store", "verify_store"]

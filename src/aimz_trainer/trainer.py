@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 from numpyro.infer import SVI
 from numpyro.infer.svi import SVIState
 
-from aimz_trainer._validation import as_key, is_int_at_least, require_bool, require_choice
+from aimz_trainer._checks import as_key, check_model_accepts, is_int_at_least, require_bool, require_choice
 from aimz_trainer._version import library_version
 from aimz_trainer.callbacks.base import Callback, FitProgress, overrides_state
 from aimz_trainer.callbacks.checkpoint import ModelCheckpoint
@@ -70,7 +70,6 @@ from aimz_trainer.plates import ModelLayout, check_trainable, model_guide_checke
 from aimz_trainer.sharding import DATA_AXIS, make_mesh, replicated, stacked_batch_sharding, to_global_array
 from aimz_trainer.step import (
     TrainState,
-    check_model_accepts,
     make_init,
     make_params,
     make_posterior_sampler,

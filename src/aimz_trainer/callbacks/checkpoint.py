@@ -18,7 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN, preservation_policy
 
-from aimz_trainer._validation import is_int_at_least, require_bool, require_choice
+from aimz_trainer._checks import is_int_at_least, require_bool, require_choice
 from aimz_trainer.callbacks.base import Callback, FitProgress
 from aimz_trainer.callbacks.logger import writable_directory
 from aimz_trainer.checkpoint import checkpoint_steps, newest_checkpoint, read_meta, save_args

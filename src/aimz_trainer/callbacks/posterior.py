@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import jax
 
-from aimz_trainer._validation import is_int_at_least
+from aimz_trainer._checks import is_int_at_least
 from aimz_trainer.callbacks.base import Callback, FitProgress
 from aimz_trainer.errors import ConfigurationError
 

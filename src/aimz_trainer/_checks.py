@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
-from aimz_trainer.errors import ConfigurationError
+from aimz_trainer.errors import ConfigurationError, DataError
 
-__all__ = ["as_key", "is_int_at_least", "require_bool", "require_choice"]
+__all__ = [
+    "ModelParameters",
+    "as_key",
+    "check_model_accepts",
+    "is_int_at_least",
+    "model_parameters",
+    "require_bool",
+    "require_choice",
+]
 
 
 def is_int_at_least(value: Any, minimum: int) -> bool:
@@ -79,3 +89,58 @@ def require_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if not isinstance(value, str) or value not in choices:
         accepted = " or ".join(repr(choice) for choice in choices)
         raise ConfigurationError(f"{name} must be {accepted}; got {value!r}.")
+
+
+class ModelParameters(NamedTuple):
+    """What a model's signature says about the keyword arguments it takes.
+
+    Attributes:
+        names: every named parameter, in order.
+        keyword: those a keyword argument can fill (not positional-only, not ``*args``).
+        optional: those with a default value.
+        any_keyword: the model takes ``**kwargs``: every keyword is accepted.
+        known: ``False`` when the callable has no signature to read (a builtin): nothing is checked.
+    """
+
+    names: tuple[str, ...]
+    keyword: tuple[str, ...]
+    optional: frozenset[str]
+    any_keyword: bool
+    known: bool = True
+
+
+def model_parameters(model: Callable[..., Any]) -> ModelParameters:
+    """The one reading of a model's signature every entry point uses.
+
+    Example:
+        >>> def model(x, y=None, *, scale=1.0): ...
+        >>> parameters = model_parameters(model)
+        >>> parameters.keyword, sorted(parameters.optional)
+        (('x', 'y', 'scale'), ['scale', 'y'])
+    """
+    try:
+        parameters = list(inspect.signature(model).parameters.values())
+    except (TypeError, ValueError):  # builtins and C callables: nothing to read
+        return ModelParameters((), (), frozenset(), any_keyword=True, known=False)
+    keyword_kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return ModelParameters(
+        names=tuple(p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)),
+        keyword=tuple(p.name for p in parameters if p.kind in keyword_kinds),
+        optional=frozenset(p.name for p in parameters if p.default is not inspect.Parameter.empty),
+        any_keyword=any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters),
+    )
+
+
+def check_model_accepts(model: Callable[..., Any], keys: list[str], *, name: str = "train_data") -> None:
+    """Raise :class:`~aimz_trainer.errors.DataError` if the model cannot take every key of
+    ``name`` (the data) as a keyword argument."""
+    parameters = model_parameters(model)
+    if parameters.any_keyword:
+        return
+    unknown = [key for key in keys if key not in parameters.keyword]
+    if unknown:
+        raise DataError(
+            f"the model does not accept the {name} key(s) {unknown}: batches are passed as keyword "
+            f"arguments and the model's keyword parameters are {list(parameters.keyword)}. Rename the keys of "
+            f"{name} to match."
+        )
