@@ -55,11 +55,10 @@ from aimz_trainer.checkpoint import (
     CHECKPOINT_FORMAT,
     NamedArraysHandler,
     checkpoint_steps,
-    data_digest,
-    optimizer_probe,
     resolve_checkpoint,
 )
 from aimz_trainer.errors import CheckpointWarning
+from aimz_trainer.resume import data_digest, optimizer_probe
 
 from .checkpoint_worker import BATCH_SIZE, EVERY_N_TRAIN_STEPS, MAX_EPOCHS, NUM_ROWS
 from .conftest import NOISE, Recorder, linear_data, linear_svi

@@ -11,19 +11,16 @@ import numpy as np
 import pytest
 
 from aimz_trainer.data import (
-    Chunk,
     ChunkSource,
-    FitPlan,
     ValidationSource,
-    default_steps_per_chunk,
     digest_rows,
-    epoch_length,
     make_chunk_loader,
     resolve_placement,
     validate_batch_size,
     validate_data,
 )
 from aimz_trainer.errors import ConfigurationError, DataError
+from aimz_trainer.plan import Chunk, Every, FitPlan, default_steps_per_chunk, epoch_length
 
 
 def plan(n=1000, batch=100, *, drop_last=False, epochs=3, steps=None, chunk=None, boundaries=()) -> FitPlan:
@@ -34,7 +31,7 @@ def plan(n=1000, batch=100, *, drop_last=False, epochs=3, steps=None, chunk=None
         max_epochs=epochs,
         max_steps=steps,
         steps_per_chunk=chunk,
-        boundaries=boundaries,
+        boundaries=[Every(steps=interval) for interval in boundaries],
     )
 
 

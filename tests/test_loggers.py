@@ -201,7 +201,7 @@ class TestTensorBoardFit:
 
     def test_the_writer_is_closed_after_the_fit(self, logged_fit):
         logger = next(c for c in logged_fit.trainer.callbacks if isinstance(c, TensorBoardLogger))
-        assert logger._writer is None and not logger._open
+        assert logger._writer is None
 
 
 class TestTensorBoardResume:
@@ -406,8 +406,8 @@ def test_files_are_closed_and_readable_when_the_fit_raises(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         trainer.fit(linear_svi(NUM_ROWS), linear_data(NUM_ROWS), batch_size=BATCH)
 
-    assert tb._writer is None and not tb._open
-    assert csv_logger._file is None and not csv_logger._open
+    assert tb._writer is None
+    assert csv_logger._file is None
     text = csv_path.read_text()
     assert text.endswith("\n")
     rows = read_csv(csv_path)

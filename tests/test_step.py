@@ -16,8 +16,9 @@ from numpyro.infer.autoguide import AutoDelta, AutoGuideList, AutoNormal
 from optax import adam
 
 from aimz_trainer._checks import check_model_accepts
-from aimz_trainer.data import ChunkSource, FitPlan, ValidationSource, make_chunk_loader
+from aimz_trainer.data import ChunkSource, ValidationSource, make_chunk_loader
 from aimz_trainer.errors import DataError
+from aimz_trainer.plan import FitPlan
 from aimz_trainer.plates import ModelLayout, model_layout
 from aimz_trainer.step import (
     TrainState,
@@ -145,7 +146,7 @@ class TestTracedSvi:
         shape = layout(svi, data, 10)
 
         state = jax.jit(make_init(svi, shape.row_plates))(jax.random.key(0), data, rec)
-        state, _ = jax.jit(make_train_chunk(svi, shape.row_plates))(state, data, rec)
+        state, _, _ = jax.jit(make_train_chunk(svi, shape.row_plates))(state, data, rec)
         params = jax.jit(make_params(svi, shape.row_plates))(state.svi_state, data, rec)
         posterior = jax.jit(make_posterior_sampler(svi, 7, shape))(state.svi_state, jax.random.key(1), data, rec)
 
@@ -172,7 +173,7 @@ class TestTracedSvi:
         data = {"x": jnp.linspace(-1, 1, 8), "y": jnp.linspace(0, 1, 8)}
         rec = {"indices": jnp.arange(8).reshape(1, 8), "rows": {}, "num_steps": np.int32(1)}
         state = jax.jit(make_init(svi, ()))(jax.random.key(0), data, rec)
-        state, losses = jax.jit(make_train_chunk(svi, ()))(state, data, rec)
+        state, losses, _ = jax.jit(make_train_chunk(svi, ()))(state, data, rec)
         assert np.isfinite(losses).all()
         assert all(sub.prototype_trace is None for sub in guide._guides)
         svi.init(jax.random.key(0), **data)  # a leaked tracer would raise UnexpectedTracerError
@@ -195,7 +196,7 @@ class TestTrainChunk:
         assert_same_state(fx.state.svi_state, expected)
 
     def test_full_chunk_equals_k_numpyro_updates(self, fx):
-        state, losses = fx.chunk(fx.state, fx.data, record(fx.batches))
+        state, losses, _ = fx.chunk(fx.state, fx.data, record(fx.batches))
         expected_state, expected_losses = fx.hand_updates(STEPS)
         assert losses.shape == (STEPS,)
         np.testing.assert_allclose(losses, expected_losses, rtol=1e-5)
@@ -204,7 +205,7 @@ class TestTrainChunk:
 
     @pytest.mark.parametrize("num_steps", [3, 1])
     def test_masked_chunk_equals_its_real_steps_only(self, fx, num_steps):
-        state, losses = fx.chunk(fx.state, fx.data, record(fx.batches[:num_steps]))
+        state, losses, _ = fx.chunk(fx.state, fx.data, record(fx.batches[:num_steps]))
         expected_state, expected_losses = fx.hand_updates(num_steps)
         np.testing.assert_allclose(losses[:num_steps], expected_losses, rtol=1e-5)
         assert np.isnan(losses[num_steps:]).all()
@@ -212,7 +213,7 @@ class TestTrainChunk:
         assert bool(state.finite)
 
     def test_no_real_step_leaves_the_state_alone(self, fx):
-        state, losses = fx.chunk(fx.state, fx.data, record(fx.batches, num_steps=0))
+        state, losses, _ = fx.chunk(fx.state, fx.data, record(fx.batches, num_steps=0))
         assert np.isnan(losses).all() and bool(state.finite)
         assert_same_state(state.svi_state, fx.state.svi_state, rtol=0)
 
@@ -221,8 +222,8 @@ class TestTrainChunk:
         poisoned = {**fx.data, "x": fx.data["x"].at[0].set(jnp.nan)}
         batches = fx.batches[:3].copy()
         batches[batches == 0] = 1  # the real steps avoid row 0; the padding steps read it
-        state, losses = fx.chunk(fx.state, poisoned, record(batches))
-        clean, clean_losses = fx.chunk(fx.state, fx.data, record(batches))
+        state, losses, _ = fx.chunk(fx.state, poisoned, record(batches))
+        clean, clean_losses, _ = fx.chunk(fx.state, fx.data, record(batches))
         assert bool(state.finite) and np.isfinite(losses[:3]).all() and np.isnan(losses[3:]).all()
         np.testing.assert_array_equal(losses[:3], clean_losses[:3])
         assert_same_state(state.svi_state, clean.svi_state, rtol=0)
@@ -231,15 +232,15 @@ class TestTrainChunk:
         bad_row = int(fx.batches[2, 3])
         poisoned = {**fx.data, "x": fx.data["x"].at[bad_row].set(jnp.nan)}
         assert bad_row not in fx.batches[:2] and bad_row not in fx.batches[3:]
-        frozen, losses = fx.chunk(fx.state, poisoned, record(fx.batches))
-        two_steps, _ = fx.chunk(fx.state, fx.data, record(fx.batches[:2]))
+        frozen, losses, _ = fx.chunk(fx.state, poisoned, record(fx.batches))
+        two_steps, _, _ = fx.chunk(fx.state, fx.data, record(fx.batches[:2]))
 
         assert np.isfinite(losses[:2]).all() and not np.isfinite(losses[2])
         assert not bool(frozen.finite)
         assert_same_state(frozen.svi_state, two_steps.svi_state, rtol=0)
 
         # A frozen state stays frozen, even on good batches.
-        again, _ = fx.chunk(frozen, fx.data, record(fx.batches))
+        again, _, _ = fx.chunk(frozen, fx.data, record(fx.batches))
         assert not bool(again.finite)
         assert_same_state(again.svi_state, two_steps.svi_state, rtol=0)
 
@@ -253,8 +254,8 @@ class TestTrainChunk:
         for index, rec in enumerate(make_chunk_loader(src, host_arrays)):
             assert set(rec["rows"]) == {"x", "y"}
             np.testing.assert_array_equal(rec["indices"], src[index]["indices"])
-            host_state, host_losses = host_chunk(host_state, {}, rec)
-            device_state, device_losses = fx.chunk(device_state, fx.data, src[index])
+            host_state, host_losses, _ = host_chunk(host_state, {}, rec)
+            device_state, device_losses, _ = fx.chunk(device_state, fx.data, src[index])
             np.testing.assert_allclose(host_losses, device_losses, rtol=1e-6)
         assert index == plan.num_chunks - 1 and any(c.num_steps < STEPS for c in plan.chunks)
         assert_same_state(host_state.svi_state, device_state.svi_state)
@@ -329,7 +330,7 @@ def val(fx):
     """Validation data (a last batch that wraps around), a trained state, the compiled step."""
     val_data = {key: jnp.asarray(value) for key, value in linear_data(VAL_ROWS, seed=1).items()}
     source = ValidationSource(VAL_ROWS, BATCH, process_index=0, process_count=1)
-    trained, _ = fx.chunk(fx.state, fx.data, record(fx.batches))
+    trained, _, _ = fx.chunk(fx.state, fx.data, record(fx.batches))
     step = jax.jit(make_validation_step(fx.svi, NUM_SAMPLES, NUM_ROWS, fx.layout))
     return val_data, source, trained.svi_state, step
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import io
 import os
 import warnings
@@ -43,12 +42,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from numpyro.handlers import seed
 
-from aimz_trainer.data import digest_rows
 from aimz_trainer.errors import CheckpointError, CheckpointWarning
 
 __all__ = [
@@ -61,13 +58,9 @@ __all__ = [
     "checkpoint_damage",
     "checkpoint_steps",
     "compare_array_trees",
-    "data_digest",
-    "fingerprint_differences",
-    "fit_fingerprint",
     "load_checkpoint",
     "named_arrays",
     "newest_checkpoint",
-    "optimizer_probe",
     "read_arrays",
     "read_meta",
     "require_usable",
@@ -382,78 +375,6 @@ def restore_state(step_dir: Path, like: Any) -> Any:
             + "; ".join(differences)
         )
     return tree_from_arrays(arrays, like)
-
-
-# -- what a resume compares --------------------------------------------------------------------
-
-_PROBE_START = np.array([0.0, 0.0, 1.0, -2.0], np.float32)  # zeros: moves read exactly; others: decay
-# Three steps (momenta show from the second), a large gradient (clipping), and a loss for the
-# optimizers that take one (numpyro's update_with_value).
-_PROBE_GRADIENTS = np.array([[0.1, -0.4, 2.0, -1e-3], [0.3, 0.2, -1.0, 5e-3], [-10.0, 3.0, 0.5, 1.0]], np.float32)
-_PROBE_LOSSES = np.array([3.0, 2.0, 1.0], np.float32)
-
-
-def optimizer_probe(optim: Any) -> list[float] | None:
-    """How far the optimizer ``optim`` (an SVI's: ``numpyro.optim``, or optax as SVI wraps it)
-    moves a fixed probe parameter in three updates from fixed gradients, each move to 4
-    significant digits.
-
-    A fingerprint of its hyperparameters that needs no access to them (numpyro keeps them in
-    closures): it tells Adam(0.01) from Adam(0.02), other momenta, weight decay or clipping
-    apart; a schedule that differs only after its first steps goes unseen. ``None`` when the
-    optimizer cannot update the probe (one that needs the model's own parameter tree, such as
-    optax's ``multi_transform`` with a tree of labels).
-
-    Example:
-        >>> from numpyro.optim import Adam
-        >>> optimizer_probe(Adam(0.01)) != optimizer_probe(Adam(0.02))
-        True
-    """
-
-    def moves() -> jax.Array:
-        state = optim.init({"probe": jnp.asarray(_PROBE_START)})
-        for gradient, loss in zip(_PROBE_GRADIENTS, _PROBE_LOSSES, strict=True):
-            state = optim.update({"probe": jnp.asarray(gradient)}, state, value=jnp.asarray(loss))
-        return optim.get_params(state)["probe"] - _PROBE_START
-
-    try:
-        # One compiled function: 50-150 ms, where op by op each op compiles on its first use
-        # in a process (0.5-1 s in all).
-        moved = np.asarray(jax.jit(moves)())
-    except Exception:  # the optimizer's own error: it needs other parameters than the probe
-        return None
-    return [float(f"{move:.4g}") for move in moved]
-
-
-def data_digest(arrays: Mapping[str, Any]) -> str:
-    """A short digest of training data (:func:`~aimz_trainer.data.digest_rows`: names, shapes,
-    dtypes and every n/1024-th row): tells apart datasets given by mistake."""
-    digest = hashlib.sha256()
-    digest_rows(digest, arrays)
-    return digest.hexdigest()[:16]
-
-
-def fit_fingerprint(arrays: Mapping[str, Any], optim: Any) -> dict[str, Any]:
-    """What a resumed fit checks it still has: ``{"data_digest", "optimizer_probe"}``."""
-    return {"data_digest": data_digest(arrays), "optimizer_probe": optimizer_probe(optim)}
-
-
-def fingerprint_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """How a fit's :func:`fit_fingerprint` differs from the one a checkpoint recorded (a value
-    missing on either side is not compared)."""
-    differences = []
-    data = saved.get("data_digest"), current.get("data_digest")
-    if None not in data and data[0] != data[1]:
-        differences.append(
-            f"other training data (the digest of their sampled rows is {data[0]} in the checkpoint, {data[1]} now)"
-        )
-    probes = saved.get("optimizer_probe"), current.get("optimizer_probe")
-    if None not in probes and list(probes[0]) != list(probes[1]):
-        differences.append(
-            "another optimizer setting, such as the learning rate (its moves of a probe parameter from fixed "
-            f"gradients are {probes[0]} in the checkpoint, {probes[1]} now)"
-        )
-    return differences
 
 
 # -- without a Trainer -------------------------------------------------------------------------

@@ -25,31 +25,36 @@ import hashlib
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 import grain
 import jax
 import numpy as np
 
+from aimz_trainer.distributed import require_agreement
 from aimz_trainer.errors import ConfigurationError, DataError
+from aimz_trainer.plan import FitPlan
+from aimz_trainer.sharding import place_replicated
 
 __all__ = [
-    "Chunk",
+    "NONFINITE_ROWS",
     "ChunkSource",
-    "FitPlan",
+    "PlacedData",
     "Placement",
     "ValidationSource",
+    "check_processes_agree",
+    "data_bytes",
     "device_data_budget",
     "digest_rows",
-    "epoch_length",
     "leading_batch",
     "make_chunk_loader",
     "nonfinite",
+    "place_data",
     "require_finite_rows",
     "resolve_placement",
     "validate_batch_size",
     "validate_data",
+    "validate_val_data",
 ]
 
 Placement = Literal["auto", "device", "host"]
@@ -127,6 +132,42 @@ def require_finite_rows(name: str, arrays: Mapping[str, Any], consequence: str) 
             )
 
 
+NONFINITE_ROWS = (
+    "the ELBO of every batch holding that row would be NaN. Fill or drop those rows; for a missing "
+    "observation, fill it and mask the site (numpyro's obs_mask)."
+)
+
+
+def validate_val_data(val_data: Any, train_arrays: Mapping[str, Any]) -> dict[str, ArrayLike]:
+    """``val_data`` checked like ``train_data``, with the same keys and row shapes."""
+    arrays, _ = validate_data(val_data, name="val_data")
+    if set(arrays) != set(train_arrays):
+        raise DataError(
+            f"val_data must have the same keys as train_data: got {sorted(arrays)}, expected {sorted(train_arrays)}."
+        )
+    for key, array in arrays.items():
+        if array.shape[1:] != train_arrays[key].shape[1:]:
+            raise DataError(
+                f"val_data[{key!r}] rows have shape {array.shape[1:]} but train_data[{key!r}] rows have "
+                f"shape {train_arrays[key].shape[1:]}."
+            )
+    return arrays
+
+
+def check_processes_agree(arrays: Mapping[str, Any], num_rows: int, batch_size: int) -> None:
+    """Every process of a multi-process run must fit the same data with the same batch size
+    (each feeds its share of every global batch): compare them before anything is compiled."""
+    if jax.process_count() == 1:
+        return
+    digest = hashlib.sha256()
+    digest_rows(digest, arrays)
+    require_agreement(
+        {"rows": num_rows, "batch_size": batch_size, "data": digest.hexdigest()[:12]},
+        "training data or batch sizes",
+        "Give every process the same arrays and batch_size (each feeds its share of every batch).",
+    )
+
+
 def digest_rows(digest: hashlib._Hash, arrays: Mapping[str, Any]) -> None:
     """Feed ``digest`` each array's name, shape and dtype and every n/1024-th row, in name
     order: cheap at any size (hashing 100 million rows would take seconds), and enough to tell
@@ -186,105 +227,35 @@ def resolve_placement(placement: Placement, data_bytes: int, budget: int) -> Lit
     return placement
 
 
-class Chunk(NamedTuple):
-    """A run of consecutive steps inside one epoch, executed by one compiled call."""
-
-    epoch: int
-    first_step: int
-    num_steps: int
-
-    @property
-    def steps(self) -> range:
-        return range(self.first_step, self.first_step + self.num_steps)
+def data_bytes(*datasets: Mapping[str, Any] | None) -> int:
+    """Bytes the arrays of ``datasets`` take on a device (in JAX's canonical dtypes)."""
+    return sum(
+        int(np.prod(array.shape)) * jax.dtypes.canonicalize_dtype(array.dtype).itemsize
+        for arrays in datasets
+        for array in (arrays or {}).values()
+    )
 
 
-@dataclass(frozen=True)
-class FitPlan:
-    """How a fit walks through the data: batches per epoch, chunks of steps, when to stop.
+class PlacedData(NamedTuple):
+    """One dataset as the compiled functions consume it.
 
-    A chunk ends at every epoch end and at every multiple of each interval in ``boundaries``
-    (logging, validation, checkpoints: the hooks see the fit exactly there), and otherwise
-    after ``steps_per_chunk`` steps. Every chunk is run by the same compiled function, padded
-    to ``steps_per_chunk`` steps with inactive ones, so chunk lengths never cause a compile.
+    Attributes:
+        device_data: the arrays replicated on the mesh (``"device"`` placement), else empty.
+        host_arrays: the arrays in host memory (``"host"`` placement), else ``None``.
+        num_rows: rows of the dataset.
     """
 
+    device_data: dict[str, jax.Array]
+    host_arrays: dict[str, np.ndarray] | None
     num_rows: int
-    batch_size: int
-    steps_per_epoch: int
-    steps_per_chunk: int
-    total_steps: int
-    chunks: tuple[Chunk, ...]
-
-    @classmethod
-    def create(
-        cls,
-        num_rows: int,
-        batch_size: int,
-        *,
-        drop_last: bool,
-        max_epochs: int | None,
-        max_steps: int | None,
-        steps_per_chunk: int | None,
-        boundaries: Sequence[int] = (),
-    ) -> FitPlan:
-        steps_per_epoch = epoch_length(num_rows, batch_size, drop_last=drop_last)
-        limits = []
-        if max_epochs is not None:
-            limits.append(max_epochs * steps_per_epoch)
-        if max_steps is not None:
-            limits.append(max_steps)
-        total_steps = min(limits)
-        steps_per_chunk = steps_per_chunk or default_steps_per_chunk(steps_per_epoch, boundaries)
-        return cls(
-            num_rows=num_rows,
-            batch_size=batch_size,
-            steps_per_epoch=steps_per_epoch,
-            steps_per_chunk=steps_per_chunk,
-            total_steps=total_steps,
-            chunks=tuple(_cut_chunks(steps_per_epoch, total_steps, steps_per_chunk, boundaries)),
-        )
-
-    @property
-    def num_chunks(self) -> int:
-        return len(self.chunks)
-
-    def is_epoch_end(self, chunk: Chunk) -> bool:
-        end = chunk.first_step + chunk.num_steps
-        return end % self.steps_per_epoch == 0 or end == self.total_steps
 
 
-def epoch_length(num_rows: int, batch_size: int, *, drop_last: bool) -> int:
-    """Steps per epoch: a last partial batch is completed, or dropped with ``drop_last``."""
-    return num_rows // batch_size if drop_last else math.ceil(num_rows / batch_size)
-
-
-def _cut_chunks(steps_per_epoch: int, total_steps: int, steps_per_chunk: int, boundaries: Sequence[int]) -> list[Chunk]:
-    chunks = []
-    for epoch in range(math.ceil(total_steps / steps_per_epoch)):
-        start = epoch * steps_per_epoch
-        end = min(start + steps_per_epoch, total_steps)
-        cuts = {end}
-        for interval in boundaries:
-            cuts.update(range((start // interval + 1) * interval, end, interval))
-        for cut in sorted(cuts):
-            while start < cut:
-                length = min(steps_per_chunk, cut - start)
-                chunks.append(Chunk(epoch, start, length))
-                start += length
-    return chunks
-
-
-def default_steps_per_chunk(steps_per_epoch: int, boundaries: Sequence[int] = (), target: int = 50) -> int:
-    """Steps per compiled call: about ``target``, preferably a divisor of the epoch length and of
-    every boundary interval so that chunks need no padding steps. Padding is cheap (inactive
-    steps skip the update) but not free, and too short a chunk syncs with the host too often."""
-    span = math.gcd(steps_per_epoch, *boundaries)
-    if span <= target:
-        return span if span >= target // 5 else min(target, steps_per_epoch)
-    for size in range(target, target // 2 - 1, -1):
-        if span % size == 0:
-            return size
-    return target
+def place_data(arrays: Mapping[str, Any], placement: Literal["device", "host"], mesh: Any) -> PlacedData:
+    """Put ``arrays`` where ``placement`` says: replicated on ``mesh``, or as host NumPy arrays."""
+    num_rows = len(next(iter(arrays.values())))
+    if placement == "device":
+        return PlacedData(place_replicated(arrays, mesh), None, num_rows)
+    return PlacedData({}, {key: np.asarray(array) for key, array in arrays.items()}, num_rows)
 
 
 class ChunkSource:

@@ -29,7 +29,15 @@ from numpyro.infer.autoguide import AutoContinuous
 
 from aimz_trainer.errors import AimzTrainerError, ConfigurationError, DataError, MinibatchScalingWarning
 
-__all__ = ["ModelLayout", "at_rows", "check_trainable", "model_guide_checked", "model_layout", "on_rows"]
+__all__ = [
+    "ModelLayout",
+    "at_rows",
+    "check_trainable",
+    "model_guide_checked",
+    "model_layout",
+    "on_rows",
+    "trace_model",
+]
 
 
 class ModelLayout(NamedTuple):
@@ -222,11 +230,11 @@ def _trace_structure(
     ``{plate: (size, subsample_size)}`` and ``{site: {"deterministic", "observed", "enumerated",
     "frames", "shape"}}`` of the sample and deterministic sites."""
     found: list[Any] = []
+    # A closure, not one merged dict: a data key that is also a static argument stays an error.
+    with_static = (lambda **rows: model(**rows, **static_kwargs)) if static_kwargs else model
 
     def run(inputs: Mapping[str, Any]) -> None:
-        with handlers.trace() as trace, handlers.seed(rng_seed=0):
-            on_rows(model)(**inputs, **static_kwargs)
-        found.append(trace)
+        found.append(trace_model(with_static, inputs))
 
     inputs = {
         key: jax.ShapeDtypeStruct((count, *np.shape(value)[1:]), jax.dtypes.canonicalize_dtype(value.dtype))
@@ -256,6 +264,26 @@ def _trace_structure(
         if site["type"] in ("sample", "deterministic")
     }
     return plates, sites  # type: ignore[return-value]
+
+
+def trace_model(model: Callable[..., Any], kwargs: Mapping[str, Any], *, rng_seed: Any = 0) -> dict[str, Any]:
+    """The trace (``{name: site}``, in run order) of one run of ``model(**kwargs)`` under
+    :func:`on_rows` (every subsampled plate on ``arange`` indices) and ``seed(rng_seed)``: an
+    int or a key (a traced one too, inside ``jit`` or ``vmap``).
+
+    Example:
+        >>> import numpyro, numpyro.distributions as dist
+        >>> def model(x):
+        ...     w = numpyro.sample("w", dist.Normal())
+        ...     with numpyro.plate("data", 100, subsample_size=len(x)):
+        ...         numpyro.sample("y", dist.Normal(w * x))
+        >>> trace = trace_model(model, {"x": np.zeros(3)})
+        >>> [(name, site["type"]) for name, site in trace.items()]
+        [('w', 'sample'), ('data', 'plate'), ('y', 'sample')]
+    """
+    with handlers.trace() as trace, handlers.seed(rng_seed=rng_seed):
+        on_rows(model)(**kwargs)
+    return trace
 
 
 def on_rows(fn: Callable[..., Any], rows: jax.Array | None = None) -> Callable[..., Any]:

@@ -6,7 +6,8 @@ Training and prediction share one 1-D :class:`jax.sharding.Mesh` whose single ax
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -19,6 +20,9 @@ __all__ = [
     "DATA_AXIS",
     "batch_sharding",
     "make_mesh",
+    "place_replicated",
+    "record_shardings",
+    "records_to_global",
     "replicated",
     "stacked_batch_sharding",
     "to_global_array",
@@ -83,3 +87,37 @@ def to_global_array(local: np.ndarray, sharding: NamedSharding, global_shape: tu
     """Assemble one global array from this process's part of it (its rows, or all of it when
     the sharding replicates)."""
     return jax.make_array_from_process_local_data(sharding, local, global_shape)
+
+
+def place_replicated(arrays: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+    """Replicate the arrays on every device of the mesh, in JAX's canonical dtypes."""
+    sharding = replicated(mesh)
+    placed = {}
+    for key, array in arrays.items():
+        dtype = jax.dtypes.canonicalize_dtype(array.dtype)
+        if isinstance(array, jax.Array):
+            placed[key] = jax.device_put(array.astype(dtype), sharding)
+        else:
+            placed[key] = to_global_array(np.asarray(array, dtype=dtype), sharding, array.shape)
+    return placed
+
+
+def records_to_global(mesh: Mesh, batch_size: int) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """``put(record)``: a Grain record (this process's columns of each stacked batch) as global
+    arrays of ``batch_size`` columns split over the mesh; scalars (counts) replicated."""
+    stacked, rep = stacked_batch_sharding(mesh), replicated(mesh)
+
+    def put(local: Any) -> jax.Array:
+        local = np.asarray(local)
+        if local.ndim == 0:
+            return to_global_array(local, rep, ())
+        return to_global_array(local, stacked, (local.shape[0], batch_size, *local.shape[2:]))
+
+    return lambda record: jax.tree.map(put, record)
+
+
+def record_shardings(mesh: Mesh, record: Mapping[str, Any]) -> dict[str, NamedSharding]:
+    """The shardings of a record's fields as compiled functions take them: stacked batches
+    split by rows, the step count replicated."""
+    stacked, rep = stacked_batch_sharding(mesh), replicated(mesh)
+    return {key: rep if key == "num_steps" else stacked for key in record}

@@ -21,11 +21,13 @@ compilations.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax import lax
 from jax.scipy.special import logsumexp
 from numpyro import handlers
@@ -34,20 +36,28 @@ from numpyro.infer.autoguide import AutoGuide
 from numpyro.infer.svi import SVIState
 from numpyro.infer.util import log_likelihood
 
+from aimz_trainer.errors import ConfigurationError
 from aimz_trainer.plates import ModelLayout, at_rows, on_rows
 
 __all__ = [
+    "BUILT_IN_STEP_METRICS",
+    "StepMetric",
+    "StepView",
     "TrainState",
     "batch_from",
     "first_batch",
+    "grad_norm",
+    "gradients_recorded",
     "guide_draw",
     "guide_on_rows",
+    "learning_rate",
     "make_init",
     "make_params",
     "make_posterior_sampler",
     "make_train_chunk",
     "make_validation_step",
     "model_kwargs",
+    "param_norm",
     "pointwise_lpd",
     "restored_after",
     "sample_posterior",
@@ -161,38 +171,114 @@ def make_init(
     return init
 
 
+class StepView(NamedTuple):
+    """What a per-step metric sees of one SVI update (all traced values, inside the chunk).
+
+    Attributes:
+        loss: the step's ELBO loss.
+        grads: the gradient of the loss in the optimizer's (unconstrained) parameters.
+        params: those parameters before the update, where the gradient was taken.
+        svi_state: the ``SVIState`` after the update.
+    """
+
+    loss: jax.Array
+    grads: Any
+    params: Any
+    svi_state: SVIState
+
+
+StepMetric = Callable[[StepView], jax.Array]
+"""A per-step metric: a pure function of a :class:`StepView` returning one scalar."""
+
+
+def grad_norm(view: StepView) -> jax.Array:
+    """The global (L2) norm of the step's gradient over every parameter."""
+    return optax.global_norm(view.grads)
+
+
+def param_norm(view: StepView) -> jax.Array:
+    """The global (L2) norm of the unconstrained parameters the step's gradient was taken at."""
+    return optax.global_norm(view.params)
+
+
+BUILT_IN_STEP_METRICS: dict[str, StepMetric] = {"grad_norm": grad_norm, "param_norm": param_norm}
+
+
+@contextlib.contextmanager
+def gradients_recorded(svi: SVI) -> Iterator[dict[str, Any]]:
+    """Inside a trace: ``svi`` with its optimizer's ``update`` recording the gradient and the
+    parameters it receives (keys ``"grads"`` and ``"params"`` of the yielded dict) on their way
+    through. ``SVI.update`` stays NumPyro's own: the gradient it computes is read, not
+    recomputed. An optimizer that updates without gradients (``Minimize``) records nothing."""
+    optim = svi.optim
+    recorded: dict[str, Any] = {}
+    recording = copy.copy(optim)
+
+    def update(grads: Any, state: Any, *args: Any, **kwargs: Any) -> Any:
+        recorded.update(grads=grads, params=optim.get_params(state))
+        return optim.update(grads, state, *args, **kwargs)
+
+    recording.update = update  # an instance attribute: ``eval_and_update`` calls ``self.update``
+    svi.optim = recording
+    try:
+        yield recorded
+    finally:
+        svi.optim = optim
+
+
+def learning_rate(optim_state: Any) -> jax.Array | None:
+    """The learning rate held in an ``optax.inject_hyperparams`` state, if there is one."""
+    for node in jax.tree.leaves(optim_state, is_leaf=lambda x: hasattr(x, "hyperparams")):
+        hyperparams = getattr(node, "hyperparams", None)
+        if isinstance(hyperparams, Mapping) and "learning_rate" in hyperparams:
+            return hyperparams["learning_rate"]
+    return None
+
+
 def make_train_chunk(
-    svi: SVI, row_plates: tuple[str, ...]
-) -> Callable[[TrainState, Mapping[str, jax.Array], Record], tuple[TrainState, jax.Array]]:
-    """``chunk(state, device_data, record) -> (state, losses)``: SVI updates in one
+    svi: SVI, row_plates: tuple[str, ...], step_metrics: Mapping[str, StepMetric] | None = None
+) -> Callable[[TrainState, Mapping[str, jax.Array], Record], tuple[TrainState, jax.Array, dict[str, jax.Array]]]:
+    """``chunk(state, device_data, record) -> (state, losses, metrics)``: SVI updates in one
     ``lax.scan`` over the record's K stacked batches, of which the first ``record["num_steps"]``
     are real; the others skip the update (their loss is NaN), so one compiled function serves
-    every chunk length. The K losses come back together. Each batch's row indices go into
-    ``row_plates``.
+    every chunk length. The K losses come back together, and so do the K values of each of
+    ``step_metrics`` (name -> :data:`StepMetric`; NaN for the skipped steps). Each batch's row
+    indices go into ``row_plates``.
     """
+    step_metrics = dict(step_metrics or {})
+    dtype = jnp.result_type(float)
 
     def train_chunk(
         state: TrainState, device_data: Mapping[str, jax.Array], record: Record
-    ) -> tuple[TrainState, jax.Array]:
-        def update(svi_state: SVIState, batch: Batch, indices: jax.Array) -> tuple[SVIState, jax.Array]:
-            with at_rows(row_plates, indices):
-                return svi.update(svi_state, **batch)
+    ) -> tuple[TrainState, jax.Array, dict[str, jax.Array]]:
+        def update(svi_state: SVIState, batch: Batch, indices: jax.Array) -> tuple[SVIState, jax.Array, Any]:
+            with at_rows(row_plates, indices), gradients_recorded(svi) as recorded:
+                updated, loss = svi.update(svi_state, **batch)
+            if step_metrics and not recorded:
+                raise ConfigurationError(
+                    f"step_metrics {sorted(step_metrics)} need the gradient of each step, and the optimizer "
+                    f"{type(svi.optim).__name__} updates without one; use an optax or numpyro.optim optimizer."
+                )
+            view = StepView(loss, recorded.get("grads"), recorded.get("params"), updated)
+            return updated, loss, {name: jnp.asarray(fn(view), dtype) for name, fn in step_metrics.items()}
 
-        def skip(svi_state: SVIState, batch: Batch, indices: jax.Array) -> tuple[SVIState, jax.Array]:
-            return svi_state, jnp.asarray(jnp.nan, jnp.result_type(float))
+        def skip(svi_state: SVIState, batch: Batch, indices: jax.Array) -> tuple[SVIState, jax.Array, Any]:
+            nan = jnp.asarray(jnp.nan, dtype)
+            return svi_state, nan, {name: nan for name in step_metrics}
 
-        def step(carry: TrainState, inputs: tuple[jax.Array, Any, jax.Array]) -> tuple[TrainState, jax.Array]:
+        def step(carry: TrainState, inputs: tuple[jax.Array, Any, jax.Array]) -> tuple[TrainState, Any]:
             position, rows, indices = inputs
             real = position < record["num_steps"]
             batch = batch_from(device_data, rows, indices)
-            updated, loss = lax.cond(real, update, skip, carry.svi_state, batch, indices)
+            updated, loss, metrics = lax.cond(real, update, skip, carry.svi_state, batch, indices)
             finite = carry.finite & (jnp.isfinite(loss) | ~real)
             svi_state = lax.cond(finite, lambda: updated, lambda: carry.svi_state)
-            return TrainState(svi_state, finite), loss
+            return TrainState(svi_state, finite), (loss, metrics)
 
         positions = jnp.arange(record["indices"].shape[0])
         with traced_svi(svi, *first_batch(device_data, record), row_plates):
-            return lax.scan(step, state, (positions, record["rows"], record["indices"]))
+            state, (losses, metrics) = lax.scan(step, state, (positions, record["rows"], record["indices"]))
+        return state, losses, metrics
 
     return train_chunk
 

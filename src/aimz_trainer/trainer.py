@@ -1,85 +1,67 @@
-"""The Trainer: validates, compiles, and runs the chunked SVI loop with callbacks.
+"""The Trainer: a fit as a straight pipeline of stages, each in a module of its own.
 
-Python orchestrates around one compiled function. Each call runs K SVI steps; the loop keeps
-one call in flight and runs the previous call's hooks while the devices work on the next, so
-the host never waits on a single step and the devices never wait for the hooks. A stop
-requested by a hook drops the call in flight: the fit ends exactly where it was requested.
+``fit`` checks its arguments (:mod:`~aimz_trainer.data`, :mod:`~aimz_trainer.plates`), plans
+the chunks (:mod:`~aimz_trainer.plan`), places the data and builds the record stream,
+compiles (:mod:`~aimz_trainer.compile`), restores a checkpoint (:mod:`~aimz_trainer.resume`),
+runs the chunk loop (:mod:`~aimz_trainer.loop`) and draws the posterior. Callbacks see the fit
+through a :class:`~aimz_trainer.callbacks.FitContext`, never the Trainer.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
-import warnings
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import numpyro
 from jax.sharding import Mesh
 from numpyro.infer import SVI
 from numpyro.infer.svi import SVIState
 
 from aimz_trainer._checks import as_key, check_model_accepts, is_int_at_least, require_bool, require_choice
-from aimz_trainer._version import library_version
-from aimz_trainer.callbacks.base import Callback, FitProgress, overrides_state
-from aimz_trainer.callbacks.checkpoint import ModelCheckpoint
-from aimz_trainer.callbacks.posterior import PosteriorSampler
-from aimz_trainer.callbacks.progress import ProgressBar, progress_bar_wanted
-from aimz_trainer.checkpoint import (
-    CHECKPOINT_FORMAT,
-    array_tree,
-    checkpoint_steps,
-    compare_array_trees,
-    fingerprint_differences,
-    fit_fingerprint,
-    named_arrays,
-    newest_checkpoint,
-    read_meta,
-    require_usable,
-    resolve_checkpoint,
-    restore_state,
-    tree_signature,
-    warn_checkpoint,
-)
+from aimz_trainer.callbacks import default_callbacks
+from aimz_trainer.callbacks.base import Callback, CallbackList, check_callbacks
+from aimz_trainer.callbacks.context import FitContext, MetricLog, TrainerSettings, TrainerState
+from aimz_trainer.callbacks.logger import MetricLogger
+from aimz_trainer.compile import FitPrograms
 from aimz_trainer.data import (
-    Chunk,
+    NONFINITE_ROWS,
     ChunkSource,
-    FitPlan,
     Placement,
-    ValidationSource,
+    check_processes_agree,
+    data_bytes,
     device_data_budget,
-    digest_rows,
-    epoch_length,
     leading_batch,
     make_chunk_loader,
+    place_data,
     require_finite_rows,
     resolve_placement,
     validate_batch_size,
     validate_data,
+    validate_val_data,
 )
-from aimz_trainer.distributed import allgather_json, require_agreement
-from aimz_trainer.errors import CheckpointError, ConfigurationError, DataError, NonFiniteLossError
-from aimz_trainer.plates import ModelLayout, check_trainable, model_guide_checked, model_layout
-from aimz_trainer.sharding import DATA_AXIS, make_mesh, replicated, stacked_batch_sharding, to_global_array
-from aimz_trainer.step import (
-    TrainState,
-    make_init,
-    make_params,
-    make_posterior_sampler,
-    make_train_chunk,
-    make_validation_step,
+from aimz_trainer.errors import ConfigurationError
+from aimz_trainer.loop import ChunkLoop, Records
+from aimz_trainer.plan import Every, FitPlan, epoch_length
+from aimz_trainer.plates import ModelLayout, check_trainable, model_layout
+from aimz_trainer.resume import (
+    ResumePoint,
+    fit_fingerprint,
+    fit_shape,
+    loader_state_of,
+    open_checkpoint,
+    restore,
+    resume_position,
+    snapshot,
 )
+from aimz_trainer.sharding import DATA_AXIS, make_mesh, records_to_global
+from aimz_trainer.step import BUILT_IN_STEP_METRICS, StepMetric
+from aimz_trainer.validation import Validator
 
-__all__ = ["FitResult", "Trainer", "TrainerState"]
+__all__ = ["FitKeys", "FitResult", "Trainer", "TrainerState"]
 
-Record = dict[str, Any]
 Params = dict[str, jax.Array]
 
 
@@ -89,11 +71,14 @@ class FitResult(NamedTuple):
     Attributes:
         params: the optimized variational parameters, constrained (``svi.get_params``).
         losses: one ELBO loss per step, as a NumPy array.
-        posterior: site name -> draws from the guide with a leading ``num_samples`` axis (the
-            latest draws of a :class:`~aimz_trainer.callbacks.PosteriorSampler`), or ``None``.
-            Per-row latent and deterministic sites are not among them (see the README's "Which
-            models"); deterministic sites are computed on the data's first ``batch_size`` rows
-            in row order, whatever the shuffle and wherever the fit was resumed.
+        posterior: site name -> draws from the guide at the final state with a leading
+            ``num_samples`` axis, drawn with the fit's posterior key: ``fit``'s
+            ``num_samples`` of them, or with ``num_samples=0`` the last such draws a callback
+            took at the end (a :class:`~aimz_trainer.callbacks.PosteriorSampler`'s); else
+            ``None``. Per-row latent and deterministic sites are not among them (see the
+            README's "Which models"); deterministic sites are computed on the data's first
+            ``batch_size`` rows in row order, whatever the shuffle and wherever the fit was
+            resumed.
         state: the final ``SVIState``.
     """
 
@@ -101,31 +86,6 @@ class FitResult(NamedTuple):
     losses: np.ndarray
     posterior: dict[str, jax.Array] | None
     state: SVIState
-
-
-@dataclass
-class TrainerState:
-    """The trainer's live state: where the fit is and the newest SVI state.
-
-    Attributes:
-        step: SVI steps finished.
-        epoch: current epoch, from 0.
-        svi_state: the ``SVIState`` after ``step`` steps; after a non-finite loss, the last
-            good one.
-        rng_key: the key the fit's randomness derives from.
-        params: the constrained variational parameters of ``svi_state``.
-    """
-
-    step: int
-    epoch: int
-    svi_state: SVIState | None
-    rng_key: jax.Array
-    params: dict[str, jax.Array] | None = None
-
-
-class _Resume(NamedTuple):
-    step_dir: Path
-    meta: dict[str, Any]
 
 
 class FitKeys(NamedTuple):
@@ -141,117 +101,20 @@ class FitKeys(NamedTuple):
         return cls(*jax.random.split(rng_key, 4))
 
 
-@dataclass
-class _Placed:
-    """Arrays of one dataset as the compiled functions consume them."""
+class _Inputs(NamedTuple):
+    """``fit``'s arguments, checked (the first stage's output)."""
 
-    device_data: dict[str, jax.Array]  # empty when the host gathers the batches
-    host_arrays: dict[str, np.ndarray] | None  # None when the devices hold the data
+    svi: SVI
+    arrays: dict[str, Any]
     num_rows: int
-
-
-class _Compiled:
-    """The compiled functions of one fit, and their prototype inputs.
-
-    Compilation is most of a fit's start-up on a CPU, so ``init`` and validation compile on a
-    worker thread while the training chunk compiles; XLA compiles outside the GIL. Tracing
-    stays on the calling thread: it temporarily touches the user's ``svi``. Posterior draws
-    compile on first use: they are bigger, and on a 2-core machine a compile in the
-    background halves training throughput for as long as it runs.
-
-    Init and every chunk also return the constrained parameters of their state: a separate
-    call would queue behind the chunk in flight and stall the loop for a whole chunk, while
-    in the chunk it costs next to nothing.
-    """
-
-    def __init__(
-        self, svi: SVI, layout: ModelLayout, mesh: Mesh, device_data: dict[str, jax.Array], draw_record: Record
-    ) -> None:
-        self._svi = svi
-        self._layout = layout
-        self._rep = replicated(mesh)
-        self.device_data = device_data
-        # The batch posterior draws set ``svi`` up with and compute deterministic sites on.
-        self.prototype = draw_record
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="aimz-compile")
-        self._validate: Any = None
-        self._samplers: dict[int, Any] = {}
-
-    def start(self, rng_key: jax.Array, record: Record) -> tuple[TrainState, Params, Callable[..., Any]]:
-        """Compile init and the training chunk; return the initial state, its parameters and
-        ``chunk(state, device_data, record) -> (state, losses, params)``."""
-        rep, plates = self._rep, self._layout.row_plates
-        init, train_chunk = make_init(self._svi, plates), make_train_chunk(self._svi, plates)
-        params = make_params(self._svi, plates)
-
-        def init_with_params(rng_key: jax.Array, device_data: Any, record: Record) -> tuple[TrainState, Params]:
-            state = init(rng_key, device_data, record)
-            return state, params(state.svi_state, device_data, record)
-
-        def chunk_with_params(state: TrainState, device_data: Any, record: Record) -> tuple[TrainState, Any, Params]:
-            state, losses = train_chunk(state, device_data, record)
-            return state, losses, params(state.svi_state, device_data, record)
-
-        shardings = (rep, rep, _record_shardings(rep, record))
-        with model_guide_checked():  # the chunk's trace is the ELBO's first
-            lowered_init = jax.jit(init_with_params, in_shardings=shardings, out_shardings=rep).lower(
-                rng_key, self.device_data, record
-            )
-            # init runs once: unoptimized code compiles faster than it loses at run time.
-            compiled_init = self._pool.submit(lowered_init.compile, {"xla_backend_optimization_level": 0})
-            chunk = jax.jit(chunk_with_params, in_shardings=shardings, out_shardings=rep)
-            lowered_chunk = chunk.lower(lowered_init.out_info[0], self.device_data, record)
-        compiled_chunk = lowered_chunk.compile()
-        return *compiled_init.result()(rng_key, self.device_data, record), compiled_chunk
-
-    def prepare_validation(
-        self,
-        state: TrainState,
-        rng_key: jax.Array,
-        data: _Placed,
-        record: Record,
-        num_samples: int,
-        num_train_rows: int,
-    ) -> None:
-        """Trace validation now and compile it on the worker thread."""
-        rep = self._rep
-        validate = jax.jit(
-            make_validation_step(self._svi, num_samples, num_train_rows, self._layout),
-            in_shardings=(rep, rep, rep, _record_shardings(rep, record)),
-            out_shardings=rep,
-        )
-        self._validate = self._pool.submit(validate.lower(state.svi_state, rng_key, data.device_data, record).compile)
-
-    def validate(self, svi_state: SVIState, rng_key: jax.Array, device_data: Any, record: Record) -> Any:
-        return self._validate.result()(svi_state, rng_key, device_data, record)
-
-    def sample(self, svi_state: SVIState, rng_key: jax.Array, num_samples: int) -> dict[str, jax.Array]:
-        if num_samples not in self._samplers:
-            rep = self._rep
-            sampler = jax.jit(
-                make_posterior_sampler(self._svi, num_samples, self._layout),
-                in_shardings=(rep, rep, rep, _record_shardings(rep, self.prototype)),
-                out_shardings=rep,
-            )
-            lowered = sampler.lower(svi_state, rng_key, self.device_data, self.prototype)
-            self._samplers[num_samples] = _compile_once(lowered)
-        return self._samplers[num_samples](svi_state, rng_key, self.device_data, self.prototype)
-
-    def close(self) -> None:
-        """Stop the worker thread (after the compiles it was given)."""
-        self._pool.shutdown()
-
-
-def _compile_once(lowered: Any) -> Any:
-    # Optimization level 1 compiles about 30% faster than the default and runs a function that
-    # is called a few times as fast.
-    return lowered.compile({"xla_backend_optimization_level": 1})
-
-
-def _record_shardings(rep: Any, record: Mapping[str, Any]) -> dict[str, Any]:
-    """Shardings of a record's fields: stacked batches are split by rows, counts replicated."""
-    stacked = stacked_batch_sharding(rep.mesh)
-    return {key: rep if key == "num_steps" else stacked for key in record}
+    batch_size: int
+    layout: ModelLayout
+    val_arrays: dict[str, Any] | None
+    val_batch_size: int
+    val_num_samples: int
+    num_samples: int
+    shuffle: bool
+    drop_last: bool
 
 
 class Trainer:
@@ -280,6 +143,11 @@ class Trainer:
         nonfinite_loss: ``"raise"`` (default) raises :class:`NonFiniteLossError` at the first
             NaN/inf loss; ``"warn"`` stops the fit with a warning and returns what it has. Either
             way the state from before the bad step is kept.
+        step_metrics: per-step scalars the compiled chunk returns with the losses, logged like
+            ``train_loss`` (every ``log_every_n_steps``; their chunk mean in
+            ``callback_metrics``): names of built-in ones, ``"grad_norm"`` (global norm of the
+            step's gradient) and ``"param_norm"`` (of the unconstrained parameters), or a
+            mapping of names to :data:`~aimz_trainer.step.StepMetric` functions. Off by default.
 
     Example:
         >>> import jax, numpy as np, numpyro, numpyro.distributions as dist
@@ -316,6 +184,7 @@ class Trainer:
         enable_progress_bar: bool = True,
         steps_per_chunk: int | None = None,
         nonfinite_loss: Literal["raise", "warn"] = "raise",
+        step_metrics: Sequence[str] | Mapping[str, StepMetric] = (),
     ) -> None:
         if max_epochs is None and max_steps is None:
             raise ConfigurationError("set max_epochs or max_steps (or both): the trainer needs to know when to stop.")
@@ -345,14 +214,12 @@ class Trainer:
             raise ConfigurationError(f"mesh must be a jax.sharding.Mesh with the single axis {DATA_AXIS!r}.")
         if not isinstance(callbacks, Sequence):
             raise ConfigurationError(f"callbacks must be a list of Callback instances; got {callbacks!r}.")
-        callbacks = list(callbacks)
         for callback in callbacks:
             if not isinstance(callback, Callback):
                 raise ConfigurationError(
                     f"callbacks must be aimz_trainer.callbacks.Callback instances; got {type(callback).__name__}."
                 )
-        if enable_progress_bar and progress_bar_wanted() and not any(isinstance(c, ProgressBar) for c in callbacks):
-            callbacks.append(ProgressBar())
+        self._step_metrics = _step_metric_functions(step_metrics)
 
         self.max_epochs = max_epochs
         self.max_steps = max_steps
@@ -361,7 +228,7 @@ class Trainer:
         self.val_check_interval = val_check_interval
         self.steps_per_chunk = steps_per_chunk
         self.nonfinite_loss = nonfinite_loss
-        self.callbacks = callbacks
+        self.callbacks = default_callbacks(callbacks, enable_progress_bar=enable_progress_bar)
         self.mesh = mesh if mesh is not None else make_mesh(devices)
         self.rng_key = jax.random.key(0) if rng_key is None else as_key(rng_key)
         self.state = TrainerState(step=0, epoch=0, svi_state=None, rng_key=self.rng_key)
@@ -373,8 +240,7 @@ class Trainer:
         self.plan: FitPlan | None = None
         self.placement: Literal["device", "host"] | None = None
         self.timings: dict[str, float] = {}
-        self._compiled: _Compiled | None = None
-        self._run: _Run | None = None
+        self._fit: FitContext | None = None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -383,25 +249,38 @@ class Trainer:
 
     @property
     def has_validation(self) -> bool:
-        """Whether the current fit validates (it was given ``val_data``)."""
-        return self._validation is not None
+        """Whether the current (or last) fit validates (it was given ``val_data``)."""
+        return self._fit is not None and self._fit.has_validation
 
     @property
     def posterior_key(self) -> jax.Array:
         """The key of the fit's posterior draws (derived from ``rng_key``)."""
         return FitKeys.split(self.rng_key).sample
 
+    @property
+    def settings(self) -> TrainerSettings:
+        """The settings that shape a fit, as checkpoints record them."""
+        return TrainerSettings(
+            max_epochs=self.max_epochs,
+            max_steps=self.max_steps,
+            log_every_n_steps=self.log_every_n_steps,
+            check_val_every_n_epoch=self.check_val_every_n_epoch,
+            val_check_interval=self.val_check_interval,
+            steps_per_chunk=self.steps_per_chunk,
+            nonfinite_loss=self.nonfinite_loss,
+            step_metrics=tuple(self._step_metrics),
+        )
+
     def request_stop(self, reason: str | None = None) -> None:
-        """Ask the fit to stop at the next chunk boundary (``on_fit_end`` still runs)."""
-        self.should_stop = True
-        self.stop_reason = reason
+        """Ask the running fit to stop at the next chunk boundary (``on_fit_end`` still runs)."""
+        self.should_stop, self.stop_reason = True, reason
+        if self._fit is not None:
+            self._fit.request_stop(reason)
 
     def current_params(self) -> dict[str, jax.Array]:
         """The constrained variational parameters at ``trainer.state``, as computed by the
-        compiled chunk that produced it (free to call from any hook, and after ``fit``)."""
-        self._require_compiled("current_params")
-        assert self.state.params is not None
-        return self.state.params
+        compiled chunk that produced it (free to call during and after ``fit``)."""
+        return self._require_fit("current_params").current_params()
 
     def sample_posterior(self, num_samples: int, rng_key: jax.Array | None = None) -> dict[str, jax.Array]:
         """``num_samples`` draws from the guide at ``trainer.state`` (compiled once per count).
@@ -413,9 +292,7 @@ class Trainer:
         """
         if not is_int_at_least(num_samples, 1):
             raise ConfigurationError(f"num_samples must be a positive int; got {num_samples!r}.")
-        compiled = self._require_compiled("sample_posterior")
-        key = self.posterior_key if rng_key is None else as_key(rng_key)
-        return compiled.sample(self.state.svi_state, key, num_samples)
+        return self._require_fit("sample_posterior").sample_posterior(num_samples, rng_key)
 
     def fit(
         self,
@@ -446,8 +323,8 @@ class Trainer:
                 no guide parameters, so their latents are drawn from the prior.
             val_batch_size: rows per validation batch (default: ``batch_size``).
             val_num_samples: guide draws behind ``val_lpd``.
-            num_samples: posterior draws from the guide at the end (0: none); shorthand for a
-                :class:`~aimz_trainer.callbacks.PosteriorSampler` callback.
+            num_samples: posterior draws from the guide at the end (0: none), with the fit's
+                posterior key (the draws of a ``PosteriorSampler(num_samples)``).
             shuffle: a new seeded order of the rows every epoch.
             drop_last: drop the last partial batch instead of completing it (module
                 :mod:`aimz_trainer.data` explains both).
@@ -465,632 +342,258 @@ class Trainer:
                 history. Nothing on disk changes when the checkpoint cannot be used.
         """
         started = time.perf_counter()
+        inputs = self._check(svi, train_data, batch_size, val_data, val_batch_size, val_num_samples, num_samples)
+        inputs = inputs._replace(shuffle=_flag("shuffle", shuffle), drop_last=_flag("drop_last", drop_last))
+        callbacks = list(self.callbacks)
+        resume = open_checkpoint(ckpt_path, callbacks) if ckpt_path is not None else None
+        if resume is not None:
+            self.rng_key = resume.rng_key
+        keys = FitKeys.split(self.rng_key)
+        fit = self._start_context(inputs, callbacks, keys)
+        check_callbacks(callbacks, fit)
+        plan = fit.plan = self._plan(inputs, callbacks, fit)
+        # Recorded in checkpoints, compared on resume. The optimizer probe compiles a small
+        # function: only a fit that saves or resumes pays for it.
+        checkpointing = resume is not None or any(c.saves_checkpoints for c in callbacks)
+        fingerprint = fit_fingerprint(inputs.arrays, svi.optim) if checkpointing else {}
+        shape = fit_shape(plan, shuffle=inputs.shuffle, drop_last=inputs.drop_last, fingerprint=fingerprint)
+        start_index = resume_position(plan, resume, shape) if resume is not None else 0
+
+        self.placement = resolve_placement(
+            data_placement,
+            data_bytes(inputs.arrays, inputs.val_arrays),
+            device_data_budget(self.mesh.local_devices[0], self.mesh.local_mesh.size),
+        )
+        train = place_data(inputs.arrays, self.placement, self.mesh)
+        source = ChunkSource(
+            plan,
+            seed=_numpy_seed(keys.shuffle),
+            shuffle=inputs.shuffle,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        loader = iter(make_chunk_loader(source, train.host_arrays))
+        if resume is not None:
+            loader.set_state(loader_state_of(resume))
+        to_global = records_to_global(self.mesh, inputs.batch_size)
+        records = Records(loader, to_global)
+        # Fixed rows, not the run's first batch: a resumed fit starts from another batch, and
+        # draws of a deterministic site computed on it would differ from an uninterrupted fit's.
+        draw_record = leading_batch(
+            inputs.num_rows,
+            inputs.batch_size,
+            train.host_arrays,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        programs = FitPrograms(
+            svi, inputs.layout, self.mesh, train.device_data, to_global(draw_record), self._step_metrics
+        )
+        fit._sample = programs.sample
+        try:
+            return self._run(fit, inputs, programs, records, callbacks, keys, resume, shape, started, start_index)
+        finally:
+            programs.close()
+
+    def _start_context(self, inputs: _Inputs, callbacks: Sequence[Callback], keys: FitKeys) -> FitContext:
+        """The new fit's context; the Trainer's public view of the fit follows it."""
+        self.svi, self.plan = inputs.svi, None
+        self.should_stop, self.stop_reason, self.posterior = False, None, None
+        self.state = state = TrainerState(step=0, epoch=0, svi_state=None, rng_key=self.rng_key)
+        self.callback_metrics = {}
+        metric_log = MetricLog(self.callback_metrics, [c for c in callbacks if isinstance(c, MetricLogger)], state)
+        self._fit = FitContext(
+            state=state,
+            mesh=self.mesh,
+            settings=self.settings,
+            has_validation=inputs.val_arrays is not None,
+            posterior_key=keys.sample,
+            metric_log=metric_log,
+        )
+        return self._fit
+
+    def _run(
+        self,
+        fit: FitContext,
+        inputs: _Inputs,
+        programs: FitPrograms,
+        records: Records,
+        callbacks: list[Callback],
+        keys: FitKeys,
+        resume: ResumePoint | None,
+        shape: dict[str, Any],
+        started: float,
+        start_index: int,
+    ) -> FitResult:
+        """Compile, restore, loop and draw: the stages that hold compiled programs."""
+        self.plan = fit.plan
+        state = fit.state
+        train_state, state.params, chunk_fn = programs.start(keys.init, records.first)
+        state.svi_state = train_state.svi_state
+        validator = None
+        if inputs.val_arrays is not None:
+            validator = Validator(
+                programs,
+                place_data(inputs.val_arrays, self.placement, self.mesh),  # type: ignore[arg-type]
+                self.mesh,
+                batch_size=inputs.val_batch_size,
+                num_samples=inputs.val_num_samples,
+                num_train_rows=inputs.num_rows,
+                rng_key=keys.validation,
+                every=self._validate_every(inputs),
+                state=train_state,
+            )
+        losses: list[np.ndarray] = []
+        if resume is not None:
+            train_state, saved_losses = restore(resume, train_state, state, shape, callbacks)
+            losses.append(saved_losses)
+        hooks = CallbackList(callbacks, fit, fit.metric_log.flush)
+        self.timings = {"setup_s": time.perf_counter() - started}
+        loop = ChunkLoop(
+            fit, hooks, chunk_fn, programs.device_data, records, validator, losses, self.timings, started, start_index
+        )
+
+        def take_snapshot() -> dict[str, Any]:
+            checkpoint = snapshot(
+                fit, loader_state=loop.loader_state, losses=losses, callbacks=hooks.callbacks, shape=shape
+            )
+            hooks.on_save_checkpoint(checkpoint)
+            return checkpoint
+
+        fit._snapshot = take_snapshot
+        try:
+            fit.metric_log.open(fit, state.step)
+            hooks.on_fit_start()
+            if resume is not None:
+                hooks.on_load_checkpoint(resume.meta)
+            train_state = loop.run(train_state)
+            hooks.on_fit_end()
+            posterior = fit.sample_posterior(inputs.num_samples) if inputs.num_samples else fit.final_draws()
+            self.timings["fit_s"] = time.perf_counter() - started
+        except BaseException as exception:
+            hooks.on_exception(exception)
+            raise
+        finally:
+            self.should_stop, self.stop_reason = fit.should_stop, fit.stop_reason
+            try:
+                hooks.teardown()
+            finally:
+                fit.metric_log.close()
+        self.posterior = posterior
+        return FitResult(
+            params=fit.current_params(),
+            losses=np.concatenate(losses) if losses else np.zeros(0, np.float32),
+            posterior=posterior,
+            state=train_state.svi_state,
+        )
+
+    # -- stages ----------------------------------------------------------------------------------
+
+    def _check(
+        self,
+        svi: Any,
+        train_data: Any,
+        batch_size: Any,
+        val_data: Any,
+        val_batch_size: Any,
+        val_num_samples: Any,
+        num_samples: Any,
+    ) -> _Inputs:
+        """Every argument checked, before anything is placed or compiled."""
         if not isinstance(svi, SVI):
             raise ConfigurationError(f"svi must be a numpyro.infer.SVI; got {type(svi).__name__}.")
-        require_bool("shuffle", shuffle)
-        require_bool("drop_last", drop_last)
         arrays, num_rows = validate_data(train_data)
-        require_finite_rows("train_data", arrays, _NONFINITE_ROWS)
+        require_finite_rows("train_data", arrays, NONFINITE_ROWS)
         check_model_accepts(svi.model, list(arrays))
         batch_size = validate_batch_size(batch_size, num_rows, self.mesh.size)
         layout = model_layout(svi.model, arrays, batch_rows=batch_size, static_kwargs=svi.static_kwargs)
         check_trainable(layout, svi.guide, num_rows, batch_size)
-        _check_processes_agree(arrays, num_rows, batch_size)
+        check_processes_agree(arrays, num_rows, batch_size)
         if not is_int_at_least(num_samples, 0):
             raise ConfigurationError(f"num_samples must be an int >= 0; got {num_samples!r}.")
-        val_arrays = _validate_val_data(val_data, arrays) if val_data is not None else None
+        val_arrays = validate_val_data(val_data, arrays) if val_data is not None else None
         if val_arrays is not None:
-            require_finite_rows("val_data", val_arrays, _NONFINITE_ROWS)
-            val_batch_size = self._validate_val_batch_size(batch_size if val_batch_size is None else val_batch_size)
+            require_finite_rows("val_data", val_arrays, NONFINITE_ROWS)
+            val_batch_size = batch_size if val_batch_size is None else val_batch_size
+            if not is_int_at_least(val_batch_size, 1) or val_batch_size % self.mesh.size:
+                raise ConfigurationError(
+                    f"val_batch_size must be a positive int divisible by the {self.mesh.size} device(s); "
+                    f"got {val_batch_size!r}."
+                )
             if not is_int_at_least(val_num_samples, 1):
                 raise ConfigurationError(f"val_num_samples must be a positive int; got {val_num_samples!r}.")
-        callbacks = self._fit_callbacks(num_samples)
-        resume = self._open_checkpoint(ckpt_path, callbacks) if ckpt_path is not None else None
-        if resume is not None:
-            self.rng_key = jax.random.wrap_key_data(
-                np.asarray(resume.meta["rng_key"]["data"], np.uint32), impl=resume.meta["rng_key"]["impl"]
-            )
-
-        val_interval = None
-        if val_arrays is not None:
-            val_interval = self._val_interval_steps(epoch_length(num_rows, batch_size, drop_last=drop_last))
-        # Chunks end where a callback or validation must see the fit, and where loggers log.
-        boundaries = [self.log_every_n_steps, *(i for c in callbacks if (i := c.step_interval(self)) is not None)]
-        boundaries += [val_interval] if val_interval is not None else []
-        plan = FitPlan.create(
+        return _Inputs(
+            svi,
+            arrays,
             num_rows,
             batch_size,
-            drop_last=drop_last,
+            layout,
+            val_arrays,
+            int(val_batch_size or batch_size),
+            int(val_num_samples),
+            int(num_samples),
+            True,
+            False,
+        )
+
+    def _validate_every(self, inputs: _Inputs) -> Every:
+        """When validation is due: every ``check_val_every_n_epoch`` epochs and every
+        ``val_check_interval`` steps (a float: that fraction of an epoch)."""
+        interval = self.val_check_interval
+        if isinstance(interval, float):
+            steps_per_epoch = epoch_length(inputs.num_rows, inputs.batch_size, drop_last=inputs.drop_last)
+            interval = max(1, int(interval * steps_per_epoch))
+        return Every(steps=interval, epochs=self.check_val_every_n_epoch)
+
+    def _plan(self, inputs: _Inputs, callbacks: Sequence[Callback], fit: FitContext) -> FitPlan:
+        """The fit's chunks, ending where logging, validation or a callback must see the fit."""
+        boundaries = [Every(steps=self.log_every_n_steps)]
+        boundaries += [Every(steps=i) for c in callbacks if (i := c.step_interval(fit)) is not None]
+        if inputs.val_arrays is not None:
+            boundaries.append(self._validate_every(inputs))
+        return FitPlan.create(
+            inputs.num_rows,
+            inputs.batch_size,
+            drop_last=inputs.drop_last,
             max_epochs=self.max_epochs,
             max_steps=self.max_steps,
             steps_per_chunk=self.steps_per_chunk,
             boundaries=boundaries,
         )
-        self.plan = plan
-        self.svi = svi
-        self._shuffle, self._drop_last = shuffle, drop_last
-        # Recorded in checkpoints, compared on resume. The optimizer probe compiles a small
-        # function (50-150 ms): only a fit that saves or resumes pays for it.
-        checkpointing = resume is not None or any(c.saves_checkpoints for c in callbacks)
-        self._fingerprint = fit_fingerprint(arrays, svi.optim) if checkpointing else {}
-        self._keys = FitKeys.split(self.rng_key)
-        self.placement = self._resolve_placement(data_placement, arrays, val_arrays)
-        train = self._place(arrays, num_rows)
-        source = ChunkSource(
-            plan,
-            seed=_numpy_seed(self._keys.shuffle),
-            shuffle=shuffle,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
-        records = iter(make_chunk_loader(source, train.host_arrays))
-        start_index = 0
-        if resume is not None:
-            start_index = self._resume_position(plan, resume)
-            # Each process continues from its own loader state (a checkpoint of another number
-            # of processes has one state for all: they iterate the same chunks).
-            states = resume.meta.get("process_loader_states") or []
-            own = jax.process_index()
-            records.set_state(states[own] if own < len(states) else resume.meta["loader_state"])
-        to_device = _records_to_device(self.mesh, batch_size)
 
-        self.callback_metrics = {}
-        self.should_stop = False
-        self.stop_reason = None
-        self.posterior = None
-        self.state = TrainerState(step=0, epoch=0, svi_state=None, rng_key=self.rng_key)
-        first_record = to_device(next(records))
-        first_loader_state = records.get_state()
-        # Fixed rows, not the run's first batch: a resumed fit starts from another batch, and
-        # draws of a deterministic site computed on it would differ from an uninterrupted fit's.
-        draw_record = leading_batch(
-            num_rows,
-            batch_size,
-            train.host_arrays,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
-        compiled = self._compiled = _Compiled(svi, layout, self.mesh, train.device_data, to_device(draw_record))
-        try:
-            train_state, self.state.params, chunk_fn = compiled.start(self._keys.init, first_record)
-        except BaseException:  # e.g. a guide that does not fit the model
-            compiled.close()
-            raise
-        self._validation = None
-        if val_arrays is not None:
-            self._validation = _Validation(self, val_arrays, val_batch_size, val_num_samples, num_rows, train_state)
-        self.state.svi_state = train_state.svi_state
-        losses: list[np.ndarray] = []
-        self._active_callbacks = callbacks
-        if resume is not None:
-            try:
-                train_state = self._restore(resume, train_state, losses, callbacks)
-            except BaseException:
-                compiled.close()
-                raise
-        self.timings = {"setup_s": time.perf_counter() - started}
-
-        self._run = _Run(
-            self,
-            plan,
-            chunk_fn,
-            train.device_data,
-            (first_record, first_loader_state),
-            records,
-            to_device,
-            losses,
-            started,
-            val_interval,
-            start_index,
-        )
-        try:
-            self._call("on_fit_start")
-            if resume is not None:
-                self._call("on_load_checkpoint", resume.meta)
-            train_state = self._run.loop(train_state)
-            compiled.close()
-            self._call("on_fit_end")
-            params = self.current_params()
-            self.timings["fit_s"] = time.perf_counter() - started
-        except BaseException as exception:
-            self._call_on_exception(exception)
-            raise
-        finally:
-            compiled.close()
-            for callback in callbacks:
-                callback.teardown(self)
-        return FitResult(
-            params=params,
-            losses=np.concatenate(losses) if losses else np.zeros(0, np.float32),
-            posterior=self.posterior,
-            state=train_state.svi_state,
-        )
-
-    # -- set-up --------------------------------------------------------------------------------
-
-    def _fit_callbacks(self, num_samples: int) -> list[Callback]:
-        """The fit's callbacks in calling order (monitors last), checked for state collisions."""
-        callbacks = list(self.callbacks)
-        if num_samples:
-            callbacks.append(PosteriorSampler(num_samples))
-        keys: dict[str, Callback] = {}
-        for callback in callbacks:
-            if not overrides_state(callback):
-                continue
-            other = keys.setdefault(callback.state_key, callback)
-            if other is not callback:
-                raise ConfigurationError(
-                    f"two callbacks, {type(other).__name__} and {type(callback).__name__}, save their state "
-                    f"under the same key {callback.state_key!r}, so a checkpoint could not tell them apart. "
-                    "Give one a different state_key (or remove the duplicate)."
-                )
-        interval_errors = [
-            type(c).__name__
-            for c in callbacks
-            if (i := c.step_interval(self)) is not None and not is_int_at_least(i, 1)
-        ]
-        if interval_errors:
-            raise ConfigurationError(f"step_interval() must return a positive int or None; check {interval_errors}.")
-        # Stable: list order within each rank (others, monitors, checkpoint writers).
-        return sorted(callbacks, key=lambda c: 2 if c.saves_checkpoints else int(c.monitors_metrics))
-
-    def _open_checkpoint(self, ckpt_path: Any, callbacks: list[Callback]) -> _Resume:
-        """Find and read the checkpoint to resume from (nothing is written). ``"last"`` and a
-        directory skip damaged newer checkpoints with a warning; a step or a step directory is
-        that checkpoint or an error."""
-        last = isinstance(ckpt_path, str) and ckpt_path == "last"  # an array would compare elementwise
-        if last or (isinstance(ckpt_path, int) and not isinstance(ckpt_path, bool)):
-            stores = [c for c in callbacks if isinstance(c, ModelCheckpoint)]
-            if not stores:
-                raise CheckpointError(
-                    f"ckpt_path={ckpt_path!r} refers to the fit's ModelCheckpoint, but it has none: add "
-                    "ModelCheckpoint(dirpath) to the callbacks or pass the checkpoint's path."
-                )
-            if last:
-                newest = newest_checkpoint(stores[0].dirpath)
-                if newest is None:
-                    raise CheckpointError(f"ckpt_path='last' but {str(stores[0].dirpath)!r} holds no checkpoint yet.")
-                step_dir = newest
-            elif not (stores[0].dirpath / str(ckpt_path)).is_dir():
-                raise CheckpointError(
-                    f"ckpt_path={ckpt_path}: no checkpoint of that step; the steps saved are "
-                    f"{checkpoint_steps(stores[0].dirpath)}."
-                )
-            else:
-                step_dir = require_usable(stores[0].dirpath / str(ckpt_path))
-        elif isinstance(ckpt_path, str | os.PathLike):
-            step_dir = resolve_checkpoint(ckpt_path)
-        else:
-            raise ConfigurationError(f"ckpt_path must be 'last', a step (int) or a path; got {ckpt_path!r}.")
-        return _Resume(step_dir, read_meta(step_dir))
-
-    def _resume_position(self, plan: FitPlan, resume: _Resume) -> int:
-        """The chunk the resumed fit starts with, after checking the checkpoint's fit matches."""
-        saved, current = resume.meta["fit"], self._fit_meta(plan)
-        differing = [
-            f"{name}: {saved.get(name)!r} in the checkpoint, {current[name]!r} now"
-            for name in ("num_rows", "batch_size", "steps_per_epoch", "shuffle", "drop_last")
-            if saved.get(name) != current[name]
-        ]
-        if differing:
-            raise CheckpointError(
-                f"the checkpoint {str(resume.step_dir)!r} comes from a fit over other data or batches; "
-                + "; ".join(differing)
-            )
-        step = int(resume.meta["step"])
-        if step >= plan.total_steps:
-            raise CheckpointError(
-                f"the checkpoint {str(resume.step_dir)!r} is at step {step}, and this fit ends at step "
-                f"{plan.total_steps}: raise max_epochs or max_steps to train further."
-            )
-        index = next((i for i, chunk in enumerate(plan.chunks) if chunk.first_step == step), None)
-        if index is None or resume.meta["loader_state"].get("next_index") != index:
-            raise CheckpointError(
-                f"the checkpoint {str(resume.step_dir)!r} is at step {step}, which is not where a chunk of this "
-                "fit starts: resume with the settings that wrote it (log_every_n_steps, steps_per_chunk, "
-                "val_check_interval, the callbacks' step intervals)."
-            )
-        return index
-
-    def _restore(
-        self, resume: _Resume, state: TrainState, losses: list[np.ndarray], callbacks: list[Callback]
-    ) -> TrainState:
-        """Load the checkpoint's arrays onto this fit's mesh and its callbacks' states."""
-        assert self.state.params is not None
-        meta = resume.meta
-        differences = compare_array_trees(meta["params_tree"], array_tree(self.state.params))
-        if differences:
-            raise CheckpointError(
-                f"the checkpoint {str(resume.step_dir)!r} was written for a different model; its parameters "
-                "differ: " + "; ".join(differences)
-            )
-        if meta.get("svi_state_tree") != tree_signature(state.svi_state):
-            raise CheckpointError(
-                f"the checkpoint {str(resume.step_dir)!r} holds another optimizer or SVI state structure than "
-                "this fit (same model, another optimizer?); resume with the SVI that wrote it."
-            )
-        like = {
-            "svi_state": state.svi_state,
-            "params": self.state.params,
-            "losses": jax.ShapeDtypeStruct((int(meta["step"]),), np.float32),
-        }
-        restored = restore_state(resume.step_dir, like)
-        changed = fingerprint_differences(meta["fit"], self._fingerprint)
-        if changed:
-            warn_checkpoint(
-                f"resuming from the checkpoint {str(resume.step_dir)!r} with " + " and ".join(changed) + ": the fit "
-                "continues, but not as the run that wrote the checkpoint."
-            )
-        svi_state = restored["svi_state"]
-        self.state = TrainerState(
-            step=int(meta["step"]),
-            epoch=int(meta["epoch"]),
-            svi_state=svi_state,
-            rng_key=self.rng_key,
-            params=restored["params"],
-        )
-        losses.append(np.asarray(restored["losses"]))
-        saved = dict(meta["callbacks"])
-        for callback in callbacks:
-            if overrides_state(callback) and callback.state_key in saved:
-                callback.load_state_dict(saved.pop(callback.state_key))
-        if saved:
-            warnings.warn(
-                f"the checkpoint holds state for callbacks this fit does not have: {sorted(saved)}",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-        return TrainState(svi_state, jnp.asarray(True))
-
-    def checkpoint(self) -> dict[str, Any]:
-        """The fit as it stands, as a checkpoint: ``{"state": arrays, "meta": JSON}``.
-
-        Checkpointing callbacks call this from a hook and hand it to
-        :func:`aimz_trainer.checkpoint.save_args`; each callback's ``on_save_checkpoint`` may
-        add to ``checkpoint["meta"]`` first.
-        """
-        run = self._run
-        if run is None or self.state.svi_state is None or self.plan is None:
-            raise ConfigurationError("checkpoint() is for hooks of a running fit.")
-        svi_state = self.state.svi_state
-        meta = {
-            "format": CHECKPOINT_FORMAT,
-            "step": self.state.step,
-            "epoch": self.state.epoch,
-            "rng_key": {
-                "data": np.asarray(jax.random.key_data(self.rng_key)).tolist(),
-                "impl": str(jax.random.key_impl(self.rng_key)),
-            },
-            "loader_state": run.loader_state,
-            "process_loader_states": allgather_json(run.loader_state),
-            "callbacks": {c.state_key: c.state_dict() for c in self._active_callbacks if overrides_state(c)},
-            "params_tree": array_tree(self.state.params),
-            "svi_state_tree": tree_signature(svi_state),
-            "fit": self._fit_meta(self.plan),
-            "trainer": {
-                "max_epochs": self.max_epochs,
-                "max_steps": self.max_steps,
-                "log_every_n_steps": self.log_every_n_steps,
-                "check_val_every_n_epoch": self.check_val_every_n_epoch,
-                "val_check_interval": self.val_check_interval,
-                "steps_per_chunk": self.steps_per_chunk,
-                "nonfinite_loss": self.nonfinite_loss,
-            },
-            "mesh_shape": dict(self.mesh.shape),
-            "versions": {"aimz_trainer": library_version(), "jax": jax.__version__, "numpyro": numpyro.__version__},
-        }
-        losses = np.concatenate(run.losses) if run.losses else np.zeros(0, np.float32)
-        state = named_arrays({"svi_state": svi_state, "params": self.state.params, "losses": losses})
-        checkpoint = {"state": state, "meta": meta}
-        self._call("on_save_checkpoint", checkpoint)
-        return checkpoint
-
-    def _fit_meta(self, plan: FitPlan) -> dict[str, Any]:
-        """The fit's shape and fingerprint (training data digest, optimizer probe), as a
-        checkpoint records them and a resume compares them."""
-        return {
-            "num_rows": plan.num_rows,
-            "batch_size": plan.batch_size,
-            "steps_per_epoch": plan.steps_per_epoch,
-            "steps_per_chunk": plan.steps_per_chunk,
-            "total_steps": plan.total_steps,
-            "shuffle": self._shuffle,
-            "drop_last": self._drop_last,
-            **self._fingerprint,
-        }
-
-    def _val_interval_steps(self, steps_per_epoch: int) -> int | None:
-        if self.val_check_interval is None:
-            return None
-        if isinstance(self.val_check_interval, float):
-            return max(1, int(self.val_check_interval * steps_per_epoch))
-        return int(self.val_check_interval)
-
-    def _validate_val_batch_size(self, size: Any) -> int:
-        if not is_int_at_least(size, 1) or size % self.mesh.size:
-            raise ConfigurationError(
-                f"val_batch_size must be a positive int divisible by the {self.mesh.size} device(s); got {size!r}."
-            )
-        return int(size)
-
-    def _resolve_placement(
-        self, placement: Placement, arrays: Mapping[str, Any], val_arrays: Mapping[str, Any] | None
-    ) -> Literal["device", "host"]:
-        data_bytes = sum(_nbytes(a) for a in arrays.values())
-        data_bytes += sum(_nbytes(a) for a in (val_arrays or {}).values())
-        budget = device_data_budget(self.mesh.local_devices[0], self.mesh.local_mesh.size)
-        return resolve_placement(placement, data_bytes, budget)
-
-    def _place(self, arrays: Mapping[str, Any], num_rows: int) -> _Placed:
-        if self.placement == "device":
-            return _Placed(_place_on_mesh(arrays, self.mesh), None, num_rows)
-        return _Placed({}, {k: np.asarray(a) for k, a in arrays.items()}, num_rows)
-
-    def _require_compiled(self, what: str) -> _Compiled:
-        if self._compiled is None or self.state.svi_state is None:
+    def _require_fit(self, what: str) -> FitContext:
+        if self._fit is None:
             raise ConfigurationError(f"{what}() needs a fit: call trainer.fit(...) first (or call it from a hook).")
-        return self._compiled
+        return self._fit
 
-    # -- hooks ---------------------------------------------------------------------------------
 
-    def _progress(self) -> FitProgress:
-        return FitProgress(step=self.state.step, epoch=self.state.epoch, metrics=dict(self.callback_metrics))
+def _flag(name: str, value: Any) -> bool:
+    require_bool(name, value)
+    return bool(value)
 
-    def _call(self, hook: str, *args: Any) -> None:
-        progress = self._progress()
-        for callback in self._active_callbacks:
-            getattr(callback, hook)(self, progress, *args)
 
-    def _call_on_exception(self, exception: BaseException) -> None:
-        """Every callback hears of the exception, even when another one's handler fails."""
-        progress = self._progress()
-        for callback in getattr(self, "_active_callbacks", ()):
-            try:
-                callback.on_exception(self, progress, exception)
-            except Exception as handler_error:
-                warnings.warn(
-                    f"{type(callback).__name__}.on_exception raised {handler_error!r} while handling {exception!r}",
-                    RuntimeWarning,
-                    stacklevel=3,
+def _step_metric_functions(step_metrics: Any) -> dict[str, StepMetric]:
+    """``step_metrics`` as name -> function: built-in names looked up, a mapping checked."""
+    if isinstance(step_metrics, Mapping):
+        for name, fn in step_metrics.items():
+            if not isinstance(name, str) or not name or not callable(fn):
+                raise ConfigurationError(
+                    f"step_metrics must map metric names to functions of a StepView; got {name!r}: {fn!r}."
                 )
-
-    _validation: _Validation | None = None
-    _keys: FitKeys
-
-
-class _Validation:
-    """A fit's validation pass: held-out ELBO and log predictive density, batch by batch."""
-
-    def __init__(
-        self,
-        trainer: Trainer,
-        arrays: dict[str, Any],
-        batch_size: int,
-        num_samples: int,
-        num_train_rows: int,
-        state: TrainState,
-    ) -> None:
-        self._trainer = trainer
-        num_rows = len(next(iter(arrays.values())))
-        self._data = trainer._place(arrays, num_rows)
-        self._source = ValidationSource(
-            num_rows, batch_size, process_index=jax.process_index(), process_count=jax.process_count()
+        return dict(step_metrics)
+    if isinstance(step_metrics, str) or not isinstance(step_metrics, Sequence):
+        raise ConfigurationError(
+            f"step_metrics must be a list of names from {sorted(BUILT_IN_STEP_METRICS)} or a mapping of names to "
+            f"functions; got {step_metrics!r}."
         )
-        self._to_device = _records_to_device(trainer.mesh, batch_size)
-        self._key = trainer._keys.validation
-        first = self._to_device(next(iter(make_chunk_loader(self._source, self._data.host_arrays))))
-        assert trainer._compiled is not None
-        trainer._compiled.prepare_validation(state, self._key, self._data, first, num_samples, num_train_rows)
-
-    def is_due(self, chunk: Chunk, epoch_end: bool, interval: int | None) -> bool:
-        end = chunk.first_step + chunk.num_steps
-        every = self._trainer.check_val_every_n_epoch
-        return bool(interval and end % interval == 0) or (
-            epoch_end and every is not None and (chunk.epoch + 1) % every == 0
+    unknown = [name for name in step_metrics if name not in BUILT_IN_STEP_METRICS]
+    if unknown:
+        raise ConfigurationError(
+            f"step_metrics {unknown} are not built in; the built-in ones are {sorted(BUILT_IN_STEP_METRICS)} "
+            "(pass a mapping of names to functions for your own)."
         )
-
-    def run(self, svi_state: SVIState) -> dict[str, float]:
-        """Validate ``svi_state``; the same keys every time, so passes compare like for like."""
-        compiled = self._trainer._compiled
-        assert compiled is not None
-        outputs = []
-        for index, record in enumerate(make_chunk_loader(self._source, self._data.host_arrays)):
-            key = jax.random.fold_in(self._key, index)
-            outputs.append(compiled.validate(svi_state, key, self._data.device_data, self._to_device(record)))
-        columns = {key: np.asarray([o[key] for o in jax.device_get(outputs)], np.float64) for key in outputs[0]}
-        weights = columns["weight_sum"]
-        metrics = {}
-        if "loss" in columns:
-            metrics["val_loss"] = float(np.sum(columns["loss"] * weights) / np.sum(weights))
-        if "lpd_sum" in columns:
-            metrics["val_lpd"] = float(np.sum(columns["lpd_sum"]) / np.sum(weights))
-        return metrics
-
-
-class _Run:
-    """One pass of the training loop: dispatch, pipelining, per-chunk bookkeeping, hooks."""
-
-    def __init__(
-        self,
-        trainer: Trainer,
-        plan: FitPlan,
-        chunk_fn: Callable[..., Any],
-        device_data: dict[str, jax.Array],
-        first: tuple[Record, dict[str, Any]],
-        records: Any,
-        to_device: Callable[[Record], Record],
-        losses: list[np.ndarray],
-        started: float,
-        val_interval: int | None,
-        start_index: int,
-    ) -> None:
-        self.trainer = trainer
-        self.plan = plan
-        self.chunk_fn = chunk_fn
-        self.device_data = device_data
-        self.first = first  # the start chunk's record and the loader's state after it
-        self.start_index = start_index
-        self.loader_state: dict[str, Any] = {}  # the loader's state after the last finished chunk
-        self.records = records
-        self.to_device = to_device
-        self.losses = losses
-        self.started = started
-        self.val_interval = val_interval
-        self.rate_since = (0, started)  # (step, time) the steps/s average counts from
-        self.epoch_started = started  # the first epoch's time includes compilation
-        self.epoch_losses: list[np.ndarray] = []
-
-    def loop(self, state: TrainState) -> TrainState:
-        """Dispatch chunk c, then run chunk c-1's hooks while c runs.
-
-        Chunk c is speculative: when c-1's hooks stop the fit (or its loss was not finite), c's
-        results are dropped and the fit ends on c-1's state, which the compiled chunk leaves
-        intact (it does not donate its input). A stop thus takes effect exactly at the
-        boundary where it was requested, and the devices never wait for the hooks.
-        """
-        trainer = self.trainer
-        pending: tuple[Chunk, jax.Array, TrainState, Params, dict[str, Any]] | None = None
-        for index in range(self.start_index, self.plan.num_chunks):
-            chunk = self.plan.chunks[index]
-            if index == self.start_index:
-                record, loader_state = self.first
-            else:
-                record = self.to_device(next(self.records))
-                loader_state = self.records.get_state()
-            new_state, chunk_losses, params = self.chunk_fn(state, self.device_data, record)
-            if pending is not None and (not self.finish(*pending) or trainer.should_stop):
-                return state
-            # After the previous epoch's end hooks (a resumed fit starts its epoch too).
-            if chunk.first_step % self.plan.steps_per_epoch == 0 or index == self.start_index:
-                self.start_epoch(chunk)
-                if trainer.should_stop:
-                    return state
-            state = new_state
-            pending = (chunk, chunk_losses, state, params, loader_state)
-        if pending is not None:
-            self.finish(*pending)
-        return state
-
-    def start_epoch(self, chunk: Chunk) -> None:
-        self.trainer.state.epoch = chunk.epoch
-        done = np.concatenate(self.losses) if self.losses else np.zeros(0, np.float32)
-        self.epoch_losses = [done[chunk.epoch * self.plan.steps_per_epoch :]]  # the part before a resume
-        self.trainer._call("on_train_epoch_start")
-
-    def finish(
-        self, chunk: Chunk, chunk_losses: jax.Array, state: TrainState, params: Params, loader_state: dict[str, Any]
-    ) -> bool:
-        """Bring a chunk's losses to the host and run its hooks; ``False`` after a non-finite
-        loss (in ``"warn"`` mode; ``"raise"`` raises)."""
-        trainer = self.trainer
-        host_losses = np.asarray(chunk_losses)[: chunk.num_steps]
-        now = time.perf_counter()
-        if "first_chunk_s" not in trainer.timings:  # compilation and start-up: not a rate
-            trainer.timings["first_chunk_s"] = now - self.started
-            self.rate_since = (chunk.first_step + chunk.num_steps, now)
-        else:
-            # Averaged since the last epoch's last results: with a chunk in flight, the time
-            # between two chunks' results alone says little.
-            steps = chunk.first_step + chunk.num_steps - self.rate_since[0]
-            trainer.callback_metrics["steps_per_sec"] = steps / (now - self.rate_since[1])
-        bad = np.flatnonzero(~np.isfinite(host_losses))
-        if bad.size:
-            self.losses.append(host_losses[: bad[0]])
-            trainer.state.step = chunk.first_step + int(bad[0])
-            trainer.state.svi_state = state.svi_state  # frozen before the bad step
-            trainer.state.params = params
-            error = NonFiniteLossError(trainer.state.step, float(host_losses[bad[0]]))
-            if trainer.nonfinite_loss == "raise":
-                raise error
-            warnings.warn(str(error), RuntimeWarning, stacklevel=5)
-            return False
-        self.losses.append(host_losses)
-        self.epoch_losses.append(host_losses)
-        trainer.state.step = chunk.first_step + chunk.num_steps
-        trainer.state.svi_state = state.svi_state
-        trainer.state.params = params
-        self.loader_state = loader_state
-        trainer.callback_metrics["train_loss"] = float(host_losses.mean())
-        trainer._call("on_train_chunk_end", host_losses, chunk.steps)
-        epoch_end = self.plan.is_epoch_end(chunk)
-        if epoch_end:  # epochs are timed from one's last results to the next's
-            trainer.callback_metrics["train_loss_epoch"] = float(np.concatenate(self.epoch_losses).mean())
-            trainer.callback_metrics["epoch_time"] = now - self.epoch_started
-            self.epoch_started = now
-            self.rate_since = (chunk.first_step + chunk.num_steps, now)
-        validation = trainer._validation
-        if validation is not None and validation.is_due(chunk, epoch_end, self.val_interval):
-            trainer.callback_metrics.update(validation.run(state.svi_state))
-            trainer._call("on_validation_end")
-        if epoch_end:
-            trainer._call("on_train_epoch_end")
-        return True
-
-
-_NONFINITE_ROWS = (
-    "the ELBO of every batch holding that row would be NaN. Fill or drop those rows; for a missing "
-    "observation, fill it and mask the site (numpyro's obs_mask)."
-)
-
-
-def _validate_val_data(val_data: Any, train_arrays: Mapping[str, Any]) -> dict[str, Any]:
-    arrays, _ = validate_data(val_data, name="val_data")
-    if set(arrays) != set(train_arrays):
-        raise DataError(
-            f"val_data must have the same keys as train_data: got {sorted(arrays)}, expected {sorted(train_arrays)}."
-        )
-    for key, array in arrays.items():
-        if array.shape[1:] != train_arrays[key].shape[1:]:
-            raise DataError(
-                f"val_data[{key!r}] rows have shape {array.shape[1:]} but train_data[{key!r}] rows have "
-                f"shape {train_arrays[key].shape[1:]}."
-            )
-    return arrays
-
-
-def _check_processes_agree(arrays: Mapping[str, Any], num_rows: int, batch_size: int) -> None:
-    """Every process of a multi-process run must fit the same data with the same batch size
-    (each feeds its share of every global batch): compare them before anything is compiled."""
-    if jax.process_count() == 1:
-        return
-    digest = hashlib.sha256()
-    digest_rows(digest, arrays)
-    require_agreement(
-        {"rows": num_rows, "batch_size": batch_size, "data": digest.hexdigest()[:12]},
-        "training data or batch sizes",
-        "Give every process the same arrays and batch_size (each feeds its share of every batch).",
-    )
-
-
-def _nbytes(array: Any) -> int:
-    return int(np.prod(array.shape)) * jax.dtypes.canonicalize_dtype(array.dtype).itemsize
+    return {name: BUILT_IN_STEP_METRICS[name] for name in step_metrics}
 
 
 def _numpy_seed(key: jax.Array) -> list[int]:
     return [int(word) for word in np.asarray(jax.random.key_data(key)).ravel()]
-
-
-def _place_on_mesh(arrays: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
-    """Replicate the arrays on every device of the mesh."""
-    sharding = replicated(mesh)
-    placed = {}
-    for key, array in arrays.items():
-        dtype = jax.dtypes.canonicalize_dtype(array.dtype)
-        if isinstance(array, jax.Array):
-            placed[key] = jax.device_put(array.astype(dtype), sharding)
-        else:
-            placed[key] = to_global_array(np.asarray(array, dtype=dtype), sharding, array.shape)
-    return placed
-
-
-def _records_to_device(mesh: Mesh, batch_size: int) -> Callable[[Record], Record]:
-    """Turn a Grain record (this process's columns of each batch) into global arrays."""
-    stacked, rep = stacked_batch_sharding(mesh), replicated(mesh)
-
-    def put(local: Any) -> jax.Array:
-        local = np.asarray(local)
-        if local.ndim == 0:
-            return to_global_array(local, rep, ())
-        return to_global_array(local, stacked, (local.shape[0], batch_size, *local.shape[2:]))
-
-    return lambda record: jax.tree.map(put, record)

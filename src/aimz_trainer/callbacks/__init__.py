@@ -1,22 +1,38 @@
 """Callbacks: observe and steer a fit through hooks."""
 
-from aimz_trainer.callbacks.base import Callback, FitProgress
-from aimz_trainer.callbacks.checkpoint import ModelCheckpoint
+from collections.abc import Sequence
+
+from aimz_trainer.callbacks.base import Callback, FitProgress, state_key_of
+from aimz_trainer.callbacks.context import FitContext
 from aimz_trainer.callbacks.csv_logger import CSVLogger
 from aimz_trainer.callbacks.early_stopping import EarlyStopping
 from aimz_trainer.callbacks.logger import MetricLogger
+from aimz_trainer.callbacks.model_checkpoint import ModelCheckpoint
 from aimz_trainer.callbacks.posterior import PosteriorSampler
-from aimz_trainer.callbacks.progress import ProgressBar
+from aimz_trainer.callbacks.progress import ProgressBar, progress_bar_wanted
 from aimz_trainer.callbacks.tensorboard import TensorBoardLogger
 
 __all__ = [
     "CSVLogger",
     "Callback",
     "EarlyStopping",
+    "FitContext",
     "FitProgress",
     "MetricLogger",
     "ModelCheckpoint",
     "PosteriorSampler",
     "ProgressBar",
     "TensorBoardLogger",
+    "default_callbacks",
+    "state_key_of",
 ]
+
+
+def default_callbacks(callbacks: Sequence[Callback], *, enable_progress_bar: bool) -> list[Callback]:
+    """``callbacks`` and the ones a Trainer adds by default: a :class:`ProgressBar` when
+    ``enable_progress_bar`` and a person is watching (:func:`progress_bar_wanted`), unless one
+    is given."""
+    callbacks = list(callbacks)
+    if enable_progress_bar and progress_bar_wanted() and not any(isinstance(c, ProgressBar) for c in callbacks):
+        callbacks.append(ProgressBar())
+    return callbacks

@@ -11,7 +11,7 @@ from aimz_trainer.callbacks.logger import MetricLogger, as_path, writable_direct
 from aimz_trainer.errors import ConfigurationError
 
 if TYPE_CHECKING:
-    from aimz_trainer.trainer import Trainer
+    from aimz_trainer.callbacks.context import FitContext
 
 __all__ = ["CSVLogger"]
 
@@ -41,7 +41,7 @@ class CSVLogger(MetricLogger):
         self._file: IO[str] | None = None
         self._writer: csv.DictWriter[str] | None = None
 
-    def open(self, trainer: Trainer, resume_step: int) -> None:
+    def open(self, fit: FitContext, resume_step: int) -> None:
         if resume_step and self.path.exists():
             with self.path.open(newline="") as previous:
                 kept = [row for row in csv.DictReader(previous) if int(row["step"]) < resume_step]

@@ -6,11 +6,11 @@ import math
 import numbers
 from typing import TYPE_CHECKING, Any, Literal
 
-from aimz_trainer.callbacks.base import Callback, FitProgress
+from aimz_trainer.callbacks.base import Callback, FitProgress, state_key_of
 from aimz_trainer.errors import ConfigurationError, MetricNotFoundError
 
 if TYPE_CHECKING:
-    from aimz_trainer.trainer import Trainer
+    from aimz_trainer.callbacks.context import FitContext
 
 __all__ = ["EarlyStopping"]
 
@@ -111,7 +111,7 @@ class EarlyStopping(Callback):
 
     @property
     def state_key(self) -> str:
-        return f"EarlyStopping{{'monitor': {self.monitor!r}, 'mode': {self.mode!r}}}"
+        return state_key_of(self, monitor=self.monitor, mode=self.mode)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -128,20 +128,20 @@ class EarlyStopping(Callback):
         self.stopped_epoch = state["stopped_epoch"]
         self.stopping_reason = state.get("stopping_reason")
 
-    def on_train_epoch_end(self, trainer: Trainer, progress: FitProgress) -> None:
-        if self._checks_at_epoch_end(trainer):
-            self._check(trainer, progress)
+    def on_train_epoch_end(self, fit: FitContext, progress: FitProgress) -> None:
+        if self._checks_at_epoch_end(fit):
+            self._check(fit, progress)
 
-    def on_validation_end(self, trainer: Trainer, progress: FitProgress) -> None:
-        if not self._checks_at_epoch_end(trainer):
-            self._check(trainer, progress)
+    def on_validation_end(self, fit: FitContext, progress: FitProgress) -> None:
+        if not self._checks_at_epoch_end(fit):
+            self._check(fit, progress)
 
-    def _checks_at_epoch_end(self, trainer: Trainer) -> bool:
+    def _checks_at_epoch_end(self, fit: FitContext) -> bool:
         if self.check_on_train_epoch_end is not None:
             return self.check_on_train_epoch_end
-        return not trainer.has_validation
+        return not fit.has_validation
 
-    def _check(self, trainer: Trainer, progress: FitProgress) -> None:
+    def _check(self, fit: FitContext, progress: FitProgress) -> None:
         if self.monitor not in progress.metrics:
             if self.strict:
                 raise MetricNotFoundError(self.monitor, sorted(progress.metrics), "EarlyStopping")
@@ -150,7 +150,7 @@ class EarlyStopping(Callback):
         if reason is not None:
             self.stopped_epoch = progress.epoch
             self.stopping_reason = reason
-            trainer.request_stop(reason)
+            fit.request_stop(reason)
 
     def evaluate(self, value: float) -> str | None:
         """Update the state with one new ``value``; the reason to stop, or ``None``."""

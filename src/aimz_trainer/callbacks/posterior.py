@@ -7,11 +7,12 @@ from typing import TYPE_CHECKING
 import jax
 
 from aimz_trainer._checks import is_int_at_least
-from aimz_trainer.callbacks.base import Callback, FitProgress
+from aimz_trainer.callbacks.base import Callback, FitProgress, state_key_of
 from aimz_trainer.errors import ConfigurationError
+from aimz_trainer.plan import Every
 
 if TYPE_CHECKING:
-    from aimz_trainer.trainer import Trainer
+    from aimz_trainer.callbacks.context import FitContext
 
 __all__ = ["PosteriorSampler"]
 
@@ -19,8 +20,8 @@ __all__ = ["PosteriorSampler"]
 class PosteriorSampler(Callback):
     """Draws ``num_samples`` posterior samples from the guide (compiled, in one call).
 
-    At the end of the fit the draws go to ``trainer.posterior`` and so to
-    ``FitResult.posterior``: ``trainer.fit(..., num_samples=n)`` is this callback. With
+    The final draws are :attr:`samples`, and ``FitResult.posterior`` when the fit was not
+    given ``num_samples`` of its own (``trainer.fit(..., num_samples=n)`` draws the same). With
     ``every_n_epochs``, draws are also taken after every N-th epoch and kept, by epoch, in
     :attr:`history` (on the devices; mind the memory for large models).
 
@@ -43,22 +44,22 @@ class PosteriorSampler(Callback):
             )
         self.num_samples = num_samples
         self.every_n_epochs = every_n_epochs
+        self.every = Every(epochs=every_n_epochs)
         self.samples: dict[str, jax.Array] | None = None
         self.history: dict[int, dict[str, jax.Array]] = {}
 
     @property
     def state_key(self) -> str:
-        return f"PosteriorSampler{{'num_samples': {self.num_samples}, 'every_n_epochs': {self.every_n_epochs}}}"
+        return state_key_of(self, num_samples=self.num_samples, every_n_epochs=self.every_n_epochs)
 
-    def on_fit_start(self, trainer: Trainer, progress: FitProgress) -> None:
+    def on_fit_start(self, fit: FitContext, progress: FitProgress) -> None:
         self.samples = None
         self.history = {}
 
-    def on_train_epoch_end(self, trainer: Trainer, progress: FitProgress) -> None:
-        if self.every_n_epochs and (progress.epoch + 1) % self.every_n_epochs == 0:
-            key = jax.random.fold_in(trainer.posterior_key, progress.epoch + 1)
-            self.history[progress.epoch] = trainer.sample_posterior(self.num_samples, key)
+    def on_train_epoch_end(self, fit: FitContext, progress: FitProgress) -> None:
+        if self.every.at_epoch_end(progress.epoch + 1):
+            key = jax.random.fold_in(fit.posterior_key, progress.epoch + 1)
+            self.history[progress.epoch] = fit.sample_posterior(self.num_samples, key)
 
-    def on_fit_end(self, trainer: Trainer, progress: FitProgress) -> None:
-        self.samples = trainer.sample_posterior(self.num_samples)
-        trainer.posterior = self.samples
+    def on_fit_end(self, fit: FitContext, progress: FitProgress) -> None:
+        self.samples = fit.sample_posterior(self.num_samples)

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from aimz_trainer.callbacks.base import Callback, FitProgress
 
 if TYPE_CHECKING:
-    from aimz_trainer.trainer import Trainer
+    from aimz_trainer.callbacks.context import FitContext
 
 __all__ = ["ProgressBar", "progress_bar_wanted"]
 
@@ -32,12 +32,12 @@ class ProgressBar(Callback):
     def __init__(self) -> None:
         self._bar: tqdm | None = None
 
-    def on_train_epoch_start(self, trainer: Trainer, progress: FitProgress) -> None:
+    def on_train_epoch_start(self, fit: FitContext, progress: FitProgress) -> None:
         self._close()
-        done = progress.step - progress.epoch * trainer.steps_per_epoch  # > 0 when resumed mid-epoch
-        self._bar = tqdm(total=trainer.steps_per_epoch, initial=done, desc=f"epoch {progress.epoch}", leave=True)
+        done = progress.step - progress.epoch * fit.steps_per_epoch  # > 0 when resumed mid-epoch
+        self._bar = tqdm(total=fit.steps_per_epoch, initial=done, desc=f"epoch {progress.epoch}", leave=True)
 
-    def on_train_chunk_end(self, trainer: Trainer, progress: FitProgress, losses: np.ndarray, steps: range) -> None:
+    def on_train_chunk_end(self, fit: FitContext, progress: FitProgress, losses: np.ndarray, steps: range) -> None:
         if self._bar is not None:
             self._bar.update(len(steps))
             self._bar.set_postfix(
@@ -46,10 +46,10 @@ class ProgressBar(Callback):
                 refresh=False,
             )
 
-    def on_train_epoch_end(self, trainer: Trainer, progress: FitProgress) -> None:
+    def on_train_epoch_end(self, fit: FitContext, progress: FitProgress) -> None:
         self._close()
 
-    def teardown(self, trainer: Trainer) -> None:
+    def teardown(self, fit: FitContext) -> None:
         self._close()
 
     def _close(self) -> None:

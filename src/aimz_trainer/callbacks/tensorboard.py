@@ -19,7 +19,7 @@ from aimz_trainer.callbacks.logger import MetricLogger, writable_directory
 from aimz_trainer.errors import ConfigurationError
 
 if TYPE_CHECKING:
-    from aimz_trainer.trainer import Trainer
+    from aimz_trainer.callbacks.context import FitContext
 
 __all__ = ["TensorBoardLogger"]
 
@@ -72,7 +72,7 @@ class TensorBoardLogger(MetricLogger):
         self.log_histograms = log_histograms
         self._writer: SummaryWriter | None = None
 
-    def open(self, trainer: Trainer, resume_step: int) -> None:
+    def open(self, fit: FitContext, resume_step: int) -> None:
         # purge_step hides events at steps >= resume_step that a previous run left behind, for
         # readers that load the files in name order. tensorboardX names files by the second and
         # truncates an existing one: the nanosecond suffix keeps a writer opened in the same
@@ -85,16 +85,15 @@ class TensorBoardLogger(MetricLogger):
         for name, value in scalars.items():
             self._writer.add_scalar(name, value, global_step=step)
 
-    def on_train_epoch_end(self, trainer: Trainer, progress: FitProgress) -> None:
-        super().on_train_epoch_end(trainer, progress)
+    def on_train_epoch_end(self, fit: FitContext, progress: FitProgress) -> None:
         if self._writer is not None and self.log_histograms:
-            for name, value in _float_leaves(jax.device_get(trainer.current_params())):
+            for name, value in _float_leaves(jax.device_get(fit.current_params())):
                 _add_histogram(self._writer, f"params/{name}", value, progress.step - 1)
 
-    def on_fit_end(self, trainer: Trainer, progress: FitProgress) -> None:
+    def on_fit_end(self, fit: FitContext, progress: FitProgress) -> None:
         if self._writer is not None:
             metrics = {f"hparam/{k}": float(v) for k, v in progress.metrics.items() if np.isfinite(v)}
-            self._writer.add_hparams(_run_hparams(trainer) | self.hparams, metrics, name="hparams")
+            self._writer.add_hparams(_run_hparams(fit) | self.hparams, metrics, name="hparams")
             self._writer.flush()
 
     def close(self) -> None:
@@ -131,12 +130,12 @@ def _add_histogram(writer: SummaryWriter, tag: str, values: np.ndarray, step: in
     )
 
 
-def _run_hparams(trainer: Trainer) -> dict[str, Any]:
+def _run_hparams(fit: FitContext) -> dict[str, Any]:
     settings: dict[str, Any] = {
-        "max_epochs": trainer.max_epochs,
-        "max_steps": trainer.max_steps,
-        "batch_size": trainer.plan.batch_size if trainer.plan else None,
-        "steps_per_epoch": trainer.steps_per_epoch,
-        "num_devices": trainer.mesh.size,
+        "max_epochs": fit.max_epochs,
+        "max_steps": fit.max_steps,
+        "batch_size": fit.plan.batch_size,
+        "steps_per_epoch": fit.steps_per_epoch,
+        "num_devices": fit.mesh.size,
     }
     return {name: value for name, value in settings.items() if value is not None}

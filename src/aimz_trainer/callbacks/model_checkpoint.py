@@ -19,13 +19,14 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN, preservation_policy
 
 from aimz_trainer._checks import is_int_at_least, require_bool, require_choice
-from aimz_trainer.callbacks.base import Callback, FitProgress
+from aimz_trainer.callbacks.base import Callback, FitProgress, state_key_of
 from aimz_trainer.callbacks.logger import writable_directory
 from aimz_trainer.checkpoint import checkpoint_steps, newest_checkpoint, read_meta, save_args
 from aimz_trainer.errors import CheckpointError, ConfigurationError, MetricNotFoundError
+from aimz_trainer.plan import Every
 
 if TYPE_CHECKING:
-    from aimz_trainer.trainer import Trainer
+    from aimz_trainer.callbacks.context import FitContext
 
 __all__ = ["ModelCheckpoint"]
 
@@ -98,6 +99,7 @@ class ModelCheckpoint(Callback):
         self.dirpath = writable_directory(dirpath, "dirpath").resolve()
         self.every_n_epochs = every_n_epochs or None
         self.every_n_train_steps = every_n_train_steps or None
+        self.every = Every(steps=self.every_n_train_steps, epochs=self.every_n_epochs)
         self.monitor = monitor
         self.mode = mode
         self.save_top_k = save_top_k
@@ -115,9 +117,12 @@ class ModelCheckpoint(Callback):
 
     @property
     def state_key(self) -> str:
-        return (
-            f"ModelCheckpoint{{'monitor': {self.monitor!r}, 'mode': {self.mode!r}, "
-            f"'every_n_train_steps': {self.every_n_train_steps}, 'every_n_epochs': {self.every_n_epochs}}}"
+        return state_key_of(
+            self,
+            monitor=self.monitor,
+            mode=self.mode,
+            every_n_train_steps=self.every_n_train_steps,
+            every_n_epochs=self.every_n_epochs,
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -134,10 +139,13 @@ class ModelCheckpoint(Callback):
         self.last_model_path = state["last_model_path"]
         self.last_model_score = state["last_model_score"]
 
-    def step_interval(self, trainer: Trainer) -> int | None:
+    def step_interval(self, fit: FitContext) -> int | None:
         return self.every_n_train_steps
 
-    def on_fit_start(self, trainer: Trainer, progress: FitProgress) -> None:
+    def checkpoint_directory(self) -> Path:
+        return self.dirpath
+
+    def on_fit_start(self, fit: FitContext, progress: FitProgress) -> None:
         self._last_saved_step = progress.step if progress.step else None  # a resume: that one exists
         # A resume ranks the checkpoints its run wrote before; a fresh fit leaves others' alone.
         ranks_saved = progress.step > 0 and self.monitor is not None and self.save_top_k != -1
@@ -187,15 +195,15 @@ class ModelCheckpoint(Callback):
                 scores[step] = state["last_model_score"]
         return scores
 
-    def on_train_chunk_end(self, trainer: Trainer, progress: FitProgress, losses: Any, steps: range) -> None:
-        if self.every_n_train_steps and steps.stop % self.every_n_train_steps == 0:
-            self.save(trainer, progress)
+    def on_train_chunk_end(self, fit: FitContext, progress: FitProgress, losses: Any, steps: range) -> None:
+        if self.every.at_step(steps.stop):
+            self.save(fit, progress)
 
-    def on_train_epoch_end(self, trainer: Trainer, progress: FitProgress) -> None:
-        if self.every_n_epochs and (progress.epoch + 1) % self.every_n_epochs == 0:
-            self.save(trainer, progress)
+    def on_train_epoch_end(self, fit: FitContext, progress: FitProgress) -> None:
+        if self.every.at_epoch_end(progress.epoch + 1):
+            self.save(fit, progress)
 
-    def save(self, trainer: Trainer, progress: FitProgress) -> None:
+    def save(self, fit: FitContext, progress: FitProgress) -> None:
         """Write a checkpoint of the fit as it is now (in the background unless ``async_save``
         is off); raises the error of a previous save that failed."""
         if self._manager is None or progress.step == self._last_saved_step:
@@ -215,7 +223,7 @@ class ModelCheckpoint(Callback):
             self.last_model_score = self._scores[progress.step] = metrics[self.monitor]
             if self._improves(self.last_model_score):
                 self.best_model_path, self.best_model_score = path, self.last_model_score
-        checkpoint = trainer.checkpoint()
+        checkpoint = fit.snapshot()
         args = save_args(checkpoint["state"], checkpoint["meta"])
         if self._writer is None:
             self._write(self._manager, progress.step, args, metrics)
@@ -252,12 +260,12 @@ class ModelCheckpoint(Callback):
             return not math.isnan(value)
         return value < self.best_model_score if self.mode == "min" else value > self.best_model_score
 
-    def on_fit_end(self, trainer: Trainer, progress: FitProgress) -> None:
+    def on_fit_end(self, fit: FitContext, progress: FitProgress) -> None:
         self._wait_for_pending()  # a failed background save raises here
         if self._manager is not None:
             self._manager.wait_until_finished()
 
-    def teardown(self, trainer: Trainer) -> None:
+    def teardown(self, fit: FitContext) -> None:
         # After an exception too: the save in flight finishes (complete, or not a checkpoint).
         writer, self._writer, self._pending = self._writer, None, None
         if writer is not None:

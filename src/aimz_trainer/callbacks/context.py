@@ -1,0 +1,265 @@
+"""What a callback sees of a running fit: the :class:`FitContext`, and the metric log behind
+its ``log`` method.
+
+A hook gets the context, not the Trainer: the fit's position and metrics, its settings and
+mesh, the current parameters, posterior draws, and the three things a callback may do to a
+fit: ``log`` values, ``request_stop``, and (checkpointing callbacks) take a ``snapshot``.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+from numpyro.infer.svi import SVIState
+
+from aimz_trainer._checks import as_key, is_int_at_least
+from aimz_trainer.callbacks.base import FitProgress
+from aimz_trainer.errors import ConfigurationError
+from aimz_trainer.plan import Every, FitPlan
+
+if TYPE_CHECKING:
+    from aimz_trainer.callbacks.logger import MetricLogger
+
+__all__ = ["FitContext", "MetricLog", "TrainerSettings", "TrainerState"]
+
+Params = dict[str, jax.Array]
+
+
+@dataclass
+class TrainerState:
+    """The trainer's live state: where the fit is and the newest SVI state.
+
+    Attributes:
+        step: SVI steps finished.
+        epoch: current epoch, from 0.
+        svi_state: the ``SVIState`` after ``step`` steps; after a non-finite loss, the last
+            good one.
+        rng_key: the key the fit's randomness derives from.
+        params: the constrained variational parameters of ``svi_state``.
+    """
+
+    step: int
+    epoch: int
+    svi_state: SVIState | None
+    rng_key: jax.Array
+    params: Params | None = None
+
+
+class TrainerSettings(NamedTuple):
+    """The Trainer's settings that shape a fit (recorded in checkpoints and hyperparameters)."""
+
+    max_epochs: int | None
+    max_steps: int | None
+    log_every_n_steps: int
+    check_val_every_n_epoch: int | None
+    val_check_interval: int | float | None
+    steps_per_chunk: int | None
+    nonfinite_loss: str
+    step_metrics: tuple[str, ...]
+
+
+class MetricLog:
+    """Routes logged values: into the fit's latest metrics at once (monitors that run later
+    see them), and, after each hook, to every logger as a time series (process 0 only).
+
+    A value is logged at the 0-based index of the last finished step (``step - 1``; 0 before
+    the first step), the step the loggers' own curves use.
+    """
+
+    def __init__(self, metrics: dict[str, float], loggers: Sequence[MetricLogger], state: TrainerState) -> None:
+        self.metrics = metrics
+        self._loggers = [logger for logger in loggers if logger.is_writer]
+        self._state = state
+        self._pending: dict[int, dict[str, float]] = {}
+        self._open: list[MetricLogger] = []
+
+    def open(self, fit: FitContext, resume_step: int) -> None:
+        """Start every logger; each drops what it holds at steps ``>= resume_step``."""
+        for logger in self._loggers:
+            logger.open(fit, resume_step)
+            self._open.append(logger)
+
+    def log(self, name: str, value: Any, *, step: int | None = None) -> None:
+        """Record ``value`` as ``name``'s latest value and queue it for the loggers."""
+        value = _scalar(name, value)
+        self.metrics[name] = value
+        at = max(self._state.step - 1, 0) if step is None else step
+        self._pending.setdefault(at, {})[name] = value
+
+    def log_steps(self, name: str, values: np.ndarray, steps: range, every: Every) -> None:
+        """Queue per-step ``values`` (one per step of ``steps``) at the steps ``every`` picks."""
+        for step in every.step_indices(steps):
+            self._pending.setdefault(step, {})[name] = float(values[step - steps.start])
+
+    def flush(self) -> None:
+        """Write what is queued, step by step, to every open logger."""
+        pending, self._pending = self._pending, {}
+        for step in sorted(pending):
+            for logger in self._open:
+                logger.write(step, self._state.epoch, pending[step])
+
+    def close(self) -> None:
+        """Close every logger that was opened (once, whatever ended the fit)."""
+        opened, self._open = self._open, []
+        for logger in opened:
+            logger.close()
+
+
+def _scalar(name: Any, value: Any) -> float:
+    if not isinstance(name, str) or not name:
+        raise ConfigurationError(f"log: name must be a non-empty str; got {name!r}.")
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, np.ndarray | np.generic | jax.Array) and np.shape(value) == () and value.dtype.kind in "biuf":
+        return float(value)  # a device scalar is fetched here: log host values in hot hooks
+    raise ConfigurationError(
+        f"log({name!r}, ...): the value must be a real number or a 0-d numeric array; got {value!r}."
+    )
+
+
+@dataclass
+class FitContext:
+    """What a callback may read of a running fit, and do to it.
+
+    Read: :attr:`step`, :attr:`epoch`, :attr:`metrics`, :attr:`mesh`, :attr:`plan` (batch size,
+    steps per epoch, chunks), the Trainer's :attr:`settings`, :attr:`step_metrics` of the last
+    chunk, :meth:`current_params`, :meth:`sample_posterior`. Do: :meth:`log` /
+    :meth:`log_dict` (a time series in every logger), :meth:`request_stop`, and, for
+    checkpointing callbacks, :meth:`snapshot`.
+
+    Example:
+        >>> from aimz_trainer import Callback
+        >>> class GapToBest(Callback):
+        ...     def on_validation_end(self, fit, progress):
+        ...         fit.log("val_gap", progress.metrics["val_loss"] - progress.metrics["train_loss"])
+    """
+
+    state: TrainerState
+    mesh: Mesh
+    settings: TrainerSettings
+    has_validation: bool
+    posterior_key: jax.Array
+    metric_log: MetricLog
+    plan: FitPlan = None  # type: ignore[assignment]  # set once planned, before any hook
+    _sample: Callable[[SVIState, jax.Array, int], dict[str, jax.Array]] | None = None
+    _snapshot: Callable[[], dict[str, Any]] | None = None
+    step_metrics: Mapping[str, np.ndarray] = field(default_factory=dict)
+    should_stop: bool = False
+    stop_reason: str | None = None
+    _draws: dict[int, tuple[int, dict[str, jax.Array]]] = field(default_factory=dict)
+
+    @property
+    def step(self) -> int:
+        """SVI steps finished."""
+        return self.state.step
+
+    @property
+    def epoch(self) -> int:
+        """The current epoch, from 0."""
+        return self.state.epoch
+
+    @property
+    def metrics(self) -> Mapping[str, float]:
+        """The latest value of every metric, read-only and current."""
+        return MappingProxyType(self.metric_log.metrics)
+
+    @property
+    def callback_metrics(self) -> Mapping[str, float]:
+        """:attr:`metrics`, under the Trainer's name for them."""
+        return self.metrics
+
+    @property
+    def svi_state(self) -> SVIState:
+        """The ``SVIState`` after :attr:`step` steps."""
+        assert self.state.svi_state is not None
+        return self.state.svi_state
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.plan.steps_per_epoch
+
+    @property
+    def max_epochs(self) -> int | None:
+        return self.settings.max_epochs
+
+    @property
+    def max_steps(self) -> int | None:
+        return self.settings.max_steps
+
+    @property
+    def log_every_n_steps(self) -> int:
+        return self.settings.log_every_n_steps
+
+    def progress(self) -> FitProgress:
+        """A :class:`~aimz_trainer.callbacks.FitProgress` of where the fit is now."""
+        return FitProgress(self.state.step, self.state.epoch, self.metrics)
+
+    def log(self, name: str, value: float) -> None:
+        """Log ``value`` (a number, or a 0-d array) as metric ``name`` at the current step:
+        every logger records it as a time series (process 0 writes), it becomes
+        ``trainer.callback_metrics[name]``, and callbacks that run after this one in the same
+        hook (monitors such as ``EarlyStopping``) already see it. A resumed fit's loggers drop
+        what they hold from the resume step on, so values are logged once per step."""
+        self.metric_log.log(name, value)
+
+    def log_dict(self, values: Mapping[str, float]) -> None:
+        """:meth:`log` each item of ``values``."""
+        if not isinstance(values, Mapping):
+            raise ConfigurationError(f"log_dict takes a mapping of names to values; got {type(values).__name__}.")
+        for name, value in values.items():
+            self.metric_log.log(name, value)
+
+    def request_stop(self, reason: str | None = None) -> None:
+        """Ask the fit to stop at the next chunk boundary (``on_fit_end`` still runs)."""
+        self.should_stop = True
+        self.stop_reason = reason
+
+    def current_params(self) -> Params:
+        """The constrained variational parameters at :attr:`step`, as the compiled chunk that
+        produced them computed them (free: no device work)."""
+        assert self.state.params is not None
+        return self.state.params
+
+    def sample_posterior(self, num_samples: int, rng_key: jax.Array | None = None) -> dict[str, jax.Array]:
+        """``num_samples`` draws from the guide at :attr:`step` (compiled once per count).
+
+        Args:
+            num_samples: number of draws (a positive int).
+            rng_key: defaults to the fit's posterior key, so the same fit gives the same draws;
+                with it, a second call at the same step returns the same draws, not a copy.
+        """
+        if not is_int_at_least(num_samples, 1):
+            raise ConfigurationError(f"num_samples must be a positive int; got {num_samples!r}.")
+        num_samples = int(num_samples)
+        if self._sample is None or self.state.svi_state is None:
+            raise ConfigurationError("sample_posterior() needs a compiled fit: call it from a hook or after fit.")
+        if rng_key is not None:
+            return self._sample(self.svi_state, as_key(rng_key), num_samples)
+        cached = self._draws.get(num_samples)
+        if cached is None or cached[0] != self.state.step:
+            self._draws.pop(num_samples, None)  # re-inserted: the newest last
+            cached = self._draws[num_samples] = (
+                self.state.step,
+                self._sample(self.svi_state, self.posterior_key, num_samples),
+            )
+        return cached[1]
+
+    def final_draws(self) -> dict[str, jax.Array] | None:
+        """The newest draws taken with the posterior key at the current step, if any."""
+        taken = [draws for step, draws in self._draws.values() if step == self.state.step]
+        return taken[-1] if taken else None
+
+    def snapshot(self) -> dict[str, Any]:
+        """The fit as it stands, as a checkpoint: ``{"state": named arrays, "meta": JSON}``,
+        after every callback's ``on_save_checkpoint`` (checkpointing callbacks hand it to
+        :func:`aimz_trainer.checkpoint.save_args`). Only while the fit runs its chunks."""
+        if self._snapshot is None:
+            raise ConfigurationError("snapshot() is for hooks of a running fit (from on_fit_start on).")
+        return self._snapshot()

@@ -1,0 +1,164 @@
+"""The compiled programs of one fit: lowered and compiled on the mesh, in the background where
+that pays.
+
+Compilation is most of a fit's start-up on a CPU, so ``init`` and validation compile on a
+worker thread while the training chunk compiles; XLA compiles outside the GIL. Tracing stays
+on the calling thread: it temporarily touches the user's ``svi``. Posterior draws compile on
+first use: they are bigger, and a compile in the background slows training on a small
+machine for as long as it runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, NamedTuple
+
+import jax
+from jax.sharding import Mesh
+from numpyro.infer import SVI
+from numpyro.infer.svi import SVIState
+
+from aimz_trainer.plates import ModelLayout, model_guide_checked
+from aimz_trainer.sharding import record_shardings, replicated
+from aimz_trainer.step import (
+    StepMetric,
+    TrainState,
+    learning_rate,
+    make_init,
+    make_params,
+    make_posterior_sampler,
+    make_train_chunk,
+    make_validation_step,
+)
+
+__all__ = ["ChunkOutputs", "FitPrograms"]
+
+Record = dict[str, Any]
+Params = dict[str, jax.Array]
+
+
+class ChunkOutputs(NamedTuple):
+    """What one compiled chunk returns besides its state (all on the devices until fetched).
+
+    Attributes:
+        losses: the K per-step losses (NaN for padding steps).
+        params: the constrained parameters of the chunk's final state (computed in the chunk:
+            a separate call would queue behind the chunk in flight).
+        step_metrics: name -> the K per-step values of each of the Trainer's step metrics.
+        learning_rate: the optimizer's learning rate after the chunk, when an
+            ``optax.inject_hyperparams`` state holds one, else ``None``.
+    """
+
+    losses: jax.Array
+    params: Params
+    step_metrics: dict[str, jax.Array]
+    learning_rate: jax.Array | None
+
+
+class FitPrograms:
+    """Compiles and runs the compiled functions of one fit: init, the training chunk,
+    validation and posterior draws.
+
+    Args:
+        svi: the user's SVI (set up and restored inside every trace).
+        layout: the model's row plates and sites.
+        mesh: the fit's mesh.
+        device_data: the training arrays on the devices (empty with host placement).
+        draw_record: the batch posterior draws set ``svi`` up with and compute deterministic
+            sites on (fixed rows, the same whatever the shuffle or resume).
+        step_metrics: per-step metrics the training chunk returns.
+    """
+
+    def __init__(
+        self,
+        svi: SVI,
+        layout: ModelLayout,
+        mesh: Mesh,
+        device_data: dict[str, jax.Array],
+        draw_record: Record,
+        step_metrics: Mapping[str, StepMetric],
+    ) -> None:
+        self._svi = svi
+        self._layout = layout
+        self._mesh = mesh
+        self._rep = replicated(mesh)
+        self.device_data = device_data
+        self.draw_record = draw_record
+        self._step_metrics = dict(step_metrics)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="aimz-compile")
+        self._validate: Future[Any] | None = None
+        self._samplers: dict[int, Any] = {}
+
+    def start(
+        self, rng_key: jax.Array, record: Record
+    ) -> tuple[TrainState, Params, Callable[[TrainState, Any, Record], tuple[TrainState, ChunkOutputs]]]:
+        """Compile init and the training chunk; return the initial state, its parameters and
+        ``chunk(state, device_data, record) -> (state, ChunkOutputs)``."""
+        rep, plates = self._rep, self._layout.row_plates
+        init = make_init(self._svi, plates)
+        train_chunk = make_train_chunk(self._svi, plates, self._step_metrics)
+        params = make_params(self._svi, plates)
+
+        def init_with_params(rng_key: jax.Array, device_data: Any, record: Record) -> tuple[TrainState, Params]:
+            state = init(rng_key, device_data, record)
+            return state, params(state.svi_state, device_data, record)
+
+        def chunk_with_outputs(state: TrainState, device_data: Any, record: Record) -> tuple[TrainState, ChunkOutputs]:
+            state, losses, metrics = train_chunk(state, device_data, record)
+            final = params(state.svi_state, device_data, record)
+            return state, ChunkOutputs(losses, final, metrics, learning_rate(state.svi_state.optim_state))
+
+        shardings = (rep, rep, record_shardings(self._mesh, record))
+        with model_guide_checked():  # the chunk's trace is the ELBO's first
+            lowered_init = jax.jit(init_with_params, in_shardings=shardings, out_shardings=rep).lower(
+                rng_key, self.device_data, record
+            )
+            # init runs once: unoptimized code compiles faster than it loses at run time.
+            compiled_init = self._pool.submit(lowered_init.compile, {"xla_backend_optimization_level": 0})
+            chunk = jax.jit(chunk_with_outputs, in_shardings=shardings, out_shardings=rep)
+            lowered_chunk = chunk.lower(lowered_init.out_info[0], self.device_data, record)
+        compiled_chunk = lowered_chunk.compile()
+        return *compiled_init.result()(rng_key, self.device_data, record), compiled_chunk
+
+    def prepare_validation(
+        self,
+        state: TrainState,
+        rng_key: jax.Array,
+        device_data: Mapping[str, jax.Array],
+        record: Record,
+        num_samples: int,
+        num_train_rows: int,
+    ) -> None:
+        """Trace validation now and compile it on the worker thread."""
+        rep = self._rep
+        validate = jax.jit(
+            make_validation_step(self._svi, num_samples, num_train_rows, self._layout),
+            in_shardings=(rep, rep, rep, record_shardings(self._mesh, record)),
+            out_shardings=rep,
+        )
+        self._validate = self._pool.submit(validate.lower(state.svi_state, rng_key, device_data, record).compile)
+
+    def validate(self, svi_state: SVIState, rng_key: jax.Array, device_data: Any, record: Record) -> Any:
+        """One validation batch's sums (see :func:`~aimz_trainer.step.make_validation_step`)."""
+        assert self._validate is not None, "prepare_validation first"
+        return self._validate.result()(svi_state, rng_key, device_data, record)
+
+    def sample(self, svi_state: SVIState, rng_key: jax.Array, num_samples: int) -> dict[str, jax.Array]:
+        """``num_samples`` posterior draws at ``svi_state`` (compiled once per count)."""
+        if num_samples not in self._samplers:
+            rep = self._rep
+            sampler = jax.jit(
+                make_posterior_sampler(self._svi, num_samples, self._layout),
+                in_shardings=(rep, rep, rep, record_shardings(self._mesh, self.draw_record)),
+                out_shardings=rep,
+            )
+            lowered = sampler.lower(svi_state, rng_key, self.device_data, self.draw_record)
+            # Optimization level 1 compiles faster than the default and runs a function that
+            # is called a few times as fast.
+            self._samplers[num_samples] = lowered.compile({"xla_backend_optimization_level": 1})
+        return self._samplers[num_samples](svi_state, rng_key, self.device_data, self.draw_record)
+
+    def close(self) -> None:
+        """Stop the worker thread (after the compiles it was given)."""
+        self._pool.shutdown()

@@ -1,0 +1,200 @@
+"""The chunk loop: dispatch, pipelining, non-finite losses, metrics, hooks and stop requests.
+
+Python orchestrates around one compiled function. Each call runs one chunk of K SVI steps;
+the loop keeps one call in flight and runs the previous chunk's hooks while the devices work
+on the next, so the host never waits on a single step and the devices never wait for the
+hooks. A stop requested by a hook drops the call in flight: the fit ends exactly where it was
+requested. The loop sees the fit through its :class:`~aimz_trainer.callbacks.FitContext`,
+never the Trainer.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from aimz_trainer.callbacks.base import CallbackList
+from aimz_trainer.callbacks.context import FitContext
+from aimz_trainer.compile import ChunkOutputs
+from aimz_trainer.errors import NonFiniteLossError
+from aimz_trainer.plan import Chunk, Every
+from aimz_trainer.step import TrainState
+from aimz_trainer.validation import Validator
+
+__all__ = ["ChunkLoop", "Records"]
+
+Record = dict[str, Any]
+
+
+class Records:
+    """The Grain records of a fit's chunks as global arrays, with the loader's state after
+    each (what a checkpoint records). The first is read ahead, to compile with."""
+
+    def __init__(self, loader: Any, to_global: Callable[[Record], Record]) -> None:
+        self._loader = loader
+        self._to_global = to_global
+        self.first = to_global(next(loader))
+        self.first_state: dict[str, Any] = loader.get_state()
+        self._first_taken = False
+
+    def __next__(self) -> tuple[Record, dict[str, Any]]:
+        if not self._first_taken:
+            self._first_taken = True
+            return self.first, self.first_state
+        record = self._to_global(next(self._loader))
+        return record, self._loader.get_state()
+
+    def __iter__(self) -> Iterator[tuple[Record, dict[str, Any]]]:
+        return self
+
+
+class _Pending(NamedTuple):
+    """A dispatched chunk whose results the hooks have not seen yet."""
+
+    chunk: Chunk
+    state: TrainState
+    outputs: ChunkOutputs
+    loader_state: dict[str, Any]
+
+
+@dataclass
+class ChunkLoop:
+    """Runs the chunks of a fit from ``start_index`` on.
+
+    Attributes:
+        fit: the fit's context (its state, metrics and log are updated here).
+        hooks: the fit's callbacks.
+        chunk_fn: the compiled chunk, ``(state, device_data, record) -> (state, ChunkOutputs)``.
+        device_data: the training arrays on the devices (empty with host placement).
+        records: the chunks' records.
+        validator: the validation pass, or ``None``.
+        losses: every loss so far (a resumed fit's included); the loop appends.
+        timings: ``first_chunk_s`` is set here.
+        started: when the fit started (``time.perf_counter``).
+        start_index: the first chunk to run.
+        loader_state: the loader's state after the last finished chunk.
+    """
+
+    fit: FitContext
+    hooks: CallbackList
+    chunk_fn: Callable[..., tuple[TrainState, ChunkOutputs]]
+    device_data: dict[str, jax.Array]
+    records: Records
+    validator: Validator | None
+    losses: list[np.ndarray]
+    timings: dict[str, float]
+    started: float
+    start_index: int = 0
+    loader_state: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._plan = self.fit.plan
+        self._log_every = Every(steps=self.fit.settings.log_every_n_steps)
+        self._rate_since = (0, self.started)  # (step, time) the steps/s average counts from
+        self._epoch_started = self.started  # the first epoch's time includes compilation
+        self._epoch_losses: list[np.ndarray] = []
+
+    def run(self, state: TrainState) -> TrainState:
+        """Dispatch chunk c, then run chunk c-1's hooks while c runs.
+
+        Chunk c is speculative: when c-1's hooks stop the fit (or its loss was not finite), c's
+        results are dropped and the fit ends on c-1's state, which the compiled chunk leaves
+        intact (it does not donate its input). A stop thus takes effect exactly at the
+        boundary where it was requested, and the devices never wait for the hooks.
+        """
+        fit, plan = self.fit, self._plan
+        pending: _Pending | None = None
+        for index in range(self.start_index, plan.num_chunks):
+            chunk = plan.chunks[index]
+            record, loader_state = next(self.records)
+            new_state, outputs = self.chunk_fn(state, self.device_data, record)
+            if pending is not None and (not self._finish(pending) or fit.should_stop):
+                return state
+            # After the previous epoch's end hooks (a resumed fit starts its epoch too).
+            if chunk.first_step % plan.steps_per_epoch == 0 or index == self.start_index:
+                self._start_epoch(chunk)
+                if fit.should_stop:
+                    return state
+            state = new_state
+            pending = _Pending(chunk, state, outputs, loader_state)
+        if pending is not None:
+            self._finish(pending)
+        return state
+
+    def _start_epoch(self, chunk: Chunk) -> None:
+        self.fit.state.epoch = chunk.epoch
+        done = np.concatenate(self.losses) if self.losses else np.zeros(0, np.float32)
+        self._epoch_losses = [done[chunk.epoch * self._plan.steps_per_epoch :]]  # the part before a resume
+        self.hooks.on_train_epoch_start()
+
+    def _finish(self, pending: _Pending) -> bool:
+        """Bring a chunk's results to the host and run its hooks; ``False`` after a non-finite
+        loss (in ``"warn"`` mode; ``"raise"`` raises)."""
+        fit, chunk = self.fit, pending.chunk
+        losses, step_metrics, rate = jax.device_get(
+            (pending.outputs.losses, pending.outputs.step_metrics, pending.outputs.learning_rate)
+        )
+        losses = np.asarray(losses)[: chunk.num_steps]
+        now = time.perf_counter()
+        log = fit.metric_log
+        if "first_chunk_s" not in self.timings:  # compilation and start-up: not a rate
+            self.timings["first_chunk_s"] = now - self.started
+            self._rate_since = (chunk.first_step + chunk.num_steps, now)
+        else:
+            # Averaged since the last epoch's last results: with a chunk in flight, the time
+            # between two chunks' results alone says little.
+            steps = chunk.first_step + chunk.num_steps - self._rate_since[0]
+            log.metrics["steps_per_sec"] = steps / (now - self._rate_since[1])
+        bad = np.flatnonzero(~np.isfinite(losses))
+        if bad.size:
+            self.losses.append(losses[: bad[0]])
+            fit.state.step = chunk.first_step + int(bad[0])
+            fit.state.svi_state = pending.state.svi_state  # frozen before the bad step
+            fit.state.params = pending.outputs.params
+            error = NonFiniteLossError(fit.state.step, float(losses[bad[0]]))
+            if fit.settings.nonfinite_loss == "raise":
+                raise error
+            warnings.warn(str(error), RuntimeWarning, stacklevel=5)
+            return False
+        self.losses.append(losses)
+        self._epoch_losses.append(losses)
+        fit.state.step = end = chunk.first_step + chunk.num_steps
+        fit.state.svi_state = pending.state.svi_state
+        fit.state.params = pending.outputs.params
+        self.loader_state = pending.loader_state
+        fit.step_metrics = {name: np.asarray(values)[: chunk.num_steps] for name, values in step_metrics.items()}
+        self._log_chunk(chunk, losses, rate)
+        self.hooks.on_train_chunk_end(losses, chunk.steps)
+        epoch_end = self._plan.is_epoch_end(chunk)
+        if epoch_end:  # epochs are timed from one's last results to the next's
+            log.log("train_loss_epoch", float(np.concatenate(self._epoch_losses).mean()))
+            log.log("epoch_time", now - self._epoch_started)
+            self._epoch_started = now
+            self._rate_since = (end, now)
+        validator = self.validator
+        if validator is not None and validator.every.due(end, chunk.epoch + 1 if epoch_end else None):
+            fit.log_dict(validator.run(pending.state.svi_state))
+            self.hooks.on_validation_end()
+        if epoch_end:
+            self.hooks.on_train_epoch_end()
+        return True
+
+    def _log_chunk(self, chunk: Chunk, losses: np.ndarray, rate: Any) -> None:
+        """The chunk's curves: each step metric's per-step values at the logging steps, their
+        chunk means as the latest values, and the rate and learning rate at a logging step."""
+        log, steps = self.fit.metric_log, chunk.steps
+        for name, values in {"train_loss": losses, **self.fit.step_metrics}.items():
+            log.log_steps(name, values, steps, self._log_every)
+            log.metrics[name] = float(values.mean())
+        if self._log_every.at_step(steps.stop):
+            at = steps.stop - 1
+            if "steps_per_sec" in log.metrics:
+                log.log("steps_per_sec", log.metrics["steps_per_sec"], step=at)
+            if rate is not None:
+                log.log("learning_rate", float(rate), step=at)

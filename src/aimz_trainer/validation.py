@@ -1,0 +1,82 @@
+"""A fit's validation pass: held-out ELBO and log predictive density, batch by batch."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+from numpyro.infer.svi import SVIState
+
+from aimz_trainer.compile import FitPrograms
+from aimz_trainer.data import PlacedData, ValidationSource, make_chunk_loader
+from aimz_trainer.plan import Every
+from aimz_trainer.sharding import records_to_global
+from aimz_trainer.step import TrainState
+
+__all__ = ["Validator"]
+
+
+class Validator:
+    """Validates an SVI state on held-out data; compiles its program on creation (in the
+    background).
+
+    Args:
+        programs: the fit's compiled programs.
+        data: the held-out data, placed like the training data.
+        mesh: the fit's mesh.
+        batch_size: rows per validation batch.
+        num_samples: guide draws behind ``val_lpd``.
+        num_train_rows: training rows (``val_loss`` is per training observation).
+        rng_key: the key of every pass: the same keys each time, so passes compare like for
+            like.
+        every: when a pass is due.
+        state: a training state to trace the program with.
+    """
+
+    def __init__(
+        self,
+        programs: FitPrograms,
+        data: PlacedData,
+        mesh: Mesh,
+        *,
+        batch_size: int,
+        num_samples: int,
+        num_train_rows: int,
+        rng_key: jax.Array,
+        every: Every,
+        state: TrainState,
+    ) -> None:
+        self._programs = programs
+        self._data = data
+        self._source = ValidationSource(
+            data.num_rows, batch_size, process_index=jax.process_index(), process_count=jax.process_count()
+        )
+        self._to_global = records_to_global(mesh, batch_size)
+        self._key = rng_key
+        self.every = every
+        first = self._to_global(next(iter(make_chunk_loader(self._source, data.host_arrays))))
+        programs.prepare_validation(state, rng_key, data.device_data, first, num_samples, num_train_rows)
+
+    def run(self, svi_state: SVIState) -> dict[str, float]:
+        """``val_loss`` (when the model has no per-row latents) and ``val_lpd`` (when it has an
+        observed site) of ``svi_state``."""
+        outputs = []
+        for index, record in enumerate(make_chunk_loader(self._source, self._data.host_arrays)):
+            key = jax.random.fold_in(self._key, index)
+            outputs.append(self._programs.validate(svi_state, key, self._data.device_data, self._to_global(record)))
+        return validation_metrics(jax.device_get(outputs))
+
+
+def validation_metrics(batches: list[Mapping[str, Any]]) -> dict[str, float]:
+    """Combine per-batch sums into the pass's metrics, weighting by each batch's real rows."""
+    columns = {key: np.asarray([batch[key] for batch in batches], np.float64) for key in batches[0]}
+    weights = columns["weight_sum"]
+    metrics = {}
+    if "loss" in columns:
+        metrics["val_loss"] = float(np.sum(columns["loss"] * weights) / np.sum(weights))
+    if "lpd_sum" in columns:
+        metrics["val_lpd"] = float(np.sum(columns["lpd_sum"]) / np.sum(weights))
+    return metrics
