@@ -1,14 +1,18 @@
 """Writing your own callback: follow one parameter's posterior mean in TensorBoard, every epoch.
 
 A callback subclasses :class:`aimz_trainer.Callback` and overrides only the hooks it needs;
-every hook gets the trainer and a ``FitProgress`` (step, epoch, metrics), all host values.
-This one uses a single epoch-level hook, so it costs nothing per step: the parameters it reads
-with ``trainer.current_params()`` come out of the compiled chunk that just finished.
+every hook gets the running fit's context (``fit``: step, epoch, metrics, parameters,
+``log``, ``request_stop``) and a ``FitProgress`` (step, epoch, metrics), all host values. This
+one uses a single epoch-level hook, so it costs nothing per step: the parameters it reads with
+``fit.current_params()`` come out of the compiled chunk that just finished, and ``fit.log``
+hands each value to every logger of the fit (here TensorBoard and a CSV file) as a curve at
+the current step: no writer of its own, and the loggers deal with process 0, resumes and
+closing.
 
 The model is a Bayesian linear regression, ``y ~ Normal(X @ beta + alpha, sigma)``, fitted by
-minibatch SVI; the callback writes the posterior mean of each coefficient of ``beta`` (the
-guide's ``beta_auto_loc``) next to the ``TensorBoardLogger``'s curves, and the recipe prints
-where they went. Watch them with ``tensorboard --logdir <log dir>``.
+minibatch SVI; the callback logs the posterior mean of each coefficient of ``beta`` (the
+guide's ``beta_auto_loc``) next to the built-in curves, and the recipe prints where they went.
+Watch them with ``tensorboard --logdir <log dir>``.
 
 Run it with ``aimz-trainer run custom_callback [--output-dir runs/custom] [--max-epochs 20]``.
 """
@@ -28,45 +32,32 @@ import numpyro.distributions as dist
 from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoNormal
 from optax import adam
-from tensorboardX import SummaryWriter
 
-from aimz_trainer import Callback, FitProgress, TensorBoardLogger, Trainer
+from aimz_trainer import Callback, CSVLogger, FitContext, FitProgress, TensorBoardLogger, Trainer
 
 
 class PosteriorMeanLogger(Callback):
-    """Writes the posterior mean of each element of one variational parameter every epoch.
+    """Logs the posterior mean of each element of one variational parameter every epoch, as
+    ``posterior_mean/<param>/<index>``.
 
     Args:
-        log_dir: where the event files go (a ``posterior_mean`` run inside it).
         param: the variational parameter to follow, e.g. ``"beta_auto_loc"`` for the mean of
             an ``AutoNormal`` guide's ``beta`` site.
 
     Example:
-        >>> logger = PosteriorMeanLogger(tempfile.mkdtemp(), param="beta_auto_loc")
+        >>> logger = PosteriorMeanLogger(param="beta_auto_loc")
     """
 
-    def __init__(self, log_dir: str | Path, param: str) -> None:
-        self.log_dir = Path(log_dir) / "posterior_mean"
+    def __init__(self, param: str) -> None:
         self.param = param
-        self._writer: SummaryWriter | None = None
 
-    def on_fit_start(self, trainer: Trainer, progress: FitProgress) -> None:
-        if self.param not in trainer.current_params():
-            raise KeyError(f"no variational parameter {self.param!r}; there are {sorted(trainer.current_params())}")
-        if jax.process_index() == 0:  # every process sees the same parameters: write once
-            self._writer = SummaryWriter(str(self.log_dir), purge_step=progress.step or None)
+    def on_fit_start(self, fit: FitContext, progress: FitProgress) -> None:
+        if self.param not in fit.current_params():
+            raise KeyError(f"no variational parameter {self.param!r}; there are {sorted(fit.current_params())}")
 
-    def on_train_epoch_end(self, trainer: Trainer, progress: FitProgress) -> None:
-        if self._writer is None:
-            return
-        means = np.atleast_1d(np.asarray(trainer.current_params()[self.param]))
-        for index, mean in enumerate(means):
-            self._writer.add_scalar(f"posterior_mean/{self.param}/{index}", float(mean), progress.step - 1)
-
-    def teardown(self, trainer: Trainer) -> None:  # runs on success and on error alike
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+    def on_train_epoch_end(self, fit: FitContext, progress: FitProgress) -> None:
+        means = np.atleast_1d(np.asarray(fit.current_params()[self.param]))
+        fit.log_dict({f"posterior_mean/{self.param}/{index}": float(mean) for index, mean in enumerate(means)})
 
 
 def make_data(num_rows: int, num_features: int, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -90,7 +81,7 @@ def make_model(num_rows: int, num_features: int) -> Callable[..., None]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Fit with the custom callback and a TensorBoardLogger; returns what it printed."""
+    """Fit with the custom callback, a TensorBoardLogger and a CSVLogger; returns what it printed."""
     parser = argparse.ArgumentParser(prog="aimz-trainer run custom_callback", description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default=None, help="TensorBoard directory (default: a new temporary one)")
     parser.add_argument("--num-rows", type=int, default=20_000)
@@ -109,7 +100,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         max_epochs=args.max_epochs,
         rng_key=jax.random.key(args.seed),
         devices=args.devices,
-        callbacks=[PosteriorMeanLogger(log_dir, param="beta_auto_loc"), TensorBoardLogger(log_dir)],
+        callbacks=[
+            PosteriorMeanLogger(param="beta_auto_loc"),
+            TensorBoardLogger(log_dir),
+            CSVLogger(log_dir / "metrics.csv"),
+        ],
     )
     result = trainer.fit(svi, data, batch_size=args.batch_size)
 
@@ -117,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"custom_callback: {args.max_epochs} epochs, final loss {result.losses[-1]:,.1f}")
     print("beta posterior mean: " + ", ".join(f"{b:.3f}" for b in fitted))
     print("beta true:           " + ", ".join(f"{b:.3f}" for b in true_beta))
-    print(f"TensorBoard logs in {log_dir}: tensorboard --logdir {log_dir}")
+    print(f"TensorBoard logs in {log_dir}: tensorboard --logdir {log_dir} (the same curves in metrics.csv there)")
     return {"log_dir": str(log_dir), "beta_mean": fitted.tolist(), "beta_true": true_beta.tolist()}
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pandas as pd
 import pytest
 from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoNormal
@@ -31,11 +32,17 @@ def test_custom_callback_logs_the_posterior_mean_every_epoch(tmp_path, capsys):
     )
     # The fit recovers the coefficients, and the callback followed them epoch by epoch.
     np.testing.assert_allclose(summary["beta_mean"], summary["beta_true"], atol=0.1)
+    # Through the logging API, into the same TensorBoard run and CSV file as the built-in curves.
+    rows = pd.read_csv(tmp_path / "metrics.csv")
     for index, fitted in enumerate(summary["beta_mean"]):
-        means = scalars(tmp_path / "posterior_mean", f"posterior_mean/beta_auto_loc/{index}")
+        tag = f"posterior_mean/beta_auto_loc/{index}"
+        means = scalars(tmp_path, tag)
         assert sorted(means) == [39, 79, 119, 159, 199, 239]  # the last step of each 40-step epoch
         assert means[239] == np.float32(fitted)
-    # Beside the built-in logger's curves.
+        csv_means = rows[rows.metric == tag]
+        assert csv_means.step.tolist() == [39, 79, 119, 159, 199, 239]
+        assert csv_means.epoch.tolist() == list(range(6))
+        assert csv_means.value.iloc[-1] == pytest.approx(fitted, rel=1e-6)
     assert len(scalars(tmp_path, "train_loss_epoch")) == 6
     assert f"TensorBoard logs in {tmp_path}" in capsys.readouterr().out
 
@@ -49,7 +56,7 @@ def test_custom_callback_names_the_parameters_when_the_one_asked_for_is_missing(
         max_epochs=1,
         rng_key=jax.random.key(0),
         enable_progress_bar=False,
-        callbacks=[recipe.PosteriorMeanLogger(tmp_path, param="gamma_auto_loc")],
+        callbacks=[recipe.PosteriorMeanLogger(param="gamma_auto_loc")],
     )
     with pytest.raises(KeyError, match="no variational parameter 'gamma_auto_loc'.*beta_auto_loc"):
         trainer.fit(svi, data, batch_size=100)

@@ -193,12 +193,12 @@ StepMetric = Callable[[StepView], jax.Array]
 
 def grad_norm(view: StepView) -> jax.Array:
     """The global (L2) norm of the step's gradient over every parameter."""
-    return optax.global_norm(view.grads)
+    return optax.tree.norm(view.grads)
 
 
 def param_norm(view: StepView) -> jax.Array:
     """The global (L2) norm of the unconstrained parameters the step's gradient was taken at."""
-    return optax.global_norm(view.params)
+    return optax.tree.norm(view.params)
 
 
 BUILT_IN_STEP_METRICS: dict[str, StepMetric] = {"grad_norm": grad_norm, "param_norm": param_norm}
