@@ -69,7 +69,7 @@ def test_processes_write_one_store_equal_to_a_single_process_prediction(tmp_path
     root = zarr.open_group(path, mode="r")
     for site in ("y", "mu"):
         assert root[f"posterior_predictive/{site}"].shape == (1, NUM_DRAWS, 37)
-        assert root[f"posterior_predictive/{site}"].chunks == (1, NUM_DRAWS, 8)  # one chunk per process and batch
+        assert root[f"posterior_predictive/{site}"].chunks == (1, NUM_DRAWS, 8)  # one block per process and batch
     assert root["posterior/w"].chunks == (1, NUM_DRAWS)
 
     predictor = Predictor(
@@ -109,7 +109,7 @@ def test_processes_write_one_store_equal_to_a_single_process_prediction(tmp_path
 
 def test_writers_share_a_store_one_chunk_each(tmp_path):
     """The store side, in one process: writer 0 creates, writer 1 joins; each batch of 8 rows is
-    two 4-row chunks; only writer 0 finalizes, and rows written are recorded then."""
+    two 4-row blocks; only writer 0 finalizes, and rows written are recorded then."""
     spec = ArraySpec("posterior_predictive", "y", (1, 2, 14), np.dtype(np.float32), ("chain", "draw", "obs"), 2)
     values = np.arange(28, dtype=np.float32).reshape(1, 2, 14)
     path = tmp_path / "store"

@@ -372,7 +372,7 @@ def test_datatree_schema_attrs_and_dtypes(tmp_path):
     assert attrs["created_at"].endswith("+00:00")
     assert (attrs["num_rows"], attrs["rows_per_key"], attrs["aimz_trainer_rows_written"]) == (9, 4, 9)
 
-    # The store opens with plain xarray too, lazily chunked by the batches.
+    # The store opens with plain xarray too, lazily, in blocks of a batch.
     plain = xr.open_datatree(store_path, engine="zarr")
     np.testing.assert_array_equal(
         plain["posterior_predictive"]["flag"].values, values(tree, "posterior_predictive", "flag")

@@ -93,8 +93,8 @@ def test_zarr_store_writes_batches_from_its_thread(tmp_path):
 @pytest.mark.parametrize("compress_floats", [False, True])
 def test_codecs_by_dtype_and_every_chunk_written(tmp_path, compress_floats):
     """Integer arrays Blosc-zstd; float arrays as they are, or Blosc-lz4 when asked; every
-    chunk ends in a crc32c checksum of its bytes; a chunk equal to the fill value (all-zero
-    integers) is still written: the store reads the same either way, and a chunk file per
+    block ends in a crc32c checksum of its bytes; a block equal to the fill value (all-zero
+    integers) is still written: the store reads the same either way, and a block file per
     batch shows the batch was written."""
     path = tmp_path / "store"
     store = ZarrStore(path, specs(), batch_size=4, compress_floats=compress_floats)
@@ -189,7 +189,7 @@ def test_a_failed_write_reaches_the_caller(tmp_path, monkeypatch):
 
 
 def test_a_stalled_disk_sync_holds_back_the_rows_counted_not_the_writes(tmp_path, monkeypatch):
-    """The chunk files are synced on their own thread, up to max_unsynced batches behind the
+    """The block files are synced on their own thread, up to max_unsynced batches behind the
     writer: while the disk stalls, later batches are still written (the computation goes on)
     but only synced rows count, so a resume would start from rows that are on the disk."""
     disk = threading.Event()
@@ -204,11 +204,11 @@ def test_a_stalled_disk_sync_holds_back_the_rows_counted_not_the_writes(tmp_path
     store = ZarrStore(path, specs(), batch_size=4, max_unsynced=2)
     for start in (0, 4, 8):
         write_rows(store, start, min(start + 4, 10))
-    last_chunks = [store.chunk_path(key, 8) for key in full_values()]
+    last_blocks = [store.chunk_path(key, 8) for key in full_values()]
     deadline = time.monotonic() + 30
-    while not all(chunk.is_file() for chunk in last_chunks) and time.monotonic() < deadline:
+    while not all(block.is_file() for block in last_blocks) and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert all(chunk.is_file() for chunk in last_chunks)  # every batch written past the stall
+    assert all(block.is_file() for block in last_blocks)  # every batch written past the stall
     assert store.rows_written == 0 and zarr.open_group(path, mode="r").attrs[ROWS_WRITTEN] == 0
     disk.set()
     store.finalize()
@@ -219,7 +219,7 @@ def test_a_stalled_disk_sync_holds_back_the_rows_counted_not_the_writes(tmp_path
 
 
 def test_each_chunk_is_synced_to_disk_before_its_rows_count(tmp_path, monkeypatch):
-    """The writer syncs every chunk file (then drops it from the page cache) before it records
+    """The writer syncs every block file (then drops it from the page cache) before it records
     the rows as written; an error the disk reports only at that sync (a full disk under
     delayed allocation, EIO) fails the store like a failed write."""
     synced = []
@@ -238,8 +238,8 @@ def test_each_chunk_is_synced_to_disk_before_its_rows_count(tmp_path, monkeypatc
     expected = [str(store.chunk_path(key, start)) for start in (0, 4, 8) for key in full_values()]
     assert synced == expected
     assert all(Path(file).is_file() for file in expected)
-    # An uncompressed float chunk: 1 chain x 3 draws x 4 rows of float32 (the last one 4 rows
-    # too: zarr writes whole chunks, the padding past row 10 being the fill value) and its
+    # An uncompressed float block: 1 chain x 3 draws x 4 rows of float32 (the last one 4 rows
+    # too: zarr writes whole blocks, the padding past row 10 being the fill value) and its
     # 4-byte checksum.
     assert store.chunk_path(("posterior_predictive", "y"), 4).stat().st_size == 3 * 4 * 4 + 4
 

@@ -1,8 +1,8 @@
 """No fill value stands in for written data (issue 16, items 3 and 4).
 
-A store's chunk that is gone (the store removed by ``cleanup()`` or by another process, one file
-deleted) or damaged (a flipped byte) raises ``StoreError`` when read, is named by
-``verify_store`` and is recomputed by a resume; the scratch sweep removes a directory only when
+A store's block (a Zarr chunk) that is gone (the store removed by ``cleanup()`` or by another
+process, one file deleted) or damaged (a flipped byte) raises ``StoreError`` when read, is named
+by ``verify_store`` and is recomputed by a resume; the scratch sweep removes a directory only when
 its owner's lock is free, whatever PID the owner has in our namespace."""
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def test_a_tree_read_after_another_process_removed_the_scratch_directory_raises(
     assert str(store) in str(info.value)
 
 
-# -- a missing or damaged chunk of a complete store ------------------------------------------------
+# -- a missing or damaged block of a complete store ------------------------------------------------
 
 
 def specs() -> list[ArraySpec]:
@@ -105,19 +105,19 @@ def complete_store(path: Path) -> ZarrStore:
     return store
 
 
-def flip_a_byte(chunk: Path, offset: int = 5) -> None:
-    data = bytearray(chunk.read_bytes())
+def flip_a_byte(block: Path, offset: int = 5) -> None:
+    data = bytearray(block.read_bytes())
     data[offset] ^= 0x01
-    chunk.write_bytes(bytes(data))
+    block.write_bytes(bytes(data))
 
 
 def test_a_chunk_deleted_from_a_complete_store_raises_when_read_and_in_verify_store(tmp_path):
     store = complete_store(tmp_path / "store")
-    chunk = store.chunk_path(("posterior_predictive", "k"), 4)
-    chunk.unlink()
+    block = store.chunk_path(("posterior_predictive", "k"), 4)
+    block.unlink()
     tree = open_store(store.path)
     k = tree["posterior_predictive"]["k"]
-    np.testing.assert_array_equal(k[..., :4].values, 1)  # the chunks still there read as before
+    np.testing.assert_array_equal(k[..., :4].values, 1)  # the blocks still there read as before
     with pytest.raises(StoreError, match=r"posterior_predictive/k/c/0/0/1' \(missing\).*deleted") as info:
         k.values  # noqa: B018 (before: 0s, a Bernoulli outcome, in rows 4-8)
     assert str(store.path) in str(info.value)
@@ -137,7 +137,7 @@ def test_a_flipped_byte_in_a_float_chunk_raises_when_read_and_in_verify_store(tm
 
 def test_verify_store_names_every_bad_chunk_and_refuses_what_it_cannot_check(tmp_path):
     store = complete_store(tmp_path / "store")
-    assert verify_store(store.path) == 3 + 3 + 1  # the chunks of y, k and w
+    assert verify_store(store.path) == 3 + 3 + 1  # the blocks of y, k and w
     store.chunk_path(("posterior_predictive", "y"), 0).unlink()
     flip_a_byte(store.chunk_path(("posterior_predictive", "k"), 8), offset=-1)  # the checksum itself
     (store.path / "posterior" / "w" / "c" / "0" / "0").unlink()  # an array written whole
@@ -177,11 +177,11 @@ def interrupted_after(dyadic_predictor: Predictor, batches: int, output_dir: Pat
 def test_resume_recomputes_from_an_earlier_chunk_that_is_not_intact(dyadic_predictor, harm, tmp_path, monkeypatch):
     reference = dyadic_predictor.predict({"x": dyadic_x(NUM_ROWS)}, batch_size=BATCH, output_dir=tmp_path / "reference")
     path = interrupted_after(dyadic_predictor, 3, tmp_path / "interrupted", monkeypatch)
-    chunk = path / "posterior_predictive" / "y" / "c" / "0" / "0" / "1"  # rows 4-8, recorded as written
+    block = path / "posterior_predictive" / "y" / "c" / "0" / "0" / "1"  # rows 4-8, recorded as written
     if harm == "deleted":
-        chunk.unlink()
+        block.unlink()
     else:
-        flip_a_byte(chunk)
+        flip_a_byte(block)
     with pytest.warns(StoreWarning, match=r"'posterior_predictive/y/c/0/0/1'.*rows from 4 on are computed again"):
         tree = dyadic_predictor.predict(
             {"x": dyadic_x(NUM_ROWS)}, batch_size=BATCH, output_dir=path.parent, resume=True
@@ -198,7 +198,7 @@ def test_resume_reads_back_every_row_wise_array_and_warns_only_when_it_rewinds(t
     store = ZarrStore(path, specs(), batch_size=4)
     store.write_batch(0, 4, {("posterior_predictive", "y"): np.ones((1, 3, 4), np.float32)})
     store.write_batch(4, 8, {("posterior_predictive", "y"): np.ones((1, 3, 4), np.float32)})
-    store.abort()  # "k" was never written: its chunks of rows 0-8 are missing
+    store.abort()  # "k" was never written: its blocks of rows 0-8 are missing
     resumed = ZarrStore(path, specs()[:1] + specs()[2:], batch_size=4, resume=True)
     assert resumed.rows_written == 8 and not recwarn.list
     resumed.abort()

@@ -81,16 +81,14 @@ _PARAMS = "params/"
 _LIBRARY = os.path.dirname(__file__)  # warnings point at the first frame outside it
 
 
+# A checkpoint's state is a few dozen small arrays, already on the host: orbax's
+# tensorstore-backed StandardSave has a fixed CPU cost per save that an .npz does not (the
+# README's checkpoint figures). The archive is built in memory and written in one call:
+# np.savez seeks back into every member's header, a system call each on a file.
 class NamedArraysHandler(ocp.CheckpointHandler):
-    """An orbax item of named host arrays, written as one uncompressed ``.npz`` file.
-
-    A checkpoint's state is a few dozen small arrays, already on the host; orbax's
-    tensorstore-backed ``StandardSave`` spent 11 ms of CPU per save on them (of 25 ms in all),
-    a fixed cost paid at every epoch end, where a ``.npz`` takes a few milliseconds. The archive
-    is built in memory and written in one call: ``np.savez`` seeks back into every member's
-    header, a system call each on a file. The arrays are replicated, so only process 0 writes
-    them.
-    """
+    """An orbax item of named host arrays (``{"params/w_auto_loc": array, ...}``), written as
+    one uncompressed ``.npz`` file that plain NumPy reads. The arrays are replicated, so only
+    process 0 writes them."""
 
     def save(self, directory: Any, args: NamedArraysSave) -> None:  # type: ignore[override]
         if jax.process_index() == 0:

@@ -89,11 +89,10 @@ class PredictionPlan:
         constants: the intervention values applied to every row (arguments of the compiled
             forward, not constants of its program).
         intervention: the intervention as the caller gave it (recorded in the store).
-        inputs: the model's row inputs in the data, the targets (optional arguments such as
-            ``y=None``) taken out.
-        observed_data: the targets in the data, ``{site: rows}``: written whole to
+        observed_data: the targets in the data (the model's optional arguments, such as
+            ``y=None``), ``{site: rows}``: written whole to
             ``observed_data``; only the log-likelihood conditions on them.
-        model_inputs: the forward's row inputs: ``inputs``, the targets in
+        model_inputs: the forward's row inputs: the data's, the targets in
             :attr:`Mode.LOG_LIKELIHOOD`, and the row-wise intervention values named
             ``DO_PREFIX + site``.
         local: the per-row latent sites drawn from the fitted guide, row by row (in sample);
@@ -122,7 +121,6 @@ class PredictionPlan:
     latent: dict[str, np.ndarray]
     constants: dict[str, np.ndarray]
     intervention: Mapping[str, Any]
-    inputs: dict[str, Any]
     observed_data: dict[str, Any]
     model_inputs: dict[str, Any]
     local: LocalDraws | None
@@ -242,7 +240,7 @@ def make_plan(
     # 10,000 rows beat 10 or 50 at a time (a 32-wide layer's activations stay in cache).
     draft = PredictionPlan(
         mode=mode, group=group, draws_group=draws_group, outputs=tuple(outputs), latent=latent, constants=constants,
-        intervention=intervention, inputs=arrays, observed_data=observed_data, model_inputs=model_inputs,
+        intervention=intervention, observed_data=observed_data, model_inputs=model_inputs,
         local=local, guide_params=guide_params or {}, check_finite=check_finite, num_rows=num_rows,
         num_samples=num_samples, rows_per_key=rows_per_key, batch=batch, devices=devices, process_rows=process_rows,
         rows_per_tile=tile_rows, draws_per_tile=draws_per_tile or max(1, 20_000 // tile_rows), dtypes={}, specs=(),
@@ -556,10 +554,10 @@ def _output_shapes(
     rows_per_key = plan.rows_per_key
     rows = {k: padded(np.asarray(v[:rows_per_key]), rows_per_key) for k, v in plan.model_inputs.items()}
     one = jax.ShapeDtypeStruct((), jnp.uint32)
-    shapes, _ = jax.eval_shape(
-        forward, plan.latent, rows, jax.random.key(0), one, plan.constants, plan.guide_params
-    )
-    return {name: (shapes[name].shape[1:], _compact_dtype(shapes[name].dtype, sites.get(name))) for name in plan.outputs}
+    shapes, _ = jax.eval_shape(forward, plan.latent, rows, jax.random.key(0), one, plan.constants, plan.guide_params)
+    return {
+        name: (shapes[name].shape[1:], _compact_dtype(shapes[name].dtype, sites.get(name))) for name in plan.outputs
+    }
 
 
 def _compact_dtype(dtype: Any, site: Mapping[str, Any] | None) -> np.dtype:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -61,6 +61,7 @@ __all__ = [
     "pointwise_lpd",
     "restored_after",
     "sample_posterior",
+    "step_metric_functions",
     "traced_svi",
 ]
 
@@ -202,6 +203,29 @@ def param_norm(view: StepView) -> jax.Array:
 
 
 BUILT_IN_STEP_METRICS: dict[str, StepMetric] = {"grad_norm": grad_norm, "param_norm": param_norm}
+
+
+def step_metric_functions(step_metrics: Any) -> dict[str, StepMetric]:
+    """``step_metrics`` as name -> function: built-in names looked up, a mapping checked."""
+    if isinstance(step_metrics, Mapping):
+        for name, fn in step_metrics.items():
+            if not isinstance(name, str) or not name or not callable(fn):
+                raise ConfigurationError(
+                    f"step_metrics must map metric names to functions of a StepView; got {name!r}: {fn!r}."
+                )
+        return dict(step_metrics)
+    if isinstance(step_metrics, str) or not isinstance(step_metrics, Sequence):
+        raise ConfigurationError(
+            f"step_metrics must be a list of names from {sorted(BUILT_IN_STEP_METRICS)} or a mapping of names to "
+            f"functions; got {step_metrics!r}."
+        )
+    unknown = [name for name in step_metrics if name not in BUILT_IN_STEP_METRICS]
+    if unknown:
+        raise ConfigurationError(
+            f"step_metrics {unknown} are not built in; the built-in ones are {sorted(BUILT_IN_STEP_METRICS)} "
+            "(pass a mapping of names to functions for your own)."
+        )
+    return {name: BUILT_IN_STEP_METRICS[name] for name in step_metrics}
 
 
 @contextlib.contextmanager

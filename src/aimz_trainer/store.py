@@ -1,35 +1,40 @@
 """Prediction stores: Zarr v3 groups written by a background thread, marked complete last, and
 read back only as the values written.
 
-A :class:`ZarrStore` creates every array up front (chunked by batches of rows; integer arrays
-Blosc-zstd, float arrays uncompressed unless asked: they hardly compress; every chunk ends in
-a crc32c checksum of its bytes), then takes whole batches from the compute loop through a
-bounded queue: a writer thread
-writes them while the devices compute the next ones, and host memory holds at most
-``max_pending`` batches whatever the number of rows. A second thread syncs each batch's chunk
-files to the disk, at most ``max_unsynced`` batches behind the writer, so a slow disk is waited
-for away from the computation. After each synced batch the root group records how many rows
-are written, so an interrupted store can be continued; only when the last batch
-and the metadata are written is the store marked complete, and :func:`open_store` refuses an
-incomplete one. A failed write (disk full, permission) is raised to the compute loop at its
-next batch and leaves the store incomplete.
+A :class:`ZarrStore` creates every array up front, in blocks (Zarr's chunks) of a batch of
+rows (integer arrays Blosc-zstd, float arrays uncompressed unless asked: they hardly compress;
+every block ends in a crc32c checksum of its bytes), then takes whole batches from the compute
+loop through a bounded queue: a writer thread writes them while the devices compute the next
+ones, and host memory holds at most ``max_pending`` batches whatever the number of rows. A
+second thread syncs each batch's block files to the disk, at most ``max_unsynced`` batches
+behind the writer, so a slow disk is waited for away from the computation. After each synced
+batch the root group records how many rows are written, so an interrupted store can be
+continued; only when the last batch and the metadata are written is the store marked complete,
+and :func:`open_store` refuses an incomplete one. A failed write (disk full, permission) is
+raised to the compute loop at its next batch and leaves the store incomplete.
 
-Every chunk of a store is written, even one equal to the fill value, so a chunk that is not
-there was lost, never left out. Zarr reads a missing chunk as the fill value (0 or NaN: a
+Every block of a store is written, even one equal to the fill value, so a block that is not
+there was lost, never left out. Zarr reads a missing block as the fill value (0 or NaN: a
 Bernoulli outcome, a "not computed"); the stores here are opened on a
 :class:`zarr.storage.LocalStore` that raises :class:`~aimz_trainer.errors.StoreError` instead,
-naming the chunk, or the store when its directory is gone (removed by ``cleanup()``, say, while
-a tree read from it was still in use), and that checks each chunk's checksum before zarr decodes
-it. :func:`verify_store` reads every chunk of a store and names the missing and the damaged
-ones; a resume reads back the chunks of the rows recorded as written and continues from the
-first batch that is not intact, with a warning.
+naming the block, or the store when its directory is gone (removed by ``cleanup()``, say, while
+a tree read from it was still in use), and that checks each block's checksum before zarr decodes
+it. :func:`verify_store` reads every block of a store and names the missing and the damaged
+ones; a resume reads back the blocks of the rows recorded as written and continues from the
+first batch that is not intact, with a warning. (Error messages say "chunk", Zarr's word.)
 
 Several processes (a ``jax.distributed`` run) can write one store together, each its own rows:
-writer 0 creates it (``writers=N``), the others open it once it exists (``join=True``; the
-caller synchronizes the processes in between). Each batch is then cut into ``N`` chunks, one
-per writer, so no chunk ever has two writers. The rows written are not recorded batch by batch
-(N processes would share one attribute), only by writer 0's :meth:`ZarrStore.finalize`: an
-interrupted store of several writers cannot be resumed, only written again.
+writer 0 creates it (``writers=N``), the others open it once it exists (``join=True``). Each
+batch is then cut into ``N`` blocks, one per writer, so no block ever has two writers. The rows
+written are not recorded batch by batch (N processes would share one attribute), only by
+writer 0's :meth:`ZarrStore.finalize`: an interrupted store of several writers cannot be
+resumed, only written again. :func:`open_shared_store` and :func:`finalize_shared_store` are the
+protocol the processes follow around it: process 0 names the store (:func:`new_store_path`),
+creates it and writes the arrays without a row axis; the others open it once every process
+knows it exists; after the last batch the processes agree whether every one wrote all its rows,
+and only then does process 0 mark the store complete. A process that fails makes every process
+raise (the failing one its own error, the others :class:`~aimz_trainer.errors.StoreError`) and
+leaves the store incomplete. :func:`process_rows` is the part of every batch a process writes.
 
 :class:`ScratchDirectory` is the life cycle of stores written without an ``output_dir``: a
 directory created on first use, removed by ``cleanup()``, when its owner is garbage-collected
@@ -44,6 +49,7 @@ file (made by an earlier version) is left alone, as nothing tells whether its ow
 
 from __future__ import annotations
 
+import datetime
 import fcntl
 import itertools
 import json
@@ -61,9 +67,11 @@ from pathlib import Path
 from typing import Any
 
 import google_crc32c
+import jax
 import numpy as np
 import xarray as xr
 import zarr
+from jax.sharding import Mesh
 from zarr.abc.store import ByteRequest
 from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.buffer import Buffer, BufferPrototype
@@ -71,9 +79,24 @@ from zarr.errors import ZarrUserWarning
 from zarr.storage import LocalStore
 
 from aimz_trainer._checks import is_int_at_least
-from aimz_trainer.errors import StoreError, StoreWarning
+from aimz_trainer.distributed import allgather_json
+from aimz_trainer.errors import ConfigurationError, StoreError, StoreWarning
+from aimz_trainer.sharding import batch_sharding
 
-__all__ = ["COMPLETE", "FINGERPRINT", "ArraySpec", "ScratchDirectory", "ZarrStore", "open_store", "verify_store"]
+__all__ = [
+    "COMPLETE",
+    "FINGERPRINT",
+    "ArraySpec",
+    "ScratchDirectory",
+    "ZarrStore",
+    "choose_store_path",
+    "finalize_shared_store",
+    "open_shared_store",
+    "open_store",
+    "process_rows",
+    "require_shareable",
+    "verify_store",
+]
 
 COMPLETE = "aimz_trainer_complete"
 ROWS_WRITTEN = "aimz_trainer_rows_written"
@@ -98,6 +121,8 @@ class ArraySpec:
         return len(self.shape)
 
     def chunks(self, batch_size: int) -> tuple[int, ...]:
+        """The shape of the array's blocks (zarr's ``chunks``): ``batch_size`` rows along the
+        row axis, the whole array along the others."""
         if self.row_axis is None:
             return self.shape
         return tuple(min(batch_size, n) if axis == self.row_axis else n for axis, n in enumerate(self.shape))
@@ -108,17 +133,17 @@ class ZarrStore:
 
     Args:
         path: the store's directory (created; with ``resume`` it must be an incomplete store
-            of the same arrays; its written chunks are read back, and it continues from the
-            first batch with a missing or damaged chunk, with a warning, see
+            of the same arrays; its written blocks are read back, and it continues from the
+            first batch with a missing or damaged block, with a warning, see
             :attr:`rows_written`).
         specs: the arrays.
-        batch_size: rows per batch; with one writer also per chunk along each array's row axis.
+        batch_size: rows per batch; with one writer also per block along each array's row axis.
         attrs: attributes of the root group.
         max_pending: batches queued for the writer at most (the compute loop blocks beyond).
         max_unsynced: batches written but not yet synced to the disk at most (the writer
             blocks beyond): the page cache holds no more of the store than that.
         resume: continue an interrupted store instead of creating one (one writer only).
-        writers: processes writing the store together; chunks are ``batch_size // writers``
+        writers: processes writing the store together; blocks are ``batch_size // writers``
             rows, each writer's part of a batch. Writer 0 creates the store, writes the arrays
             without a row axis and finalizes it.
         join: open the store writer 0 created, to write this process's rows only (no
@@ -169,8 +194,8 @@ class ZarrStore:
             )
             self._create(batch_size // writers, compress_floats)
         self.rows_written = int(self._root.attrs[ROWS_WRITTEN])
-        # Every chunk is written whole, so zarr's check whether a chunk equals the fill value
-        # (and could be left out) is skipped: for NaN-filled float chunks it cost more CPU than
+        # Every block is written whole, so zarr's check whether a block equals the fill value
+        # (and could be left out) is skipped: for NaN-filled float blocks it cost more CPU than
         # writing them.
         self._arrays = {
             key: self._root[f"{spec.group}/{spec.name}"].with_config({"write_empty_chunks": True})
@@ -186,19 +211,19 @@ class ZarrStore:
         self._thread.start()
         self._syncer.start()
 
-    def _create(self, chunk_rows: int, compress_floats: bool) -> None:
+    def _create(self, block_rows: int, compress_floats: bool) -> None:
         for spec in self.specs.values():
             group = self._root.require_group(spec.group)
             group.create_array(
                 spec.name,
                 shape=spec.shape,
                 dtype=spec.dtype,
-                chunks=spec.chunks(chunk_rows),
+                chunks=spec.chunks(block_rows),
                 # Last: the checksum is of the bytes in the file, whatever the compression.
                 compressors=(*_compressors(spec.dtype, compress_floats), Crc32cCodec()),
                 dimension_names=spec.dims,
                 attributes=dict(spec.attrs or {}),
-                # Unwritten float chunks read as NaN, never as plausible zeros.
+                # Unwritten float blocks read as NaN, never as plausible zeros.
                 fill_value=np.nan if np.dtype(spec.dtype).kind == "f" else 0,
             )
 
@@ -236,12 +261,12 @@ class ZarrStore:
         return root
 
     def _rewind_to_intact_rows(self, batch_size: int) -> None:
-        """Read back the chunks of the rows recorded as written, and record only the batches
-        before the first with a missing or damaged chunk: a resume recomputes it and every
+        """Read back the blocks of the rows recorded as written, and record only the batches
+        before the first with a missing or damaged block: a resume recomputes it and every
         batch after it, rather than trusting what the record says is there."""
         store: _VerifyingStore = self._root.store
         for start in range(0, self.rows_written, batch_size):
-            problems = {key: problem for key in self._chunk_keys(start) if (problem := store.chunk_problem(key))}
+            problems = {key: problem for key in self._block_keys(start) if (problem := store.block_problem(key))}
             if problems:
                 warnings.warn(
                     f"resume: in the rows of {str(self.path)!r} recorded as written, {_describe(problems)}; "
@@ -252,14 +277,14 @@ class ZarrStore:
                 self._root.attrs[ROWS_WRITTEN] = self.rows_written = start
                 return
 
-    def _chunk_keys(self, start: int) -> list[str]:
-        return [self._chunk_key(key, start) for key, spec in self.specs.items() if spec.row_axis is not None]
+    def _block_keys(self, start: int) -> list[str]:
+        return [self._block_key(key, start) for key, spec in self.specs.items() if spec.row_axis is not None]
 
     def write_batch(self, start: int, stop: int, values: Mapping[tuple[str, str], Any]) -> None:
         """Queue the rows ``start:stop`` of every row-wise array (host or device arrays; the
         writer thread copies device arrays to the host). Raises a failed write's error.
 
-        With several writers, ``start:stop`` is this writer's part of a batch: whole chunks
+        With several writers, ``start:stop`` is this writer's part of a batch: whole blocks
         (the last one may end at the last row)."""
         self._raise_if_failed()
         self._queue.put((start, stop, dict(values)))
@@ -301,10 +326,10 @@ class ZarrStore:
             self.rows_written = stop
 
     def chunk_path(self, key: tuple[str, str], start: int) -> Path:
-        """The file of the chunk of row-wise array ``key`` that begins at row ``start``."""
-        return self.path / self._chunk_key(key, start)
+        """The file of the block of row-wise array ``key`` that begins at row ``start``."""
+        return self.path / self._block_key(key, start)
 
-    def _chunk_key(self, key: tuple[str, str], start: int) -> str:
+    def _block_key(self, key: tuple[str, str], start: int) -> str:
         spec, array = self.specs[key], self._arrays[key]
         coords = tuple(start // array.chunks[axis] if axis == spec.row_axis else 0 for axis in range(spec.ndim))
         return f"{spec.group}/{spec.name}/{array.metadata.encode_chunk_key(coords)}"
@@ -347,17 +372,18 @@ class ZarrStore:
 
 
 def _write_back(path: Path) -> None:
-    """Wait until a chunk file is on the disk, then drop it from the page cache.
+    """Wait until a block file is on the disk, then drop it from the page cache.
 
     The rows a store records as written are then durable, and the page cache does not grow
     with the store: it holds at most the ``max_unsynced`` batches not yet synced, and later
-    chunks reuse the memory synced ones freed. Measured on these
-    virtual machines, memory the kernel has not touched lately is costly to touch (the host
-    backs it on first use): buffered writes of 100,000 rows x 1,000 draws (500 MB) took
-    0.95 s of kernel CPU from the computation, 0.1 s with each chunk written back and
-    dropped. The wait for the disk is spent on the syncer thread, a few batches behind the
-    writer: a disk that stalls for a moment (a shared virtual disk does) delays neither.
+    blocks reuse the memory synced ones freed. The wait for the disk is spent on the syncer
+    thread, a few batches behind the writer: a disk that stalls for a moment (a shared virtual
+    disk does) delays neither.
     """
+    # On these virtual machines memory the kernel has not touched lately is costly to touch
+    # (the host backs it on first use): buffered writes of 100,000 rows x 1,000 draws (500 MB)
+    # took 0.95 s of kernel CPU from the computation, 0.1 s with each block written back and
+    # dropped.
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fdatasync(descriptor)
@@ -369,13 +395,11 @@ def _write_back(path: Path) -> None:
 
 def _compressors(dtype: Any, compress_floats: bool) -> tuple[BloscCodec, ...]:
     """Blosc-zstd with bit-shuffling for integer arrays; float arrays uncompressed unless
-    ``compress_floats`` (then Blosc-lz4 with bit-shuffling).
-
-    Measured on 2 cores, 10 chunks of 1,000 draws x 10,000 rows, CPU of the writes: float32
-    probabilities compress only 1.22x (zstd level 1 and lz4 alike), and cost 0.1 s
-    uncompressed, 0.5-0.6 s with lz4 and 0.9-1.5 s with zstd, taken from the computation that
-    runs beside the writer; int8 Bernoulli draws compress 7.9x with zstd for 0.1 s.
-    """
+    ``compress_floats`` (then Blosc-lz4 with bit-shuffling)."""
+    # Measured on 2 cores, 10 blocks of 1,000 draws x 10,000 rows, CPU of the writes: float32
+    # probabilities compress only 1.22x (zstd level 1 and lz4 alike), and cost 0.1 s
+    # uncompressed, 0.5-0.6 s with lz4 and 0.9-1.5 s with zstd, taken from the computation that
+    # runs beside the writer; int8 Bernoulli draws compress 7.9x with zstd for 0.1 s.
     kind = np.dtype(dtype).kind
     if kind in "fc":
         return (BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle"),) if compress_floats else ()
@@ -383,21 +407,155 @@ def _compressors(dtype: Any, compress_floats: bool) -> tuple[BloscCodec, ...]:
 
 
 def _one_codec_thread() -> None:
-    """Encode chunks on one zarr thread unless the user configured zarr's thread pool.
+    """Encode blocks on one zarr thread unless the user configured zarr's thread pool.
 
     zarr's default pool has a thread per core and more; while the devices (XLA on the CPU)
-    keep every core busy, those threads only take turns with the computation. Measured on 2
-    cores, 100,000 rows x 1,000 draws: 8.0-8.5 s with one codec thread, 10.0-10.4 s with the
-    default pool. zarr reads the setting when it creates its pool, on first use.
+    keep every core busy, those threads only take turns with the computation. zarr reads the
+    setting when it creates its pool, on first use.
     """
+    # Measured on 2 cores, 100,000 rows x 1,000 draws: 8.0-8.5 s with one codec thread,
+    # 10.0-10.4 s with the default pool.
     if zarr.config.get("threading.max_workers", None) is None:
         zarr.config.set({"threading.max_workers": 1})
+
+
+# -- several processes, one store ------------------------------------------------------------------
+
+
+def require_shareable(output_dir: Any, resume: bool) -> None:
+    """Refuse, in a run of several processes, what one shared store cannot do:
+    ``output_dir=None`` (each process would get a scratch directory of its own) and
+    ``resume=True`` (several writers do not record their progress batch by batch)."""
+    processes = jax.process_count()
+    if processes > 1 and output_dir is None:
+        raise ConfigurationError(
+            f"this run has {processes} processes, which write one store together: pass output_dir, a directory "
+            "every process reaches (output_dir=None would give each process a scratch directory of its own)."
+        )
+    if processes > 1 and resume:
+        raise ConfigurationError(
+            f"resume=True is not supported with {processes} processes (their progress is not recorded batch by "
+            "batch): delete the interrupted store and predict again."
+        )
+
+
+def choose_store_path(parent: Path, *, resume: bool) -> Path:
+    """The store to write in ``parent``: with ``resume``, its newest incomplete one; else a new
+    timestamped ``predict-*`` name, process 0's in every process (a collective)."""
+    if resume:
+        candidates = sorted(p for p in parent.glob("predict-*") if p.is_dir())
+        incomplete = [p for p in candidates if not zarr.open_group(p, mode="r").attrs.get(COMPLETE, True)]
+        if not incomplete:
+            raise ConfigurationError(f"resume=True but {str(parent)!r} holds no interrupted store.")
+        return incomplete[-1]
+    parent.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S%f")
+    return parent / str(allgather_json(f"predict-{stamp}")[0])  # process 0's name in every process
+
+
+def process_rows(mesh: Mesh, batch: int) -> tuple[int, int]:
+    """``(first, last)``: the rows of every ``batch``-row batch this process's devices hold and
+    write, one block of the store (all of them in a single-process run)."""
+    if jax.process_count() == 1:
+        return 0, batch
+    indices = batch_sharding(mesh).addressable_devices_indices_map((batch,)).values()
+    spans = sorted({index[0].indices(batch)[:2] for index in indices})
+    expected = batch // jax.process_count()
+    held = sum(stop - start for start, stop in spans)  # the devices' parts are disjoint
+    if not spans or held != expected or spans[-1][1] - spans[0][0] != expected:
+        raise ConfigurationError(
+            f"with {jax.process_count()} processes each must hold one contiguous part of {expected} rows of every "
+            f"{batch}-row batch; this one holds the rows {spans}. Use a mesh of the same number of devices of every "
+            "process, grouped by process: make_mesh() (every device) is one."
+        )
+    return spans[0][0], spans[-1][1]
+
+
+def _failed_processes(ok: bool) -> list[int]:
+    """The processes that passed ``ok=False`` (a collective: every process calls it)."""
+    return [index for index, flag in enumerate(allgather_json(ok)) if not flag]
+
+
+def open_shared_store(
+    path: Path,
+    specs: Sequence[ArraySpec],
+    batch: int,
+    attrs: Mapping[str, Any],
+    resume: bool,
+    whole: Mapping[tuple[str, str], Any],
+    compress_floats: bool,
+) -> ZarrStore:
+    """The store (created, or resumed by a single process) with the arrays ``whole`` written.
+    With several processes, process 0 creates it and the others open it once it exists; every
+    process raises when one of them could not (a collective)."""
+    processes, index = jax.process_count(), jax.process_index()
+    if processes == 1:
+        store = ZarrStore(path, specs, batch_size=batch, attrs=attrs, resume=resume, compress_floats=compress_floats)
+        try:
+            store.write_whole(whole)
+        except BaseException:
+            store.abort()
+            raise
+        return store
+    store, error = None, None
+    if index == 0:
+        try:
+            store = ZarrStore(
+                path, specs, batch_size=batch, attrs=attrs, writers=processes, compress_floats=compress_floats
+            )
+            store.write_whole(whole)
+        except Exception as caught:
+            error = caught
+    if _failed_processes(error is None):  # also the barrier: the store exists after it
+        if store is not None:
+            store.abort()
+        raise error or StoreError(f"process 0 could not create the store {str(path)!r}; see its error.")
+    if index != 0:
+        try:
+            store = ZarrStore(path, specs, batch_size=batch, writers=processes, join=True)
+        except Exception as caught:
+            error = caught
+    failed = _failed_processes(error is None)
+    if failed:
+        if store is not None:
+            store.abort()
+        raise error or StoreError(
+            f"process(es) {failed} could not open the store {str(path)!r} that process 0 created: output_dir "
+            "must be a directory every process reaches (a shared file system)."
+        )
+    assert store is not None
+    return store
+
+
+def finalize_shared_store(store: ZarrStore, failure: BaseException | None) -> None:
+    """Mark the store complete (process 0), once every process has written all its rows; in
+    every process, return only when the store is complete. ``failure``: this process's failed
+    write, if any (a collective)."""
+    if jax.process_count() == 1:
+        store.finalize()
+        return
+    try:
+        store.flush()
+    except Exception as error:
+        failure = failure or error
+    failed = _failed_processes(failure is None)
+    if failed:
+        raise failure or StoreError(
+            f"process(es) {failed} could not write their rows of {str(store.path)!r}; it stays incomplete."
+        )
+    if jax.process_index() == 0:
+        try:
+            store.finalize()
+        except Exception as error:
+            failure = error
+    if _failed_processes(failure is None):  # also the barrier: the store is complete after it
+        raise failure or StoreError(f"process 0 could not mark {str(store.path)!r} complete; see its error.")
 
 
 def open_store(path: str | os.PathLike[str]) -> xr.DataTree:
     """Open a complete prediction store lazily as an ``xarray.DataTree``.
 
-    Reading a chunk that is missing (deleted, or the whole store removed) or damaged (its
+    Reading a block that is missing (deleted, or the whole store removed) or damaged (its
     checksum does not match) raises :class:`~aimz_trainer.errors.StoreError` naming it; no
     fill value stands in for it. Raises ``StoreError`` at once when ``path`` is not a
     prediction store or is incomplete.
@@ -407,10 +565,10 @@ def open_store(path: str | os.PathLike[str]) -> xr.DataTree:
 
 
 def verify_store(path: str | os.PathLike[str]) -> int:
-    """Read every chunk of the complete prediction store ``path``; return how many there are.
+    """Read every block of the complete prediction store ``path``; return how many there are.
 
     Raises:
-        StoreError: naming every missing chunk (deleted since it was written) and every
+        StoreError: naming every missing block (deleted since it was written) and every
             damaged one (its crc32c checksum does not match its bytes), or saying that
             ``path`` is not a prediction store (or no longer exists) or is incomplete.
 
@@ -432,14 +590,14 @@ def verify_store(path: str | os.PathLike[str]) -> int:
     root = _open_complete(path)
     store: _VerifyingStore = root.store
     arrays = [node for _, node in root.members(max_depth=None) if isinstance(node, zarr.Array)]
-    keys = [key for array in arrays for key in _all_chunk_keys(array)]
-    problems = {key: problem for key in keys if (problem := store.chunk_problem(key))}
+    keys = [key for array in arrays for key in _all_block_keys(array)]
+    problems = {key: problem for key in keys if (problem := store.block_problem(key))}
     if problems:
         raise StoreError(_unreadable(store.root, problems))
     return len(keys)
 
 
-def _all_chunk_keys(array: zarr.Array) -> list[str]:
+def _all_block_keys(array: zarr.Array) -> list[str]:
     return [
         f"{array.path}/{array.metadata.encode_chunk_key(coords)}"
         for coords in itertools.product(*(range(n) for n in array.cdata_shape))
@@ -465,23 +623,23 @@ def _open_complete(path: str | os.PathLike[str]) -> zarr.Group:
     return root
 
 
-# A chunk's key under zarr v3's default encoding: "<array path>/c/<i>/<j>/...".
-_CHUNK_KEY = re.compile(r"(?:(?P<array>.+)/)?c(?:/\d+)*")
+# A block's key under zarr v3's default encoding: "<array path>/c/<i>/<j>/...".
+_BLOCK_KEY = re.compile(r"(?:(?P<array>.+)/)?c(?:/\d+)*")
 
 
 class _VerifyingStore(LocalStore):
-    """A local zarr store that reads a chunk as its bytes as written, or raises.
+    """A local zarr store that reads a block as its bytes as written, or raises.
 
-    zarr reads a chunk its store does not have as the array's fill value, which is right for
-    a chunk never written and wrong for a prediction store, every chunk of which is written:
-    here a missing chunk raises :class:`~aimz_trainer.errors.StoreError`. So does a chunk whose
+    zarr reads a block its store does not have as the array's fill value, which is right for
+    a block never written and wrong for a prediction store, every block of which is written:
+    here a missing block raises :class:`~aimz_trainer.errors.StoreError`. So does a block whose
     crc32c checksum (the last codec of the arrays :class:`ZarrStore` creates) does not match
-    its bytes: zarr checks it again as it decodes, but its error could not say which chunk.
+    its bytes: zarr checks it again as it decodes, but its error could not say which block.
     """
 
     def __init__(self, root: str | os.PathLike[str], *, read_only: bool = False) -> None:
         super().__init__(Path(root), read_only=read_only)
-        self._checksummed: dict[str, bool] = {}  # array path -> whether its chunks end in a crc32c
+        self._checksummed: dict[str, bool] = {}  # array path -> whether its blocks end in a crc32c
 
     def get_sync(
         self, key: str, *, prototype: BufferPrototype | None = None, byte_range: ByteRequest | None = None
@@ -493,8 +651,8 @@ class _VerifyingStore(LocalStore):
     ) -> Buffer | None:
         return self._verified(key, await super().get(key, prototype, byte_range), byte_range)
 
-    def chunk_problem(self, key: str) -> str | None:
-        """``"missing"``, ``"damaged"`` or ``None`` (intact, or not a chunk) for ``key``."""
+    def block_problem(self, key: str) -> str | None:
+        """``"missing"``, ``"damaged"`` or ``None`` (intact, or not a block) for ``key``."""
         return self._problem(key, super().get_sync(key), None)
 
     def _verified(self, key: str, value: Buffer | None, byte_range: ByteRequest | None) -> Buffer | None:
@@ -504,13 +662,13 @@ class _VerifyingStore(LocalStore):
         return value
 
     def _problem(self, key: str, value: Buffer | None, byte_range: ByteRequest | None) -> str | None:
-        chunk = _CHUNK_KEY.fullmatch(key)
-        if chunk is None:
+        block = _BLOCK_KEY.fullmatch(key)
+        if block is None:
             return None  # metadata: zarr reads a missing document as "no such node"
         if value is None:
             return "missing"
-        whole = byte_range is None  # a part of a chunk cannot be checked
-        if whole and self._has_checksum(chunk["array"] or "") and not _checksum_matches(value.as_numpy_array()):
+        whole = byte_range is None  # a part of a block cannot be checked
+        if whole and self._has_checksum(block["array"] or "") and not _checksum_matches(value.as_numpy_array()):
             return "damaged"
         return None
 
@@ -522,13 +680,13 @@ class _VerifyingStore(LocalStore):
         return self._checksummed[array]
 
 
-def _checksum_matches(chunk: np.ndarray) -> bool:
-    """Whether a chunk's last 4 bytes (the crc32c codec's, little-endian) are the checksum of
+def _checksum_matches(block: np.ndarray) -> bool:
+    """Whether a block's last 4 bytes (the crc32c codec's, little-endian) are the checksum of
     the bytes before them."""
-    return len(chunk) >= 4 and google_crc32c.value(chunk[:-4]) == int.from_bytes(chunk[-4:].tobytes(), "little")
+    return len(block) >= 4 and google_crc32c.value(block[:-4]) == int.from_bytes(block[-4:].tobytes(), "little")
 
 
-_LISTED = 10  # chunks named in an error; the rest counted
+_LISTED = 10  # blocks named in an error; the rest counted
 
 
 def _describe(problems: Mapping[str, str]) -> str:
@@ -538,7 +696,7 @@ def _describe(problems: Mapping[str, str]) -> str:
 
 
 def _unreadable(root: Path, problems: Mapping[str, str]) -> str:
-    """Why the chunks ``problems`` of the store ``root`` cannot be read, and what to do."""
+    """Why the blocks ``problems`` of the store ``root`` cannot be read, and what to do."""
     if not root.is_dir():
         return (
             f"the prediction store {str(root)!r} no longer exists, so its values cannot be read: it was removed, "

@@ -20,32 +20,26 @@ from jax.sharding import Mesh
 from numpyro.infer import SVI
 from numpyro.infer.svi import SVIState
 
-from aimz_trainer._checks import as_key, check_model_accepts, is_int_at_least, require_bool, require_choice
+from aimz_trainer._checks import as_key, is_int_at_least, require_bool, require_choice
 from aimz_trainer.callbacks import default_callbacks
 from aimz_trainer.callbacks.base import Callback, CallbackList, check_callbacks
 from aimz_trainer.callbacks.context import FitContext, MetricLog, TrainerSettings, TrainerState
 from aimz_trainer.callbacks.logger import MetricLogger
 from aimz_trainer.compile import FitPrograms
 from aimz_trainer.data import (
-    NONFINITE_ROWS,
     ChunkSource,
     Placement,
-    check_processes_agree,
     data_bytes,
     device_data_budget,
     leading_batch,
     make_chunk_loader,
     place_data,
-    require_finite_rows,
     resolve_placement,
-    validate_batch_size,
-    validate_data,
-    validate_val_data,
 )
 from aimz_trainer.errors import ConfigurationError
+from aimz_trainer.fit_inputs import FitInputs, check_fit_inputs
 from aimz_trainer.loop import ChunkLoop, Records
 from aimz_trainer.plan import Every, FitPlan, epoch_length
-from aimz_trainer.plates import ModelLayout, check_trainable, model_layout
 from aimz_trainer.resume import (
     ResumePoint,
     fit_fingerprint,
@@ -57,7 +51,7 @@ from aimz_trainer.resume import (
     snapshot,
 )
 from aimz_trainer.sharding import DATA_AXIS, make_mesh, records_to_global
-from aimz_trainer.step import BUILT_IN_STEP_METRICS, StepMetric
+from aimz_trainer.step import StepMetric, step_metric_functions
 from aimz_trainer.validation import Validator
 
 __all__ = ["FitKeys", "FitResult", "Trainer", "TrainerState"]
@@ -99,22 +93,6 @@ class FitKeys(NamedTuple):
     @classmethod
     def split(cls, rng_key: jax.Array) -> FitKeys:
         return cls(*jax.random.split(rng_key, 4))
-
-
-class _Inputs(NamedTuple):
-    """``fit``'s arguments, checked (the first stage's output)."""
-
-    svi: SVI
-    arrays: dict[str, Any]
-    num_rows: int
-    batch_size: int
-    layout: ModelLayout
-    val_arrays: dict[str, Any] | None
-    val_batch_size: int
-    val_num_samples: int
-    num_samples: int
-    shuffle: bool
-    drop_last: bool
 
 
 class Trainer:
@@ -219,7 +197,7 @@ class Trainer:
                 raise ConfigurationError(
                     f"callbacks must be aimz_trainer.callbacks.Callback instances; got {type(callback).__name__}."
                 )
-        self._step_metrics = _step_metric_functions(step_metrics)
+        self._step_metrics = step_metric_functions(step_metrics)
 
         self.max_epochs = max_epochs
         self.max_steps = max_steps
@@ -342,8 +320,18 @@ class Trainer:
                 history. Nothing on disk changes when the checkpoint cannot be used.
         """
         started = time.perf_counter()
-        inputs = self._check(svi, train_data, batch_size, val_data, val_batch_size, val_num_samples, num_samples)
-        inputs = inputs._replace(shuffle=_flag("shuffle", shuffle), drop_last=_flag("drop_last", drop_last))
+        inputs = check_fit_inputs(
+            svi,
+            train_data,
+            batch_size,
+            val_data,
+            val_batch_size,
+            val_num_samples,
+            num_samples,
+            shuffle,
+            drop_last,
+            self.mesh,
+        )
         callbacks = list(self.callbacks)
         resume = open_checkpoint(ckpt_path, callbacks) if ckpt_path is not None else None
         if resume is not None:
@@ -395,7 +383,7 @@ class Trainer:
         finally:
             programs.close()
 
-    def _start_context(self, inputs: _Inputs, callbacks: Sequence[Callback], keys: FitKeys) -> FitContext:
+    def _start_context(self, inputs: FitInputs, callbacks: Sequence[Callback], keys: FitKeys) -> FitContext:
         """The new fit's context; the Trainer's public view of the fit follows it."""
         self.svi, self.plan = inputs.svi, None
         self.should_stop, self.stop_reason, self.posterior = False, None, None
@@ -415,7 +403,7 @@ class Trainer:
     def _run(
         self,
         fit: FitContext,
-        inputs: _Inputs,
+        inputs: FitInputs,
         programs: FitPrograms,
         records: Records,
         callbacks: list[Callback],
@@ -489,54 +477,7 @@ class Trainer:
 
     # -- stages ----------------------------------------------------------------------------------
 
-    def _check(
-        self,
-        svi: Any,
-        train_data: Any,
-        batch_size: Any,
-        val_data: Any,
-        val_batch_size: Any,
-        val_num_samples: Any,
-        num_samples: Any,
-    ) -> _Inputs:
-        """Every argument checked, before anything is placed or compiled."""
-        if not isinstance(svi, SVI):
-            raise ConfigurationError(f"svi must be a numpyro.infer.SVI; got {type(svi).__name__}.")
-        arrays, num_rows = validate_data(train_data)
-        require_finite_rows("train_data", arrays, NONFINITE_ROWS)
-        check_model_accepts(svi.model, list(arrays))
-        batch_size = validate_batch_size(batch_size, num_rows, self.mesh.size)
-        layout = model_layout(svi.model, arrays, batch_rows=batch_size, static_kwargs=svi.static_kwargs)
-        check_trainable(layout, svi.guide, num_rows, batch_size)
-        check_processes_agree(arrays, num_rows, batch_size)
-        if not is_int_at_least(num_samples, 0):
-            raise ConfigurationError(f"num_samples must be an int >= 0; got {num_samples!r}.")
-        val_arrays = validate_val_data(val_data, arrays) if val_data is not None else None
-        if val_arrays is not None:
-            require_finite_rows("val_data", val_arrays, NONFINITE_ROWS)
-            val_batch_size = batch_size if val_batch_size is None else val_batch_size
-            if not is_int_at_least(val_batch_size, 1) or val_batch_size % self.mesh.size:
-                raise ConfigurationError(
-                    f"val_batch_size must be a positive int divisible by the {self.mesh.size} device(s); "
-                    f"got {val_batch_size!r}."
-                )
-            if not is_int_at_least(val_num_samples, 1):
-                raise ConfigurationError(f"val_num_samples must be a positive int; got {val_num_samples!r}.")
-        return _Inputs(
-            svi,
-            arrays,
-            num_rows,
-            batch_size,
-            layout,
-            val_arrays,
-            int(val_batch_size or batch_size),
-            int(val_num_samples),
-            int(num_samples),
-            True,
-            False,
-        )
-
-    def _validate_every(self, inputs: _Inputs) -> Every:
+    def _validate_every(self, inputs: FitInputs) -> Every:
         """When validation is due: every ``check_val_every_n_epoch`` epochs and every
         ``val_check_interval`` steps (a float: that fraction of an epoch)."""
         interval = self.val_check_interval
@@ -545,7 +486,7 @@ class Trainer:
             interval = max(1, int(interval * steps_per_epoch))
         return Every(steps=interval, epochs=self.check_val_every_n_epoch)
 
-    def _plan(self, inputs: _Inputs, callbacks: Sequence[Callback], fit: FitContext) -> FitPlan:
+    def _plan(self, inputs: FitInputs, callbacks: Sequence[Callback], fit: FitContext) -> FitPlan:
         """The fit's chunks, ending where logging, validation or a callback must see the fit."""
         boundaries = [Every(steps=self.log_every_n_steps)]
         boundaries += [Every(steps=i) for c in callbacks if (i := c.step_interval(fit)) is not None]
@@ -565,34 +506,6 @@ class Trainer:
         if self._fit is None:
             raise ConfigurationError(f"{what}() needs a fit: call trainer.fit(...) first (or call it from a hook).")
         return self._fit
-
-
-def _flag(name: str, value: Any) -> bool:
-    require_bool(name, value)
-    return bool(value)
-
-
-def _step_metric_functions(step_metrics: Any) -> dict[str, StepMetric]:
-    """``step_metrics`` as name -> function: built-in names looked up, a mapping checked."""
-    if isinstance(step_metrics, Mapping):
-        for name, fn in step_metrics.items():
-            if not isinstance(name, str) or not name or not callable(fn):
-                raise ConfigurationError(
-                    f"step_metrics must map metric names to functions of a StepView; got {name!r}: {fn!r}."
-                )
-        return dict(step_metrics)
-    if isinstance(step_metrics, str) or not isinstance(step_metrics, Sequence):
-        raise ConfigurationError(
-            f"step_metrics must be a list of names from {sorted(BUILT_IN_STEP_METRICS)} or a mapping of names to "
-            f"functions; got {step_metrics!r}."
-        )
-    unknown = [name for name in step_metrics if name not in BUILT_IN_STEP_METRICS]
-    if unknown:
-        raise ConfigurationError(
-            f"step_metrics {unknown} are not built in; the built-in ones are {sorted(BUILT_IN_STEP_METRICS)} "
-            "(pass a mapping of names to functions for your own)."
-        )
-    return {name: BUILT_IN_STEP_METRICS[name] for name in step_metrics}
 
 
 def _numpy_seed(key: jax.Array) -> list[int]:

@@ -256,7 +256,16 @@ class CallbackList:
         self._after_hook()
 
     def on_exception(self, exception: BaseException) -> None:
-        """Every callback hears of the exception, even when another one's handler fails."""
+        """What was logged before the exception reaches the loggers; then every callback hears of
+        the exception, even when another one's handler fails."""
+        try:
+            self._after_hook()
+        except Exception as flush_error:
+            warnings.warn(
+                f"writing the logged values failed with {flush_error!r} while handling {exception!r}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         progress = self._progress()
         for callback in self.callbacks:
             try:
