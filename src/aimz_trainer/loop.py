@@ -21,6 +21,7 @@ import numpy as np
 
 from aimz_trainer.callbacks.base import CallbackList
 from aimz_trainer.callbacks.context import FitContext
+from aimz_trainer.callbacks.logger import MetricLog
 from aimz_trainer.compile import ChunkOutputs
 from aimz_trainer.errors import NonFiniteLossError
 from aimz_trainer.plan import Chunk, Every
@@ -68,7 +69,8 @@ class ChunkLoop:
     """Runs the chunks of a fit from ``start_index`` on.
 
     Attributes:
-        fit: the fit's context (its state, metrics and log are updated here).
+        fit: the fit's context (its state and metrics are updated here).
+        metric_log: where the loop's curves go.
         hooks: the fit's callbacks.
         chunk_fn: the compiled chunk, ``(state, device_data, record) -> (state, ChunkOutputs)``.
         device_data: the training arrays on the devices (empty with host placement).
@@ -82,6 +84,7 @@ class ChunkLoop:
     """
 
     fit: FitContext
+    metric_log: MetricLog
     hooks: CallbackList
     chunk_fn: Callable[..., tuple[TrainState, ChunkOutputs]]
     device_data: dict[str, jax.Array]
@@ -142,7 +145,7 @@ class ChunkLoop:
         )
         losses = np.asarray(losses)[: chunk.num_steps]
         now = time.perf_counter()
-        log = fit.metric_log
+        log = self.metric_log
         if "first_chunk_s" not in self.timings:  # compilation and start-up: not a rate
             self.timings["first_chunk_s"] = now - self.started
             self._rate_since = (chunk.first_step + chunk.num_steps, now)
@@ -188,7 +191,7 @@ class ChunkLoop:
     def _log_chunk(self, chunk: Chunk, losses: np.ndarray, rate: Any) -> None:
         """The chunk's curves: each step metric's per-step values at the logging steps, their
         chunk means as the latest values, and the rate and learning rate at a logging step."""
-        log, steps = self.fit.metric_log, chunk.steps
+        log, steps = self.metric_log, chunk.steps
         for name, values in {"train_loss": losses, **self.fit.step_metrics}.items():
             log.log_steps(name, values, steps, self._log_every)
             log.metrics[name] = float(values.mean())

@@ -23,8 +23,8 @@ from numpyro.infer.svi import SVIState
 from aimz_trainer._checks import as_key, is_int_at_least, require_bool, require_choice
 from aimz_trainer.callbacks import default_callbacks
 from aimz_trainer.callbacks.base import Callback, CallbackList, check_callbacks
-from aimz_trainer.callbacks.context import FitContext, MetricLog, TrainerSettings, TrainerState
-from aimz_trainer.callbacks.logger import MetricLogger
+from aimz_trainer.callbacks.context import FitContext, TrainerSettings, TrainerState
+from aimz_trainer.callbacks.logger import MetricLog, MetricLogger
 from aimz_trainer.compile import FitPrograms
 from aimz_trainer.data import (
     ChunkSource,
@@ -337,7 +337,7 @@ class Trainer:
         if resume is not None:
             self.rng_key = resume.rng_key
         keys = FitKeys.split(self.rng_key)
-        fit = self._start_context(inputs, callbacks, keys)
+        fit, metric_log = self._start_context(inputs, callbacks, keys)
         check_callbacks(callbacks, fit)
         plan = fit.plan = self._plan(inputs, callbacks, fit)
         # Recorded in checkpoints, compared on resume. The optimizer probe compiles a small
@@ -379,12 +379,17 @@ class Trainer:
         )
         fit._sample = programs.sample
         try:
-            return self._run(fit, inputs, programs, records, callbacks, keys, resume, shape, started, start_index)
+            return self._run(
+                fit, metric_log, inputs, programs, records, callbacks, keys, resume, shape, started, start_index
+            )
         finally:
             programs.close()
 
-    def _start_context(self, inputs: FitInputs, callbacks: Sequence[Callback], keys: FitKeys) -> FitContext:
-        """The new fit's context; the Trainer's public view of the fit follows it."""
+    def _start_context(
+        self, inputs: FitInputs, callbacks: Sequence[Callback], keys: FitKeys
+    ) -> tuple[FitContext, MetricLog]:
+        """The new fit's context and the log behind its ``log``; the Trainer's public view of the
+        fit follows the context."""
         self.svi, self.plan = inputs.svi, None
         self.should_stop, self.stop_reason, self.posterior = False, None, None
         self.state = state = TrainerState(step=0, epoch=0, svi_state=None, rng_key=self.rng_key)
@@ -396,13 +401,15 @@ class Trainer:
             settings=self.settings,
             has_validation=inputs.val_arrays is not None,
             posterior_key=keys.sample,
-            metric_log=metric_log,
+            _metrics=self.callback_metrics,
+            _log=metric_log.log,
         )
-        return self._fit
+        return self._fit, metric_log
 
     def _run(
         self,
         fit: FitContext,
+        metric_log: MetricLog,
         inputs: FitInputs,
         programs: FitPrograms,
         records: Records,
@@ -435,10 +442,20 @@ class Trainer:
         if resume is not None:
             train_state, saved_losses = restore(resume, train_state, state, shape, callbacks)
             losses.append(saved_losses)
-        hooks = CallbackList(callbacks, fit, fit.metric_log.flush)
+        hooks = CallbackList(callbacks, fit, metric_log.flush)
         self.timings = {"setup_s": time.perf_counter() - started}
         loop = ChunkLoop(
-            fit, hooks, chunk_fn, programs.device_data, records, validator, losses, self.timings, started, start_index
+            fit,
+            metric_log,
+            hooks,
+            chunk_fn,
+            programs.device_data,
+            records,
+            validator,
+            losses,
+            self.timings,
+            started,
+            start_index,
         )
 
         def take_snapshot() -> dict[str, Any]:
@@ -450,7 +467,7 @@ class Trainer:
 
         fit._snapshot = take_snapshot
         try:
-            fit.metric_log.open(fit, state.step)
+            metric_log.open(fit, state.step)
             hooks.on_fit_start()
             if resume is not None:
                 hooks.on_load_checkpoint(resume.meta)
@@ -466,7 +483,7 @@ class Trainer:
             try:
                 hooks.teardown()
             finally:
-                fit.metric_log.close()
+                metric_log.close()
         self.posterior = posterior
         return FitResult(
             params=fit.current_params(),

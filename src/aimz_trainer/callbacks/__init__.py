@@ -2,8 +2,8 @@
 
 from collections.abc import Sequence
 
-from aimz_trainer.callbacks.base import Callback, FitProgress, state_key_of
-from aimz_trainer.callbacks.context import FitContext
+from aimz_trainer.callbacks.base import Callback, state_key_of
+from aimz_trainer.callbacks.context import FitContext, FitProgress
 from aimz_trainer.callbacks.csv_logger import CSVLogger
 from aimz_trainer.callbacks.early_stopping import EarlyStopping
 from aimz_trainer.callbacks.logger import MetricLogger

@@ -32,9 +32,9 @@ boundary and ``on_fit_end`` still runs.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -42,33 +42,16 @@ from aimz_trainer._checks import is_int_at_least
 from aimz_trainer.errors import ConfigurationError
 
 if TYPE_CHECKING:
-    from aimz_trainer.callbacks.context import FitContext
+    from aimz_trainer.callbacks.context import FitContext, FitProgress
 
 __all__ = [
     "Callback",
     "CallbackList",
-    "FitProgress",
     "calling_order",
     "check_callbacks",
     "overrides_state",
     "state_key_of",
 ]
-
-
-class FitProgress(NamedTuple):
-    """Where a running fit is, in host values.
-
-    Attributes:
-        step: number of SVI steps finished so far.
-        epoch: the current epoch, counted from 0.
-        metrics: the latest value of each metric (``train_loss``, ``steps_per_sec``, and
-            whatever callbacks logged), read-only and current: a value logged by a callback
-            that ran earlier in the same hook is already here.
-    """
-
-    step: int
-    epoch: int
-    metrics: Mapping[str, float]
 
 
 def state_key_of(callback: object, **arguments: Any) -> str:

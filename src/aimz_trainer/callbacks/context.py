@@ -1,5 +1,4 @@
-"""What a callback sees of a running fit: the :class:`FitContext`, and the metric log behind
-its ``log`` method.
+"""What a callback sees of a running fit: the :class:`FitContext` and :class:`FitProgress`.
 
 A hook gets the context, not the Trainer: the fit's position and metrics, its settings and
 mesh, the current parameters, posterior draws, and the three things a callback may do to a
@@ -8,11 +7,10 @@ fit: ``log`` values, ``request_stop``, and (checkpointing callbacks) take a ``sn
 
 from __future__ import annotations
 
-import numbers
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -20,16 +18,28 @@ from jax.sharding import Mesh
 from numpyro.infer.svi import SVIState
 
 from aimz_trainer._checks import as_key, is_int_at_least
-from aimz_trainer.callbacks.base import FitProgress
 from aimz_trainer.errors import ConfigurationError
-from aimz_trainer.plan import Every, FitPlan
+from aimz_trainer.plan import FitPlan
 
-if TYPE_CHECKING:
-    from aimz_trainer.callbacks.logger import MetricLogger
-
-__all__ = ["FitContext", "MetricLog", "TrainerSettings", "TrainerState"]
+__all__ = ["FitContext", "FitProgress", "TrainerSettings", "TrainerState"]
 
 Params = dict[str, jax.Array]
+
+
+class FitProgress(NamedTuple):
+    """Where a running fit is, in host values.
+
+    Attributes:
+        step: number of SVI steps finished so far.
+        epoch: the current epoch, counted from 0.
+        metrics: the latest value of each metric (``train_loss``, ``steps_per_sec``, and
+            whatever callbacks logged), read-only and current: a value logged by a callback
+            that ran earlier in the same hook is already here.
+    """
+
+    step: int
+    epoch: int
+    metrics: Mapping[str, float]
 
 
 @dataclass
@@ -65,65 +75,6 @@ class TrainerSettings(NamedTuple):
     step_metrics: tuple[str, ...]
 
 
-class MetricLog:
-    """Routes logged values: into the fit's latest metrics at once (monitors that run later
-    see them), and, after each hook, to every logger as a time series (process 0 only).
-
-    A value is logged at the 0-based index of the last finished step (``step - 1``; 0 before
-    the first step), the step the loggers' own curves use.
-    """
-
-    def __init__(self, metrics: dict[str, float], loggers: Sequence[MetricLogger], state: TrainerState) -> None:
-        self.metrics = metrics
-        self._loggers = [logger for logger in loggers if logger.is_writer]
-        self._state = state
-        self._pending: dict[int, dict[str, float]] = {}
-        self._open: list[MetricLogger] = []
-
-    def open(self, fit: FitContext, resume_step: int) -> None:
-        """Start every logger; each drops what it holds at steps ``>= resume_step``."""
-        for logger in self._loggers:
-            logger.open(fit, resume_step)
-            self._open.append(logger)
-
-    def log(self, name: str, value: Any, *, step: int | None = None) -> None:
-        """Record ``value`` as ``name``'s latest value and queue it for the loggers."""
-        value = _scalar(name, value)
-        self.metrics[name] = value
-        at = max(self._state.step - 1, 0) if step is None else step
-        self._pending.setdefault(at, {})[name] = value
-
-    def log_steps(self, name: str, values: np.ndarray, steps: range, every: Every) -> None:
-        """Queue per-step ``values`` (one per step of ``steps``) at the steps ``every`` picks."""
-        for step in every.step_indices(steps):
-            self._pending.setdefault(step, {})[name] = float(values[step - steps.start])
-
-    def flush(self) -> None:
-        """Write what is queued, step by step, to every open logger."""
-        pending, self._pending = self._pending, {}
-        for step in sorted(pending):
-            for logger in self._open:
-                logger.write(step, self._state.epoch, pending[step])
-
-    def close(self) -> None:
-        """Close every logger that was opened (once, whatever ended the fit)."""
-        opened, self._open = self._open, []
-        for logger in opened:
-            logger.close()
-
-
-def _scalar(name: Any, value: Any) -> float:
-    if not isinstance(name, str) or not name:
-        raise ConfigurationError(f"log: name must be a non-empty str; got {name!r}.")
-    if isinstance(value, numbers.Real):
-        return float(value)
-    if isinstance(value, np.ndarray | np.generic | jax.Array) and np.shape(value) == () and value.dtype.kind in "biuf":
-        return float(value)  # a device scalar is fetched here: log host values in hot hooks
-    raise ConfigurationError(
-        f"log({name!r}, ...): the value must be a real number or a 0-d numeric array; got {value!r}."
-    )
-
-
 @dataclass
 class FitContext:
     """What a callback may read of a running fit, and do to it.
@@ -146,7 +97,8 @@ class FitContext:
     settings: TrainerSettings
     has_validation: bool
     posterior_key: jax.Array
-    metric_log: MetricLog
+    _metrics: dict[str, float]
+    _log: Callable[[str, Any], None]
     plan: FitPlan = None  # type: ignore[assignment]  # set once planned, before any hook
     _sample: Callable[[SVIState, jax.Array, int], dict[str, jax.Array]] | None = None
     _snapshot: Callable[[], dict[str, Any]] | None = None
@@ -168,7 +120,7 @@ class FitContext:
     @property
     def metrics(self) -> Mapping[str, float]:
         """The latest value of every metric, read-only and current."""
-        return MappingProxyType(self.metric_log.metrics)
+        return MappingProxyType(self._metrics)
 
     @property
     def callback_metrics(self) -> Mapping[str, float]:
@@ -207,14 +159,14 @@ class FitContext:
         ``trainer.callback_metrics[name]``, and callbacks that run after this one in the same
         hook (monitors such as ``EarlyStopping``) already see it. A resumed fit's loggers drop
         what they hold from the resume step on, so values are logged once per step."""
-        self.metric_log.log(name, value)
+        self._log(name, value)
 
     def log_dict(self, values: Mapping[str, float]) -> None:
         """:meth:`log` each item of ``values``."""
         if not isinstance(values, Mapping):
             raise ConfigurationError(f"log_dict takes a mapping of names to values; got {type(values).__name__}.")
         for name, value in values.items():
-            self.metric_log.log(name, value)
+            self._log(name, value)
 
     def request_stop(self, reason: str | None = None) -> None:
         """Ask the fit to stop at the next chunk boundary (``on_fit_end`` still runs)."""

@@ -6,11 +6,11 @@ import math
 import numbers
 from typing import TYPE_CHECKING, Any, Literal
 
-from aimz_trainer.callbacks.base import Callback, FitProgress, state_key_of
+from aimz_trainer.callbacks.base import Callback, state_key_of
 from aimz_trainer.errors import ConfigurationError, MetricNotFoundError
 
 if TYPE_CHECKING:
-    from aimz_trainer.callbacks.context import FitContext
+    from aimz_trainer.callbacks.context import FitContext, FitProgress
 
 __all__ = ["EarlyStopping"]
 

@@ -1,4 +1,5 @@
-"""The logger interface: what every metrics logger implements, and what it is sent.
+"""The logger interface: what every metrics logger implements, what it is sent, and the
+:class:`MetricLog` that routes logged values to every logger.
 
 A logger is a :class:`MetricLogger` callback: it implements :meth:`~MetricLogger.open`,
 :meth:`~MetricLogger.write` and :meth:`~MetricLogger.close`; the fit decides what is written
@@ -29,21 +30,24 @@ The learning rate is read from the optimizer state when the optax optimizer is w
 
 from __future__ import annotations
 
+import numbers
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jax
+import numpy as np
 
 from aimz_trainer.callbacks.base import Callback
 from aimz_trainer.errors import ConfigurationError
+from aimz_trainer.plan import Every
 
 if TYPE_CHECKING:
-    from aimz_trainer.callbacks.context import FitContext
+    from aimz_trainer.callbacks.context import FitContext, TrainerState
 
-__all__ = ["MetricLogger", "as_path", "writable_directory"]
+__all__ = ["MetricLog", "MetricLogger", "as_path", "writable_directory"]
 
 
 def as_path(path: Any, argument: str) -> Path:
@@ -104,3 +108,62 @@ class MetricLogger(Callback):
     def close(self) -> None:
         """Flush and release the output; called once, whatever ended the fit."""
         raise NotImplementedError
+
+
+class MetricLog:
+    """Routes logged values: into the fit's latest metrics at once (monitors that run later
+    see them), and, after each hook, to every logger as a time series (process 0 only).
+
+    A value is logged at the 0-based index of the last finished step (``step - 1``; 0 before
+    the first step), the step the loggers' own curves use.
+    """
+
+    def __init__(self, metrics: dict[str, float], loggers: Sequence[MetricLogger], state: TrainerState) -> None:
+        self.metrics = metrics
+        self._loggers = [logger for logger in loggers if logger.is_writer]
+        self._state = state
+        self._pending: dict[int, dict[str, float]] = {}
+        self._open: list[MetricLogger] = []
+
+    def open(self, fit: FitContext, resume_step: int) -> None:
+        """Start every logger; each drops what it holds at steps ``>= resume_step``."""
+        for logger in self._loggers:
+            logger.open(fit, resume_step)
+            self._open.append(logger)
+
+    def log(self, name: str, value: Any, *, step: int | None = None) -> None:
+        """Record ``value`` as ``name``'s latest value and queue it for the loggers."""
+        value = _scalar(name, value)
+        self.metrics[name] = value
+        at = max(self._state.step - 1, 0) if step is None else step
+        self._pending.setdefault(at, {})[name] = value
+
+    def log_steps(self, name: str, values: np.ndarray, steps: range, every: Every) -> None:
+        """Queue per-step ``values`` (one per step of ``steps``) at the steps ``every`` picks."""
+        for step in every.step_indices(steps):
+            self._pending.setdefault(step, {})[name] = float(values[step - steps.start])
+
+    def flush(self) -> None:
+        """Write what is queued, step by step, to every open logger."""
+        pending, self._pending = self._pending, {}
+        for step in sorted(pending):
+            for logger in self._open:
+                logger.write(step, self._state.epoch, pending[step])
+
+    def close(self) -> None:
+        """Close every logger that was opened (once, whatever ended the fit)."""
+        opened, self._open = self._open, []
+        for logger in opened:
+            logger.close()
+
+
+def _scalar(name: Any, value: Any) -> float:
+    if not isinstance(name, str) or not name:
+        raise ConfigurationError(f"log: name must be a non-empty str; got {name!r}.")
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, np.ndarray | np.generic | jax.Array) and np.shape(value) == () and value.dtype.kind in "biuf":
+        return float(value)  # a device scalar is fetched here: log host values in hot hooks
+    raise ConfigurationError(
+        f"log({name!r}, ...): the value must be a real number or a 0-d numeric array; got {value!r}."
+    )

@@ -19,14 +19,14 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN, preservation_policy
 
 from aimz_trainer._checks import is_int_at_least, require_bool, require_choice
-from aimz_trainer.callbacks.base import Callback, FitProgress, state_key_of
+from aimz_trainer.callbacks.base import Callback, state_key_of
 from aimz_trainer.callbacks.logger import writable_directory
 from aimz_trainer.checkpoint import checkpoint_steps, newest_checkpoint, read_meta, save_args
 from aimz_trainer.errors import CheckpointError, ConfigurationError, MetricNotFoundError
 from aimz_trainer.plan import Every
 
 if TYPE_CHECKING:
-    from aimz_trainer.callbacks.context import FitContext
+    from aimz_trainer.callbacks.context import FitContext, FitProgress
 
 __all__ = ["ModelCheckpoint"]
 

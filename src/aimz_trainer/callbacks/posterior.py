@@ -7,12 +7,12 @@ from typing import TYPE_CHECKING
 import jax
 
 from aimz_trainer._checks import is_int_at_least
-from aimz_trainer.callbacks.base import Callback, FitProgress, state_key_of
+from aimz_trainer.callbacks.base import Callback, state_key_of
 from aimz_trainer.errors import ConfigurationError
 from aimz_trainer.plan import Every
 
 if TYPE_CHECKING:
-    from aimz_trainer.callbacks.context import FitContext
+    from aimz_trainer.callbacks.context import FitContext, FitProgress
 
 __all__ = ["PosteriorSampler"]
 

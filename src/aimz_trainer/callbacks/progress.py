@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm.auto import tqdm
 
-from aimz_trainer.callbacks.base import Callback, FitProgress
+from aimz_trainer.callbacks.base import Callback
 
 if TYPE_CHECKING:
-    from aimz_trainer.callbacks.context import FitContext
+    from aimz_trainer.callbacks.context import FitContext, FitProgress
 
 __all__ = ["ProgressBar", "progress_bar_wanted"]
 

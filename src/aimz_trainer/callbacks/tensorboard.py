@@ -14,12 +14,11 @@ import jax
 import numpy as np
 from tensorboardX import SummaryWriter
 
-from aimz_trainer.callbacks.base import FitProgress
 from aimz_trainer.callbacks.logger import MetricLogger, writable_directory
 from aimz_trainer.errors import ConfigurationError
 
 if TYPE_CHECKING:
-    from aimz_trainer.callbacks.context import FitContext
+    from aimz_trainer.callbacks.context import FitContext, FitProgress
 
 __all__ = ["TensorBoardLogger"]
 
