@@ -140,7 +140,7 @@ def main(argv: list[str]) -> None:
     if mode == "distributed-predict":
         print(json.dumps(_predict_distributed(directory)), flush=True)
         return
-    from aimz_trainer.store import ScratchDirectory
+    from aimz_trainer.scratch import ScratchDirectory
 
     scratch = ScratchDirectory(parent=directory)
     (scratch.path / "marker.txt").write_text("x")

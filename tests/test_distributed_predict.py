@@ -15,7 +15,8 @@ import zarr
 
 from aimz_trainer import Predictor, StoreError, make_mesh, open_store
 from aimz_trainer.distributed import free_port
-from aimz_trainer.store import ROWS_WRITTEN, ArraySpec, ZarrStore
+from aimz_trainer.store import ArraySpec, ZarrStore
+from aimz_trainer.store_reading import ROWS_WRITTEN
 from tests.predictor_worker import NUM_DRAWS, ROWS_PER_KEY, dyadic_posterior, dyadic_x, linear_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -22,7 +22,9 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from aimz_trainer import ConfigurationError, Predictor, StoreError, open_store
-from aimz_trainer.store import COMPLETE, ROWS_WRITTEN, ArraySpec, ScratchDirectory, ZarrStore, sweep_scratch
+from aimz_trainer.scratch import ScratchDirectory, sweep_scratch
+from aimz_trainer.store import ArraySpec, ZarrStore
+from aimz_trainer.store_reading import COMPLETE, ROWS_WRITTEN
 from tests.predictor_worker import ROWS_PER_KEY, dyadic_posterior, dyadic_x, linear_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

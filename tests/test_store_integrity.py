@@ -23,7 +23,9 @@ from numpyro.infer.autoguide import AutoNormal
 from optax import adam
 
 from aimz_trainer import ImpactModel, Predictor, StoreError, StoreWarning, open_store
-from aimz_trainer.store import ArraySpec, ScratchDirectory, ZarrStore, sweep_scratch, verify_store
+from aimz_trainer.scratch import ScratchDirectory, sweep_scratch
+from aimz_trainer.store import ArraySpec, ZarrStore
+from aimz_trainer.store_reading import verify_store
 from tests.predictor_worker import dyadic_x
 
 NUM_ROWS, BATCH = 14, 4  # batches of rows 0-4, 4-8, 8-12, 12-14

@@ -37,8 +37,8 @@ _LAZY = {
     "ImpactModel": "aimz_trainer.impact_model",
     "Predictor": "aimz_trainer.predictor",
     "estimate_effect": "aimz_trainer.effects",
-    "open_store": "aimz_trainer.store",
-    "verify_store": "aimz_trainer.store",
+    "open_store": "aimz_trainer.store_reading",
+    "verify_store": "aimz_trainer.store_reading",
 }
 
 

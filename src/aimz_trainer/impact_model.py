@@ -24,8 +24,8 @@ from aimz_trainer.callbacks import Callback
 from aimz_trainer.effects import estimate_effect
 from aimz_trainer.errors import ConfigurationError, NotFittedError
 from aimz_trainer.predictor import DEFAULT_BATCH_SIZE, Predictor
+from aimz_trainer.scratch import ScratchDirectory
 from aimz_trainer.sharding import make_mesh
-from aimz_trainer.store import ScratchDirectory
 from aimz_trainer.trainer import Trainer
 
 __all__ = ["ImpactModel"]

@@ -1,7 +1,7 @@
 """The Predictor: posterior-predictive, prior-predictive, log-likelihood and intervention draws,
 computed batch by batch on the mesh and streamed into Zarr.
 
-Each batch of rows runs through one compiled forward (:mod:`aimz_trainer.predictive`): rows
+Each batch of rows runs through one compiled forward (:mod:`aimz_trainer.forward`): rows
 split over the mesh's ``"data"`` axis, the posterior replicated, the work cut into tiles of
 ``rows_per_tile`` rows per device by ``draws_per_chunk`` draws, computed one after the other so
 device memory stays bounded; the last batch is padded to the same shape, so one compile serves
@@ -56,28 +56,20 @@ from aimz_trainer.callbacks.progress import progress_bar_wanted
 from aimz_trainer.data import validate_data
 from aimz_trainer.distributed import require_agreement
 from aimz_trainer.errors import ConfigurationError, NonFinitePredictionError
+from aimz_trainer.forward import Mode, make_forward, prior_draws
 from aimz_trainer.plates import model_layout
-from aimz_trainer.predictive import (
-    Mode,
-    PredictionPlan,
-    batch_rows,
-    make_forward,
-    make_plan,
-    padded,
-    prior_draws,
-    require_finite,
-)
+from aimz_trainer.prediction_plan import PredictionPlan, batch_rows, make_plan, padded, require_finite
+from aimz_trainer.scratch import ScratchDirectory
 from aimz_trainer.sharding import DATA_AXIS, batch_sharding, make_mesh, replicated, to_global_array
 from aimz_trainer.store import (
     FINGERPRINT,
-    ScratchDirectory,
     choose_store_path,
     finalize_shared_store,
     open_shared_store,
-    open_store,
     process_rows,
     require_shareable,
 )
+from aimz_trainer.store_reading import open_store
 
 __all__ = ["DEFAULT_BATCH_SIZE", "Predictor"]
 
@@ -118,7 +110,7 @@ class Predictor:
             multiple of it times the device count. Data of fewer rows are one key block of that
             many rows.
         scratch: where stores written without ``output_dir`` go; several Predictors may share
-            one (:class:`~aimz_trainer.store.ScratchDirectory`); default: a new one.
+            one (:class:`~aimz_trainer.scratch.ScratchDirectory`); default: a new one.
         compress_floats: compress float sites (``p``) with Blosc-lz4. Default: integer sites
             are compressed (Blosc-zstd), float sites written as they are: probabilities hardly
             compress, and compressing them takes CPU from the computation beside the writer.
@@ -357,7 +349,7 @@ class Predictor:
         intervention: Mapping[str, Any] | None = None,
         return_sites: str | Sequence[str] | None = None,
     ) -> PredictionPlan:
-        """The plan of one request (see :func:`~aimz_trainer.predictive.make_plan`) under this
+        """The plan of one request (see :func:`~aimz_trainer.prediction_plan.make_plan`) under this
         Predictor's model, guide, key and tile settings."""
         rows_per_key, batch = batch_rows(num_rows, batch_size, self.rows_per_key, self.mesh.size)
         return make_plan(

@@ -1,5 +1,4 @@
-"""Prediction stores: Zarr v3 groups written by a background thread, marked complete last, and
-read back only as the values written.
+"""Prediction stores: Zarr v3 groups written by a background thread and marked complete last.
 
 A :class:`ZarrStore` creates every array up front, in blocks (Zarr's chunks) of a batch of
 rows (integer arrays Blosc-zstd, float arrays uncompressed unless asked: they hardly compress;
@@ -10,18 +9,15 @@ second thread syncs each batch's block files to the disk, at most ``max_unsynced
 behind the writer, so a slow disk is waited for away from the computation. After each synced
 batch the root group records how many rows are written, so an interrupted store can be
 continued; only when the last batch and the metadata are written is the store marked complete,
-and :func:`open_store` refuses an incomplete one. A failed write (disk full, permission) is
-raised to the compute loop at its next batch and leaves the store incomplete.
+and :func:`~aimz_trainer.store_reading.open_store` refuses an incomplete one. A failed write
+(disk full, permission) is raised to the compute loop at its next batch and leaves the store
+incomplete.
 
 Every block of a store is written, even one equal to the fill value, so a block that is not
-there was lost, never left out. Zarr reads a missing block as the fill value (0 or NaN: a
-Bernoulli outcome, a "not computed"); the stores here are opened on a
-:class:`zarr.storage.LocalStore` that raises :class:`~aimz_trainer.errors.StoreError` instead,
-naming the block, or the store when its directory is gone (removed by ``cleanup()``, say, while
-a tree read from it was still in use), and that checks each block's checksum before zarr decodes
-it. :func:`verify_store` reads every block of a store and names the missing and the damaged
-ones; a resume reads back the blocks of the rows recorded as written and continues from the
-first batch that is not intact, with a warning. (Error messages say "chunk", Zarr's word.)
+there was lost, never left out; the store is opened on the
+:class:`~aimz_trainer.store_reading.VerifyingStore` that reads it back only as written (see
+:mod:`aimz_trainer.store_reading`). A resume reads back the blocks of the rows recorded as
+written and continues from the first batch that is not intact, with a warning.
 
 Several processes (a ``jax.distributed`` run) can write one store together, each its own rows:
 writer 0 creates it (``writers=N``), the others open it once it exists (``join=True``). Each
@@ -29,77 +25,52 @@ batch is then cut into ``N`` blocks, one per writer, so no block ever has two wr
 written are not recorded batch by batch (N processes would share one attribute), only by
 writer 0's :meth:`ZarrStore.finalize`: an interrupted store of several writers cannot be
 resumed, only written again. :func:`open_shared_store` and :func:`finalize_shared_store` are the
-protocol the processes follow around it: process 0 names the store (:func:`new_store_path`),
+protocol the processes follow around it: process 0 names the store (:func:`choose_store_path`),
 creates it and writes the arrays without a row axis; the others open it once every process
 knows it exists; after the last batch the processes agree whether every one wrote all its rows,
 and only then does process 0 mark the store complete. A process that fails makes every process
 raise (the failing one its own error, the others :class:`~aimz_trainer.errors.StoreError`) and
 leaves the store incomplete. :func:`process_rows` is the part of every batch a process writes.
 
-:class:`ScratchDirectory` is the life cycle of stores written without an ``output_dir``: a
-directory created on first use, removed by ``cleanup()``, when its owner is garbage-collected
-and at interpreter exit. Its owner holds an exclusive lock on a file in it for as long as the
-directory is in use; the kernel releases the lock when the process dies, however it dies, so
-directories of processes that died without cleaning up (SIGKILL) are those whose lock can be
-taken, and are swept the next time one is created. A process ID would not do: where the
-temporary directory is shared across PID namespaces (containers, some CI runners) the owner's
-ID means nothing, or another process, in the sweeper's namespace. A directory without a lock
-file (made by an earlier version) is left alone, as nothing tells whether its owner lives.
+Stores written without an ``output_dir`` live in a scratch directory (:mod:`aimz_trainer.scratch`).
 """
 
 from __future__ import annotations
 
 import datetime
-import fcntl
-import itertools
-import json
 import os
 import queue
-import re
-import shutil
-import tempfile
 import threading
 import warnings
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import google_crc32c
 import jax
 import numpy as np
-import xarray as xr
 import zarr
 from jax.sharding import Mesh
-from zarr.abc.store import ByteRequest
 from zarr.codecs import BloscCodec, Crc32cCodec
-from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.errors import ZarrUserWarning
-from zarr.storage import LocalStore
 
 from aimz_trainer._checks import is_int_at_least
 from aimz_trainer.distributed import allgather_json
 from aimz_trainer.errors import ConfigurationError, StoreError, StoreWarning
 from aimz_trainer.sharding import batch_sharding
+from aimz_trainer.store_reading import COMPLETE, ROWS_WRITTEN, VerifyingStore, describe_block_problems
 
 __all__ = [
-    "COMPLETE",
     "FINGERPRINT",
     "ArraySpec",
-    "ScratchDirectory",
     "ZarrStore",
     "choose_store_path",
     "finalize_shared_store",
     "open_shared_store",
-    "open_store",
     "process_rows",
     "require_shareable",
-    "verify_store",
 ]
 
-COMPLETE = "aimz_trainer_complete"
-ROWS_WRITTEN = "aimz_trainer_rows_written"
 FINGERPRINT = "aimz_trainer_fingerprint"  # what was computed: a resume must compute the same
 
 
@@ -183,11 +154,11 @@ class ZarrStore:
             self._root = reopened
         elif join:
             try:
-                self._root = zarr.open_group(_VerifyingStore(self.path), mode="r+", zarr_format=3)
+                self._root = zarr.open_group(VerifyingStore(self.path), mode="r+", zarr_format=3)
             except Exception as error:
                 raise StoreError(f"join: writer 0 has not created a store at {str(self.path)!r} ({error}).") from error
         else:
-            self._root = zarr.open_group(_VerifyingStore(self.path), mode="w", zarr_format=3)
+            self._root = zarr.open_group(VerifyingStore(self.path), mode="w", zarr_format=3)
             shared = {"writers": writers} if writers > 1 else {}
             self._root.attrs.update(
                 {**(attrs or {}), **shared, COMPLETE: False, ROWS_WRITTEN: 0, "batch_size": batch_size}
@@ -231,7 +202,7 @@ class ZarrStore:
         """The interrupted store to continue, checked to be this computation's; ``None`` when
         it was interrupted while its arrays were being created (nothing written: create it anew)."""
         try:
-            root = zarr.open_group(_VerifyingStore(self.path), mode="r+", zarr_format=3)
+            root = zarr.open_group(VerifyingStore(self.path), mode="r+", zarr_format=3)
         except Exception as error:
             raise StoreError(f"resume: {str(self.path)!r} is not a prediction store ({error}).") from error
         if root.attrs.get(COMPLETE, True):
@@ -264,13 +235,14 @@ class ZarrStore:
         """Read back the blocks of the rows recorded as written, and record only the batches
         before the first with a missing or damaged block: a resume recomputes it and every
         batch after it, rather than trusting what the record says is there."""
-        store: _VerifyingStore = self._root.store
+        store: VerifyingStore = self._root.store
         for start in range(0, self.rows_written, batch_size):
             problems = {key: problem for key in self._block_keys(start) if (problem := store.block_problem(key))}
             if problems:
                 warnings.warn(
-                    f"resume: in the rows of {str(self.path)!r} recorded as written, {_describe(problems)}; "
-                    f"the rows from {start} on are computed again, not only those from {self.rows_written}.",
+                    f"resume: in the rows of {str(self.path)!r} recorded as written, "
+                    f"{describe_block_problems(problems)}; the rows from {start} on are computed again, not only those "
+                    f"from {self.rows_written}.",
                     StoreWarning,
                     stacklevel=3,
                 )
@@ -550,259 +522,3 @@ def finalize_shared_store(store: ZarrStore, failure: BaseException | None) -> No
             failure = error
     if _failed_processes(failure is None):  # also the barrier: the store is complete after it
         raise failure or StoreError(f"process 0 could not mark {str(store.path)!r} complete; see its error.")
-
-
-def open_store(path: str | os.PathLike[str]) -> xr.DataTree:
-    """Open a complete prediction store lazily as an ``xarray.DataTree``.
-
-    Reading a block that is missing (deleted, or the whole store removed) or damaged (its
-    checksum does not match) raises :class:`~aimz_trainer.errors.StoreError` naming it; no
-    fill value stands in for it. Raises ``StoreError`` at once when ``path`` is not a
-    prediction store or is incomplete.
-    """
-    root = _open_complete(path)
-    return xr.open_datatree(root.store, engine="zarr", consolidated=True, zarr_format=3)
-
-
-def verify_store(path: str | os.PathLike[str]) -> int:
-    """Read every block of the complete prediction store ``path``; return how many there are.
-
-    Raises:
-        StoreError: naming every missing block (deleted since it was written) and every
-            damaged one (its crc32c checksum does not match its bytes), or saying that
-            ``path`` is not a prediction store (or no longer exists) or is incomplete.
-
-    Example:
-        >>> import tempfile
-        >>> import numpy as np
-        >>> from aimz_trainer.store import ArraySpec, ZarrStore, verify_store
-        >>> directory = tempfile.TemporaryDirectory()
-        >>> path = f"{directory.name}/store"
-        >>> spec = ArraySpec("posterior_predictive", "y", (1, 2, 5), np.dtype(np.int8), ("chain", "draw", "obs"), 2)
-        >>> store = ZarrStore(path, [spec], batch_size=4)
-        >>> store.write_batch(0, 4, {("posterior_predictive", "y"): np.ones((1, 2, 4), np.int8)})
-        >>> store.write_batch(4, 5, {("posterior_predictive", "y"): np.ones((1, 2, 1), np.int8)})
-        >>> store.finalize()
-        >>> verify_store(path)
-        2
-        >>> directory.cleanup()
-    """
-    root = _open_complete(path)
-    store: _VerifyingStore = root.store
-    arrays = [node for _, node in root.members(max_depth=None) if isinstance(node, zarr.Array)]
-    keys = [key for array in arrays for key in _all_block_keys(array)]
-    problems = {key: problem for key in keys if (problem := store.block_problem(key))}
-    if problems:
-        raise StoreError(_unreadable(store.root, problems))
-    return len(keys)
-
-
-def _all_block_keys(array: zarr.Array) -> list[str]:
-    return [
-        f"{array.path}/{array.metadata.encode_chunk_key(coords)}"
-        for coords in itertools.product(*(range(n) for n in array.cdata_shape))
-    ]
-
-
-def _open_complete(path: str | os.PathLike[str]) -> zarr.Group:
-    try:
-        root = zarr.open_group(_VerifyingStore(path, read_only=True), mode="r", zarr_format=3)
-    except Exception as error:
-        raise StoreError(f"{str(path)!r} is not a prediction store ({error}).") from error
-    attrs = root.attrs
-    if not attrs.get(COMPLETE, False):
-        if attrs.get("writers", 1) > 1:
-            raise StoreError(
-                f"the prediction store {str(path)!r} is incomplete: one of the {attrs['writers']} processes "
-                "writing it failed or was interrupted. Delete it and predict again."
-            )
-        raise StoreError(
-            f"the prediction store {str(path)!r} is incomplete (its writing was interrupted after "
-            f"{attrs.get(ROWS_WRITTEN, 0)} rows): continue it with predict(..., resume=True) or delete it."
-        )
-    return root
-
-
-# A block's key under zarr v3's default encoding: "<array path>/c/<i>/<j>/...".
-_BLOCK_KEY = re.compile(r"(?:(?P<array>.+)/)?c(?:/\d+)*")
-
-
-class _VerifyingStore(LocalStore):
-    """A local zarr store that reads a block as its bytes as written, or raises.
-
-    zarr reads a block its store does not have as the array's fill value, which is right for
-    a block never written and wrong for a prediction store, every block of which is written:
-    here a missing block raises :class:`~aimz_trainer.errors.StoreError`. So does a block whose
-    crc32c checksum (the last codec of the arrays :class:`ZarrStore` creates) does not match
-    its bytes: zarr checks it again as it decodes, but its error could not say which block.
-    """
-
-    def __init__(self, root: str | os.PathLike[str], *, read_only: bool = False) -> None:
-        super().__init__(Path(root), read_only=read_only)
-        self._checksummed: dict[str, bool] = {}  # array path -> whether its blocks end in a crc32c
-
-    def get_sync(
-        self, key: str, *, prototype: BufferPrototype | None = None, byte_range: ByteRequest | None = None
-    ) -> Buffer | None:
-        return self._verified(key, super().get_sync(key, prototype=prototype, byte_range=byte_range), byte_range)
-
-    async def get(
-        self, key: str, prototype: BufferPrototype | None = None, byte_range: ByteRequest | None = None
-    ) -> Buffer | None:
-        return self._verified(key, await super().get(key, prototype, byte_range), byte_range)
-
-    def block_problem(self, key: str) -> str | None:
-        """``"missing"``, ``"damaged"`` or ``None`` (intact, or not a block) for ``key``."""
-        return self._problem(key, super().get_sync(key), None)
-
-    def _verified(self, key: str, value: Buffer | None, byte_range: ByteRequest | None) -> Buffer | None:
-        problem = self._problem(key, value, byte_range)
-        if problem is not None:
-            raise StoreError(_unreadable(self.root, {key: problem}))
-        return value
-
-    def _problem(self, key: str, value: Buffer | None, byte_range: ByteRequest | None) -> str | None:
-        block = _BLOCK_KEY.fullmatch(key)
-        if block is None:
-            return None  # metadata: zarr reads a missing document as "no such node"
-        if value is None:
-            return "missing"
-        whole = byte_range is None  # a part of a block cannot be checked
-        if whole and self._has_checksum(block["array"] or "") and not _checksum_matches(value.as_numpy_array()):
-            return "damaged"
-        return None
-
-    def _has_checksum(self, array: str) -> bool:
-        if array not in self._checksummed:
-            document = json.loads((self.root / array / "zarr.json").read_bytes())
-            codecs = document.get("codecs") or [{}]
-            self._checksummed[array] = codecs[-1].get("name") == "crc32c"
-        return self._checksummed[array]
-
-
-def _checksum_matches(block: np.ndarray) -> bool:
-    """Whether a block's last 4 bytes (the crc32c codec's, little-endian) are the checksum of
-    the bytes before them."""
-    return len(block) >= 4 and google_crc32c.value(block[:-4]) == int.from_bytes(block[-4:].tobytes(), "little")
-
-
-_LISTED = 10  # blocks named in an error; the rest counted
-
-
-def _describe(problems: Mapping[str, str]) -> str:
-    named = [f"{key!r} ({problem})" for key, problem in itertools.islice(problems.items(), _LISTED)]
-    more = f" and {len(problems) - _LISTED} more" if len(problems) > _LISTED else ""
-    return f"{len(problems)} chunk(s) missing or damaged: {', '.join(named)}{more}"
-
-
-def _unreadable(root: Path, problems: Mapping[str, str]) -> str:
-    """Why the blocks ``problems`` of the store ``root`` cannot be read, and what to do."""
-    if not root.is_dir():
-        return (
-            f"the prediction store {str(root)!r} no longer exists, so its values cannot be read: it was removed, "
-            "by cleanup() of the Predictor or ImpactModel whose scratch directory held it (or at that process's "
-            "exit), by a clean-up of the temporary directory, or by hand. Predict again; pass output_dir=... to "
-            "keep a store until you delete it."
-        )
-    return (
-        f"the prediction store {str(root)!r} cannot be read: {_describe(problems)}. Every chunk of a store is "
-        "written, so a missing one was deleted since, and a damaged one (its crc32c checksum does not match its "
-        "bytes) was changed on the disk; no fill value stands in for either. verify_store(path) names every one; "
-        "predict again."
-    )
-
-
-class ScratchDirectory:
-    """A temporary directory created on first use and removed by :meth:`cleanup`, when the
-    object is garbage-collected, or at interpreter exit.
-
-    While it exists this process holds an exclusive lock on its :attr:`LOCK` file, which tells
-    :func:`sweep_scratch` in any process that it is in use.
-
-    Example:
-        >>> scratch = ScratchDirectory()
-        >>> path = scratch.path
-        >>> path.is_dir()
-        True
-        >>> scratch.cleanup(); path.exists()
-        False
-    """
-
-    PREFIX = "aimz-trainer-scratch-"
-    LOCK = "owner.lock"
-
-    def __init__(self, parent: str | os.PathLike[str] | None = None) -> None:
-        self._parent = Path(parent or tempfile.gettempdir())
-        self._path: Path | None = None
-        self._finalizer: weakref.finalize | None = None
-
-    @property
-    def path(self) -> Path:
-        if self._path is None or not self._path.exists():
-            self.cleanup()  # a directory removed behind our back: release its lock
-            sweep_scratch(self._parent)
-            self._path, lock = _create_locked(self._parent, f"{self.PREFIX}{os.getpid()}-")
-            self._finalizer = weakref.finalize(self, _remove_and_unlock, self._path, lock)
-        return self._path
-
-    @property
-    def created(self) -> bool:
-        return self._path is not None and self._path.exists()
-
-    def cleanup(self) -> None:
-        """Remove the directory now (a no-op when it was never created or is gone)."""
-        if self._finalizer is not None:
-            self._finalizer()
-
-
-def _create_locked(parent: Path, prefix: str) -> tuple[Path, int]:
-    """A new directory in ``parent`` and the descriptor of the exclusive lock on its
-    :attr:`ScratchDirectory.LOCK` file, held until the descriptor is closed.
-
-    The lock file gets its name only once it is locked: a sweep that opened it in between
-    would take the lock and remove a directory in use."""
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    lock, unnamed = tempfile.mkstemp(dir=path, prefix=".lock-")
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    os.rename(unnamed, path / ScratchDirectory.LOCK)
-    return path, lock
-
-
-def _remove_and_unlock(path: Path, lock: int) -> None:
-    try:
-        shutil.rmtree(path, ignore_errors=True)
-    finally:  # after: a sweep must not find the directory half removed and unlocked
-        os.close(lock)
-
-
-def sweep_scratch(parent: str | os.PathLike[str]) -> list[Path]:
-    """Remove the scratch directories in ``parent`` whose owner is gone; return them.
-
-    An owner holds the lock on its directory's :attr:`ScratchDirectory.LOCK` file until it
-    removes the directory, and the kernel releases it when the owner dies, in whatever PID
-    namespace it ran: a lock this process can take is the mark of a dead owner. A directory
-    without a lock file (made by a version before the locks) is kept: nothing tells whether
-    its owner lives, and removing a live process's stores would lose them. So is one named
-    with this process's ID: where ``flock`` is emulated by per-process locks (NFS), this
-    process would be granted its own lock again.
-    """
-    removed = []
-    mine = f"{ScratchDirectory.PREFIX}{os.getpid()}-"
-    for entry in Path(parent).glob(f"{ScratchDirectory.PREFIX}*"):
-        if entry.is_dir() and not entry.name.startswith(mine) and _remove_if_abandoned(entry):
-            removed.append(entry)
-    return removed
-
-
-def _remove_if_abandoned(directory: Path) -> bool:
-    try:
-        lock = os.open(directory / ScratchDirectory.LOCK, os.O_RDONLY)
-    except OSError:  # no lock file (or not ours to open): kept
-        return False
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:  # held: its owner lives
-        os.close(lock)
-        return False
-    _remove_and_unlock(directory, lock)
-    return True

@@ -1,78 +1,37 @@
-"""Predictive draws as pure code: the plan of one prediction and the forward function that
-computes a batch of it. The :class:`~aimz_trainer.Predictor` builds a plan, compiles its
-forward and streams the batches into a store.
+"""The plan of one prediction: what it computes and writes, decided before its first batch. The
+:class:`~aimz_trainer.Predictor` builds a plan, compiles its forward (:mod:`aimz_trainer.forward`)
+and streams the batches into a store.
 
 A :class:`PredictionPlan` holds what one call computes and writes: the mode (draws or
 log-densities), the output sites, the latent draws, the interventions, the row inputs, the
 batch and tile sizes and the store's arrays. :func:`make_plan` builds it from the request, the
 data and the model (traced on a few rows; nothing runs on the devices).
-
-:func:`make_forward` gives the forward of a plan, ``forward(latent, inputs, rng_key,
-first_block, constants, guide_params)``: every draw over one batch of rows. The rows are cut
-into key blocks of ``rows_per_key`` rows (draw ``s`` of key block ``k`` runs under
-``fold_in(fold_in(rng_key, s), k)``, see :mod:`aimz_trainer.predictor`); the work is cut into
-tiles of ``rows_per_tile`` rows per device by ``draws_per_tile`` draws, computed together
-(``vmap``), one tile after the other (``lax.map``), so that device memory stays bounded.
 """
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
-from numpyro import handlers
 from numpyro.distributions import constraints
-from numpyro.infer.util import log_likelihood as numpyro_log_likelihood
 
 from aimz_trainer.data import digest_rows, nonfinite, require_finite_rows
 from aimz_trainer.errors import ConfigurationError, DataError
-from aimz_trainer.plates import ModelLayout, model_layout, on_rows, trace_model
-from aimz_trainer.step import guide_draw, guide_on_rows
+from aimz_trainer.forward import DO_PREFIX, LocalDraws, Mode, make_forward
+from aimz_trainer.plates import ModelLayout, model_layout, trace_model
 from aimz_trainer.store import ArraySpec
 
-__all__ = [
-    "DO_PREFIX",
-    "LocalDraws",
-    "Mode",
-    "PredictionPlan",
-    "batch_rows",
-    "make_forward",
-    "make_plan",
-    "prior_draws",
-    "require_finite",
-]
+__all__ = ["PredictionPlan", "batch_rows", "make_plan", "require_finite"]
 
-Draws = dict[str, jax.Array]
-
-DO_PREFIX = "__do__:"  # a row-wise intervention value among the forward's row inputs
-_PRIOR_STREAM = 0x7072696F  # the prior draws' key: fold_in(rng_key, "prio")
-_GUIDE_STREAM = 0x6775696465 & 0xFFFFFFFF  # a key block's per-row guide draws: fold_in(its key, "guide")
 # How keys become draws (the Predictor's module docstring); part of a store's fingerprint, so
 # a store begun under another scheme is not resumed into a mix of two.
 _KEY_SCHEME = 2
-
-
-class Mode(enum.Enum):
-    """What a prediction computes at its output sites."""
-
-    DRAWS = enum.auto()  # predictive draws (posterior or prior predictive, with an intervention or not)
-    LOG_LIKELIHOOD = enum.auto()  # the observed sites' pointwise log-densities of the observed values
-
-
-class LocalDraws(NamedTuple):
-    """Per-row latent sites drawn from the fitted guide inside the forward."""
-
-    guide: Callable[..., Any]
-    sites: tuple[str, ...]
-    static_kwargs: Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -323,142 +282,6 @@ def _guided_sites(
     return sites
 
 
-def make_forward(model: Callable[..., Any], plan: PredictionPlan) -> Callable[..., tuple[Draws, Draws]]:
-    """``forward(latent, inputs, rng_key, first_block, constants, guide_params) -> ({site:
-    (draws, rows, ...)}, {site: count})``: every draw of ``plan.outputs`` over one batch of
-    ``inputs`` (``plan.model_inputs``' rows; those named ``DO_PREFIX + site`` are row-wise
-    intervention values, ``constants`` the others), whose first key block is ``first_block``.
-    Every subsampled plate holds the key block's dataset rows; with ``plan.local``, each
-    draw's per-row latent sites come from the guide (``guide_params``) on those rows, given
-    the draw's global sites, under a key of their own. The counts are the batch's non-finite
-    values per site (empty unless ``plan.check_finite``); the values have ``plan.dtypes`` (the
-    model's where it names none)."""
-    outputs, dtypes, local, check_finite = plan.outputs, plan.dtypes, plan.local, plan.check_finite
-    log_densities = plan.mode is Mode.LOG_LIKELIHOOD
-    rows_per_key, num_samples, rows_per_tile, draws_per_tile = (
-        plan.rows_per_key, plan.num_samples, plan.rows_per_tile, plan.draws_per_tile
-    )  # fmt: skip
-    shards = plan.devices
-
-    def one_draw_one_block(
-        theta: Draws,
-        block_inputs: Mapping[str, jax.Array],
-        key: jax.Array,
-        rows: jax.Array,
-        constants: Draws,
-        guide_params: Draws,
-    ) -> tuple[Draws, Draws]:
-        interventions = {k[len(DO_PREFIX) :]: v for k, v in block_inputs.items() if k.startswith(DO_PREFIX)}
-        interventions.update(constants)
-        block_inputs = {k: v for k, v in block_inputs.items() if not k.startswith(DO_PREFIX)}
-        if local is not None:
-            with guide_on_rows(local.guide, rows) as guide:
-                guide_key = jax.random.fold_in(key, _GUIDE_STREAM)
-                drawn = guide_draw(guide, guide_key, {**guide_params, **theta}, {**block_inputs, **local.static_kwargs})
-            theta = {**theta, **{name: drawn[name] for name in local.sites}}
-        intervened = handlers.do(model, data=interventions) if interventions else model
-        intervened = on_rows(intervened, rows)
-        if log_densities:
-            values = numpyro_log_likelihood(
-                handlers.seed(intervened, key), {k: v[None] for k, v in theta.items()}, **block_inputs
-            )
-            densities = {name: values[name][0] for name in outputs}
-            # -inf is a density's true value (an impossible observation); NaN and +inf are not.
-            bad = {name: jnp.isnan(v) | (v == jnp.inf) for name, v in densities.items()} if check_finite else {}
-            return densities, {name: jnp.sum(b, dtype=jnp.int32) for name, b in bad.items()}
-        # The draw's values are substituted inside the seed: the seed then splits keys only for
-        # the sites still to draw, not for every latent site (fewer small ops per forward).
-        conditioned = handlers.seed(handlers.substitute(intervened, data=theta), key)
-        trace = handlers.trace(conditioned).get_trace(**block_inputs)
-        counts = {name: _nonfinite(trace[name]) for name in outputs} if check_finite else {}
-        return {name: trace[name]["value"] for name in outputs}, counts
-
-    def rows_of_one_tile(
-        latent: Draws,
-        inputs: Mapping[str, jax.Array],
-        rng_key: jax.Array,
-        first_block: jax.Array,
-        blocks_in_batch: jax.Array,
-        constants: Draws,
-        guide_params: Draws,
-    ) -> Draws:
-        """Every draw over the rows of one tile, ``draws_per_tile`` draws at a time."""
-        rows = jax.tree.leaves(inputs)[0].shape[0]
-        blocked = {k: v.reshape(rows // rows_per_key, rows_per_key, *v.shape[1:]) for k, v in inputs.items()}
-        block_ids = first_block + blocks_in_batch.astype(jnp.uint32)
-        # Each key block's dataset rows (those of the batch's padding point past the data).
-        block_rows = block_ids.astype(jnp.int32)[:, None] * rows_per_key + jnp.arange(rows_per_key, dtype=jnp.int32)
-        # Every (draw, key block) key at once, before the loop: one vectorised hash instead of
-        # two small ones in every iteration.
-        keys = jax.vmap(
-            lambda draw: jax.vmap(lambda block: jax.random.fold_in(jax.random.fold_in(rng_key, draw), block))(block_ids)
-        )(jnp.arange(num_samples, dtype=jnp.uint32))
-
-        def one_draw(args: tuple[Draws, jax.Array]) -> tuple[Draws, Draws]:
-            theta, keys = args
-            per_block, counts = jax.vmap(one_draw_one_block, in_axes=(None, 0, 0, 0, None, None))(
-                theta, blocked, keys, block_rows, constants, guide_params
-            )
-            # Cast here, tile by tile: a cast after the map would write and read every draw
-            # in the wide dtype once more.
-            values = {k: v.reshape(rows, *v.shape[2:]).astype(dtypes.get(k, v.dtype)) for k, v in per_block.items()}
-            return values, {k: jnp.sum(v) for k, v in counts.items()}
-
-        values, counts = lax.map(one_draw, (latent, keys), batch_size=min(draws_per_tile, num_samples))
-        return values, {k: jnp.sum(v) for k, v in counts.items()}
-
-    def forward(
-        latent: Draws,
-        inputs: Mapping[str, jax.Array],
-        rng_key: jax.Array,
-        first_block: jax.Array,
-        constants: Draws,
-        guide_params: Draws,
-    ) -> tuple[Draws, Draws]:
-        rows = jax.tree.leaves(inputs)[0].shape[0]
-        tiles = rows // shards // rows_per_tile  # per shard
-        if tiles <= 1:
-            blocks = jnp.arange(rows // rows_per_key)
-            return rows_of_one_tile(latent, inputs, rng_key, first_block, blocks, constants, guide_params)
-
-        # Every draw of one tile's rows, then the next tile's: a tile's inputs and activations
-        # stay in cache across the draws instead of the whole batch streaming from memory once
-        # per draw. Each shard's rows (the mesh splits rows into `shards` contiguous parts) are
-        # cut into `tiles` tiles; tile t gathers the t-th tile of every shard, so the shards
-        # stay split over the devices.
-        def by_tile(v: jax.Array) -> jax.Array:
-            return jnp.moveaxis(v.reshape(shards, tiles, rows_per_tile, *v.shape[1:]), 1, 0)
-
-        tiled = {k: by_tile(v).reshape(tiles, shards * rows_per_tile, *v.shape[1:]) for k, v in inputs.items()}
-        blocks = jnp.arange(rows // rows_per_key).reshape(shards, tiles, rows_per_tile // rows_per_key)
-        tile_blocks = jnp.moveaxis(blocks, 1, 0).reshape(tiles, -1)
-        out, counts = lax.map(
-            lambda a: rows_of_one_tile(latent, a[0], rng_key, first_block, a[1], constants, guide_params),
-            (tiled, tile_blocks),
-        )
-        values = {
-            k: jnp.moveaxis(v.reshape(tiles, num_samples, shards, rows_per_tile, *v.shape[3:]), 0, 2).reshape(
-                num_samples, rows, *v.shape[3:]
-            )
-            for k, v in out.items()
-        }
-        return values, {k: jnp.sum(v) for k, v in counts.items()}
-
-    return forward
-
-
-def _nonfinite(site: Mapping[str, Any]) -> jax.Array:
-    """How many of a traced site's values are NaN or infinite; for a discrete sample site, how
-    many were drawn from NaN parameters (``Bernoulli(NaN)`` draws a plausible 0, whose
-    log-density is NaN)."""
-    value = site["value"]
-    if jnp.issubdtype(value.dtype, jnp.inexact):
-        return jnp.sum(~jnp.isfinite(value), dtype=jnp.int32)
-    if site["type"] == "sample":
-        return jnp.sum(jnp.isnan(site["fn"].log_prob(value)), dtype=jnp.int32)
-    return jnp.zeros((), jnp.int32)
-
-
 def _tile_rows(rows_per_device: int, rows_per_key: int, requested: int | None) -> int:
     """The largest multiple of ``rows_per_key`` that divides ``rows_per_device`` and is at most
     ``requested`` (default 10,000) rows, and at least one key block."""
@@ -467,20 +290,6 @@ def _tile_rows(rows_per_device: int, rows_per_key: int, requested: int | None) -
     blocks = rows_per_device // rows_per_key
     limit = max((requested or 10_000) // rows_per_key, 1)
     return max(b for b in range(1, min(blocks, limit) + 1) if blocks % b == 0) * rows_per_key
-
-
-def prior_draws(
-    model: Callable[..., Any], probe: Mapping[str, Any], sites: Sequence[str], rng_key: jax.Array, num_samples: int
-) -> Draws:
-    """``num_samples`` prior draws of the model's global latent ``sites`` under the prior
-    stream of ``rng_key`` (per-row sites are drawn row by row in the forward)."""
-
-    def one(key: jax.Array) -> Draws:
-        trace = trace_model(model, probe, rng_seed=key)
-        return {name: trace[name]["value"] for name in sites}
-
-    keys = jax.random.split(jax.random.fold_in(rng_key, _PRIOR_STREAM), num_samples)
-    return {k: np.asarray(v) for k, v in jax.jit(jax.vmap(one))(keys).items()}
 
 
 def _split_intervention(
