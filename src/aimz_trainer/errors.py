@@ -109,8 +109,11 @@ class StoreError(AimzTrainerError, OSError):
     """A prediction store is incomplete, damaged, or cannot be continued."""
 
 
-class NotFittedError(AimzTrainerError, RuntimeError):
-    """A method needs a fitted model (posterior draws) and ``fit`` has not run yet."""
+class NotFittedError(AimzTrainerError, ValueError, AttributeError):
+    """A method needs a fitted model (posterior draws) and ``fit`` has not run yet.
+
+    A ``ValueError`` and an ``AttributeError``, as in the reference library, so code that
+    catches either there catches it here."""
 
 
 class DistributedError(AimzTrainerError, RuntimeError):
