@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from aimz_trainer.errors import ConfigurationError, DataError
+from aimz_trainer.errors import AimzWarning, ConfigurationError, DataError
 
 __all__ = [
     "ModelParameters",
@@ -59,7 +59,7 @@ def as_key(rng_key: Any, *, name: str = "rng_key") -> jax.Array:
         warnings.warn(
             f"{name} is a legacy uint32 key (jax.random.PRNGKey); converted to a typed key. "
             "Pass jax.random.key(seed) instead.",
-            UserWarning,
+            AimzWarning,
             stacklevel=3,
         )
         return jax.random.wrap_key_data(rng_key)

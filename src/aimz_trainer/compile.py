@@ -15,10 +15,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh
 from numpyro.infer import SVI
 from numpyro.infer.svi import SVIState
 
+from aimz_trainer.checkpoint import tree_signature
+from aimz_trainer.errors import ConfigurationError
 from aimz_trainer.plates import ModelLayout, model_guide_checked
 from aimz_trainer.sharding import record_shardings, replicated
 from aimz_trainer.step import (
@@ -91,18 +94,31 @@ class FitPrograms:
         self._samplers: dict[int, Any] = {}
 
     def start(
-        self, rng_key: jax.Array, record: Record
+        self, rng_key: jax.Array, record: Record, svi_state: SVIState | None = None
     ) -> tuple[TrainState, Params, Callable[[TrainState, Any, Record], tuple[TrainState, ChunkOutputs]]]:
-        """Compile init and the training chunk; return the initial state, its parameters and
+        """Compile init and the training chunk; return the initial state (``svi_state``, a
+        previous fit's, when given: init then only sets ``svi`` up), its parameters and
         ``chunk(state, device_data, record) -> (state, ChunkOutputs)``."""
         rep, plates = self._rep, self._layout.row_plates
         init = make_init(self._svi, plates)
         train_chunk = make_train_chunk(self._svi, plates, self._step_metrics)
         params = make_params(self._svi, plates)
 
-        def init_with_params(rng_key: jax.Array, device_data: Any, record: Record) -> tuple[TrainState, Params]:
+        def init_with_params(
+            rng_key: jax.Array, device_data: Any, record: Record, previous: SVIState | None
+        ) -> tuple[TrainState, Params]:
             state = init(rng_key, device_data, record)
+            if previous is not None:
+                state = TrainState(previous, jnp.asarray(True))
             return state, params(state.svi_state, device_data, record)
+
+        if svi_state is not None:
+            expected = jax.eval_shape(init, rng_key, self.device_data, record).svi_state
+            if tree_signature(expected) != tree_signature(svi_state):
+                raise ConfigurationError(
+                    "init_state does not fit this SVI: its structure (parameters, optimizer state) differs from "
+                    "the state this model, guide and optimizer start from. Continue a fit with the SVI that made it."
+                )
 
         def chunk_with_outputs(state: TrainState, device_data: Any, record: Record) -> tuple[TrainState, ChunkOutputs]:
             state, losses, metrics = train_chunk(state, device_data, record)
@@ -111,15 +127,15 @@ class FitPrograms:
 
         shardings = (rep, rep, record_shardings(self._mesh, record))
         with model_guide_checked():  # the chunk's trace is the ELBO's first
-            lowered_init = jax.jit(init_with_params, in_shardings=shardings, out_shardings=rep).lower(
-                rng_key, self.device_data, record
+            lowered_init = jax.jit(init_with_params, in_shardings=(*shardings, rep), out_shardings=rep).lower(
+                rng_key, self.device_data, record, svi_state
             )
             # init runs once: unoptimized code compiles faster than it loses at run time.
             compiled_init = self._pool.submit(lowered_init.compile, {"xla_backend_optimization_level": 0})
             chunk = jax.jit(chunk_with_outputs, in_shardings=shardings, out_shardings=rep)
             lowered_chunk = chunk.lower(lowered_init.out_info[0], self.device_data, record)
         compiled_chunk = lowered_chunk.compile()
-        return *compiled_init.result()(rng_key, self.device_data, record), compiled_chunk
+        return *compiled_init.result()(rng_key, self.device_data, record, svi_state), compiled_chunk
 
     def prepare_validation(
         self,

@@ -2,23 +2,33 @@
 
 Every error raised on purpose by aimz_trainer derives from :class:`AimzTrainerError`, and each
 also derives from the built-in type a Python user would expect (``ValueError`` for bad
-arguments), so ``except ValueError`` keeps working.
+arguments), so ``except ValueError`` keeps working. Every warning derives from
+:class:`AimzWarning`; the reference library's names (``KernelValidationError``,
+``NotFittedError``, ``AimzWarning``, ``FitWarning``, ``OutputWarning``,
+``PerformanceWarning``) are here with the same bases, so its users' ``except`` clauses and
+warning filters keep working.
 """
 
 from __future__ import annotations
 
 __all__ = [
     "AimzTrainerError",
+    "AimzWarning",
     "CheckpointError",
     "CheckpointWarning",
     "ConfigurationError",
     "DataError",
     "DistributedError",
+    "FitWarning",
+    "KernelArgumentError",
+    "KernelValidationError",
     "MetricNotFoundError",
     "MinibatchScalingWarning",
     "NonFiniteLossError",
     "NonFinitePredictionError",
     "NotFittedError",
+    "OutputWarning",
+    "PerformanceWarning",
     "SamplingNoiseWarning",
     "StoreError",
     "StoreWarning",
@@ -120,22 +130,49 @@ class DistributedError(AimzTrainerError, RuntimeError):
     """The processes of a multi-process run cannot join, or disagree on the run."""
 
 
-class MinibatchScalingWarning(UserWarning):
+class KernelValidationError(ConfigurationError):
+    """A kernel cannot be used as an ``ImpactModel``'s: its signature (variable or
+    positional-only arguments, a missing input or output parameter, defaults) or its sites (no
+    output site, an unobserved output, a reserved or invalid site name)."""
+
+
+class KernelArgumentError(AimzTrainerError, TypeError):
+    """A keyword argument meant for the kernel is not one of its parameters, or is one the
+    method sets itself (the input or the output parameter)."""
+
+
+class AimzWarning(UserWarning):
+    """Base class of every warning aimz_trainer issues."""
+
+
+class FitWarning(AimzWarning, RuntimeWarning):
+    """A fit ran, but its result may be unreliable."""
+
+
+class OutputWarning(AimzWarning):
+    """An output may differ from what was expected."""
+
+
+class PerformanceWarning(AimzWarning):
+    """A call runs correctly, but by a fallback or slower path."""
+
+
+class MinibatchScalingWarning(FitWarning):
     """A model's observed site is not inside a subsampled plate, so the likelihood of a
     minibatch is not scaled up to the whole data (the prior weighs too much)."""
 
 
-class CheckpointWarning(UserWarning):
+class CheckpointWarning(AimzWarning):
     """A checkpoint is used, but not quite as asked: a damaged newer checkpoint was skipped for
     an older one, or a resumed fit trains on other data or with other optimizer settings than
     the fit that wrote it."""
 
 
-class StoreWarning(UserWarning):
+class StoreWarning(AimzWarning):
     """A prediction store is continued, but not from where it was recorded: written chunks that
     are missing or damaged are computed again."""
 
 
-class SamplingNoiseWarning(UserWarning):
+class SamplingNoiseWarning(OutputWarning):
     """An effect is estimated from two prediction trees drawn with different random keys or
     posterior draws: the difference carries their sampling noise, not the effect alone."""

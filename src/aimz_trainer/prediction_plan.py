@@ -59,7 +59,9 @@ class PredictionPlan:
         guide_params: the guide's parameters when ``local`` is set, else empty.
         check_finite: the forward counts the outputs' non-finite values.
         num_rows: rows of the data.
-        num_samples: draws.
+        num_samples: draws, of all chains (chain by chain along the draw axis).
+        num_chains: chains the draws are stacked from; the store keeps them along ``chain``.
+        rng_key: the key of every random draw of the prediction.
         rows_per_key: rows sharing one random key (a key block): the Predictor's, or all the
             rows when there are fewer.
         batch: rows per compiled call, a multiple of ``rows_per_key`` x ``devices``; the last
@@ -87,6 +89,8 @@ class PredictionPlan:
     check_finite: bool
     num_rows: int
     num_samples: int
+    num_chains: int
+    rng_key: jax.Array
     rows_per_key: int
     batch: int
     devices: int
@@ -98,6 +102,11 @@ class PredictionPlan:
     fingerprint: str
 
     @property
+    def chain_draws(self) -> tuple[int, int]:
+        """``(chains, draws per chain)``: the leading dims of every stored array of draws."""
+        return self.num_chains, self.num_samples // self.num_chains
+
+    @property
     def signature(self) -> tuple[Any, ...]:
         """What the compiled forward depends on besides the model: plans of one signature
         share one compile. Constant intervention values are arguments, so a baseline and an
@@ -105,7 +114,7 @@ class PredictionPlan:
         constant_shapes = {name: f"{value.shape}{value.dtype}" for name, value in self.constants.items()}
         return (
             list(self.outputs), self.mode.name, self.batch, sorted(self.model_inputs), constant_shapes,
-            self.num_samples, self.local and self.local.sites, self.check_finite,
+            self.num_samples, self.num_chains, self.local and self.local.sites, self.check_finite,
         )  # fmt: skip
 
 
@@ -135,6 +144,7 @@ def make_plan(
     params: Mapping[str, Any] | None,
     static_kwargs: Mapping[str, Any],
     rng_key: jax.Array,
+    num_chains: int,
     rows_per_key: int,
     batch: int,
     devices: int,
@@ -149,7 +159,8 @@ def make_plan(
     the data are the fit's rows, so per-row latent sites come from ``guide`` (with
     ``params``); ``optional``: the model's optional arguments (targets, never conditioned on
     in :attr:`Mode.DRAWS`); ``rows_per_key`` and ``batch`` as :func:`batch_rows` gives them;
-    ``rows_per_tile`` and ``draws_per_tile``: the Predictor's, ``None`` for the defaults.
+    ``rows_per_tile`` and ``draws_per_tile``: the Predictor's, ``None`` for the defaults;
+    ``num_chains``: the draws are that many chains, stacked chain by chain.
     Takes the targets out of ``arrays``.
 
     Raises:
@@ -201,7 +212,8 @@ def make_plan(
         mode=mode, group=group, draws_group=draws_group, outputs=tuple(outputs), latent=latent, constants=constants,
         intervention=intervention, observed_data=observed_data, model_inputs=model_inputs,
         local=local, guide_params=guide_params or {}, check_finite=check_finite, num_rows=num_rows,
-        num_samples=num_samples, rows_per_key=rows_per_key, batch=batch, devices=devices, process_rows=process_rows,
+        num_samples=num_samples, num_chains=num_chains, rng_key=rng_key, rows_per_key=rows_per_key, batch=batch,
+        devices=devices, process_rows=process_rows,
         rows_per_tile=tile_rows, draws_per_tile=draws_per_tile or max(1, 20_000 // tile_rows), dtypes={}, specs=(),
         fingerprint=_fingerprint(
             rng_key, latent, arrays, intervention, outputs, group, rows_per_key, _KEY_SCHEME, guide_params or {}
@@ -391,13 +403,13 @@ def _specs(
     """The store's arrays: the outputs (filled batch by batch along the rows), the latent
     draws and the observed data (written whole)."""
     outputs = [
-        ArraySpec(plan.group, name, (1, plan.num_samples, plan.num_rows, *shape[1:]), dtype, (
+        ArraySpec(plan.group, name, (*plan.chain_draws, plan.num_rows, *shape[1:]), dtype, (
             "chain", "draw", *_dims(sites[name], name, len(shape)),
         ), 2)
         for name, (shape, dtype) in shapes.items()
     ]  # fmt: skip
     draws = [
-        ArraySpec(plan.draws_group, name, (1, *value.shape), value.dtype, (
+        ArraySpec(plan.draws_group, name, (*plan.chain_draws, *value.shape[1:]), value.dtype, (
             "chain", "draw", *(f"{name}_dim_{i}" for i in range(value.ndim - 1)),
         ), None)
         for name, value in plan.latent.items()

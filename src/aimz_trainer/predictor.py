@@ -111,6 +111,9 @@ class Predictor:
             many rows.
         scratch: where stores written without ``output_dir`` go; several Predictors may share
             one (:class:`~aimz_trainer.scratch.ScratchDirectory`); default: a new one.
+        batch_ndims: the leading axes of the posterior's draws: ``1`` (draws), or ``2``
+            (chains, draws), as ``mcmc.get_samples(group_by_chain=True)`` gives them; the
+            stores then keep the chains along ``chain``.
         compress_floats: compress float sites (``p``) with Blosc-lz4. Default: integer sites
             are compressed (Blosc-zstd), float sites written as they are: probabilities hardly
             compress, and compressing them takes CPU from the computation beside the writer.
@@ -144,6 +147,7 @@ class Predictor:
         guide: Callable[..., Any] | None = None,
         params: Mapping[str, Any] | None = None,
         static_kwargs: Mapping[str, Any] | None = None,
+        batch_ndims: int = 1,
     ) -> None:
         if not callable(model):
             raise ConfigurationError(f"model must be a NumPyro model (a callable); got {type(model).__name__}.")
@@ -153,6 +157,16 @@ class Predictor:
             posterior = {name: np.asarray(value) for name, value in (posterior or {}).items()}
         except (TypeError, ValueError) as error:  # ragged lists: draws of different shapes
             raise ConfigurationError(f"posterior must map site names to arrays of draws ({error}).") from error
+        if batch_ndims not in (1, 2) or isinstance(batch_ndims, bool):
+            raise ConfigurationError(f"batch_ndims must be 1 (draws) or 2 (chains, draws); got {batch_ndims!r}.")
+        chains = {name: np.shape(value)[:1] for name, value in posterior.items()} if batch_ndims == 2 else {}
+        if batch_ndims == 2 and (len(set(chains.values())) > 1 or min(map(np.ndim, posterior.values())) < 2):
+            raise ConfigurationError(
+                f"with batch_ndims=2 every posterior array must be (chains, draws, ...) with one chain count; got "
+                f"shapes { ({name: np.shape(value) for name, value in posterior.items()}) }."
+            )
+        self.num_chains = int(next(iter(chains.values()))[0]) if chains else 1
+        posterior = {name: value.reshape(-1, *value.shape[batch_ndims:]) for name, value in posterior.items()}
         sizes = {name: int(np.shape(value)[0]) if np.ndim(value) else -1 for name, value in posterior.items()}
         if len(set(sizes.values())) > 1 or -1 in sizes.values():
             raise ConfigurationError(f"posterior draws must share one leading draw axis; got sizes {sizes}.")
@@ -219,6 +233,7 @@ class Predictor:
         in_sample: bool = True,
         resume: bool = False,
         progress: bool = False,
+        rng_key: jax.Array | None = None,
     ) -> xr.DataTree:
         """Posterior-predictive draws for ``data``, written to Zarr, opened as a DataTree.
 
@@ -244,6 +259,8 @@ class Predictor:
             resume: continue the newest interrupted store in ``output_dir`` (single-process
                 runs only).
             progress: show a bar of the batches written (on a terminal, ``CI`` unset).
+            rng_key: the key of this call's draws (default: the Predictor's ``rng_key``, so
+                every call shares its random numbers).
         """
         require_bool("in_sample", in_sample)
         _check_request(
@@ -256,7 +273,7 @@ class Predictor:
         plan = self._plan(
             arrays, num_rows, batch_size, mode=Mode.DRAWS, group="posterior_predictive" if in_sample else "predictions",
             draws=self.posterior, draws_group="posterior", in_sample=in_sample, intervention=intervention,
-            return_sites=return_sites,
+            return_sites=return_sites, rng_key=rng_key,
         )  # fmt: skip
         return self._stream(plan, output_dir=output_dir, resume=resume, progress=progress)
 
@@ -269,26 +286,32 @@ class Predictor:
         output_dir: str | os.PathLike[str] | None = None,
         return_sites: str | Sequence[str] | None = None,
         progress: bool = False,
+        intervention: Mapping[str, Any] | None = None,
+        rng_key: jax.Array | None = None,
     ) -> xr.DataTree:
         """Draws from the prior predictive (groups ``prior`` and ``prior_predictive``), streamed
         like :meth:`predict`. The global latent sites are drawn once per draw from the prior
         (default: as many draws as the posterior has); sites inside the rows' plate are drawn
-        row by row."""
+        row by row. ``intervention`` and ``rng_key`` as in :meth:`predict`."""
         num_samples = self.num_samples if num_samples is None else num_samples
         if num_samples is None:
             raise ConfigurationError("num_samples is needed: this Predictor has no posterior to take it from.")
         if not is_int_at_least(num_samples, 1):
             raise ConfigurationError(f"num_samples must be a positive int; got {num_samples!r}.")
-        _check_request(batch_size=batch_size, output_dir=output_dir, return_sites=return_sites, progress=progress)
+        _check_request(
+            batch_size=batch_size, output_dir=output_dir, intervention=intervention, return_sites=return_sites,
+            progress=progress,
+        )  # fmt: skip
+        key = self.rng_key if rng_key is None else as_key(rng_key)
         arrays, num_rows = self._model_data(data)
         optional = model_parameters(self.model).optional  # targets such as y=None: not conditioned on
         probe = {k: np.asarray(v[: min(num_rows, self.rows_per_key)]) for k, v in arrays.items() if k not in optional}
         layout = model_layout(self._model, probe, batch_rows=self.rows_per_key, name="data")
-        prior = prior_draws(self._model, probe, layout.global_sites, self.rng_key, num_samples)
+        prior = prior_draws(self._model, probe, layout.global_sites, key, num_samples)
         require_shareable(output_dir, False)
         plan = self._plan(
             arrays, num_rows, batch_size, mode=Mode.DRAWS, group="prior_predictive", draws=prior, draws_group="prior",
-            in_sample=False, return_sites=return_sites,
+            in_sample=False, intervention=intervention, return_sites=return_sites, rng_key=key, num_chains=1,
         )  # fmt: skip
         return self._stream(plan, output_dir=output_dir, resume=False, progress=progress)
 
@@ -299,17 +322,18 @@ class Predictor:
         batch_size: int = DEFAULT_BATCH_SIZE,
         output_dir: str | os.PathLike[str] | None = None,
         progress: bool = False,
+        rng_key: jax.Array | None = None,
     ) -> xr.DataTree:
         """Pointwise log-likelihood of the observed sites in ``data`` under each posterior draw
         (group ``log_likelihood``, for LOO with arviz). Per-row latent sites are drawn from
-        the fitted guide, as in an in-sample :meth:`predict`."""
+        the fitted guide, as in an in-sample :meth:`predict`; ``rng_key`` as there."""
         _check_request(batch_size=batch_size, output_dir=output_dir, progress=progress)
         self._require_posterior()
         require_shareable(output_dir, False)
         arrays, num_rows = self._model_data(data)
         plan = self._plan(
             arrays, num_rows, batch_size, mode=Mode.LOG_LIKELIHOOD, group="log_likelihood", draws=self.posterior,
-            draws_group="posterior", in_sample=True,
+            draws_group="posterior", in_sample=True, rng_key=rng_key,
         )  # fmt: skip
         return self._stream(plan, output_dir=output_dir, resume=False, progress=progress)
 
@@ -348,15 +372,20 @@ class Predictor:
         in_sample: bool,
         intervention: Mapping[str, Any] | None = None,
         return_sites: str | Sequence[str] | None = None,
+        rng_key: jax.Array | None = None,
+        num_chains: int | None = None,
     ) -> PredictionPlan:
         """The plan of one request (see :func:`~aimz_trainer.prediction_plan.make_plan`) under this
-        Predictor's model, guide, key and tile settings."""
+        Predictor's model, guide, tile settings, key (unless ``rng_key``) and chains (unless
+        ``num_chains``)."""
         rows_per_key, batch = batch_rows(num_rows, batch_size, self.rows_per_key, self.mesh.size)
         return make_plan(
             self._model, arrays, num_rows, mode=mode, group=group, draws=draws, draws_group=draws_group,
             intervention=intervention or {}, return_sites=return_sites, in_sample=in_sample,
             process_rows=process_rows(self.mesh, batch), optional=model_parameters(self.model).optional,
-            guide=self.guide, params=self.params, static_kwargs=self.static_kwargs, rng_key=self.rng_key,
+            guide=self.guide, params=self.params, static_kwargs=self.static_kwargs,
+            rng_key=self.rng_key if rng_key is None else as_key(rng_key),
+            num_chains=self.num_chains if num_chains is None else num_chains,
             rows_per_key=rows_per_key, batch=batch, devices=self.mesh.size, rows_per_tile=self.rows_per_tile,
             draws_per_tile=self.draws_per_chunk, check_finite=self.check_finite,
         )  # fmt: skip
@@ -382,12 +411,12 @@ class Predictor:
             "aimz_trainer_version": library_version(),
             "intervention": json.dumps(_jsonable(plan.intervention)),
             "rows_per_key": plan.rows_per_key,
-            "rng_key": np.asarray(jax.random.key_data(self.rng_key)).tolist(),
+            "rng_key": np.asarray(jax.random.key_data(plan.rng_key)).tolist(),
             "num_rows": plan.num_rows,
             FINGERPRINT: plan.fingerprint,
         }
         # Small and rewritten on resume too: an interruption may have come before them.
-        whole = {(plan.draws_group, n): v[None] for n, v in plan.latent.items()}
+        whole = {(plan.draws_group, n): v.reshape(*plan.chain_draws, *v.shape[1:]) for n, v in plan.latent.items()}
         whole.update({("observed_data", n): np.asarray(v) for n, v in plan.observed_data.items()})
         store = open_shared_store(path, plan.specs, plan.batch, attrs, resume, whole, self.compress_floats)
         group, outputs, batch, num_rows = plan.group, plan.outputs, plan.batch, plan.num_rows
@@ -427,7 +456,7 @@ class Predictor:
                 inputs = {k: to_global_array(v, batch_sharding(self.mesh), v.shape) for k, v in inputs.items()}
                 block0 = jnp.asarray(start // plan.rows_per_key, jnp.uint32)
                 result, nonfinite = forward(
-                    latent_device, inputs, self.rng_key, block0, constants_device, guide_params_device
+                    latent_device, inputs, plan.rng_key, block0, constants_device, guide_params_device
                 )
                 if processes > 1:  # this process's shards: (draws, last_row - first_row) on its devices
                     result = multihost_utils.global_array_to_host_local_array(
@@ -458,7 +487,8 @@ class Predictor:
 
             def with_chain_axis(*args: Any) -> tuple[Draws, Draws]:  # the store's layout, free on the devices
                 values, counts = forward(*args)
-                return {name: value[None] for name, value in values.items()}, counts
+                chains = {name: value.reshape(*plan.chain_draws, *value.shape[1:]) for name, value in values.items()}
+                return chains, counts
 
             self._compiled[key] = jax.jit(
                 with_chain_axis,

@@ -286,6 +286,7 @@ class Trainer:
         drop_last: bool = False,
         data_placement: Placement = "auto",
         ckpt_path: str | os.PathLike[str] | int | None = None,
+        init_state: SVIState | None = None,
     ) -> FitResult:
         """Run minibatch SVI over ``train_data`` and draw ``num_samples`` posterior samples.
 
@@ -318,7 +319,14 @@ class Trainer:
                 where the checkpoint left off (same position in the epoch, same shuffle order,
                 the checkpoint's random keys, callbacks restored) and returns the whole loss
                 history. Nothing on disk changes when the checkpoint cannot be used.
+            init_state: continue from this ``SVIState`` (a previous fit's ``FitResult.state``,
+                of the same model, guide and optimizer): the optimizer's state and the SVI key
+                carry on, while steps, epochs and losses count from this fit's start. A state
+                of another structure is a :class:`~aimz_trainer.errors.ConfigurationError`.
+                Not with ``ckpt_path`` (a checkpoint holds its own state).
         """
+        if init_state is not None and ckpt_path is not None:
+            raise ConfigurationError("pass init_state or ckpt_path, not both: a checkpoint holds its own SVI state.")
         started = time.perf_counter()
         inputs = check_fit_inputs(
             svi,
@@ -380,8 +388,9 @@ class Trainer:
         fit._sample = programs.sample
         try:
             return self._run(
-                fit, metric_log, inputs, programs, records, callbacks, keys, resume, shape, started, start_index
-            )
+                fit, metric_log, inputs, programs, records, callbacks, keys, resume, shape, started, start_index,
+                init_state,
+            )  # fmt: skip
         finally:
             programs.close()
 
@@ -419,11 +428,12 @@ class Trainer:
         shape: dict[str, Any],
         started: float,
         start_index: int,
+        init_state: SVIState | None,
     ) -> FitResult:
         """Compile, restore, loop and draw: the stages that hold compiled programs."""
         self.plan = fit.plan
         state = fit.state
-        train_state, state.params, chunk_fn = programs.start(keys.init, records.first)
+        train_state, state.params, chunk_fn = programs.start(keys.init, records.first, init_state)
         state.svi_state = train_state.svi_state
         validator = None
         if inputs.val_arrays is not None:
