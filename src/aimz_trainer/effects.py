@@ -12,7 +12,7 @@ import xarray as xr
 
 from aimz_trainer.errors import ConfigurationError, SamplingNoiseWarning
 
-__all__ = ["estimate_effect"]
+__all__ = ["estimate_effect", "scenario_difference"]
 
 _PREDICTION_GROUPS = ("posterior_predictive", "predictions")  # in sample, out of sample
 
@@ -52,6 +52,42 @@ def estimate_effect(baseline: xr.DataTree, intervened: xr.DataTree, site: str, *
         attrs={"average_effect_mean": float(average.mean()), "ci": ci, "ci_low": float(low), "ci_high": float(high)},
     )
     return xr.DataTree.from_dict({"effect": xr.Dataset({site: difference}), "summary": summary})
+
+
+def scenario_difference(baseline: xr.DataTree, intervened: xr.DataTree) -> xr.DataTree:
+    """Every site of the predictive group the two trees share, ``intervened - baseline`` draw
+    by draw, with the baseline's ``posterior`` group: the reference library's effect layout
+    (:meth:`ImpactModel.estimate_effect <aimz_trainer.ImpactModel.estimate_effect>`).
+
+    Each tree's ``artifact_path`` becomes ``artifact_path_baseline`` /
+    ``artifact_path_intervention`` of the result. Trees drawn with different keys or
+    posterior draws give a :class:`~aimz_trainer.errors.SamplingNoiseWarning`.
+
+    Raises:
+        ConfigurationError: an argument is not a DataTree, or the two share no predictive group.
+    """
+    for argument, tree in [("output_baseline", baseline), ("output_intervention", intervened)]:
+        if not isinstance(tree, xr.DataTree):
+            raise ConfigurationError(f"{argument} must be a DataTree from predict; got {type(tree).__name__}.")
+    groups = ("prior_predictive", *_PREDICTION_GROUPS)
+    group = next((g for g in groups if g in baseline.children and g in intervened.children), None)
+    if group is None:
+        raise ConfigurationError(
+            f"the scenarios share no predictive group ({', '.join(groups)}): the baseline has "
+            f"{sorted(baseline.children)}, the intervention {sorted(intervened.children)}."
+        )
+    _warn_unless_same_draws(baseline, intervened)
+    before, after = baseline[group].to_dataset(), intervened[group].to_dataset()
+    shared = [name for name in after.data_vars if name in before.data_vars]
+    difference = xr.Dataset({name: after[name] - before[name] for name in shared}, attrs=dict(after.attrs))
+    children = {group: difference}
+    if "posterior" in baseline.children:
+        children["posterior"] = baseline["posterior"].to_dataset()
+    tree = xr.DataTree.from_dict(children)
+    for role, source in [("baseline", baseline), ("intervention", intervened)]:
+        if "artifact_path" in source.attrs:
+            tree.attrs[f"artifact_path_{role}"] = source.attrs["artifact_path"]
+    return tree
 
 
 def _predictions(tree: Any, argument: str, site: str) -> tuple[str, xr.DataArray]:
