@@ -792,9 +792,10 @@ FIT_ARGUMENTS = {
 def test_impact_model_fit_refuses_bad_arguments_writing_nothing(workspace, arguments):
     im = ImpactModel(MODEL, jax.random.key(0), SVI_, param_input="x")
     fit_arguments = {"X": DATA["x"], "y": DATA["y"], "progress": False, "callbacks": workspace.writers, **arguments}
-    # The rows are the Trainer's train_data; keyword arguments the fit does not take are named.
+    # The rows are the Trainer's train_data (or X / y, checked first); keyword arguments the fit
+    # does not take are named.
     names = ["train_data" if name in ("X", "y") else name for name in arguments]
-    names += [repr(name) for name in arguments]
+    names += [repr(name) for name in arguments] + [f"fit: {name} " for name in arguments]
     assert_refused_leaving(workspace.root, lambda: im.fit(**fit_arguments), *names)
 
 

@@ -981,6 +981,13 @@ class ImpactModel:
                 rows[name] = value
             else:
                 whole[name] = value
+        labels = {self._param_input: f"X ({self._param_input!r})", self._param_output: f"y ({self._param_output!r})"}
+        for name, value in [*rows.items(), *whole.items()]:
+            if isinstance(value, jax.Array | np.ndarray) and value.dtype.kind not in "biufc":
+                raise DataError(
+                    f"{method}: {labels.get(name, repr(name))} has dtype {value.dtype}; the kernel's arrays must hold "
+                    "numbers."
+                )
         return rows, whole, loader
 
     def _split_fit_kwargs(self, kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
