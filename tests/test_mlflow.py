@@ -32,7 +32,6 @@ from aimz_trainer import (
     ImpactModel,
     MLFlowLogger,
     ModelCheckpoint,
-    Predictor,
     Trainer,
 )
 
@@ -41,6 +40,7 @@ from .conftest import linear_data, linear_svi
 NUM_ROWS, BATCH, EPOCHS, DRAWS = 1000, 100, 2, 20
 STEPS = EPOCHS * NUM_ROWS // BATCH
 ROWS = 7  # rows predicted
+KEY = 11  # the seed of the predictions compared: the same key gives the same draws
 
 
 def kernel(X, y=None):
@@ -114,6 +114,10 @@ def draws(tree) -> np.ndarray:
     return tree["posterior_predictive"]["y"].values
 
 
+def predicted(model: ImpactModel, X: np.ndarray, seed: int = KEY) -> np.ndarray:
+    return draws(model.predict(X[:ROWS], rng_key=jax.random.key(seed), store="memory", progress=False))
+
+
 # -- the optional dependency -------------------------------------------------------------------
 
 
@@ -177,6 +181,7 @@ def test_save_and_load_round_trip(picklable, X, tmp_path):
     extra = tmp_path / "notes.txt"
     extra.write_text("fitted on the linear problem")
     path = tmp_path / "model"
+    key = np.asarray(jax.random.key_data(picklable.rng_key))
     aimz_trainer.mlflow.save_model(
         picklable,
         path,
@@ -196,6 +201,8 @@ def test_save_and_load_round_trip(picklable, X, tmp_path):
         "requirements.txt",
         "serving_input_example.json",
     ]
+    # The signature's prediction left the model's key as it was.
+    np.testing.assert_array_equal(np.asarray(jax.random.key_data(picklable.rng_key)), key)
     mlmodel = yaml.safe_load((path / "MLmodel").read_text())
     flavor = mlmodel["flavors"]["aimz_trainer"]
     assert flavor["pickled_model"] == "model.pkl" and flavor["serialization_format"] == "cloudpickle"
@@ -216,9 +223,8 @@ def test_save_and_load_round_trip(picklable, X, tmp_path):
     for site, value in picklable.posterior.items():
         np.testing.assert_array_equal(np.asarray(loaded.posterior[site]), np.asarray(value))
     np.testing.assert_array_equal(np.asarray(loaded.vi_result.losses), np.asarray(picklable.vi_result.losses))
-    np.testing.assert_array_equal(
-        draws(loaded.predict(X[:ROWS], progress=False)), draws(picklable.predict(X[:ROWS], progress=False))
-    )
+    np.testing.assert_array_equal(np.asarray(jax.random.key_data(loaded.rng_key)), key)
+    np.testing.assert_array_equal(predicted(loaded, X), predicted(picklable, X))
     loaded.cleanup()
 
 
@@ -264,17 +270,18 @@ def test_a_logged_model_predicts_the_same_draws_in_a_fresh_process(picklable, lo
     np.save(tmp_path / "X.npy", X[:ROWS])
     result = run_python(
         f"""
+        import jax
         import numpy as np
         import aimz_trainer.mlflow
         model = aimz_trainer.mlflow.load_model({info.model_uri!r})
-        tree = model.predict(np.load("X.npy"), progress=False)
+        tree = model.predict(np.load("X.npy"), rng_key=jax.random.key({KEY}), progress=False)
         np.save("draws.npy", tree["posterior_predictive"]["y"].values)
         model.cleanup()
         """,
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    np.testing.assert_array_equal(np.load(tmp_path / "draws.npy"), draws(picklable.predict(X[:ROWS], progress=False)))
+    np.testing.assert_array_equal(np.load(tmp_path / "draws.npy"), predicted(picklable, X))
 
 
 def test_log_model_records_signature_example_files_and_requirements(logged, X):
@@ -297,28 +304,18 @@ def test_log_model_records_signature_example_files_and_requirements(logged, X):
 def test_pyfunc_predicts_the_model_s_draws(picklable, logged, X):
     info, _ = logged
     pyfunc_model = mlflow.pyfunc.load_model(info.model_uri)
-    expected = draws(picklable.predict(X[:ROWS], progress=False))
-    tree = pyfunc_model.predict(X[:ROWS])
-    np.testing.assert_array_equal(draws(tree), expected)
     wrapper = pyfunc_model._model_impl
     assert isinstance(wrapper.get_raw_model(), ImpactModel)
-    # A dict of arrays (what a scoring server serializes), and a seed's own draws.
-    as_dict = wrapper.predict({"X": X[:ROWS]}, params={"return_datatree": False})
-    assert list(as_dict) == ["y"] and as_dict["y"].shape == (1, DRAWS, ROWS)
+    tree = pyfunc_model.predict(X[:ROWS])  # in memory, with a fresh key of the model's
+    assert draws(tree).shape == (1, DRAWS, ROWS)
+    # A seed draws with jax.random.key(seed): ImpactModel.predict(rng_key=...)'s draws.
+    expected = predicted(picklable, X, seed=3)
+    np.testing.assert_array_equal(draws(wrapper.predict(X[:ROWS], params={"seed": 3})), expected)
+    # A dict of arrays (what a scoring server serializes); data as predict's keywords.
+    as_dict = wrapper.predict({"X": X[:ROWS]}, params={"return_datatree": False, "seed": 3})
+    assert list(as_dict) == ["y"]
     np.testing.assert_array_equal(as_dict["y"], expected)
-    seeded = wrapper.predict(X[:ROWS], params={"return_datatree": False, "seed": 3})["y"]
-    model = wrapper.get_raw_model()
-    reference = Predictor(
-        kernel,
-        model.posterior,
-        mesh=model.mesh,
-        rng_key=jax.random.key(3),
-        guide=model.inference.guide,
-        params=model.vi_result.params,
-    )
-    np.testing.assert_array_equal(seeded, draws(reference.predict({"X": X[:ROWS]}, batch_size=1000)))
-    assert not np.array_equal(seeded, expected)
-    reference.cleanup()
+    assert not np.array_equal(expected, predicted(picklable, X, seed=4))
 
 
 # -- autolog -----------------------------------------------------------------------------------
@@ -370,6 +367,18 @@ def test_autolog_logs_params_the_elbo_history_and_the_kernel_source(experiment, 
     model.cleanup()
 
 
+def test_autolog_logs_fit_on_batch(experiment, autologging):
+    autologging(log_models=False, log_datasets=False)
+    data = linear_data(NUM_ROWS)
+    model = new_model().fit_on_batch(data["x"], data["y"], num_steps=20, num_samples=DRAWS, progress=False)
+    run = run_of_last_fit(experiment)
+    assert run.data.params["num_steps"] == "20" and run.data.params["num_samples"] == str(DRAWS)
+    history = MlflowClient().get_metric_history(run.info.run_id, "elbo_loss")
+    np.testing.assert_array_equal([point.value for point in history], np.asarray(model.vi_result.losses))
+    assert [point.step for point in history] == list(range(20))
+    model.cleanup()
+
+
 def test_autolog_logs_scalar_trainer_options_not_data_or_callbacks(experiment, autologging, tmp_path):
     autologging(log_models=False, log_datasets=False)
     model = new_model()
@@ -404,9 +413,7 @@ def test_autolog_logs_the_fitted_model_with_example_and_signature(picklable, exp
         ("seed", None),
     ]
     loaded = aimz_trainer.mlflow.load_model(f"models:/{logged_model.model_id}")
-    np.testing.assert_array_equal(
-        draws(loaded.predict(X[:ROWS], progress=False)), draws(model.predict(X[:ROWS], progress=False))
-    )
+    np.testing.assert_array_equal(predicted(loaded, X), predicted(model, X))
     assert len(run.inputs.dataset_inputs) == 1
     assert run.inputs.model_inputs[0].model_id == logged_model.model_id
     loaded.cleanup()

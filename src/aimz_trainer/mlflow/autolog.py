@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import mlflow
@@ -14,7 +14,6 @@ import numpy as np
 from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.data.numpy_dataset import from_numpy
 from mlflow.entities.logged_model_input import LoggedModelInput
-from mlflow.models.signature import _infer_signature_from_input_example
 from mlflow.models.utils import _Example
 from mlflow.tracking.context import registry as context_registry
 from mlflow.tracking.fluent import _initialize_logged_model
@@ -31,7 +30,7 @@ from mlflow.utils.autologging_utils import (
 )
 
 from aimz_trainer._checks import model_parameters
-from aimz_trainer.mlflow.flavor import FLAVOR_NAME, _ImpactModelWrapper, log_model
+from aimz_trainer.mlflow.flavor import FLAVOR_NAME, _infer_signature, log_model
 
 if TYPE_CHECKING:
     from mlflow.models import ModelSignature
@@ -45,7 +44,7 @@ _logger = logging.getLogger("mlflow.aimz_trainer")
 
 # fit arguments that are not run parameters (the data, the display, the callback objects);
 # num_samples is logged once the fit has drawn them, as the reference library does.
-_UNLOGGED = ["X", "y", "num_samples", "progress", "callbacks", "kwargs"]
+_UNLOGGED = ["X", "y", "rng_key", "num_samples", "progress", "callbacks", "kwargs"]
 _SCALAR = (bool, int, float, str)
 
 
@@ -124,7 +123,7 @@ def autolog(
             if self.vi_result is not vi_result:
                 _log_elbo_losses(self, run_id, model_id)
 
-        num_samples = _num_samples(self)
+        num_samples = self._num_samples  # known once the fit has drawn them
         client.log_params(run_id=run_id, params={"num_samples": num_samples})
         after_fit_logged = client.flush(synchronous=False)
         if model_id is not None:
@@ -150,12 +149,8 @@ def autolog(
         after_fit_logged.await_completion()
         return model
 
-    safe_patch(FLAVOR_NAME, ImpactModel, "fit", patch_fit, manage_run=True, extra_tags=extra_tags)
-
-
-def _num_samples(model: ImpactModel) -> int:
-    """The posterior draws the fit kept (0 without any)."""
-    return int(np.shape(next(iter(model.posterior.values())))[0]) if model.posterior else 0
+    for method in ("fit_on_batch", "fit"):
+        safe_patch(FLAVOR_NAME, ImpactModel, method, patch_fit, manage_run=True, extra_tags=extra_tags)
 
 
 def _log_kernel_source(model: ImpactModel) -> None:
@@ -176,47 +171,94 @@ def _log_elbo_losses(model: ImpactModel, run_id: str, model_id: str | None) -> N
 
 
 def _run_params(model: ImpactModel, original: Callable[..., Any], args: tuple, kwargs: dict) -> dict[str, Any]:
+    from numpyro.infer import MCMC, SVI
+
+    from aimz_trainer.array_data import ArrayLoader
+
     params: dict[str, Any] = {
         "param_input": model.param_input,
         "param_output": model.param_output,
         "inference_method": type(model.inference).__name__,
-        "optimizer": type(model.inference.optim).__name__,
     }
-    # Scalar options only: the kernel's row inputs, val_data and callbacks are no parameters.
+    unlogged = list(_UNLOGGED)
+    if isinstance(model.inference, SVI):
+        params["optimizer"] = type(model.inference.optim).__name__
+    elif isinstance(model.inference, MCMC):
+        params["num_chains"] = model.inference.num_chains
+        params["num_warmup"] = model.inference.num_warmup
+        unlogged.append("num_steps")  # the sampler's own settings count under MCMC
+    # Scalar options only: the kernel's array inputs, val_data and callbacks are no parameters.
     scalars = {k: v for k, v in kwargs.items() if v is None or isinstance(v, _SCALAR)}
-    return params | get_mlflow_run_params_for_fn_args(original, args, scalars, _UNLOGGED)
-
-
-def _training_inputs(model: ImpactModel, args: tuple, kwargs: dict) -> tuple[Any, dict[str, np.ndarray], Any]:
-    """``X``, the kernel's other row inputs given to ``fit``, and ``y``."""
+    fn_params = get_mlflow_run_params_for_fn_args(original, args, scalars, unlogged)
     X = kwargs["X"] if "X" in kwargs else args[0]
+    if isinstance(X, ArrayLoader):
+        fn_params |= {"batch_size": X.batch_size, "shuffle": X.shuffle}
+    elif not _is_array(X):  # another data loader batches and orders the rows itself
+        fn_params.pop("batch_size", None)
+        fn_params.pop("shuffle", None)
+    return params | fn_params
+
+
+def _training_inputs(model: ImpactModel, args: tuple, kwargs: dict) -> tuple[dict[str, np.ndarray], Any] | None:
+    """The kernel's inputs given to the fit (``X`` first, whole) and ``y``; ``None`` for a data
+    loader other than an :class:`~aimz_trainer.array_data.ArrayLoader` (it holds no arrays to
+    read without consuming it)."""
+    from aimz_trainer.array_data import ArrayLoader
+
+    X = kwargs["X"] if "X" in kwargs else args[0]
+    if isinstance(X, ArrayLoader):
+        arrays = {name: np.asarray(value) for name, value in X.dataset.arrays.items()}
+        y = arrays.pop(model.param_output, None)
+        return {"X": arrays.pop(model.param_input), **arrays}, y
+    if not _is_array(X):
+        return None
     y = kwargs["y"] if "y" in kwargs else (args[1] if len(args) > 1 else None)
-    rows = len(X)
-    kernel_parameters = set(model_parameters(model.kernel).names) - {model.param_input, model.param_output}
-    others = {
-        name: np.asarray(value)
-        for name, value in kwargs.items()
-        if name in kernel_parameters and np.ndim(value) and np.shape(value)[0] == rows
-    }
-    return X, others, y
+    kernel_parameters = set(model_parameters(model.kernel).names)
+    others = {k: np.asarray(v) for k, v in kwargs.items() if k in kernel_parameters and _is_array(v)}
+    return {"X": np.asarray(X), **others}, y
 
 
 def _input_example(model: ImpactModel, args: tuple, kwargs: dict) -> np.ndarray | dict[str, np.ndarray]:
-    """The first rows of the training inputs (``X`` alone, or a dict when there are others)."""
-    X, others, _ = _training_inputs(model, args, kwargs)
-    example = {"X": np.array(np.asarray(X)[:INPUT_EXAMPLE_SAMPLE_ROWS])}
-    example |= {name: np.array(value[:INPUT_EXAMPLE_SAMPLE_ROWS]) for name, value in others.items()}
+    """The first rows of the training inputs: ``X`` alone, or a dict with the kernel's other
+    inputs (those of one value per row sliced with it, the others whole)."""
+    inputs = _training_inputs(model, args, kwargs)
+    if inputs is None:
+        raise TypeError("A data loader other than an ArrayLoader has no arrays to copy an input example from.")
+    arrays, _ = inputs
+    rows = len(arrays["X"])
+    example = {
+        name: np.array(value[:INPUT_EXAMPLE_SAMPLE_ROWS] if _per_row(value, rows) else value)
+        for name, value in arrays.items()
+    }
     return example["X"] if len(example) == 1 else example
 
 
 def _log_dataset(
     model: ImpactModel, args: tuple, kwargs: dict, source: CodeDatasetSource, context: str, model_id: str | None
 ) -> None:
-    X, others, y = _training_inputs(model, args, kwargs)
-    features: Any = {"X": np.asarray(X), **others} if others else np.asarray(X)
-    targets = None if y is None else np.asarray(y)
-    dataset = from_numpy(features=features, targets=targets, source=source)
+    inputs = _training_inputs(model, args, kwargs)
+    if inputs is None:
+        return
+    arrays, y = inputs
+    rows = len(arrays["X"])
+    features = {name: value for name, value in arrays.items() if _per_row(value, rows)}
+    dataset = from_numpy(
+        features=features["X"] if len(features) == 1 else features,
+        targets=None if y is None else np.asarray(y),
+        source=source,
+    )
     mlflow.log_input(dataset, context, model=LoggedModelInput(model_id=model_id) if model_id else None)
+
+
+def _is_array(value: Any) -> bool:
+    """Array-like: has a length, a shape or an array interface (not a str or a mapping)."""
+    if isinstance(value, str | bytes | bytearray | Mapping):
+        return False
+    return hasattr(value, "__len__") or hasattr(value, "shape") or hasattr(value, "__array__")
+
+
+def _per_row(value: np.ndarray, rows: int) -> bool:
+    return np.ndim(value) > 0 and np.shape(value)[0] == rows
 
 
 def _log_fitted_model(
@@ -238,7 +280,7 @@ def _log_fitted_model(
         return input_example
 
     def infer_signature(example: Any) -> ModelSignature | None:
-        signature = _infer_signature_from_input_example(_Example((example, predict_params)), _ImpactModelWrapper(model))
+        signature = _infer_signature(_Example((example, predict_params)), model)
         if signature is not None and signature.params is not None:
             # No default seed: a call gives one, or draws with the model's key.
             signature.params = ParamSchema([*signature.params.params, ParamSpec("seed", "long", default=None)])

@@ -52,7 +52,6 @@ if TYPE_CHECKING:
     from mlflow.models.model import ModelInfo
 
     from aimz_trainer.impact_model import ImpactModel
-    from aimz_trainer.predictor import Predictor
 
 __all__ = [
     "FLAVOR_NAME",
@@ -143,8 +142,7 @@ def save_model(
         mlflow_model = Model()
     saved_example = _save_example(mlflow_model, input_example, str(path))
     if signature is None and saved_example is not None:
-        # A prediction on the example gives the schema; predictions leave the model as it was.
-        signature = _infer_signature_from_input_example(saved_example, _ImpactModelWrapper(model))
+        signature = _infer_signature(saved_example, model)
     elif signature is False:
         signature = None
     if signature is not None:
@@ -343,66 +341,49 @@ class _ImpactModelWrapper:
 
     def __init__(self, model: ImpactModel) -> None:
         self.impact_model = model
-        self._seeded: tuple[int, Predictor] | None = None  # the last seed's Predictor: compiled once
 
     def get_raw_model(self) -> ImpactModel:
         """The wrapped :class:`~aimz_trainer.ImpactModel`."""
         return self.impact_model
 
     def predict(self, data: Any, params: Mapping[str, Any] | None = None) -> xr.DataTree | dict[str, np.ndarray]:
-        """Posterior-predictive draws for ``data``.
+        """Posterior-predictive draws for ``data``, kept in memory (``store="memory"``).
 
         Args:
             data: the input rows (``X``), or a dict of :meth:`ImpactModel.predict
-                <aimz_trainer.ImpactModel.predict>`'s arguments (``X`` and the kernel's other
-                row inputs).
+                <aimz_trainer.ImpactModel.predict>`'s keyword arguments (``X`` and the kernel's
+                other inputs).
             params: more of its keyword arguments (``batch_size``, ``in_sample``,
                 ``intervention``, ``return_sites``, ...); ``return_datatree=False`` returns the
-                predictive group as ``{site: array}``; an int ``seed`` draws with
-                ``jax.random.key(seed)`` instead of the model's key.
+                predictive group as ``{site: array}``, which a scoring server serializes; an int
+                ``seed`` draws with ``jax.random.key(seed)`` (by default the model splits a fresh
+                key off its own).
 
         Returns:
             The ``xarray.DataTree`` of :meth:`ImpactModel.predict
             <aimz_trainer.ImpactModel.predict>`, or ``{site: (chain, draw, row) array}``.
         """
         kwargs: dict[str, Any] = {
+            "store": "memory",
             "progress": False,
             **(dict(data) if isinstance(data, Mapping) else {"X": data}),
             **(params or {}),
         }
         return_datatree = kwargs.pop("return_datatree", True)
-        seed = kwargs.pop("seed", None)
-        tree = self.impact_model.predict(**kwargs) if seed is None else self._predict_seeded(int(seed), kwargs)
+        if (seed := kwargs.pop("seed", None)) is not None:
+            kwargs["rng_key"] = jax.random.key(seed)
+        tree = self.impact_model.predict(**kwargs)
         if return_datatree:
             return tree
         group = "posterior_predictive" if kwargs.get("in_sample", True) else "predictions"
         return {str(site): variable.values for site, variable in tree[group].data_vars.items()}
 
-    def _predict_seeded(self, seed: int, kwargs: dict[str, Any]) -> xr.DataTree:
-        """``ImpactModel.predict`` with the key ``jax.random.key(seed)``: the model's posterior,
-        guide and mesh in a Predictor of that key."""
-        from aimz_trainer.predictor import DEFAULT_BATCH_SIZE, Predictor
 
-        model = self.impact_model
-        if not model.is_fitted() or not model.posterior:
-            model.predict(**kwargs)  # raises the model's NotFittedError
-        if self._seeded is None or self._seeded[0] != seed:
-            predictor = Predictor(
-                model.kernel,
-                model.posterior,
-                mesh=model.mesh,
-                rng_key=jax.random.key(seed),
-                guide=model.inference.guide,
-                params=model.vi_result.params,
-                static_kwargs=model.inference.static_kwargs,
-            )
-            self._seeded = (seed, predictor)
-        inputs = {name: value for name, value in kwargs.items() if name not in _PREDICT_OPTIONS}
-        options = {name: value for name, value in kwargs.items() if name in _PREDICT_OPTIONS}
-        row_inputs = {model.param_input: inputs.pop("X"), **inputs}
-        if options.get("batch_size") is None:
-            options["batch_size"] = DEFAULT_BATCH_SIZE
-        return self._seeded[1].predict(row_inputs, **options)
-
-
-_PREDICT_OPTIONS = {"batch_size", "output_dir", "intervention", "return_sites", "in_sample", "progress", "resume"}
+def _infer_signature(example: Any, model: ImpactModel) -> ModelSignature | None:
+    """The signature MLflow infers from a prediction on ``example``; the prediction splits a
+    key off the model's, which is put back, so saving leaves the model's draws unchanged."""
+    rng_key = model._rng_key
+    try:
+        return _infer_signature_from_input_example(example, _ImpactModelWrapper(model))
+    finally:
+        model._rng_key = rng_key
