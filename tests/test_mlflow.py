@@ -251,9 +251,11 @@ def test_default_requirements_are_inferred_from_a_loaded_model(picklable, X, tmp
 # -- log_model, a fresh process, pyfunc ----------------------------------------------------------
 
 
-@pytest.fixture
-def logged(picklable, X, experiment, tmp_path):
-    with mlflow.start_run() as run:
+@pytest.fixture(scope="module")
+def logged(picklable, X, tracking):
+    """One model logged for the tests that read it (a log with signature inference takes ~15 s)."""
+    experiment_id = mlflow.create_experiment("logged", artifact_location=(tracking / "artifacts" / "logged").as_uri())
+    with mlflow.start_run(experiment_id=experiment_id) as run:
         info = aimz_trainer.mlflow.log_model(
             picklable,
             name="model",
