@@ -412,6 +412,7 @@ class Trainer:
             posterior_key=keys.sample,
             _metrics=self.callback_metrics,
             _log=metric_log.log,
+            checkpoint_directories=tuple(d for c in callbacks if (d := c.checkpoint_directory()) is not None),
         )
         return self._fit, metric_log
 

@@ -7,6 +7,7 @@ from aimz_trainer.callbacks.context import FitContext, FitProgress
 from aimz_trainer.callbacks.csv_logger import CSVLogger
 from aimz_trainer.callbacks.early_stopping import EarlyStopping
 from aimz_trainer.callbacks.logger import MetricLogger
+from aimz_trainer.callbacks.mlflow_logger import MLFlowLogger  # imports mlflow only when one is created
 from aimz_trainer.callbacks.model_checkpoint import ModelCheckpoint
 from aimz_trainer.callbacks.posterior import PosteriorSampler
 from aimz_trainer.callbacks.progress import ProgressBar, progress_bar_wanted
@@ -18,6 +19,7 @@ __all__ = [
     "EarlyStopping",
     "FitContext",
     "FitProgress",
+    "MLFlowLogger",
     "MetricLogger",
     "ModelCheckpoint",
     "PosteriorSampler",

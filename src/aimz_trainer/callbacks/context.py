@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
@@ -106,6 +107,9 @@ class FitContext:
     should_stop: bool = False
     stop_reason: str | None = None
     _draws: dict[int, tuple[int, dict[str, jax.Array]]] = field(default_factory=dict)
+    # Where the fit's checkpointing callbacks write (``Callback.checkpoint_directory``), for
+    # loggers that upload the checkpoints.
+    checkpoint_directories: tuple[Path, ...] = ()
 
     @property
     def step(self) -> int:
