@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 import xarray as xr
 from numpyro.infer import SVI
 from numpyro.infer.svi import SVIRunResult
@@ -26,6 +27,7 @@ from aimz_trainer.errors import ConfigurationError, NotFittedError
 from aimz_trainer.predictor import DEFAULT_BATCH_SIZE, Predictor
 from aimz_trainer.scratch import ScratchDirectory
 from aimz_trainer.sharding import make_mesh
+from aimz_trainer.step import set_up_guide
 from aimz_trainer.trainer import Trainer
 
 __all__ = ["ImpactModel"]
@@ -141,14 +143,16 @@ class ImpactModel:
 
         Returns:
             ``self``; :attr:`vi_result` holds ``params``, ``state`` and ``losses``,
-            :attr:`trainer` the Trainer that ran. Each call fits from scratch with the model's
-            key (the same call gives the same fit).
+            :attr:`trainer` the Trainer that ran; the guide is set up as ``SVI.run`` leaves it
+            (``arviz.from_numpyro_svi(im.inference, svi_result=im.vi_result)`` works). Each call
+            fits from scratch with the model's key (the same call gives the same fit).
         """
         model_inputs, trainer_kwargs, fit_kwargs = self._split_kwargs(kwargs)
         data = {self.param_input: X, **model_inputs}
         if y is not None:
             data[self.param_output] = y
         num_rows = len(X) if hasattr(X, "__len__") else None
+        data_batch = batch_size if batch_size is not None else num_rows
         fit_key, predict_key = jax.random.split(jax.random.fold_in(self.rng_key, 0))
         trainer = Trainer(
             max_epochs=epochs,
@@ -161,12 +165,16 @@ class ImpactModel:
         result = trainer.fit(
             self.inference,
             data,
-            batch_size=batch_size if batch_size is not None else num_rows,  # the Trainer checks it
+            batch_size=data_batch,  # the Trainer checks it
             num_samples=num_samples,
             shuffle=shuffle,
             **fit_kwargs,
         )
         self.trainer = trainer
+        # As numpyro's SVI.run leaves it, so that arviz.from_numpyro_svi(im.inference, svi_result=im.vi_result)
+        # works: set up on the first batch's rows (the fit's compiled set-up never leaves the guide).
+        first = {key: np.asarray(value)[:data_batch] for key, value in data.items()}
+        set_up_guide(self.inference.guide, fit_key, {**first, **self.inference.static_kwargs})
         self.vi_result = SVIRunResult(params=result.params, state=result.state, losses=result.losses)
         self.posterior = result.posterior
         self._predictor = (
