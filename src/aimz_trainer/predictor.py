@@ -8,6 +8,14 @@ device memory stays bounded; the last batch is padded to the same shape, so one 
 every batch. A writer thread (:class:`~aimz_trainer.store.ZarrStore`) writes batch b while the
 devices compute batch b+1.
 
+The tree is what ``arviz.from_numpyro`` gives (ArviZ 1.3): the outputs in
+``posterior_predictive``, ``predictions``, ``prior_predictive`` or ``log_likelihood``, the draws
+in ``posterior`` or ``prior`` with the model's global deterministic sites (computed from each
+draw; per-row deterministic sites are outputs), the targets in ``observed_data``; an ``int64``
+coordinate on every dim and ArviZ's attributes on every group (``created_at``,
+``creation_library``, ``inference_library``, their versions, ``sample_dims``); the root group
+holds the store's own attributes.
+
 Random numbers: the rows are cut into fixed key blocks of ``rows_per_key`` rows and draw ``s``
 of key block ``k`` runs the model as ``seed(substitute(model, draw s), fold_in(fold_in(rng_key,
 s), k))`` (the draw's values substituted under the seed, whose key goes to the sites still to
