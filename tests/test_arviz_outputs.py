@@ -9,7 +9,6 @@ from __future__ import annotations
 import arviz as az
 import jax
 import jax.numpy as jnp
-import matplotlib
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
@@ -24,9 +23,6 @@ from aimz_trainer import store as store_module
 from aimz_trainer.errors import ConfigurationError
 from aimz_trainer.store import ArraySpec, ZarrStore
 from aimz_trainer.store_reading import COMPLETE, open_store, verify_store
-
-matplotlib.use("Agg")
-dask_array = pytest.importorskip("dask.array")
 
 NUM_ROWS, NUM_DRAWS = 60, 100  # enough draws for loo's Pareto smoothing
 GROUP_ATTRS = {
@@ -106,6 +102,7 @@ def test_deterministic_sites_sit_where_from_numpyro_puts_them(trees, fitted, dat
 
 
 def test_arviz_functions_run_on_the_trees_as_they_are(trees):
+    pytest.importorskip("matplotlib").use("Agg")  # in the dev group: skipped only outside it
     predicted, log_likelihood = trees
     loo = az.loo(log_likelihood)
     assert np.isfinite(loo.elpd) and loo.n_data_points == NUM_ROWS
@@ -136,6 +133,7 @@ def test_a_set_up_guide_does_not_change_the_next_fit(fitted, data):
 
 
 def test_dask_backed_reading_gives_dask_arrays_of_the_same_values(fitted, data, tmp_path):
+    dask_array = pytest.importorskip("dask.array")  # in the dev group: skipped only outside it
     X, _ = data
     predictor = Predictor(model, fitted.posterior, rng_key=jax.random.key(3), rows_per_key=4)
     lazy = predictor.predict({"X": X}, batch_size=32, output_dir=tmp_path)
