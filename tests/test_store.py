@@ -206,7 +206,7 @@ def test_a_stalled_disk_sync_holds_back_the_rows_counted_not_the_writes(tmp_path
     store = ZarrStore(path, specs(), batch_size=4, max_unsynced=2)
     for start in (0, 4, 8):
         write_rows(store, start, min(start + 4, 10))
-    last_blocks = [store.chunk_path(key, 8) for key in full_values()]
+    last_blocks = [path for key in full_values() for path in store.chunk_paths(key, 8)]
     deadline = time.monotonic() + 30
     while not all(block.is_file() for block in last_blocks) and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -237,13 +237,14 @@ def test_each_chunk_is_synced_to_disk_before_its_rows_count(tmp_path, monkeypatc
     for start in (0, 4, 8):
         write_rows(store, start, min(start + 4, 10))
     store.finalize()
-    expected = [str(store.chunk_path(key, start)) for start in (0, 4, 8) for key in full_values()]
+    expected = [str(path) for start in (0, 4, 8) for key in full_values() for path in store.chunk_paths(key, start)]
     assert synced == expected
     assert all(Path(file).is_file() for file in expected)
     # An uncompressed float block: 1 chain x 3 draws x 4 rows of float32 (the last one 4 rows
     # too: zarr writes whole blocks, the padding past row 10 being the fill value) and its
     # 4-byte checksum.
-    assert store.chunk_path(("posterior_predictive", "y"), 4).stat().st_size == 3 * 4 * 4 + 4
+    [block] = store.chunk_paths(("posterior_predictive", "y"), 4)  # 48 bytes: every draw in one block
+    assert block.stat().st_size == 3 * 4 * 4 + 4
 
     error = OSError(5, "Input/output error")
 

@@ -115,7 +115,7 @@ def flip_a_byte(block: Path, offset: int = 5) -> None:
 
 def test_a_chunk_deleted_from_a_complete_store_raises_when_read_and_in_verify_store(tmp_path):
     store = complete_store(tmp_path / "store")
-    block = store.chunk_path(("posterior_predictive", "k"), 4)
+    block = store.chunk_paths(("posterior_predictive", "k"), 4)[0]
     block.unlink()
     tree = open_store(store.path)
     k = tree["posterior_predictive"]["k"]
@@ -129,7 +129,7 @@ def test_a_chunk_deleted_from_a_complete_store_raises_when_read_and_in_verify_st
 
 def test_a_flipped_byte_in_a_float_chunk_raises_when_read_and_in_verify_store(tmp_path):
     store = complete_store(tmp_path / "store")
-    flip_a_byte(store.chunk_path(("posterior_predictive", "y"), 8))
+    flip_a_byte(store.chunk_paths(("posterior_predictive", "y"), 8)[0])
     y = open_store(store.path)["posterior_predictive"]["y"]
     with pytest.raises(StoreError, match=r"'posterior_predictive/y/c/0/0/2' \(damaged\).*crc32c checksum"):
         y.values  # noqa: B018 (before: a slightly different float, silently)
@@ -140,8 +140,8 @@ def test_a_flipped_byte_in_a_float_chunk_raises_when_read_and_in_verify_store(tm
 def test_verify_store_names_every_bad_chunk_and_refuses_what_it_cannot_check(tmp_path):
     store = complete_store(tmp_path / "store")
     assert verify_store(store.path) == 3 + 3 + 1  # the blocks of y, k and w
-    store.chunk_path(("posterior_predictive", "y"), 0).unlink()
-    flip_a_byte(store.chunk_path(("posterior_predictive", "k"), 8), offset=-1)  # the checksum itself
+    store.chunk_paths(("posterior_predictive", "y"), 0)[0].unlink()
+    flip_a_byte(store.chunk_paths(("posterior_predictive", "k"), 8)[0], offset=-1)  # the checksum itself
     (store.path / "posterior" / "w" / "c" / "0" / "0").unlink()  # an array written whole
     with pytest.raises(StoreError, match="3 chunk") as info:
         verify_store(store.path)

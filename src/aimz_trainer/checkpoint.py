@@ -44,9 +44,9 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from numpyro.handlers import seed
 
 from aimz_trainer.errors import CheckpointError, CheckpointWarning
+from aimz_trainer.step import set_up_guide
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -403,8 +403,7 @@ class LoadedCheckpoint:
         """``num_samples`` draws from ``guide`` (the fit's guide, e.g. ``svi.guide``) at these
         parameters; ``data`` is a batch of the model's inputs (deterministic sites are computed
         on it)."""
-        if getattr(guide, "prototype_trace", None) is None:
-            seed(guide, rng_key)(**data)  # an autoguide sets itself up on its first call
+        set_up_guide(guide, rng_key, data)
         return guide.sample_posterior(rng_key, self.params, sample_shape=(num_samples,), **data)
 
 

@@ -10,7 +10,8 @@ log-densities (:class:`Mode`). The rows are cut into key blocks of ``rows_per_ke
 by ``draws_per_tile`` draws, computed together (``vmap``), one tile after the other
 (``lax.map``), so that device memory stays bounded. Row-wise intervention values are the row
 inputs named ``DO_PREFIX + site``; per-row latent sites are drawn from the fitted guide inside
-the forward (:class:`LocalDraws`).
+the forward (:class:`LocalDraws`). The global deterministic sites are computed once per draw,
+not per row (:func:`deterministic_draws`).
 """
 
 from __future__ import annotations
@@ -32,13 +33,14 @@ from aimz_trainer.step import guide_draw, guide_on_rows
 if TYPE_CHECKING:
     from aimz_trainer.prediction_plan import PredictionPlan
 
-__all__ = ["DO_PREFIX", "LocalDraws", "Mode", "make_forward", "prior_draws"]
+__all__ = ["DO_PREFIX", "LocalDraws", "Mode", "deterministic_draws", "make_forward", "prior_draws"]
 
 Draws = dict[str, jax.Array]
 
 DO_PREFIX = "__do__:"  # a row-wise intervention value among the forward's row inputs
 _PRIOR_STREAM = 0x7072696F  # the prior draws' key: fold_in(rng_key, "prio")
 _GUIDE_STREAM = 0x6775696465 & 0xFFFFFFFF  # a key block's per-row guide draws: fold_in(its key, "guide")
+_DETERMINISTIC_STREAM = 0x64657465  # "dete": the key of the global deterministic sites' runs
 
 
 class Mode(enum.Enum):
@@ -197,10 +199,29 @@ def prior_draws(
 ) -> Draws:
     """``num_samples`` prior draws of the model's global latent ``sites`` under the prior
     stream of ``rng_key`` (per-row sites are drawn row by row in the forward)."""
+    keys = jax.random.split(jax.random.fold_in(rng_key, _PRIOR_STREAM), num_samples)
+    return _site_values(model, probe, sites, keys, {})
 
-    def one(key: jax.Array) -> Draws:
-        trace = trace_model(model, probe, rng_seed=key)
+
+def deterministic_draws(
+    model: Callable[..., Any], probe: Mapping[str, Any], sites: Sequence[str], latent: Mapping[str, Any]
+) -> Draws:
+    """The global deterministic ``sites`` of every draw of the global ``latent`` sites
+    (``{site: (draws, ...)}``): the model run on the rows ``probe`` with each draw substituted.
+    They go with the draws, as ``arviz.from_numpyro`` puts them in ``posterior`` (or ``prior``)."""
+    num_samples = len(next(iter(latent.values())))
+    keys = jax.random.split(jax.random.key(_DETERMINISTIC_STREAM), num_samples)  # for sites left to draw, if any
+    return _site_values(model, probe, sites, keys, latent)
+
+
+def _site_values(
+    model: Callable[..., Any], probe: Mapping[str, Any], sites: Sequence[str], keys: jax.Array, given: Draws
+) -> Draws:
+    """The values of ``sites`` in one run of ``model`` on ``probe`` per key, with ``given``
+    (one draw per key) substituted, as host arrays with a leading draw axis."""
+
+    def one(key: jax.Array, values: Draws) -> Draws:
+        trace = trace_model(handlers.substitute(model, data=values), probe, rng_seed=key)
         return {name: trace[name]["value"] for name in sites}
 
-    keys = jax.random.split(jax.random.fold_in(rng_key, _PRIOR_STREAM), num_samples)
-    return {k: np.asarray(v) for k, v in jax.jit(jax.vmap(one))(keys).items()}
+    return {k: np.asarray(v) for k, v in jax.jit(jax.vmap(one))(keys, dict(given)).items()}

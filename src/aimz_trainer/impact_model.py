@@ -52,7 +52,8 @@ from aimz_trainer.kernel_spec import (
 from aimz_trainer.predictor import DEFAULT_BATCH_SIZE, Predictor
 from aimz_trainer.scratch import ScratchDirectory
 from aimz_trainer.sharding import make_mesh
-from aimz_trainer.trainer import Trainer
+from aimz_trainer.step import set_up_guide
+from aimz_trainer.trainer import FitResult, Trainer
 
 __all__ = ["ImpactModel"]
 
@@ -295,7 +296,7 @@ class ImpactModel:
             **fit_kwargs,
         )
         self.trainer = trainer
-        self._keep_svi_fit(result.params, result.state, result.losses, result.posterior, rows, whole)
+        self._keep_svi_fit(result, rows, whole, key, batch_rows=num_rows if batch_size is None else batch_size)
         return self
 
     def fit_on_batch(
@@ -341,7 +342,7 @@ class ImpactModel:
             init_state=self._vi_state,
         )
         self.trainer = trainer
-        self._keep_svi_fit(result.params, result.state, result.losses, result.posterior, rows, whole)
+        self._keep_svi_fit(result, rows, whole, key, batch_rows=num_rows)
         return self
 
     def train_on_batch(
@@ -371,20 +372,19 @@ class ImpactModel:
         return self._vi_state, loss
 
     def _keep_svi_fit(
-        self,
-        params: Mapping[str, Any],
-        state: SVIState,
-        losses: np.ndarray,
-        posterior: Mapping[str, Any] | None,
-        rows: Mapping[str, Any],
-        whole: Mapping[str, Any],
+        self, result: FitResult, rows: Mapping[str, Any], whole: Mapping[str, Any], key: jax.Array, batch_rows: int
     ) -> None:
-        self._vi_result = SVIRunResult(params=params, state=state, losses=losses)
-        self._vi_state = state
+        """Keep a Trainer's fit, and leave the guide set up on a batch as ``SVI.run`` leaves it
+        (``arviz.from_numpyro_svi(im.inference, svi_result=im.vi_result)`` and
+        ``guide.sample_posterior`` work; the Trainer's compiled set-up never leaves the guide)."""
+        self._vi_result = SVIRunResult(params=result.params, state=result.state, losses=result.losses)
+        self._vi_state = result.state
         self._guide_kwargs = {**{k: np.asarray(v[:1]) for k, v in rows.items()}, **whole}
-        self._fitted_params = dict(params)
+        self._fitted_params = dict(result.params)
+        first = {k: np.asarray(v[:batch_rows]) for k, v in rows.items()}
+        set_up_guide(self._inference.guide, key, {**first, **self._static_kwargs(whole)})
         # Global latent sites only: deterministic ones are computed per call, on its rows.
-        latent = {k: v for k, v in (posterior or {}).items() if k in self._latent_sites()}
+        latent = {k: v for k, v in (result.posterior or {}).items() if k in self._latent_sites()}
         if latent:
             self._set_posterior(latent, 1)
         else:

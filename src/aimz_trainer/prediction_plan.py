@@ -23,7 +23,7 @@ from numpyro.distributions import constraints
 
 from aimz_trainer.data import digest_rows, nonfinite, require_finite_rows
 from aimz_trainer.errors import ConfigurationError, DataError
-from aimz_trainer.forward import DO_PREFIX, LocalDraws, Mode, make_forward
+from aimz_trainer.forward import DO_PREFIX, LocalDraws, Mode, deterministic_draws, make_forward
 from aimz_trainer.plates import ModelLayout, model_layout, trace_model
 from aimz_trainer.store import ArraySpec
 
@@ -45,6 +45,8 @@ class PredictionPlan:
         draws_group: the store group of the latent draws: ``posterior`` or ``prior``.
         outputs: the sites computed batch by batch and written to ``group``.
         latent: the draws of the model's latent sample sites, ``{site: (draws, ...)}``.
+        deterministic: the model's global deterministic sites computed from each draw of
+            ``latent``, ``{site: (draws, ...)}``: written to ``draws_group`` with them.
         constants: the intervention values applied to every row (arguments of the compiled
             forward, not constants of its program).
         intervention: the intervention as the caller gave it (recorded in the store).
@@ -71,7 +73,8 @@ class PredictionPlan:
         rows_per_tile: rows per device of a tile, a multiple of ``rows_per_key``.
         draws_per_tile: draws of a tile.
         dtypes: each output's dtype in the store (empty while the plan is being built).
-        specs: the store's arrays.
+        specs: the store's arrays: the outputs, the draws and the observed data, and an integer
+            coordinate for every dim of every group.
         fingerprint: a digest of what decides the values: a resume must compute the same.
     """
 
@@ -80,6 +83,7 @@ class PredictionPlan:
     draws_group: str
     outputs: tuple[str, ...]
     latent: dict[str, np.ndarray]
+    deterministic: dict[str, np.ndarray]
     constants: dict[str, np.ndarray]
     intervention: Mapping[str, Any]
     observed_data: dict[str, Any]
@@ -116,6 +120,16 @@ class PredictionPlan:
             list(self.outputs), self.mode.name, self.batch, sorted(self.model_inputs), constant_shapes,
             self.num_samples, self.num_chains, self.local and self.local.sites, self.check_finite,
         )  # fmt: skip
+
+    def whole_arrays(self) -> dict[tuple[str, str], np.ndarray]:
+        """The arrays written whole, ``{(group, name): values}``: the draws (with their chains),
+        the observed data and the coordinates."""
+        draws = {**self.latent, **self.deterministic}
+        arrays = {(self.draws_group, n): v.reshape(*self.chain_draws, *v.shape[1:]) for n, v in draws.items()}
+        arrays.update({("observed_data", n): np.asarray(v) for n, v in self.observed_data.items()})
+        # A coordinate is the array named after its one dim (plates and sites share one namespace).
+        arrays.update({(s.group, s.name): np.arange(s.shape[0]) for s in self.specs if s.dims == (s.name,)})
+        return arrays
 
 
 def batch_rows(num_rows: int, batch_size: int, rows_per_key: int, devices: int) -> tuple[int, int]:
@@ -188,11 +202,20 @@ def make_plan(
             f"{sorted(draws)}; the model's global latent sites are {sorted(layout.global_sites)}."
         )
     latent = {n: v for n, v in draws.items() if n in samples}
+    # Computed here from every draw, whatever values of them the draws bring (a fit's come from
+    # its prototype batch); with the draws, as arviz.from_numpyro has them.
+    deterministic = (
+        deterministic_draws(model, probe, layout.global_deterministic, latent)
+        if layout.global_deterministic and latent
+        else {}
+    )
     # Values of a site the model takes as an optional argument (``y=None``) are targets:
     # written to observed_data, not conditioned on. Required arguments stay inputs.
     observed_data = {n: arrays.pop(n) for n in list(arrays) if n in samples and n not in latent and n in optional}
     observed = [n for n in samples if n not in latent and n not in arrays and n not in intervention]
-    outputs = _outputs(mode, return_sites, sites, samples, latent, observed, observed_data, draws_group)
+    outputs = _outputs(
+        mode, return_sites, sites, samples, {**latent, **deterministic}, observed, observed_data, draws_group
+    )
     # Targets (``y=None``) are observed in training: never the guide's to draw.
     not_guided = {*latent, *intervention, *(n for n in samples if n in optional)}
     local_sites = _guided_sites(layout, guide, not_guided, num_rows) if in_sample else ()
@@ -209,8 +232,9 @@ def make_plan(
     # The default keeps a tile at about 20,000 rows x draws: on CPU one draw at a time over
     # 10,000 rows beat 10 or 50 at a time (a 32-wide layer's activations stay in cache).
     draft = PredictionPlan(
-        mode=mode, group=group, draws_group=draws_group, outputs=tuple(outputs), latent=latent, constants=constants,
-        intervention=intervention, observed_data=observed_data, model_inputs=model_inputs,
+        mode=mode, group=group, draws_group=draws_group, outputs=tuple(outputs), latent=latent,
+        deterministic=deterministic, constants=constants, intervention=intervention, observed_data=observed_data,
+        model_inputs=model_inputs,
         local=local, guide_params=guide_params or {}, check_finite=check_finite, num_rows=num_rows,
         num_samples=num_samples, num_chains=num_chains, rng_key=rng_key, rows_per_key=rows_per_key, batch=batch,
         devices=devices, process_rows=process_rows,
@@ -231,31 +255,32 @@ def _outputs(
     return_sites: str | Sequence[str] | None,
     sites: Mapping[str, Any],
     samples: list[str],
-    latent: Mapping[str, Any],
+    drawn: Mapping[str, Any],
     observed: list[str],
     observed_data: Mapping[str, Any],
     draws_group: str,
 ) -> list[str]:
-    """The sites a prediction writes batch by batch, checked against the model's."""
+    """The sites a prediction writes batch by batch, checked against the model's: never those
+    ``drawn`` (the latent draws and the global deterministic sites, in ``draws_group``)."""
     if mode is Mode.LOG_LIKELIHOOD:
-        outputs = [n for n in samples if n not in latent and (n in observed_data or sites[n]["is_observed"])]
+        outputs = [n for n in samples if n not in drawn and (n in observed_data or sites[n]["is_observed"])]
         if not outputs:
             raise DataError(
                 f"log_likelihood needs the observed values in data: add {observed} (the model's observed sites)."
             )
         return outputs
-    defaults = observed + [n for n, s in sites.items() if s["type"] == "deterministic"]
+    defaults = observed + [n for n, s in sites.items() if s["type"] == "deterministic" and n not in drawn]
     if isinstance(return_sites, str):  # one site
         return_sites = [return_sites]
     outputs = defaults if return_sites is None else list(return_sites)
     unknown = sorted(set(outputs) - set(sites))
     if unknown:
         raise ConfigurationError(f"return_sites {unknown} are not sites of the model; its sites are {sorted(sites)}.")
-    given = sorted(set(outputs) & set(latent))
+    given = sorted(set(outputs) & set(drawn))
     if given:
         raise ConfigurationError(
-            f"return_sites {given} are posterior draws, not predictions: they are written to the "
-            f"{draws_group!r} group already."
+            f"return_sites {given} are {draws_group} draws (or global deterministic sites, computed from them "
+            f"alone), not predictions: they are written to the {draws_group!r} group already."
         )
     return outputs
 
@@ -400,19 +425,20 @@ def _compact_dtype(dtype: Any, site: Mapping[str, Any] | None) -> np.dtype:
 def _specs(
     plan: PredictionPlan, shapes: Mapping[str, tuple[tuple[int, ...], np.dtype]], sites: Mapping[str, Any]
 ) -> tuple[ArraySpec, ...]:
-    """The store's arrays: the outputs (filled batch by batch along the rows), the latent
-    draws and the observed data (written whole)."""
+    """The store's arrays: the outputs (filled batch by batch along the rows, in blocks of
+    draws), the draws and the observed data (written whole), and an ``int64`` coordinate
+    ``0 .. n-1`` for every dim of every group, as arviz gives every dim."""
     outputs = [
         ArraySpec(plan.group, name, (*plan.chain_draws, plan.num_rows, *shape[1:]), dtype, (
             "chain", "draw", *_dims(sites[name], name, len(shape)),
-        ), 2)
+        ), 2, draw_axis=1)
         for name, (shape, dtype) in shapes.items()
     ]  # fmt: skip
     draws = [
         ArraySpec(plan.draws_group, name, (*plan.chain_draws, *value.shape[1:]), value.dtype, (
-            "chain", "draw", *(f"{name}_dim_{i}" for i in range(value.ndim - 1)),
+            "chain", "draw", *_dims(sites[name], name, value.ndim - 1),
         ), None)
-        for name, value in plan.latent.items()
+        for name, value in {**plan.latent, **plan.deterministic}.items()
     ]  # fmt: skip
     observed = [
         ArraySpec(
@@ -420,7 +446,9 @@ def _specs(
         )
         for name, value in plan.observed_data.items()
     ]
-    return (*outputs, *draws, *observed)
+    lengths = {(s.group, dim): n for s in (*outputs, *draws, *observed) for dim, n in zip(s.dims, s.shape, strict=True)}
+    coordinates = [ArraySpec(group, dim, (n,), np.dtype(np.int64), (dim,), None) for (group, dim), n in lengths.items()]
+    return (*outputs, *draws, *observed, *coordinates)
 
 
 def _dims(site: Mapping[str, Any], name: str, ndim: int) -> tuple[str, ...]:

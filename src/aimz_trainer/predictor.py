@@ -8,6 +8,14 @@ device memory stays bounded; the last batch is padded to the same shape, so one 
 every batch. A writer thread (:class:`~aimz_trainer.store.ZarrStore`) writes batch b while the
 devices compute batch b+1.
 
+The tree is what ``arviz.from_numpyro`` gives (ArviZ 1.3): the outputs in
+``posterior_predictive``, ``predictions``, ``prior_predictive`` or ``log_likelihood``, the draws
+in ``posterior`` or ``prior`` with the model's global deterministic sites (computed from each
+draw; per-row deterministic sites are outputs), the targets in ``observed_data``; an ``int64``
+coordinate on every dim and ArviZ's attributes on every group (``created_at``,
+``creation_library``, ``inference_library``, their versions, ``sample_dims``); the root group
+holds the store's own attributes.
+
 Random numbers: the rows are cut into fixed key blocks of ``rows_per_key`` rows and draw ``s``
 of key block ``k`` runs the model as ``seed(substitute(model, draw s), fold_in(fold_in(rng_key,
 s), k))`` (the draw's values substituted under the seed, whose key goes to the sites still to
@@ -44,6 +52,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro
 import xarray as xr
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
@@ -69,7 +78,7 @@ from aimz_trainer.store import (
     process_rows,
     require_shareable,
 )
-from aimz_trainer.store_reading import open_store
+from aimz_trainer.store_reading import Chunks, check_chunks, open_store
 
 __all__ = ["DEFAULT_BATCH_SIZE", "Predictor"]
 
@@ -234,6 +243,7 @@ class Predictor:
         resume: bool = False,
         progress: bool = False,
         rng_key: jax.Array | None = None,
+        chunks: Chunks = None,
     ) -> xr.DataTree:
         """Posterior-predictive draws for ``data``, written to Zarr, opened as a DataTree.
 
@@ -261,11 +271,15 @@ class Predictor:
             progress: show a bar of the batches written (on a terminal, ``CI`` unset).
             rng_key: the key of this call's draws (default: the Predictor's ``rng_key``, so
                 every call shares its random numbers).
+            chunks: ``None`` (default): the tree's variables are xarray's lazy arrays; ``{}``
+                (or any dask chunks): dask arrays, one chunk per store block, for reductions
+                over stores larger than memory (see
+                :func:`~aimz_trainer.store_reading.open_store`).
         """
         require_bool("in_sample", in_sample)
         _check_request(
             batch_size=batch_size, output_dir=output_dir, intervention=intervention, return_sites=return_sites,
-            resume=resume, progress=progress,
+            resume=resume, progress=progress, chunks=chunks,
         )  # fmt: skip
         self._require_posterior()
         require_shareable(output_dir, resume)
@@ -275,7 +289,7 @@ class Predictor:
             draws=self.posterior, draws_group="posterior", in_sample=in_sample, intervention=intervention,
             return_sites=return_sites, rng_key=rng_key,
         )  # fmt: skip
-        return self._stream(plan, output_dir=output_dir, resume=resume, progress=progress)
+        return self._stream(plan, output_dir=output_dir, resume=resume, progress=progress, chunks=chunks)
 
     def sample_prior_predictive(
         self,
@@ -288,11 +302,12 @@ class Predictor:
         progress: bool = False,
         intervention: Mapping[str, Any] | None = None,
         rng_key: jax.Array | None = None,
+        chunks: Chunks = None,
     ) -> xr.DataTree:
         """Draws from the prior predictive (groups ``prior`` and ``prior_predictive``), streamed
         like :meth:`predict`. The global latent sites are drawn once per draw from the prior
         (default: as many draws as the posterior has); sites inside the rows' plate are drawn
-        row by row. ``intervention`` and ``rng_key`` as in :meth:`predict`."""
+        row by row. ``intervention``, ``rng_key`` and ``chunks`` as in :meth:`predict`."""
         num_samples = self.num_samples if num_samples is None else num_samples
         if num_samples is None:
             raise ConfigurationError("num_samples is needed: this Predictor has no posterior to take it from.")
@@ -300,7 +315,7 @@ class Predictor:
             raise ConfigurationError(f"num_samples must be a positive int; got {num_samples!r}.")
         _check_request(
             batch_size=batch_size, output_dir=output_dir, intervention=intervention, return_sites=return_sites,
-            progress=progress,
+            progress=progress, chunks=chunks,
         )  # fmt: skip
         key = self.rng_key if rng_key is None else as_key(rng_key)
         arrays, num_rows = self._model_data(data)
@@ -313,7 +328,7 @@ class Predictor:
             arrays, num_rows, batch_size, mode=Mode.DRAWS, group="prior_predictive", draws=prior, draws_group="prior",
             in_sample=False, intervention=intervention, return_sites=return_sites, rng_key=key, num_chains=1,
         )  # fmt: skip
-        return self._stream(plan, output_dir=output_dir, resume=False, progress=progress)
+        return self._stream(plan, output_dir=output_dir, resume=False, progress=progress, chunks=chunks)
 
     def log_likelihood(
         self,
@@ -323,11 +338,13 @@ class Predictor:
         output_dir: str | os.PathLike[str] | None = None,
         progress: bool = False,
         rng_key: jax.Array | None = None,
+        chunks: Chunks = None,
     ) -> xr.DataTree:
         """Pointwise log-likelihood of the observed sites in ``data`` under each posterior draw
         (group ``log_likelihood``, for LOO with arviz). Per-row latent sites are drawn from
-        the fitted guide, as in an in-sample :meth:`predict`; ``rng_key`` as there."""
-        _check_request(batch_size=batch_size, output_dir=output_dir, progress=progress)
+        the fitted guide, as in an in-sample :meth:`predict`; ``rng_key`` and ``chunks`` as
+        there."""
+        _check_request(batch_size=batch_size, output_dir=output_dir, progress=progress, chunks=chunks)
         self._require_posterior()
         require_shareable(output_dir, False)
         arrays, num_rows = self._model_data(data)
@@ -335,7 +352,7 @@ class Predictor:
             arrays, num_rows, batch_size, mode=Mode.LOG_LIKELIHOOD, group="log_likelihood", draws=self.posterior,
             draws_group="posterior", in_sample=True, rng_key=rng_key,
         )  # fmt: skip
-        return self._stream(plan, output_dir=output_dir, resume=False, progress=progress)
+        return self._stream(plan, output_dir=output_dir, resume=False, progress=progress, chunks=chunks)
 
     def cleanup(self) -> None:
         """Remove the scratch directory of stores written without ``output_dir`` (also done
@@ -391,10 +408,17 @@ class Predictor:
         )  # fmt: skip
 
     def _stream(
-        self, plan: PredictionPlan, *, output_dir: str | os.PathLike[str] | None, resume: bool, progress: bool
+        self,
+        plan: PredictionPlan,
+        *,
+        output_dir: str | os.PathLike[str] | None,
+        resume: bool,
+        progress: bool,
+        chunks: Chunks,
     ) -> xr.DataTree:
         """Compute ``plan`` batch by batch into a new store in ``output_dir`` (or continue the
-        newest interrupted one, ``resume``) and open it."""
+        newest interrupted one, ``resume``) and open it (with ``chunks``, see
+        :func:`~aimz_trainer.store_reading.open_store`)."""
         forward = self._compiled_forward(plan)
         processes = jax.process_count()
         if processes > 1:  # each writes its share of every batch: they must all compute the same
@@ -416,9 +440,10 @@ class Predictor:
             FINGERPRINT: plan.fingerprint,
         }
         # Small and rewritten on resume too: an interruption may have come before them.
-        whole = {(plan.draws_group, n): v.reshape(*plan.chain_draws, *v.shape[1:]) for n, v in plan.latent.items()}
-        whole.update({("observed_data", n): np.asarray(v) for n, v in plan.observed_data.items()})
-        store = open_shared_store(path, plan.specs, plan.batch, attrs, resume, whole, self.compress_floats)
+        store = open_shared_store(
+            path, plan.specs, plan.batch, attrs, resume, plan.whole_arrays(), self.compress_floats,
+            group_attrs=_group_attrs(plan),
+        )  # fmt: skip
         group, outputs, batch, num_rows = plan.group, plan.outputs, plan.batch, plan.num_rows
         first_row, last_row = plan.process_rows
         failure: BaseException | None = None  # a failed write, with several processes
@@ -473,7 +498,7 @@ class Predictor:
         except BaseException:
             store.abort()
             raise
-        tree = open_store(path)
+        tree = open_store(path, chunks=chunks)
         # A store in the scratch directory lives as long as the Predictor: the tree keeps it.
         tree._aimz_owner = self  # type: ignore[attr-defined]
         return tree
@@ -506,6 +531,7 @@ def _check_request(
     intervention: Any = None,
     return_sites: Any = None,
     resume: Any = False,
+    chunks: Any = None,
 ) -> None:
     """The arguments of a prediction call that need neither the data nor the model, checked
     before anything is traced or drawn."""
@@ -527,6 +553,22 @@ def _check_request(
         raise ConfigurationError(f"return_sites must be a site name or a list of them; got {return_sites!r}.")
     require_bool("resume", resume)
     require_bool("progress", progress)
+    check_chunks(chunks)
+
+
+def _group_attrs(plan: PredictionPlan) -> dict[str, dict[str, Any]]:
+    """Each group's attributes, those ``arviz.from_numpyro`` gives its groups (ArviZ 1.3), with
+    this library as the one that created them."""
+    created = {
+        "created_at": datetime.datetime.now(datetime.UTC).isoformat(),
+        "creation_library": "aimz_trainer",
+        "creation_library_version": library_version(),
+        "creation_library_language": "Python",
+        "inference_library": "numpyro",
+        "inference_library_version": numpyro.__version__,
+    }
+    groups = dict.fromkeys(spec.group for spec in plan.specs)
+    return {g: {**created, "sample_dims": [] if g == "observed_data" else ["chain", "draw"]} for g in groups}
 
 
 def _out_sharding(mesh: Mesh) -> NamedSharding:

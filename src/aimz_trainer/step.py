@@ -12,10 +12,13 @@ per-row latent sites line up with their rows.
 NumPyro's guides and ``SVI.init`` store what they learn about the model (the guide's
 prototype trace, ``svi.constrain_fn``) on the objects themselves. Set up inside a trace, those
 attributes would hold tracers that escape it (an ``UnexpectedTracerError`` later). Every
-function here therefore runs inside :func:`traced_svi`, which sets them up under the current
-trace and then puts the objects back exactly as the user handed them over: the user's ``svi``
-and guide never hold a tracer, and set-up costs one trace instead of hundreds of eager
-compilations.
+function here therefore runs inside :func:`traced_svi`, which sets them up afresh under the
+current trace and then puts the objects back exactly as the user handed them over: the user's
+``svi`` and guide never hold a tracer, and set-up costs one trace instead of hundreds of eager
+compilations. A guide that code outside the library reads after a fit (``arviz.from_numpyro_svi``
+calls ``guide.sample_posterior``) must be set up on concrete values as ``SVI.init`` leaves it:
+:func:`set_up_guide` does that, once, eagerly (its cost, about 2 s of compilation on a 2-core
+CPU even for a one-site model, is why a fit does not do it unasked).
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ __all__ = [
     "pointwise_lpd",
     "restored_after",
     "sample_posterior",
+    "set_up_guide",
     "step_metric_functions",
     "traced_svi",
 ]
@@ -113,9 +117,15 @@ def traced_svi(
 
 @contextlib.contextmanager
 def restored_after(obj: SVI | Callable[..., Any]) -> Iterator[None]:
-    """Put an ``SVI`` or a guide (and every guide inside it) back as it was on exit: what they
-    set up on themselves inside a trace holds tracers."""
-    saved = [(part, dict(vars(part))) for part in _stateful_parts(obj)]
+    """Inside: an ``SVI`` or a guide (and every guide inside it) as if never set up, so an
+    ``AutoGuide`` sets itself up afresh under the current trace, from its key and rows, whatever
+    was set up before (:func:`set_up_guide`); on exit, put back exactly as it was: what they set
+    up on themselves inside a trace holds tracers."""
+    parts = _stateful_parts(obj)
+    saved = [(part, dict(vars(part))) for part in parts]
+    for part in parts:
+        if isinstance(part, AutoGuide):
+            part.prototype_trace = None  # what an AutoGuide checks before it sets itself up
     try:
         yield
     finally:
@@ -146,6 +156,28 @@ def _stateful_parts(obj: Any) -> list[Any]:
             parts.append(guide)
         pending.extend(getattr(guide, "_guides", ()))
     return parts
+
+
+def set_up_guide(guide: Callable[..., Any], rng_key: jax.Array, kwargs: Mapping[str, Any]) -> None:
+    """Set an ``AutoGuide`` up on ``kwargs`` (the model's inputs, a batch of host arrays) as
+    ``SVI.init`` leaves it: outside any trace, so what it keeps holds concrete values and
+    ``guide.sample_posterior`` (what ``arviz.from_numpyro_svi`` calls), ``median`` and
+    ``quantiles`` work after a fit. A guide set up already, or not an ``AutoGuide`` (nothing to
+    set up), is left as it is; the compiled functions of a fit or a prediction set the guide up
+    afresh inside their trace either way (:func:`restored_after`).
+
+    Example:
+        >>> import numpy as np, numpyro, numpyro.distributions as dist
+        >>> from numpyro.infer.autoguide import AutoNormal
+        >>> def model(x):
+        ...     numpyro.sample("w", dist.Normal())
+        >>> guide = AutoNormal(model)
+        >>> set_up_guide(guide, jax.random.key(0), {"x": np.zeros(3)})
+        >>> sorted(guide.sample_posterior(jax.random.key(1), {"w_auto_loc": 0.0, "w_auto_scale": 1.0}))
+        ['w']
+    """
+    if isinstance(guide, AutoGuide) and guide.prototype_trace is None:
+        handlers.seed(guide, rng_key)(**kwargs)  # an AutoGuide sets itself up on its first call
 
 
 def model_kwargs(svi: SVI, batch: Batch) -> dict[str, Any]:

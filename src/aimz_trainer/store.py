@@ -1,8 +1,9 @@
 """Prediction stores: Zarr v3 groups written by a background thread and marked complete last.
 
 A :class:`ZarrStore` creates every array up front, in blocks (Zarr's chunks) of a batch of
-rows (integer arrays Blosc-zstd, float arrays uncompressed unless asked: they hardly compress;
-every block ends in a crc32c checksum of its bytes), then takes whole batches from the compute
+rows by as many draws as keep a block at about :data:`BLOCK_BYTES` (see :meth:`ArraySpec.chunks`;
+integer arrays Blosc-zstd, float arrays uncompressed unless asked: they hardly compress; every
+block ends in a crc32c checksum of its bytes), then takes whole batches from the compute
 loop through a bounded queue: a writer thread writes them while the devices compute the next
 ones, and host memory holds at most ``max_pending`` batches whatever the number of rows. A
 second thread syncs each batch's block files to the disk, at most ``max_unsynced`` batches
@@ -21,7 +22,8 @@ written and continues from the first batch that is not intact, with a warning.
 
 Several processes (a ``jax.distributed`` run) can write one store together, each its own rows:
 writer 0 creates it (``writers=N``), the others open it once it exists (``join=True``). Each
-batch is then cut into ``N`` blocks, one per writer, so no block ever has two writers. The rows
+batch is then cut into ``N`` parts, one per writer, each its own blocks (every block of
+draws of its rows), so no block ever has two writers. The rows
 written are not recorded batch by batch (N processes would share one attribute), only by
 writer 0's :meth:`ZarrStore.finalize`: an interrupted store of several writers cannot be
 resumed, only written again. :func:`open_shared_store` and :func:`finalize_shared_store` are the
@@ -33,11 +35,18 @@ raise (the failing one its own error, the others :class:`~aimz_trainer.errors.St
 leaves the store incomplete. :func:`process_rows` is the part of every batch a process writes.
 
 Stores written without an ``output_dir`` live in a scratch directory (:mod:`aimz_trainer.scratch`).
+
+Memory when reading: a block is the unit every reader decodes, so :data:`BLOCK_BYTES` also bounds
+what one read of a row-wise array holds per block it touches. ``open_store(path, chunks={})``
+gives a dask-backed tree with one dask chunk per block (see
+:func:`~aimz_trainer.store_reading.open_store`).
 """
 
 from __future__ import annotations
 
 import datetime
+import itertools
+import math
 import os
 import queue
 import threading
@@ -61,6 +70,7 @@ from aimz_trainer.sharding import batch_sharding
 from aimz_trainer.store_reading import COMPLETE, ROWS_WRITTEN, VerifyingStore, describe_block_problems
 
 __all__ = [
+    "BLOCK_BYTES",
     "FINGERPRINT",
     "ArraySpec",
     "ZarrStore",
@@ -73,11 +83,17 @@ __all__ = [
 
 FINGERPRINT = "aimz_trainer_fingerprint"  # what was computed: a resume must compute the same
 
+# What a block of a row-wise array aims at, uncompressed: a few draws' worth of a batch rather than
+# all of them. At the tutorial's settings (100,000-row batches, 1,000 draws, float32) a block of
+# every draw was 400 MB, which any reader of a single value had to decode whole.
+BLOCK_BYTES = 16 * 2**20
+
 
 @dataclass(frozen=True)
 class ArraySpec:
     """One array of a store: ``<group>/<name>`` with named dims; ``row_axis`` is the axis the
-    batches fill (``None``: written whole, once)."""
+    batches fill (``None``: written whole, once); ``draw_axis``, of a row-wise array, is cut into
+    blocks of draws (see :meth:`chunks`)."""
 
     group: str
     name: str
@@ -86,17 +102,32 @@ class ArraySpec:
     dims: tuple[str, ...]
     row_axis: int | None
     attrs: Mapping[str, Any] | None = None
+    draw_axis: int | None = None
 
     @property
     def ndim(self) -> int:
         return len(self.shape)
 
-    def chunks(self, batch_size: int) -> tuple[int, ...]:
-        """The shape of the array's blocks (zarr's ``chunks``): ``batch_size`` rows along the
-        row axis, the whole array along the others."""
+    def chunks(self, block_rows: int) -> tuple[int, ...]:
+        """The shape of the array's blocks (zarr's ``chunks``): ``block_rows`` rows along the row
+        axis; along the draw axis the draws cut into the fewest equal parts of at most about
+        :data:`BLOCK_BYTES` each (one draw at least); the whole array along the others.
+
+        Example:
+            >>> dims = ("chain", "draw", "obs")
+            >>> spec = ArraySpec("predictions", "p", (1, 1000, 10**6), np.dtype(np.float32), dims, 2, draw_axis=1)
+            >>> spec.chunks(100_000)  # 24 blocks of draws of about 16 MiB, not one of 400 MB
+            (1, 42, 100000)
+        """
         if self.row_axis is None:
             return self.shape
-        return tuple(min(batch_size, n) if axis == self.row_axis else n for axis, n in enumerate(self.shape))
+        shape = [min(block_rows, n) if axis == self.row_axis else n for axis, n in enumerate(self.shape)]
+        if self.draw_axis is not None:
+            draws = shape[self.draw_axis]
+            per_draw = math.prod(shape) // max(draws, 1) * np.dtype(self.dtype).itemsize
+            parts = max(1, math.ceil(draws * per_draw / BLOCK_BYTES))
+            shape[self.draw_axis] = max(1, math.ceil(draws / parts))
+        return tuple(shape)
 
 
 class ZarrStore:
@@ -110,6 +141,7 @@ class ZarrStore:
         specs: the arrays.
         batch_size: rows per batch; with one writer also per block along each array's row axis.
         attrs: attributes of the root group.
+        group_attrs: attributes of each group, ``{group: {name: value}}``.
         max_pending: batches queued for the writer at most (the compute loop blocks beyond).
         max_unsynced: batches written but not yet synced to the disk at most (the writer
             blocks beyond): the page cache holds no more of the store than that.
@@ -133,6 +165,7 @@ class ZarrStore:
         *,
         batch_size: int,
         attrs: Mapping[str, Any] | None = None,
+        group_attrs: Mapping[str, Mapping[str, Any]] | None = None,
         max_pending: int = 3,
         max_unsynced: int = 4,
         resume: bool = False,
@@ -163,7 +196,7 @@ class ZarrStore:
             self._root.attrs.update(
                 {**(attrs or {}), **shared, COMPLETE: False, ROWS_WRITTEN: 0, "batch_size": batch_size}
             )
-            self._create(batch_size // writers, compress_floats)
+            self._create(batch_size // writers, compress_floats, group_attrs or {})
         self.rows_written = int(self._root.attrs[ROWS_WRITTEN])
         # Every block is written whole, so zarr's check whether a block equals the fill value
         # (and could be left out) is skipped: for NaN-filled float blocks it cost more CPU than
@@ -182,7 +215,9 @@ class ZarrStore:
         self._thread.start()
         self._syncer.start()
 
-    def _create(self, block_rows: int, compress_floats: bool) -> None:
+    def _create(self, block_rows: int, compress_floats: bool, group_attrs: Mapping[str, Mapping[str, Any]]) -> None:
+        for group, attributes in group_attrs.items():
+            self._root.require_group(group).attrs.update(dict(attributes))
         for spec in self.specs.values():
             group = self._root.require_group(spec.group)
             group.create_array(
@@ -250,7 +285,9 @@ class ZarrStore:
                 return
 
     def _block_keys(self, start: int) -> list[str]:
-        return [self._block_key(key, start) for key, spec in self.specs.items() if spec.row_axis is not None]
+        return [
+            block for key, spec in self.specs.items() if spec.row_axis is not None for block in self._keys(key, start)
+        ]
 
     def write_batch(self, start: int, stop: int, values: Mapping[tuple[str, str], Any]) -> None:
         """Queue the rows ``start:stop`` of every row-wise array (host or device arrays; the
@@ -288,7 +325,7 @@ class ZarrStore:
             spec = self.specs[key]
             index = tuple(slice(start, stop) if axis == spec.row_axis else slice(None) for axis in range(spec.ndim))
             self._arrays[key][index] = np.asarray(value)
-        self._unsynced.put(([self.chunk_path(key, start) for key in values], stop))
+        self._unsynced.put(([path for key in values for path in self.chunk_paths(key, start)], stop))
 
     def _sync(self, paths: Sequence[Path], stop: int) -> None:
         for path in paths:
@@ -297,14 +334,20 @@ class ZarrStore:
             self._root.attrs[ROWS_WRITTEN] = stop
             self.rows_written = stop
 
-    def chunk_path(self, key: tuple[str, str], start: int) -> Path:
-        """The file of the block of row-wise array ``key`` that begins at row ``start``."""
-        return self.path / self._block_key(key, start)
+    def chunk_paths(self, key: tuple[str, str], start: int) -> list[Path]:
+        """The files of the blocks of row-wise array ``key`` whose rows begin at row ``start``:
+        one per block of draws."""
+        return [self.path / block for block in self._keys(key, start)]
 
-    def _block_key(self, key: tuple[str, str], start: int) -> str:
+    def _keys(self, key: tuple[str, str], start: int) -> list[str]:
+        # From the array's own blocks, not the spec's: a resumed store keeps those it was created with.
         spec, array = self.specs[key], self._arrays[key]
-        coords = tuple(start // array.chunks[axis] if axis == spec.row_axis else 0 for axis in range(spec.ndim))
-        return f"{spec.group}/{spec.name}/{array.metadata.encode_chunk_key(coords)}"
+        indices = [
+            [start // array.chunks[axis]] if axis == spec.row_axis else range(array.cdata_shape[axis])
+            for axis in range(spec.ndim)
+        ]
+        prefix = f"{spec.group}/{spec.name}"
+        return [f"{prefix}/{array.metadata.encode_chunk_key(coords)}" for coords in itertools.product(*indices)]
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
@@ -456,13 +499,18 @@ def open_shared_store(
     resume: bool,
     whole: Mapping[tuple[str, str], Any],
     compress_floats: bool,
+    group_attrs: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> ZarrStore:
-    """The store (created, or resumed by a single process) with the arrays ``whole`` written.
+    """The store (created, or resumed by a single process; its groups given ``group_attrs``)
+    with the arrays ``whole`` written.
     With several processes, process 0 creates it and the others open it once it exists; every
     process raises when one of them could not (a collective)."""
     processes, index = jax.process_count(), jax.process_index()
     if processes == 1:
-        store = ZarrStore(path, specs, batch_size=batch, attrs=attrs, resume=resume, compress_floats=compress_floats)
+        store = ZarrStore(
+            path, specs, batch_size=batch, attrs=attrs, group_attrs=group_attrs, resume=resume,
+            compress_floats=compress_floats,
+        )  # fmt: skip
         try:
             store.write_whole(whole)
         except BaseException:
@@ -473,8 +521,9 @@ def open_shared_store(
     if index == 0:
         try:
             store = ZarrStore(
-                path, specs, batch_size=batch, attrs=attrs, writers=processes, compress_floats=compress_floats
-            )
+                path, specs, batch_size=batch, attrs=attrs, group_attrs=group_attrs, writers=processes,
+                compress_floats=compress_floats,
+            )  # fmt: skip
             store.write_whole(whole)
         except Exception as caught:
             error = caught

@@ -17,12 +17,14 @@ blocks of a store it resumes the same way. (Error messages say "chunk", Zarr's w
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import google_crc32c
 import numpy as np
@@ -32,24 +34,69 @@ from zarr.abc.store import ByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import LocalStore
 
-from aimz_trainer.errors import StoreError
+from aimz_trainer.errors import ConfigurationError, StoreError
 
-__all__ = ["COMPLETE", "ROWS_WRITTEN", "VerifyingStore", "open_store", "verify_store"]
+__all__ = ["COMPLETE", "ROWS_WRITTEN", "Chunks", "VerifyingStore", "check_chunks", "open_store", "verify_store"]
 
 COMPLETE = "aimz_trainer_complete"
 ROWS_WRITTEN = "aimz_trainer_rows_written"
 
+Chunks = str | int | Mapping[str, Any] | None  # dask chunks as xarray.open_datatree takes them
 
-def open_store(path: str | os.PathLike[str]) -> xr.DataTree:
+
+def open_store(path: str | os.PathLike[str], *, chunks: Chunks = None) -> xr.DataTree:
     """Open a complete prediction store lazily as an ``xarray.DataTree``.
 
     Reading a block that is missing (deleted, or the whole store removed) or damaged (its
     checksum does not match) raises :class:`~aimz_trainer.errors.StoreError` naming it; no
-    fill value stands in for it. Raises ``StoreError`` at once when ``path`` is not a
-    prediction store or is incomplete.
+    fill value stands in for it.
+
+    Memory: nothing but the coordinates is read on opening. With ``chunks=None`` (default) the
+    variables are xarray's lazy arrays: an operation on one (``.mean()``, ``.values``) reads
+    all of it into memory at once, and a selection (``.isel(draw=0)``) reads only the blocks it
+    touches. With ``chunks`` (needs ``dask``: ``pip install aimz-trainer[dask]``) they are dask
+    arrays, and dask computes a reduction block by block: ``chunks={}`` gives one dask chunk per
+    store block (at most about :data:`~aimz_trainer.store.BLOCK_BYTES`), ``"auto"`` or
+    ``{"draw": 100}`` larger ones (see :func:`xarray.open_datatree`). Either way a read holds
+    a whole block of the store at least.
+
+    Args:
+        path: the store's directory (``tree.attrs["store_path"]`` of a returned tree).
+        chunks: ``None`` for lazy numpy-backed arrays, else dask chunks as
+            :func:`xarray.open_datatree` takes them.
+
+    Raises:
+        StoreError: ``path`` is not a prediction store or is incomplete.
+        ConfigurationError: ``chunks`` is given and dask is not installed.
+
+    Example:
+        >>> import tempfile
+        >>> import numpy as np
+        >>> from aimz_trainer.store import ArraySpec, ZarrStore
+        >>> directory = tempfile.TemporaryDirectory()
+        >>> path = f"{directory.name}/store"
+        >>> spec = ArraySpec("predictions", "y", (1, 3, 4), np.dtype(np.float32), ("chain", "draw", "obs"), 2)
+        >>> store = ZarrStore(path, [spec], batch_size=4)
+        >>> store.write_batch(0, 4, {("predictions", "y"): np.ones((1, 3, 4), np.float32)})
+        >>> store.finalize()
+        >>> tree = open_store(path, chunks={})
+        >>> type(tree["predictions"]["y"].data).__module__.split(".")[0], float(tree["predictions"]["y"].sum())
+        ('dask', 12.0)
+        >>> directory.cleanup()
     """
+    check_chunks(chunks)
     root = _open_complete(path)
-    return xr.open_datatree(root.store, engine="zarr", consolidated=True, zarr_format=3)
+    return xr.open_datatree(root.store, engine="zarr", consolidated=True, zarr_format=3, chunks=chunks)
+
+
+def check_chunks(chunks: Chunks) -> None:
+    """Raise :class:`~aimz_trainer.errors.ConfigurationError` when ``chunks`` asks for dask
+    arrays and dask is not installed (before a prediction computes anything)."""
+    if chunks is not None and importlib.util.find_spec("dask") is None:
+        raise ConfigurationError(
+            f"chunks={chunks!r} reads the store into dask arrays, and dask is not installed: pip install dask "
+            "(or aimz-trainer[dask]), or pass chunks=None for xarray's lazy arrays."
+        )
 
 
 def verify_store(path: str | os.PathLike[str]) -> int:
