@@ -59,7 +59,12 @@ def fitted(data):
 @pytest.fixture(scope="module")
 def trees(fitted, data):
     X, y = data
-    predicted = fitted.predict(X, y=y, progress=False)
+    # The Predictor takes the observed y along (group observed_data, what plot_ppc_dist compares
+    # with); ImpactModel.predict, like the reference library's, takes no y.
+    predictor = Predictor(
+        model, fitted.posterior, rng_key=jax.random.key(1), guide=fitted.inference.guide, params=fitted.vi_result.params
+    )
+    predicted = predictor.predict({"X": X, "y": y})
     log_likelihood = fitted.log_likelihood(X, y, progress=False)
     return predicted, log_likelihood
 
