@@ -78,16 +78,14 @@ class TestValidateBatchSize:
     @pytest.mark.parametrize("batch_size", [0, -3, 11])
     def test_out_of_range(self, batch_size):
         with pytest.raises(ConfigurationError, match=r"batch_size must be between 1 and the number of rows \(10\)"):
-            validate_batch_size(batch_size, 10, 1)
+            validate_batch_size(batch_size, 10)
 
     def test_not_an_int(self):
         with pytest.raises(ConfigurationError, match="batch_size must be an int; got 2.5"):
-            validate_batch_size(2.5, 10, 1)
+            validate_batch_size(2.5, 10)
 
-    def test_must_split_over_devices_and_names_nearest_sizes(self):
-        with pytest.raises(ConfigurationError, match=r"nearest valid sizes are \[8, 12\]"):
-            validate_batch_size(10, 100, 4)
-        assert validate_batch_size(12, 100, 4) == 12
+    def test_any_size_up_to_the_rows(self):  # the devices need no divisor: batches are padded
+        assert validate_batch_size(np.int64(7), 100) == 7 and validate_batch_size(100, 100) == 100
 
 
 class TestEpochLength:

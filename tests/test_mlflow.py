@@ -77,6 +77,8 @@ def tracking(tmp_path_factory):
     mlflow.set_tracking_uri(uri)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", uri)
+        # A SQLite store puts new experiments' artifacts in ./mlruns: keep them in the module's directory.
+        patch.chdir(root)
         yield root
     mlflow.set_tracking_uri(previous)
     cloudpickle.unregister_pickle_by_value(sys.modules[__name__])

@@ -22,7 +22,7 @@ from numpyro.infer.svi import SVIState
 
 from aimz_trainer.checkpoint import tree_signature
 from aimz_trainer.errors import ConfigurationError
-from aimz_trainer.plates import ModelLayout, model_guide_checked
+from aimz_trainer.plates import ModelLayout, RowPadding, model_guide_checked
 from aimz_trainer.sharding import record_shardings, replicated
 from aimz_trainer.step import (
     StepMetric,
@@ -71,6 +71,8 @@ class FitPrograms:
         draw_record: the batch posterior draws set ``svi`` up with and compute deterministic
             sites on (fixed rows, the same whatever the shuffle or resume).
         step_metrics: per-step metrics the training chunk returns.
+        batch_size: the real rows of each training batch; the records' batches may have more
+            columns, padding for the devices (:mod:`aimz_trainer.data`).
     """
 
     def __init__(
@@ -81,8 +83,10 @@ class FitPrograms:
         device_data: dict[str, jax.Array],
         draw_record: Record,
         step_metrics: Mapping[str, StepMetric],
+        batch_size: int,
     ) -> None:
         self._svi = svi
+        self._padding = RowPadding.of(layout, batch_size)
         self._layout = layout
         self._mesh = mesh
         self._rep = replicated(mesh)
@@ -100,8 +104,8 @@ class FitPrograms:
         previous fit's, when given: init then only sets ``svi`` up), its parameters and
         ``chunk(state, device_data, record) -> (state, ChunkOutputs)``."""
         rep, plates = self._rep, self._layout.row_plates
-        init = make_init(self._svi, plates)
-        train_chunk = make_train_chunk(self._svi, plates, self._step_metrics)
+        init = make_init(self._svi, plates, padding=self._padding)
+        train_chunk = make_train_chunk(self._svi, plates, self._step_metrics, padding=self._padding)
         params = make_params(self._svi, plates)
 
         def init_with_params(
@@ -145,11 +149,14 @@ class FitPrograms:
         record: Record,
         num_samples: int,
         num_train_rows: int,
+        batch_size: int,
     ) -> None:
-        """Trace validation now and compile it on the worker thread."""
+        """Trace validation now and compile it on the worker thread (``batch_size``: the real
+        rows of each validation batch)."""
         rep = self._rep
+        padding = RowPadding.of(self._layout, batch_size)
         validate = jax.jit(
-            make_validation_step(self._svi, num_samples, num_train_rows, self._layout),
+            make_validation_step(self._svi, num_samples, num_train_rows, self._layout, padding=padding),
             in_shardings=(rep, rep, rep, record_shardings(self._mesh, record)),
             out_shardings=rep,
         )
@@ -165,7 +172,7 @@ class FitPrograms:
         if num_samples not in self._samplers:
             rep = self._rep
             sampler = jax.jit(
-                make_posterior_sampler(self._svi, num_samples, self._layout),
+                make_posterior_sampler(self._svi, num_samples, self._layout, padding=self._padding),
                 in_shardings=(rep, rep, rep, record_shardings(self._mesh, self.draw_record)),
                 out_shardings=rep,
             )

@@ -16,6 +16,15 @@ The last partial batch (``n % batch_size`` rows) is, by default, completed with 
 of the same epoch's permutation, so every row is seen at least once per epoch and every step
 has the same shape; with ``drop_last=True`` it is dropped instead (a different remainder each
 epoch, since the order changes). Either way no step ever has another batch shape.
+
+Every device of the mesh holds as many columns of a batch. When ``batch_size`` does not split
+evenly over the devices, each batch gets padding columns up to the next multiple of the device
+count (:attr:`~aimz_trainer.plan.FitPlan.padded_batch_size`): after the sorted rows, the
+batch's first row again. They hold valid rows, so the model computes finite values on them,
+and the compiled step masks them out of the ELBO and keeps the minibatch scale of the real
+rows (:func:`~aimz_trainer.plates.padding_masked`): the losses, gradients and parameters are a
+one-device fit's, to float32 rounding. Validation batches are padded alike, their padding
+columns with weight 0.
 """
 
 from __future__ import annotations
@@ -186,21 +195,14 @@ def digest_rows(digest: hashlib._Hash, arrays: Mapping[str, Any]) -> None:
         digest.update(np.ascontiguousarray(sample).tobytes())
 
 
-def validate_batch_size(batch_size: Any, n: int, num_devices: int) -> int:
-    """Check ``1 <= batch_size <= n`` and that the devices can split it evenly."""
+def validate_batch_size(batch_size: Any, n: int) -> int:
+    """Check ``1 <= batch_size <= n``. Any such size runs on any number of devices (a batch
+    that does not split evenly over them is padded: see the module docstring)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer):
         raise ConfigurationError(f"batch_size must be an int; got {batch_size!r}.")
     batch_size = int(batch_size)
     if not 1 <= batch_size <= n:
         raise ConfigurationError(f"batch_size must be between 1 and the number of rows ({n}); got {batch_size}.")
-    if batch_size % num_devices:
-        lower = batch_size - batch_size % num_devices
-        upper = lower + num_devices
-        nearest = [size for size in (lower, upper) if 1 <= size <= n]
-        raise ConfigurationError(
-            f"batch_size={batch_size} does not split evenly over {num_devices} devices; the "
-            f"nearest valid sizes are {nearest}."
-        )
     return batch_size
 
 
@@ -261,9 +263,11 @@ def place_data(arrays: Mapping[str, Any], placement: Literal["device", "host"], 
 class ChunkSource:
     """A Grain random-access source: record ``c`` holds the row indices of chunk ``c``.
 
-    ``record["indices"]`` has shape ``(steps_per_chunk, batch_size // process_count)``: this
-    process's columns of each global batch, so every process reads its share of every step.
-    Rows past ``record["num_steps"]`` are padding (row 0) for the inactive steps.
+    ``record["indices"]`` has shape ``(steps_per_chunk, padded_batch_size // process_count)``:
+    this process's columns of each global batch, so every process reads its share of every
+    step. Columns past ``batch_size`` repeat the batch's first row (padding for the devices,
+    see the module docstring); rows past ``record["num_steps"]`` are padding (row 0) for the
+    inactive steps.
     ``record["rows"]`` is empty: the rows themselves are gathered later, on the host
     (:func:`make_chunk_loader`) or on the devices.
     """
@@ -280,7 +284,7 @@ class ChunkSource:
         self._plan = plan
         self._seed = seed
         self._shuffle = shuffle
-        local = plan.batch_size // process_count
+        local = plan.padded_batch_size // process_count
         self._columns = slice(process_index * local, (process_index + 1) * local)
         self._index_dtype = np.int32 if plan.num_rows < 2**31 else np.int64
 
@@ -292,7 +296,8 @@ class ChunkSource:
         first_in_epoch = chunk.first_step - chunk.epoch * self._plan.steps_per_epoch
         size = self._plan.batch_size
         rows = self.epoch_order(chunk.epoch)[first_in_epoch * size : (first_in_epoch + chunk.num_steps) * size]
-        batches = np.sort(rows.reshape(chunk.num_steps, size), axis=1)[:, self._columns]
+        batches = _padded_columns(np.sort(rows.reshape(chunk.num_steps, size), axis=1), self._plan.padded_batch_size)
+        batches = batches[:, self._columns]
         indices = np.zeros((self._plan.steps_per_chunk, batches.shape[1]), self._index_dtype)
         indices[: chunk.num_steps] = batches
         return {"indices": indices, "rows": {}, "num_steps": np.int32(chunk.num_steps)}
@@ -316,22 +321,36 @@ class ValidationSource:
     """A Grain random-access source of validation batches, in row order, one per record.
 
     The last batch wraps around to the first rows to keep the batch shape; ``weights`` are 0
-    for those repeated rows so per-observation metrics count every row exactly once.
+    for those repeated rows so per-observation metrics count every row exactly once. With
+    ``padded_size`` (``batch_size`` rounded up to a multiple of the device count), every batch
+    has padding columns after its ``batch_size`` ones: the batch's first row again, weight 0,
+    masked out of the ELBO by the compiled step.
     """
 
-    def __init__(self, num_rows: int, batch_size: int, *, process_index: int, process_count: int) -> None:
+    def __init__(
+        self,
+        num_rows: int,
+        batch_size: int,
+        *,
+        process_index: int,
+        process_count: int,
+        padded_size: int | None = None,
+    ) -> None:
         self._num_rows = num_rows
         self._batch_size = batch_size
-        local = batch_size // process_count
+        self._padded_size = batch_size if padded_size is None else padded_size
+        local = self._padded_size // process_count
         self._columns = slice(process_index * local, (process_index + 1) * local)
 
     def __len__(self) -> int:
         return math.ceil(self._num_rows / self._batch_size)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        positions = np.arange(index * self._batch_size, (index + 1) * self._batch_size)[self._columns]
+        columns = np.arange(self._padded_size)[self._columns]
+        real = columns < self._batch_size
+        positions = index * self._batch_size + np.where(real, columns, 0)
         indices = (positions % self._num_rows).astype(np.int32 if self._num_rows < 2**31 else np.int64)
-        weights = (positions < self._num_rows).astype(np.float32)
+        weights = (real & (positions < self._num_rows)).astype(np.float32)
         return {"indices": indices[None], "rows": {}, "weights": weights[None], "num_steps": np.int32(1)}
 
 
@@ -359,16 +378,28 @@ def leading_batch(
     *,
     process_index: int,
     process_count: int,
+    padded_size: int | None = None,
 ) -> dict[str, Any]:
     """A record of one step over the data's first ``batch_size`` rows, in row order (wrapping
-    around when there are fewer): ``{"indices", "rows"}``, this process's columns, the rows
-    gathered when ``host_arrays`` are given. A batch that depends neither on the shuffle nor on
-    where a fit was resumed."""
-    source = ValidationSource(num_rows, batch_size, process_index=process_index, process_count=process_count)
+    around when there are fewer), padded to ``padded_size`` columns as :class:`ValidationSource`
+    pads: ``{"indices", "rows"}``, this process's columns, the rows gathered when
+    ``host_arrays`` are given. A batch that depends neither on the shuffle nor on where a fit
+    was resumed."""
+    source = ValidationSource(
+        num_rows, batch_size, process_index=process_index, process_count=process_count, padded_size=padded_size
+    )
     record = source[0]
     if host_arrays is not None:
         record = _gather_rows(host_arrays, record)
     return {"indices": record["indices"], "rows": record["rows"]}
+
+
+def _padded_columns(batches: np.ndarray, width: int) -> np.ndarray:
+    """``batches`` (steps x rows) with each step's first row repeated up to ``width`` columns."""
+    missing = width - batches.shape[1]
+    if missing == 0:
+        return batches
+    return np.concatenate([batches, np.repeat(batches[:, :1], missing, axis=1)], axis=1)
 
 
 def _gather_rows(arrays: Mapping[str, np.ndarray], record: dict[str, Any]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from aimz_trainer.data import (
     validate_val_data,
 )
 from aimz_trainer.errors import ConfigurationError
-from aimz_trainer.plates import ModelLayout, check_trainable, model_layout
+from aimz_trainer.plates import ModelLayout, check_paddable, check_trainable, model_layout
 
 __all__ = ["FitInputs", "check_fit_inputs", "require_flag"]
 
@@ -57,9 +57,10 @@ def check_fit_inputs(
     arrays, num_rows = validate_data(train_data)
     require_finite_rows("train_data", arrays, NONFINITE_ROWS)
     check_model_accepts(svi.model, list(arrays))
-    batch_size = validate_batch_size(batch_size, num_rows, mesh.size)
+    batch_size = validate_batch_size(batch_size, num_rows)
     layout = model_layout(svi.model, arrays, batch_rows=batch_size, static_kwargs=svi.static_kwargs)
     check_trainable(layout, svi.guide, num_rows, batch_size)
+    check_paddable(layout, batch_size, mesh.size, num_rows)
     check_processes_agree(arrays, num_rows, batch_size)
     if not is_int_at_least(num_samples, 0):
         raise ConfigurationError(f"num_samples must be an int >= 0; got {num_samples!r}.")
@@ -67,10 +68,9 @@ def check_fit_inputs(
     if val_arrays is not None:
         require_finite_rows("val_data", val_arrays, NONFINITE_ROWS)
         val_batch_size = batch_size if val_batch_size is None else val_batch_size
-        if not is_int_at_least(val_batch_size, 1) or val_batch_size % mesh.size:
-            raise ConfigurationError(
-                f"val_batch_size must be a positive int divisible by the {mesh.size} device(s); got {val_batch_size!r}."
-            )
+        if not is_int_at_least(val_batch_size, 1):
+            raise ConfigurationError(f"val_batch_size must be a positive int; got {val_batch_size!r}.")
+        check_paddable(layout, val_batch_size, mesh.size, name="val_batch_size")
         if not is_int_at_least(val_num_samples, 1):
             raise ConfigurationError(f"val_num_samples must be a positive int; got {val_num_samples!r}.")
     return FitInputs(

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from aimz_trainer.sharding import padded_batch_size
+
 __all__ = ["Chunk", "Every", "FitPlan", "default_steps_per_chunk", "epoch_length"]
 
 
@@ -73,10 +75,16 @@ class FitPlan:
     (logging, validation, checkpoints: the hooks see the fit exactly there), and otherwise
     after ``steps_per_chunk`` steps. Every chunk is run by the same compiled function, padded
     to ``steps_per_chunk`` steps with inactive ones, so chunk lengths never cause a compile.
+
+    ``padded_batch_size`` is ``batch_size`` rounded up to a multiple of the device count: the
+    columns of each step's batch on the mesh, of which the first ``batch_size`` are the batch's
+    rows and the others padding that the compiled step masks out
+    (:func:`~aimz_trainer.plates.padding_masked`).
     """
 
     num_rows: int
     batch_size: int
+    padded_batch_size: int
     steps_per_epoch: int
     steps_per_chunk: int
     total_steps: int
@@ -93,8 +101,10 @@ class FitPlan:
         max_steps: int | None,
         steps_per_chunk: int | None,
         boundaries: Sequence[Every] = (),
+        devices: int = 1,
     ) -> FitPlan:
-        """The plan of a fit; chunks end wherever one of ``boundaries`` is due at a step."""
+        """The plan of a fit on ``devices`` devices; chunks end wherever one of ``boundaries`` is
+        due at a step."""
         intervals = [every.steps for every in boundaries if every.steps]
         steps_per_epoch = epoch_length(num_rows, batch_size, drop_last=drop_last)
         limits = []
@@ -107,6 +117,7 @@ class FitPlan:
         return cls(
             num_rows=num_rows,
             batch_size=batch_size,
+            padded_batch_size=padded_batch_size(batch_size, devices),
             steps_per_epoch=steps_per_epoch,
             steps_per_chunk=steps_per_chunk,
             total_steps=total_steps,

@@ -12,6 +12,12 @@ Which plates run over the rows is read from the model itself: :func:`model_layou
 (abstractly, nothing is computed) on two batch lengths, and the plates whose size follows the
 batch are the row plates. A group plate that happens to have as many entries as a batch is
 therefore never mistaken for one.
+
+A batch whose rows do not split evenly over the devices is padded with rows that stand for
+nothing (:mod:`aimz_trainer.data`). :func:`padding_masked` takes them out of the ELBO, site by
+site, through those same plates: every sample site inside a plate over the rows, of the model
+and of the guide, is masked at the padding positions, and a subsampled plate's scale is put
+back to the real batch's (``n / batch_size``, not ``n / padded``).
 """
 
 from __future__ import annotations
@@ -26,16 +32,20 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro import handlers
 from numpyro.infer.autoguide import AutoContinuous
+from numpyro.primitives import Messenger
 
 from aimz_trainer.errors import AimzTrainerError, ConfigurationError, DataError, MinibatchScalingWarning
 
 __all__ = [
     "ModelLayout",
+    "RowPadding",
     "at_rows",
+    "check_paddable",
     "check_trainable",
     "model_guide_checked",
     "model_layout",
     "on_rows",
+    "padding_masked",
     "trace_model",
 ]
 
@@ -60,6 +70,9 @@ class ModelLayout(NamedTuple):
             likelihood is not scaled up to the whole data.
         fixed_subsample_plates: subsampled plates whose subsample size does not follow the
             batch (``plate("data", n, subsample_size=100)``): ``{name: (size, subsample_size)}``.
+        unplated_row_sites: sample sites (observed or latent) whose shape follows the batch
+            but that sit in no plate over the rows (``sample("y", Normal(mu).to_event(1),
+            obs=y)``): the rows of a padded batch cannot be masked there.
     """
 
     row_plates: tuple[str, ...]
@@ -72,6 +85,7 @@ class ModelLayout(NamedTuple):
     observed_sites: tuple[str, ...]
     unscaled_observed: tuple[str, ...]
     fixed_subsample_plates: dict[str, tuple[int, int]]
+    unplated_row_sites: tuple[str, ...]
 
 
 def model_layout(
@@ -108,7 +122,7 @@ def model_layout(
         for name, (size, subsample) in plates.items()
         if subsample is not None and name not in following
     }
-    local, unindexed, global_, observed, unscaled = [], [], [], [], []
+    local, unindexed, global_, observed, unscaled, unplated = [], [], [], [], [], []
     deterministic = [
         name
         for name, site in sites.items()
@@ -120,6 +134,8 @@ def model_layout(
         if site["deterministic"]:
             continue
         in_rows = any(frame in following for frame in site["frames"])
+        if not in_rows and site["shape"] != second[1][name]["shape"]:
+            unplated.append(name)
         if site["observed"]:
             observed.append(name)
             if not any(frame in row_plates for frame in site["frames"]):
@@ -142,6 +158,7 @@ def model_layout(
         observed_sites=tuple(observed),
         unscaled_observed=tuple(unscaled),
         fixed_subsample_plates=fixed_subsample,
+        unplated_row_sites=tuple(unplated),
     )
 
 
@@ -185,6 +202,97 @@ def check_trainable(layout: ModelLayout, guide: Any, num_rows: int, batch_size: 
             MinibatchScalingWarning,
             stacklevel=3,
         )
+
+
+def check_paddable(
+    layout: ModelLayout, batch_size: int, num_devices: int, num_rows: int | None = None, *, name: str = "batch_size"
+) -> None:
+    """Raise :class:`ConfigurationError` when batches of ``batch_size`` rows cannot be padded to a
+    multiple of ``num_devices`` without changing the fit: a site follows the rows outside every
+    plate over them (its padding rows cannot be masked), or a per-row latent site sits in a plate
+    that is not subsampled (its guide parameters would have one entry per padded position).
+    The sizes it suggests are at most ``num_rows`` (when given)."""
+    remainder = batch_size % num_devices
+    if not remainder or not (layout.unplated_row_sites or layout.unindexed_local):
+        return
+    padded = batch_size - remainder + num_devices
+    nearest = " or ".join(str(size) for size in (padded - num_devices, padded) if 1 <= size <= (num_rows or size))
+    if layout.unplated_row_sites:
+        problem = (
+            f"the site(s) {list(layout.unplated_row_sites)} follow the batch's rows outside every plate over them, "
+            "where the padding rows cannot be masked. Put them in plate('data', n, subsample_size=len(x))"
+        )
+    else:
+        problem = (
+            f"the per-row latent site(s) {list(layout.unindexed_local)} sit in a plate over the rows that is not "
+            f"subsampled, so their guide parameters would have {padded} entries, padding included. Write the plate "
+            "as plate(name, n, subsample_size=len(x))"
+        )
+    fix = f"pick a {name} that splits evenly: {nearest}" if nearest else "fit on fewer devices"
+    raise ConfigurationError(
+        f"{name}={batch_size} does not split evenly over {num_devices} devices, so each batch is padded to {padded} "
+        f"rows that are masked out of the ELBO plate by plate; but {problem}, or {fix}."
+    )
+
+
+class RowPadding(NamedTuple):
+    """A batch padded for the devices: its first ``rows`` columns are the batch's rows, the
+    others padding (see :func:`padding_masked`).
+
+    Attributes:
+        rows: the batch's real rows (the ``batch_size`` asked for).
+        subsampled: the row plates whose scale follows the batch (the layout's ``row_plates``).
+        fixed: the plates over the rows that are not subsampled (masked, scale 1).
+    """
+
+    rows: int
+    subsampled: tuple[str, ...]
+    fixed: tuple[str, ...]
+
+    @classmethod
+    def of(cls, layout: ModelLayout, rows: int) -> RowPadding:
+        """The padding of ``rows``-row batches of a model laid out as ``layout``."""
+        return cls(rows, layout.row_plates, layout.fixed_row_plates)
+
+
+class _MaskPadding(Messenger):
+    """Masks every sample site inside a plate over the rows at the positions past
+    ``padding.rows``, and multiplies a subsampled plate's scale ``n / columns`` by
+    ``columns / rows``. Under the plates on NumPyro's stack: it sees each site's frames."""
+
+    def __init__(self, padding: RowPadding) -> None:
+        self._padding = padding
+        self._plates = {*padding.subsampled, *padding.fixed}
+        super().__init__()
+
+    def process_message(self, msg: dict[str, Any]) -> None:
+        if msg["type"] != "sample":
+            return
+        rows = self._padding.rows
+        for frame in msg["cond_indep_stack"]:
+            if frame.name not in self._plates or frame.size <= rows:
+                continue
+            # The plate's dim counts from the right of the site's batch shape.
+            keep = (np.arange(frame.size) < rows).reshape((frame.size,) + (1,) * (-frame.dim - 1))
+            msg["fn"] = msg["fn"].mask(keep)
+            if frame.name in self._padding.subsampled:
+                msg["scale"] = frame.size / rows * (1.0 if msg["scale"] is None else msg["scale"])
+
+
+@contextlib.contextmanager
+def padding_masked(padding: RowPadding | None, columns: int) -> Iterator[None]:
+    """Inside: batches of ``columns`` columns whose first ``padding.rows`` are real rows and the
+    others padding. Every sample site in a plate over the rows, in the model and in the guide
+    (local latents too), has its log-density masked at the padding positions, and a subsampled
+    plate's scale is the real batch's, ``n / padding.rows`` instead of ``n / columns``: the ELBO,
+    its gradient and every per-row value at the real positions are those of the unpadded batch.
+    Nothing is added to the program when there is no padding (``padding`` is ``None`` or
+    ``columns == padding.rows``)."""
+    if padding is None or columns == padding.rows:
+        yield
+        return
+    with _MaskPadding(padding):
+        yield
 
 
 _GUIDE_NOT_MODEL = "Found non-auxiliary vars in guide but not model"

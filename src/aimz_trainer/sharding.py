@@ -1,7 +1,10 @@
 """The device mesh and the shardings of batches and state on it.
 
 Training and prediction share one 1-D :class:`jax.sharding.Mesh` whose single axis is named
-``"data"``: minibatch rows are split across it and everything else is replicated.
+``"data"``: minibatch rows are split across it and everything else is replicated. A batch
+whose rows do not split evenly over the devices is padded to :func:`padded_batch_size` rows;
+what the padding rows hold, and why they change nothing, is the business of whoever pads
+(:mod:`aimz_trainer.data` for training, :mod:`aimz_trainer.prediction_plan` for prediction).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ __all__ = [
     "DATA_AXIS",
     "batch_sharding",
     "make_mesh",
+    "padded_batch_size",
     "place_replicated",
     "record_shardings",
     "records_to_global",
@@ -66,6 +70,17 @@ def make_mesh(devices: int | Sequence[jax.Device] | None = None) -> Mesh:
         if len(set(chosen)) < len(chosen):
             raise ConfigurationError(f"devices must list each device once; got {devices!r}.")
     return Mesh(np.asarray(chosen), (DATA_AXIS,))
+
+
+def padded_batch_size(batch_size: int, num_devices: int) -> int:
+    """``batch_size`` rounded up to a multiple of ``num_devices``: the rows a batch has on the
+    mesh, every device holding as many.
+
+    Example:
+        >>> padded_batch_size(100, 3), padded_batch_size(100, 4), padded_batch_size(2, 3)
+        (102, 100, 3)
+    """
+    return -(-batch_size // num_devices) * num_devices
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -9,6 +9,11 @@ model's keyword arguments, so every compiled function shares one notion of "a ba
 indices also go into the model's row plates (:func:`aimz_trainer.plates.at_rows`), so that
 per-row latent sites line up with their rows.
 
+A record's batches may be padded for the devices (:mod:`aimz_trainer.data`): given a
+:class:`~aimz_trainer.plates.RowPadding`, the training chunk and the validation loss run
+under :func:`~aimz_trainer.plates.padding_masked`, and ``init`` and the posterior draws,
+which run once, take the real rows alone, so that every value is the unpadded batch's.
+
 NumPyro's guides and ``SVI.init`` store what they learn about the model (the guide's
 prototype trace, ``svi.constrain_fn``) on the objects themselves. Set up inside a trace, those
 attributes would hold tracers that escape it (an ``UnexpectedTracerError`` later). Every
@@ -40,7 +45,7 @@ from numpyro.infer.svi import SVIState
 from numpyro.infer.util import log_likelihood
 
 from aimz_trainer.errors import ConfigurationError
-from aimz_trainer.plates import ModelLayout, at_rows, on_rows
+from aimz_trainer.plates import ModelLayout, RowPadding, at_rows, on_rows, padding_masked
 
 __all__ = [
     "BUILT_IN_STEP_METRICS",
@@ -185,20 +190,26 @@ def model_kwargs(svi: SVI, batch: Batch) -> dict[str, Any]:
     return {**batch, **svi.static_kwargs}
 
 
-def first_batch(device_data: Mapping[str, jax.Array], record: Record) -> tuple[Batch, jax.Array]:
+def first_batch(
+    device_data: Mapping[str, jax.Array], record: Record, padding: RowPadding | None = None
+) -> tuple[Batch, jax.Array]:
     """The batch of a record's first step and its dataset row indices (the prototype batch
-    every traced function uses)."""
+    every traced function uses); with ``padding``, its real rows only."""
     indices = record["indices"][0]
-    return batch_from(device_data, jax.tree.map(lambda leaf: leaf[0], record["rows"]), indices), indices
+    batch = batch_from(device_data, jax.tree.map(lambda leaf: leaf[0], record["rows"]), indices)
+    if padding is not None and padding.rows < indices.shape[0]:
+        return {key: value[: padding.rows] for key, value in batch.items()}, indices[: padding.rows]
+    return batch, indices
 
 
 def make_init(
-    svi: SVI, row_plates: tuple[str, ...]
+    svi: SVI, row_plates: tuple[str, ...], *, padding: RowPadding | None = None
 ) -> Callable[[jax.Array, Mapping[str, jax.Array], Record], TrainState]:
-    """``init(rng_key, device_data, record) -> TrainState`` from the record's first batch."""
+    """``init(rng_key, device_data, record) -> TrainState`` from the record's first batch (its
+    real rows: a guide's initial per-row values repeat those of the batch it is set up on)."""
 
     def init(rng_key: jax.Array, device_data: Mapping[str, jax.Array], record: Record) -> TrainState:
-        with traced_svi(svi, *first_batch(device_data, record), row_plates, rng_key) as svi_state:
+        with traced_svi(svi, *first_batch(device_data, record, padding), row_plates, rng_key) as svi_state:
             return TrainState(svi_state, jnp.asarray(True))
 
     return init
@@ -292,14 +303,19 @@ def learning_rate(optim_state: Any) -> jax.Array | None:
 
 
 def make_train_chunk(
-    svi: SVI, row_plates: tuple[str, ...], step_metrics: Mapping[str, StepMetric] | None = None
+    svi: SVI,
+    row_plates: tuple[str, ...],
+    step_metrics: Mapping[str, StepMetric] | None = None,
+    *,
+    padding: RowPadding | None = None,
 ) -> Callable[[TrainState, Mapping[str, jax.Array], Record], tuple[TrainState, jax.Array, dict[str, jax.Array]]]:
     """``chunk(state, device_data, record) -> (state, losses, metrics)``: SVI updates in one
     ``lax.scan`` over the record's K stacked batches, of which the first ``record["num_steps"]``
     are real; the others skip the update (their loss is NaN), so one compiled function serves
     every chunk length. The K losses come back together, and so do the K values of each of
     ``step_metrics`` (name -> :data:`StepMetric`; NaN for the skipped steps). Each batch's row
-    indices go into ``row_plates``.
+    indices go into ``row_plates``; with ``padding``, the columns past its ``rows`` are masked
+    out (:func:`~aimz_trainer.plates.padding_masked`).
     """
     step_metrics = dict(step_metrics or {})
     dtype = jnp.result_type(float)
@@ -308,7 +324,8 @@ def make_train_chunk(
         state: TrainState, device_data: Mapping[str, jax.Array], record: Record
     ) -> tuple[TrainState, jax.Array, dict[str, jax.Array]]:
         def update(svi_state: SVIState, batch: Batch, indices: jax.Array) -> tuple[SVIState, jax.Array, Any]:
-            with at_rows(row_plates, indices), gradients_recorded(svi) as recorded:
+            masked = padding_masked(padding, indices.shape[0])
+            with at_rows(row_plates, indices), masked, gradients_recorded(svi) as recorded:
                 updated, loss = svi.update(svi_state, **batch)
             if step_metrics and not recorded:
                 raise ConfigurationError(
@@ -406,14 +423,15 @@ def sample_posterior(
 
 
 def make_posterior_sampler(
-    svi: SVI, num_samples: int, layout: ModelLayout
+    svi: SVI, num_samples: int, layout: ModelLayout, *, padding: RowPadding | None = None
 ) -> Callable[[SVIState, jax.Array, Mapping[str, jax.Array], Record], dict[str, jax.Array]]:
-    """``sample(svi_state, rng_key, device_data, record)``: ``num_samples`` posterior draws."""
+    """``sample(svi_state, rng_key, device_data, record)``: ``num_samples`` posterior draws, on
+    the record's first batch (its real rows, with ``padding``)."""
 
     def sample(
         svi_state: SVIState, rng_key: jax.Array, device_data: Mapping[str, jax.Array], record: Record
     ) -> dict[str, jax.Array]:
-        batch, indices = first_batch(device_data, record)
+        batch, indices = first_batch(device_data, record, padding)
         with traced_svi(svi, batch, indices, layout.row_plates), at_rows(layout.row_plates, indices):
             return sample_posterior(svi, rng_key, svi.get_params(svi_state), batch, num_samples, layout)
 
@@ -434,7 +452,7 @@ def pointwise_lpd(log_likelihoods: Mapping[str, jax.Array]) -> jax.Array:
 
 
 def make_validation_step(
-    svi: SVI, num_samples: int, num_train_rows: int, layout: ModelLayout
+    svi: SVI, num_samples: int, num_train_rows: int, layout: ModelLayout, *, padding: RowPadding | None = None
 ) -> Callable[[SVIState, jax.Array, Mapping[str, jax.Array], Record], dict[str, jax.Array]]:
     """``val(svi_state, rng_key, device_data, record) -> {"loss", "lpd_sum", "weight_sum"}``
     for one validation batch.
@@ -450,6 +468,10 @@ def make_validation_step(
     latent sites, ``loss`` (which would need them) is absent, and the log predictive density
     draws those sites from the prior, given each draw of the global sites (the density of new
     rows, whose latents are unknown).
+
+    With ``padding``, the batch's columns past ``padding.rows`` (weight 0) are masked out of
+    ``loss`` (:func:`~aimz_trainer.plates.padding_masked`), as the weights leave them out of
+    the rest.
     """
 
     def validate(
@@ -465,7 +487,9 @@ def make_validation_step(
             params = svi.get_params(svi_state)
             kwargs = model_kwargs(svi, batch)
             if not layout.local_sites:
-                metrics["loss"] = svi.loss.loss(loss_key, params, svi.model, svi.guide, **kwargs) / num_train_rows
+                with padding_masked(padding, indices.shape[0]):
+                    loss = svi.loss.loss(loss_key, params, svi.model, svi.guide, **kwargs)
+                metrics["loss"] = loss / num_train_rows
             if not layout.observed_sites:
                 return metrics
             draws = sample_posterior(svi, draw_key, params, batch, num_samples, layout)

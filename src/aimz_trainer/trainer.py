@@ -294,7 +294,9 @@ class Trainer:
             svi: a ``numpyro.infer.SVI`` (model, guide, optimizer, loss).
             train_data: keyword name -> array (NumPy or JAX), one row per observation; each
                 batch is passed to the model as these keyword arguments.
-            batch_size: rows per step (the global batch, split over the mesh's devices).
+            batch_size: rows per step (the global batch, split over the mesh's devices; any
+                size: one that does not split evenly is padded with rows masked out of the
+                ELBO, :mod:`aimz_trainer.data`).
             val_data: held-out data with the same keys; validation reports ``val_loss`` (the
                 negative ELBO per training observation, with the current guide) and, for
                 models with an observed site, ``val_lpd`` (mean log predictive density). A
@@ -371,7 +373,7 @@ class Trainer:
         loader = iter(make_chunk_loader(source, train.host_arrays))
         if resume is not None:
             loader.set_state(loader_state_of(resume))
-        to_global = records_to_global(self.mesh, inputs.batch_size)
+        to_global = records_to_global(self.mesh, plan.padded_batch_size)
         records = Records(loader, to_global)
         # Fixed rows, not the run's first batch: a resumed fit starts from another batch, and
         # draws of a deterministic site computed on it would differ from an uninterrupted fit's.
@@ -381,9 +383,16 @@ class Trainer:
             train.host_arrays,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
+            padded_size=plan.padded_batch_size,
         )
         programs = FitPrograms(
-            svi, inputs.layout, self.mesh, train.device_data, to_global(draw_record), self._step_metrics
+            svi,
+            inputs.layout,
+            self.mesh,
+            train.device_data,
+            to_global(draw_record),
+            self._step_metrics,
+            inputs.batch_size,
         )
         fit._sample = programs.sample
         try:
@@ -528,6 +537,7 @@ class Trainer:
             max_steps=self.max_steps,
             steps_per_chunk=self.steps_per_chunk,
             boundaries=boundaries,
+            devices=self.mesh.size,
         )
 
     def _require_fit(self, what: str) -> FitContext:

@@ -13,7 +13,7 @@ from numpyro.infer.svi import SVIState
 from aimz_trainer.compile import FitPrograms
 from aimz_trainer.data import PlacedData, ValidationSource, make_chunk_loader
 from aimz_trainer.plan import Every
-from aimz_trainer.sharding import records_to_global
+from aimz_trainer.sharding import padded_batch_size, records_to_global
 from aimz_trainer.step import TrainState
 
 __all__ = ["Validator"]
@@ -27,7 +27,8 @@ class Validator:
         programs: the fit's compiled programs.
         data: the held-out data, placed like the training data.
         mesh: the fit's mesh.
-        batch_size: rows per validation batch.
+        batch_size: rows per validation batch (padded for the mesh's devices as training
+            batches are, see :mod:`aimz_trainer.data`).
         num_samples: guide draws behind ``val_lpd``.
         num_train_rows: training rows (``val_loss`` is per training observation).
         rng_key: the key of every pass: the same keys each time, so passes compare like for
@@ -51,14 +52,19 @@ class Validator:
     ) -> None:
         self._programs = programs
         self._data = data
+        padded = padded_batch_size(batch_size, mesh.size)
         self._source = ValidationSource(
-            data.num_rows, batch_size, process_index=jax.process_index(), process_count=jax.process_count()
+            data.num_rows,
+            batch_size,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            padded_size=padded,
         )
-        self._to_global = records_to_global(mesh, batch_size)
+        self._to_global = records_to_global(mesh, padded)
         self._key = rng_key
         self.every = every
         first = self._to_global(next(iter(make_chunk_loader(self._source, data.host_arrays))))
-        programs.prepare_validation(state, rng_key, data.device_data, first, num_samples, num_train_rows)
+        programs.prepare_validation(state, rng_key, data.device_data, first, num_samples, num_train_rows, batch_size)
 
     def run(self, svi_state: SVIState) -> dict[str, float]:
         """``val_loss`` (when the model has no per-row latents) and ``val_lpd`` (when it has an
