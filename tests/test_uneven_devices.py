@@ -263,6 +263,12 @@ class TestThreeDevices:
         for name, value in one["posterior"].items():
             np.testing.assert_allclose(three["posterior"][name], value, rtol=1e-4, atol=1e-6)
 
+    def test_impact_model_fits_with_a_batch_the_devices_do_not_divide(self, fits):
+        three, one = fits[3]["impact_model"], fits[1]["impact_model"]
+        assert len(three["losses"]) == 22
+        np.testing.assert_allclose(three["losses"], one["losses"], rtol=2e-5)
+        np.testing.assert_allclose(three["w"], one["w"], rtol=1e-4, atol=1e-6)
+
     def test_what_padding_cannot_do_is_refused(self, fits):
         refused = fits[3]["refused"]
         assert "batch_size=100 does not split evenly over 3 devices" in refused["batch_size"]

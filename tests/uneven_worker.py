@@ -25,7 +25,7 @@ from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoNormal
 from optax import adam
 
-from aimz_trainer import ConfigurationError, Predictor, Trainer
+from aimz_trainer import ConfigurationError, ImpactModel, Predictor, Trainer
 from aimz_trainer.callbacks import Callback
 from aimz_trainer.data import ChunkSource
 from aimz_trainer.trainer import FitKeys
@@ -107,6 +107,15 @@ def fit_one(kind: str) -> dict:
     }
 
 
+def impact_model() -> dict:
+    """The reference library's call on this host's devices: ImpactModel.fit(X, y, batch_size=100)."""
+    data = linear_data(NUM_ROWS)
+    svi = linear_svi(NUM_ROWS)
+    im = ImpactModel(svi.model, rng_key=jax.random.key(0), inference=svi, param_input="x")
+    im.fit(data["x"], data["y"], batch_size=BATCH, epochs=EPOCHS, num_samples=5, progress=False)
+    return {"losses": np.asarray(im.vi_result.losses).tolist(), "w": np.asarray(im.posterior["w"]).tolist()}
+
+
 def predict() -> dict:
     """Draws of the dyadic linear model on 37 rows in batches of 10 rows (4 rows per key), and
     the posterior draws' log-likelihood; prior draws of a model with a latent per row."""
@@ -166,6 +175,7 @@ def refused() -> dict[str, str]:
 def main(mode: str) -> None:
     if mode == "fit":
         output = {kind: fit_one(kind) for kind in ("linear", "local")}
+        output["impact_model"] = impact_model()
         if jax.device_count() > 1:
             output["refused"] = refused()
     elif mode == "predict":

@@ -117,7 +117,19 @@ def traced_svi(
     with restored_after(svi):
         with at_rows(row_plates, indices):  # only the init: the caller chooses the rows of the rest
             state = svi.init(jax.random.key(0) if rng_key is None else rng_key, **batch)
+        _sites_in_model_order(svi)
         yield state
+
+
+def _sites_in_model_order(svi: SVI) -> None:
+    """Put an ``AutoGuide``'s sites back in the model's order. Set up under a trace, NumPyro
+    returns them sorted by name (a pytree), set up eagerly in the model's order; and
+    ``sample_posterior`` draws them in that order from one key, so only the model's order makes
+    a compiled draw equal NumPyro's own for the same key."""
+    for part in _stateful_parts(svi):
+        locs = getattr(part, "_init_locs", None)
+        if isinstance(part, AutoGuide) and isinstance(locs, dict) and part.prototype_trace is not None:
+            part._init_locs = {name: locs[name] for name in part.prototype_trace if name in locs}
 
 
 @contextlib.contextmanager
