@@ -176,7 +176,12 @@ def test_processes_without_one_hash_seed_all_fail_naming_the_fix(hash_seeds):
 
 
 def test_launch_gives_every_process_one_hash_seed(capfd):
-    command = [sys.executable, "-c", "import os; print('hash seed', os.environ['PYTHONHASHSEED'])"]
+    # One write per line: process 0 writes to our stdout itself, beside the relayed lines.
+    command = [
+        sys.executable,
+        "-c",
+        "import os; os.write(1, f\"hash seed {os.environ['PYTHONHASHSEED']}\\n\".encode())",
+    ]
     unset = {key: value for key, value in os.environ.items() if key != "PYTHONHASHSEED"}
     assert distributed.launch(command, 2, environ=unset) == 0
     assert distributed.launch(command, 2, environ={**unset, "PYTHONHASHSEED": "7"}) == 0

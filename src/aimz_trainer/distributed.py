@@ -322,8 +322,11 @@ def launch(
         }
         output = None if rank == 0 else subprocess.PIPE
         processes.append(subprocess.Popen(list(command), env=env, stdout=output, stderr=output, text=True, bufsize=1))
-    for rank, process in enumerate(processes[1:], start=1):
-        _relay(process, f"[process {rank}] ")
+    relays = [
+        thread
+        for rank, process in enumerate(processes[1:], start=1)
+        for thread in _relay(process, f"[process {rank}] ")
+    ]
     status, failed_at = 0, None
     while any(p.poll() is None for p in processes):
         codes = [p.poll() for p in processes]
@@ -334,6 +337,8 @@ def launch(
                 if p.poll() is None:
                     p.terminate()
         time.sleep(0.1)
+    for thread in relays:  # the pipes are closed: the last lines are being copied
+        thread.join()
     for rank, process in enumerate(processes):
         if process.returncode != 0:
             print(f"aimz-trainer: process {rank} of {num_processes} exited with {process.returncode}", file=sys.stderr)
@@ -341,12 +346,18 @@ def launch(
     return status
 
 
-def _relay(process: subprocess.Popen[str], prefix: str) -> None:
-    """Copy a child's stdout and stderr to ours, line by line, each line prefixed."""
+def _relay(process: subprocess.Popen[str], prefix: str) -> list[threading.Thread]:
+    """Copy a child's stdout and stderr to ours, line by line, each line prefixed (one write per
+    line); returns the copying threads, which end when the child's pipes close."""
 
     def copy(stream: object, sink: object) -> None:
         for line in stream:  # type: ignore[attr-defined]
             print(prefix + line, end="", file=sink, flush=True)  # type: ignore[arg-type]
 
-    for stream, sink in [(process.stdout, sys.stdout), (process.stderr, sys.stderr)]:
-        threading.Thread(target=copy, args=(stream, sink), daemon=True).start()
+    threads = [
+        threading.Thread(target=copy, args=(stream, sink), daemon=True)
+        for stream, sink in [(process.stdout, sys.stdout), (process.stderr, sys.stderr)]
+    ]
+    for thread in threads:
+        thread.start()
+    return threads
