@@ -137,6 +137,32 @@ def test_a_stop_flag_set_directly_works_too(make_linear):
     assert result.losses.size == 10
 
 
+def test_a_lambda_callback_runs_its_functions_logs_and_stops(make_linear, tmp_path):
+    from aimz_trainer import CSVLogger
+    from aimz_trainer.callbacks import LambdaCallback
+
+    ends = []
+
+    def at_epoch_end(fit, progress):
+        fit.log("epoch_squared", float(progress.epoch**2))
+        if progress.epoch == 2:
+            fit.request_stop("three epochs")
+
+    callback = LambdaCallback(
+        on_train_epoch_end=at_epoch_end, on_fit_end=lambda fit, progress: ends.append(progress.step)
+    )
+    svi, data = make_linear(1000)
+    t = trainer(max_epochs=10, callbacks=[callback, CSVLogger(tmp_path / "metrics.csv")])
+    result = t.fit(svi, data, batch_size=100)
+    assert result.losses.size == 30 and ends == [30] and t.stop_reason == "three epochs"
+    lines = [line for line in (tmp_path / "metrics.csv").read_text().splitlines() if ",epoch_squared," in line]
+    assert [float(line.rsplit(",", 1)[1]) for line in lines] == [0.0, 1.0, 4.0]
+    with pytest.raises(ConfigurationError, match=r"\['on_epoch_end'\], which are not hooks"):
+        LambdaCallback(on_epoch_end=print)
+    with pytest.raises(ConfigurationError, match=r"on_fit_end=...\) must be a function; got 3"):
+        LambdaCallback(on_fit_end=3)
+
+
 class TestExceptionPath:
     def test_an_error_in_one_handler_does_not_hide_the_others_or_the_original(self, make_linear):
         class Boom(Callback):

@@ -6,6 +6,7 @@ from aimz_trainer.callbacks.base import Callback, state_key_of
 from aimz_trainer.callbacks.context import FitContext, FitProgress
 from aimz_trainer.callbacks.csv_logger import CSVLogger
 from aimz_trainer.callbacks.early_stopping import EarlyStopping
+from aimz_trainer.callbacks.lambda_callback import LambdaCallback
 from aimz_trainer.callbacks.logger import MetricLogger
 from aimz_trainer.callbacks.mlflow_logger import MLFlowLogger  # imports mlflow only when one is created
 from aimz_trainer.callbacks.model_checkpoint import ModelCheckpoint
@@ -19,6 +20,7 @@ __all__ = [
     "EarlyStopping",
     "FitContext",
     "FitProgress",
+    "LambdaCallback",
     "MLFlowLogger",
     "MetricLogger",
     "ModelCheckpoint",
