@@ -756,9 +756,8 @@ class ImpactModel:
         ``draw_shape`` of one draw."""
         sites: dict[str, dict[str, Any]] = {}
         for name, info in self._sites.items():
-            named = any(p is not None for p in info.plates)
-            sites[name] = {"kind": info.kind, "dims": [p or f"{name}_dim_{i}" for i, p in enumerate(info.plates)]
-                           if named else None}  # fmt: skip
+            named = any(dim != f"{name}_dim_{i}" for i, dim in enumerate(info.dims))
+            sites[name] = {"kind": info.kind, "dims": list(info.dims) if named else None}
         for name, draws in (self._posterior or {}).items():
             entry = sites.setdefault(name, {"kind": "latent", "dims": None})
             entry["draw_shape"] = [int(n) for n in np.shape(draws)[1:]]

@@ -14,9 +14,9 @@ from typing import Any
 
 import jax
 import numpy as np
-from numpyro import handlers
 
 from aimz_trainer.errors import KernelValidationError
+from aimz_trainer.plates import site_dims, trace_model
 
 __all__ = ["KernelSpec", "SiteInfo", "check_kernel_signature", "merge_specs", "trace_kernel"]
 
@@ -43,12 +43,12 @@ class KernelSpec:
 
 @dataclass(frozen=True)
 class SiteInfo:
-    """One site of a trace: ``kind`` (``"latent"``, ``"observed"`` or ``"deterministic"``), its
-    plates by axis of its value (``None`` where none applies) and its value's shape."""
+    """One site of a trace: ``kind`` (``"latent"``, ``"observed"`` or ``"deterministic"``) and
+    the dims of its value (:func:`~aimz_trainer.plates.site_dims`: plate names, else
+    ``<site>_dim_i``)."""
 
     kind: str
-    plates: tuple[str | None, ...]
-    shape: tuple[int, ...]
+    dims: tuple[str, ...]
 
 
 def check_kernel_signature(kernel: Callable[..., Any], param_input: str, param_output: str) -> None:
@@ -107,14 +107,12 @@ def trace_kernel(
     recorded: dict[str, dict[str, Any]] = {}
 
     def run(arrays: dict[str, Any]) -> None:
-        trace = handlers.trace(handlers.seed(kernel, rng_seed=0)).get_trace(**arrays, **static)
-        for name, site in trace.items():
+        for name, site in trace_model(kernel, {**arrays, **static}).items():
+            shape = tuple(np.shape(site["value"])) if site["type"] in ("sample", "deterministic") else ()
             recorded[name] = {
                 "type": site["type"],
                 "is_observed": bool(site.get("is_observed")),
-                "frames": [(f.name, f.dim) for f in site.get("cond_indep_stack", ())],
-                "shape": tuple(np.shape(site["value"])) if site["type"] in ("sample", "deterministic") else (),
-                "event_dim": getattr(site.get("fn"), "event_dim", 0),
+                "dims": site_dims(site, name, len(shape)),
             }
 
     jax.eval_shape(run, arrays)
@@ -171,10 +169,4 @@ def _site_info(name: str, site: Mapping[str, Any], param_output: str) -> SiteInf
         kind = "deterministic"
     else:
         kind = "observed" if site["is_observed"] or name == param_output else "latent"
-    shape = site["shape"]
-    plates: list[str | None] = [None] * len(shape)
-    for frame_name, dim in site["frames"]:
-        axis = len(shape) - site["event_dim"] + dim
-        if 0 <= axis < len(shape):
-            plates[axis] = frame_name
-    return SiteInfo(kind, tuple(plates), shape)
+    return SiteInfo(kind, site["dims"])

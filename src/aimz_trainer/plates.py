@@ -46,6 +46,7 @@ __all__ = [
     "model_layout",
     "on_rows",
     "padding_masked",
+    "site_dims",
     "trace_model",
 ]
 
@@ -372,6 +373,18 @@ def _trace_structure(
         if site["type"] in ("sample", "deterministic")
     }
     return plates, sites  # type: ignore[return-value]
+
+
+def site_dims(site: Mapping[str, Any], name: str, ndim: int) -> tuple[str, ...]:
+    """Dim names of a site's value: its plates' names where they apply, else ``<site>_dim_i``.
+    A plate's ``dim`` counts from the right of the batch shape, left of the event dims."""
+    names = [f"{name}_dim_{i}" for i in range(ndim)]
+    event_dim = getattr(site.get("fn"), "event_dim", 0)
+    for frame in site.get("cond_indep_stack", ()):
+        axis = ndim - event_dim + frame.dim if frame.dim < 0 else frame.dim
+        if 0 <= axis < ndim:
+            names[axis] = frame.name
+    return tuple(names)
 
 
 def trace_model(model: Callable[..., Any], kwargs: Mapping[str, Any], *, rng_seed: Any = 0) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from numpyro.distributions import constraints
 from aimz_trainer.data import digest_rows, nonfinite, require_finite_rows
 from aimz_trainer.errors import ConfigurationError, DataError
 from aimz_trainer.forward import DO_PREFIX, LocalDraws, Mode, deterministic_draws, make_forward
-from aimz_trainer.plates import ModelLayout, model_layout, trace_model
+from aimz_trainer.plates import ModelLayout, model_layout, site_dims, trace_model
 from aimz_trainer.store import ArraySpec
 
 __all__ = ["PredictionPlan", "batch_rows", "make_plan", "require_finite"]
@@ -430,37 +430,25 @@ def _specs(
     ``0 .. n-1`` for every dim of every group, as arviz gives every dim."""
     outputs = [
         ArraySpec(plan.group, name, (*plan.chain_draws, plan.num_rows, *shape[1:]), dtype, (
-            "chain", "draw", *_dims(sites[name], name, len(shape)),
+            "chain", "draw", *site_dims(sites[name], name, len(shape)),
         ), 2, draw_axis=1)
         for name, (shape, dtype) in shapes.items()
     ]  # fmt: skip
     draws = [
         ArraySpec(plan.draws_group, name, (*plan.chain_draws, *value.shape[1:]), value.dtype, (
-            "chain", "draw", *_dims(sites[name], name, value.ndim - 1),
+            "chain", "draw", *site_dims(sites[name], name, value.ndim - 1),
         ), None)
         for name, value in {**plan.latent, **plan.deterministic}.items()
     ]  # fmt: skip
     observed = [
         ArraySpec(
-            "observed_data", name, value.shape, np.asarray(value).dtype, _dims(sites[name], name, value.ndim), None
+            "observed_data", name, value.shape, np.asarray(value).dtype, site_dims(sites[name], name, value.ndim), None
         )
         for name, value in plan.observed_data.items()
     ]
     lengths = {(s.group, dim): n for s in (*outputs, *draws, *observed) for dim, n in zip(s.dims, s.shape, strict=True)}
     coordinates = [ArraySpec(group, dim, (n,), np.dtype(np.int64), (dim,), None) for (group, dim), n in lengths.items()]
     return (*outputs, *draws, *observed, *coordinates)
-
-
-def _dims(site: Mapping[str, Any], name: str, ndim: int) -> tuple[str, ...]:
-    """Dim names of a site's value: its plates' names where they apply, else ``<site>_dim_i``.
-    A plate's ``dim`` counts from the right of the batch shape, left of the event dims."""
-    names = [f"{name}_dim_{i}" for i in range(ndim)]
-    event_dim = getattr(site.get("fn"), "event_dim", 0)
-    for frame in site.get("cond_indep_stack", ()):
-        axis = ndim - event_dim + frame.dim if frame.dim < 0 else frame.dim
-        if 0 <= axis < ndim:
-            names[axis] = frame.name
-    return tuple(names)
 
 
 def padded(array: np.ndarray, rows: int) -> np.ndarray:
