@@ -232,7 +232,7 @@ class TestValidation:
                 "weights": (rows < 250)[None].astype(np.float32),
                 "num_steps": np.int32(1),
             }
-            outputs = step(result.state, key, {k: jnp.asarray(v) for k, v in val.items()}, record)
+            outputs = step(result.params, key, {k: jnp.asarray(v) for k, v in val.items()}, record)
             loss, lpd_sum, weight_sum = outputs["loss"], outputs["lpd_sum"], outputs["weight_sum"]
             np.testing.assert_allclose(loss, losses[-1], rtol=1e-5)
             lpds.append(float(lpd_sum))

@@ -331,7 +331,12 @@ def val(fx):
     val_data = {key: jnp.asarray(value) for key, value in linear_data(VAL_ROWS, seed=1).items()}
     source = ValidationSource(VAL_ROWS, BATCH, process_index=0, process_count=1)
     trained, _, _ = fx.chunk(fx.state, fx.data, record(fx.batches))
-    step = jax.jit(make_validation_step(fx.svi, NUM_SAMPLES, NUM_ROWS, fx.layout))
+    validate = jax.jit(make_validation_step(fx.svi, NUM_SAMPLES, NUM_ROWS, fx.layout))
+    params_of = jax.jit(make_params(fx.svi, fx.plates))
+
+    def step(svi_state, rng_key, data, rec):  # validation takes the constrained parameters
+        return validate(params_of(svi_state, fx.data, record(fx.batches)), rng_key, data, rec)
+
     return val_data, source, trained.svi_state, step
 
 
@@ -400,7 +405,7 @@ class TestValidationStep:
         state = jax.jit(make_init(svi, ()))(jax.random.key(0), data, rec)
         rng_key = jax.random.key(8)
         step = make_validation_step(svi, 3, 12, layout(svi, data, 6))
-        outputs = jax.jit(step)(state.svi_state, rng_key, data, rec)
+        outputs = jax.jit(step)(jax.jit(make_params(svi, ()))(state.svi_state, data, rec), rng_key, data, rec)
         assert set(outputs) == {"loss", "weight_sum"} and float(outputs["weight_sum"]) == 6.0
         loss = outputs["loss"]
         svi.init(jax.random.key(0), **data)
@@ -423,7 +428,8 @@ class TestValidationStep:
             shape = layout(svi, data, 6)
             state = jax.jit(make_init(svi, ()))(jax.random.key(0), data, rec)
             step = make_validation_step(svi, 4, 6, shape)
-            outputs[noise] = jax.jit(step)(state.svi_state, jax.random.key(1), data, rec)
+            params = jax.jit(make_params(svi, ()))(state.svi_state, data, rec)
+            outputs[noise] = jax.jit(step)(params, jax.random.key(1), data, rec)
             draws = jax.jit(make_posterior_sampler(svi, 4, shape))(state.svi_state, jax.random.key(2), data, rec)
             assert set(draws) == {"w"}
         # A wide likelihood makes the same data far less surprising.

@@ -30,7 +30,7 @@ from aimz_trainer.errors import ConfigurationError
 from aimz_trainer.plan import FitPlan
 from aimz_trainer.plates import RowPadding, check_paddable, model_layout
 from aimz_trainer.sharding import padded_batch_size
-from aimz_trainer.step import make_init, make_posterior_sampler, make_train_chunk, make_validation_step
+from aimz_trainer.step import make_init, make_params, make_posterior_sampler, make_train_chunk, make_validation_step
 
 from .conftest import linear_data, linear_svi, local_data, local_model
 
@@ -168,11 +168,12 @@ class TestMaskedSteps:
         val_rows, val_batch = 20, 8
         padding = RowPadding.of(layout, val_batch)
         step = jax.jit(make_validation_step(svi, 4, NUM_ROWS, layout, padding=padding))
+        params = jax.jit(make_params(svi, layout.row_plates))(state, data, chunk_source(1)[0])
         even = ValidationSource(val_rows, val_batch, process_index=0, process_count=1)
         padded = ValidationSource(val_rows, val_batch, process_index=0, process_count=1, padded_size=9)
         for index in range(len(even)):
             key = jax.random.key(index)
-            expected, actual = step(state, key, data, even[index]), step(state, key, data, padded[index])
+            expected, actual = step(params, key, data, even[index]), step(params, key, data, padded[index])
             assert actual.keys() == expected.keys() == {"lpd_sum", "weight_sum", *["loss"] * (kind == "linear")}
             for name in expected:
                 np.testing.assert_allclose(actual[name], expected[name], rtol=1e-5)

@@ -6,11 +6,13 @@ from aimz_trainer.callbacks import (
     EarlyStopping,
     FitContext,
     FitProgress,
+    LambdaCallback,
     MLFlowLogger,
     ModelCheckpoint,
     PosteriorSampler,
     ProgressBar,
     TensorBoardLogger,
+    Timer,
 )
 from aimz_trainer.checkpoint import LoadedCheckpoint, load_checkpoint
 from aimz_trainer.errors import (
@@ -73,6 +75,7 @@ __all__ = [
     "FitWarning",
     "ImpactModel",
     "KernelValidationError",
+    "LambdaCallback",
     "LoadedCheckpoint",
     "MLFlowLogger",
     "MetricNotFoundError",
@@ -89,6 +92,7 @@ __all__ = [
     "StoreError",
     "StoreWarning",
     "TensorBoardLogger",
+    "Timer",
     "Trainer",
     "TrainerState",
     "__version__",

@@ -18,6 +18,7 @@ __all__ = [
     "check_model_accepts",
     "is_int_at_least",
     "model_parameters",
+    "require_batch_limit",
     "require_bool",
     "require_choice",
 ]
@@ -66,6 +67,24 @@ def as_key(rng_key: Any, *, name: str = "rng_key") -> jax.Array:
     hint = f" (an int: pass jax.random.key({rng_key}))" if isinstance(rng_key, int | np.integer) else ""
     shape = f" of shape {rng_key.shape} and dtype {rng_key.dtype}" if is_array else ""
     raise ConfigurationError(f"{name} must be one key, jax.random.key(seed); got {rng_key!r}{shape}{hint}.")
+
+
+def require_batch_limit(name: str, value: Any, *, minimum: int) -> int | float:
+    """``value`` as a limit on a number of batches (an int of at least ``minimum``, or a float
+    fraction in (0, 1]), or a :class:`~aimz_trainer.errors.ConfigurationError` naming ``name``.
+
+    Example:
+        >>> require_batch_limit("limit_train_batches", 0.25, minimum=1)
+        0.25
+    """
+    if is_int_at_least(value, minimum):
+        return int(value)
+    if isinstance(value, float | np.floating) and 0 < value <= 1:
+        return float(value)
+    raise ConfigurationError(
+        f"{name} must be a number of batches (an int >= {minimum}) or a fraction of them (a float in (0, 1]); "
+        f"got {value!r}."
+    )
 
 
 def require_bool(name: str, value: Any) -> None:

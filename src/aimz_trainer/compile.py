@@ -143,7 +143,7 @@ class FitPrograms:
 
     def prepare_validation(
         self,
-        state: TrainState,
+        params: Params,
         rng_key: jax.Array,
         device_data: Mapping[str, jax.Array],
         record: Record,
@@ -160,12 +160,13 @@ class FitPrograms:
             in_shardings=(rep, rep, rep, record_shardings(self._mesh, record)),
             out_shardings=rep,
         )
-        self._validate = self._pool.submit(validate.lower(state.svi_state, rng_key, device_data, record).compile)
+        self._validate = self._pool.submit(validate.lower(params, rng_key, device_data, record).compile)
 
-    def validate(self, svi_state: SVIState, rng_key: jax.Array, device_data: Any, record: Record) -> Any:
-        """One validation batch's sums (see :func:`~aimz_trainer.step.make_validation_step`)."""
+    def validate(self, params: Params, rng_key: jax.Array, device_data: Any, record: Record) -> Any:
+        """One validation batch's sums of the constrained ``params`` (see
+        :func:`~aimz_trainer.step.make_validation_step`)."""
         assert self._validate is not None, "prepare_validation first"
-        return self._validate.result()(svi_state, rng_key, device_data, record)
+        return self._validate.result()(params, rng_key, device_data, record)
 
     def sample(self, svi_state: SVIState, rng_key: jax.Array, num_samples: int) -> dict[str, jax.Array]:
         """``num_samples`` posterior draws at ``svi_state`` (compiled once per count)."""

@@ -42,7 +42,7 @@ import numpy as np
 
 from aimz_trainer.distributed import require_agreement
 from aimz_trainer.errors import ConfigurationError, DataError
-from aimz_trainer.plan import FitPlan
+from aimz_trainer.plan import BatchLimit, FitPlan, limited
 from aimz_trainer.sharding import place_replicated
 
 __all__ = [
@@ -324,7 +324,8 @@ class ValidationSource:
     for those repeated rows so per-observation metrics count every row exactly once. With
     ``padded_size`` (``batch_size`` rounded up to a multiple of the device count), every batch
     has padding columns after its ``batch_size`` ones: the batch's first row again, weight 0,
-    masked out of the ELBO by the compiled step.
+    masked out of the ELBO by the compiled step. ``limit_batches`` keeps the first batches only
+    (:func:`~aimz_trainer.plan.limited`).
     """
 
     def __init__(
@@ -335,15 +336,17 @@ class ValidationSource:
         process_index: int,
         process_count: int,
         padded_size: int | None = None,
+        limit_batches: BatchLimit = 1.0,
     ) -> None:
         self._num_rows = num_rows
         self._batch_size = batch_size
+        self._num_batches = limited(math.ceil(num_rows / batch_size), limit_batches)
         self._padded_size = batch_size if padded_size is None else padded_size
         local = self._padded_size // process_count
         self._columns = slice(process_index * local, (process_index + 1) * local)
 
     def __len__(self) -> int:
-        return math.ceil(self._num_rows / self._batch_size)
+        return self._num_batches
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         columns = np.arange(self._padded_size)[self._columns]

@@ -109,7 +109,9 @@ class ChunkLoop:
         Chunk c is speculative: when c-1's hooks stop the fit (or its loss was not finite), c's
         results are dropped and the fit ends on c-1's state, which the compiled chunk leaves
         intact (it does not donate its input). A stop thus takes effect exactly at the
-        boundary where it was requested, and the devices never wait for the hooks.
+        boundary where it was requested (or, before the Trainer's ``min_steps`` /
+        ``min_epochs``, at the first boundary past them: :attr:`FitContext.stop_due`), and the
+        devices never wait for the hooks.
         """
         fit, plan = self.fit, self._plan
         pending: _Pending | None = None
@@ -117,12 +119,12 @@ class ChunkLoop:
             chunk = plan.chunks[index]
             record, loader_state = next(self.records)
             new_state, outputs = self.chunk_fn(state, self.device_data, record)
-            if pending is not None and (not self._finish(pending) or fit.should_stop):
+            if pending is not None and (not self._finish(pending) or fit.stop_due):
                 return state
             # After the previous epoch's end hooks (a resumed fit starts its epoch too).
             if chunk.first_step % plan.steps_per_epoch == 0 or index == self.start_index:
                 self._start_epoch(chunk)
-                if fit.should_stop:
+                if fit.stop_due:
                     return state
             state = new_state
             pending = _Pending(chunk, state, outputs, loader_state)
@@ -182,7 +184,7 @@ class ChunkLoop:
             self._rate_since = (end, now)
         validator = self.validator
         if validator is not None and validator.every.due(end, chunk.epoch + 1 if epoch_end else None):
-            fit.log_dict(validator.run(pending.state.svi_state))
+            fit.log_dict(validator.run(pending.outputs.params))
             self.hooks.on_validation_end()
         if epoch_end:
             self.hooks.on_train_epoch_end()

@@ -15,7 +15,11 @@ from typing import NamedTuple
 
 from aimz_trainer.sharding import padded_batch_size
 
-__all__ = ["Chunk", "Every", "FitPlan", "default_steps_per_chunk", "epoch_length"]
+__all__ = ["BatchLimit", "Chunk", "Every", "FitPlan", "default_steps_per_chunk", "epoch_length", "limited"]
+
+BatchLimit = int | float
+"""How many batches of an epoch (or of a validation pass) to run: an int is a count, a float
+in (0, 1] a fraction (``1.0``: all of them)."""
 
 
 class Every(NamedTuple):
@@ -102,11 +106,13 @@ class FitPlan:
         steps_per_chunk: int | None,
         boundaries: Sequence[Every] = (),
         devices: int = 1,
+        limit_batches: BatchLimit = 1.0,
     ) -> FitPlan:
         """The plan of a fit on ``devices`` devices; chunks end wherever one of ``boundaries`` is
-        due at a step."""
+        due at a step; each epoch runs the first ``limit_batches`` batches of its order
+        (:func:`limited`)."""
         intervals = [every.steps for every in boundaries if every.steps]
-        steps_per_epoch = epoch_length(num_rows, batch_size, drop_last=drop_last)
+        steps_per_epoch = limited(epoch_length(num_rows, batch_size, drop_last=drop_last), limit_batches)
         limits = []
         if max_epochs is not None:
             limits.append(max_epochs * steps_per_epoch)
@@ -137,6 +143,19 @@ class FitPlan:
 def epoch_length(num_rows: int, batch_size: int, *, drop_last: bool) -> int:
     """Steps per epoch: a last partial batch is completed, or dropped with ``drop_last``."""
     return num_rows // batch_size if drop_last else math.ceil(num_rows / batch_size)
+
+
+def limited(num_batches: int, limit: BatchLimit) -> int:
+    """The batches a limit leaves of ``num_batches``: an int caps the count, a float keeps that
+    fraction (rounded down, at least one batch).
+
+    Example:
+        >>> limited(10, 3), limited(10, 0.25), limited(10, 1.0), limited(2, 5)
+        (3, 2, 10, 2)
+    """
+    if isinstance(limit, float):
+        return max(1, int(limit * num_batches))
+    return min(num_batches, limit)
 
 
 def _cut_chunks(steps_per_epoch: int, total_steps: int, steps_per_chunk: int, boundaries: Sequence[int]) -> list[Chunk]:

@@ -465,9 +465,9 @@ def pointwise_lpd(log_likelihoods: Mapping[str, jax.Array]) -> jax.Array:
 
 def make_validation_step(
     svi: SVI, num_samples: int, num_train_rows: int, layout: ModelLayout, *, padding: RowPadding | None = None
-) -> Callable[[SVIState, jax.Array, Mapping[str, jax.Array], Record], dict[str, jax.Array]]:
-    """``val(svi_state, rng_key, device_data, record) -> {"loss", "lpd_sum", "weight_sum"}``
-    for one validation batch.
+) -> Callable[[dict[str, jax.Array], jax.Array, Mapping[str, jax.Array], Record], dict[str, jax.Array]]:
+    """``val(params, rng_key, device_data, record) -> {"loss", "lpd_sum", "weight_sum"}``
+    for one validation batch, of the constrained variational ``params`` (``SVI.get_params``).
 
     ``loss`` is the SVI loss (the negative ELBO, with the model's own minibatch scaling) on the
     batch divided by ``num_train_rows``: the held-out negative ELBO per observation, on the
@@ -487,7 +487,7 @@ def make_validation_step(
     """
 
     def validate(
-        svi_state: SVIState, rng_key: jax.Array, device_data: Mapping[str, jax.Array], record: Record
+        params: dict[str, jax.Array], rng_key: jax.Array, device_data: Mapping[str, jax.Array], record: Record
     ) -> dict[str, jax.Array]:
         batch, indices = first_batch(device_data, record)
         # The rows are not training rows: the plates get valid indices that stand for nothing.
@@ -496,7 +496,6 @@ def make_validation_step(
         loss_key, draw_key, plate_key = jax.random.split(rng_key, 3)
         metrics = {"weight_sum": jnp.sum(weights)}
         with traced_svi(svi, batch, indices, layout.row_plates), at_rows(layout.row_plates, indices):
-            params = svi.get_params(svi_state)
             kwargs = model_kwargs(svi, batch)
             if not layout.local_sites:
                 with padding_masked(padding, indices.shape[0]):

@@ -20,11 +20,13 @@ from jax.sharding import Mesh
 from numpyro.infer import SVI
 from numpyro.infer.svi import SVIState
 
-from aimz_trainer._checks import as_key, is_int_at_least, require_bool, require_choice
+from aimz_trainer._checks import as_key, is_int_at_least, require_batch_limit, require_bool, require_choice
 from aimz_trainer.callbacks import default_callbacks
 from aimz_trainer.callbacks.base import Callback, CallbackList, check_callbacks
 from aimz_trainer.callbacks.context import FitContext, TrainerSettings, TrainerState
 from aimz_trainer.callbacks.logger import MetricLog, MetricLogger
+from aimz_trainer.callbacks.timer import Duration, Timer, as_duration
+from aimz_trainer.checkpoint import load_checkpoint
 from aimz_trainer.compile import FitPrograms
 from aimz_trainer.data import (
     ChunkSource,
@@ -37,9 +39,10 @@ from aimz_trainer.data import (
     resolve_placement,
 )
 from aimz_trainer.errors import ConfigurationError
+from aimz_trainer.evaluation import EvaluationSource, evaluate
 from aimz_trainer.fit_inputs import FitInputs, check_fit_inputs
 from aimz_trainer.loop import ChunkLoop, Records
-from aimz_trainer.plan import Every, FitPlan, epoch_length
+from aimz_trainer.plan import BatchLimit, Every, FitPlan, epoch_length, limited
 from aimz_trainer.resume import (
     ResumePoint,
     fit_fingerprint,
@@ -52,11 +55,14 @@ from aimz_trainer.resume import (
 )
 from aimz_trainer.sharding import DATA_AXIS, make_mesh, records_to_global
 from aimz_trainer.step import StepMetric, step_metric_functions
-from aimz_trainer.validation import Validator
+from aimz_trainer.validation import Validator, sanity_check
 
 __all__ = ["FitKeys", "FitResult", "Trainer", "TrainerState"]
 
 Params = dict[str, jax.Array]
+
+# Lightning's bound for a fit limited by time alone.
+MAX_EPOCHS_UNDER_TIME_LIMIT = 1000
 
 
 class FitResult(NamedTuple):
@@ -126,6 +132,26 @@ class Trainer:
             ``callback_metrics``): names of built-in ones, ``"grad_norm"`` (global norm of the
             step's gradient) and ``"param_norm"`` (of the unconstrained parameters), or a
             mapping of names to :data:`~aimz_trainer.step.StepMetric` functions. Off by default.
+        min_epochs: a stop requested earlier (early stopping) waits until this many epochs
+            are done.
+        min_steps: likewise, in steps.
+        max_time: stop once the fit has run this long (a :class:`~aimz_trainer.callbacks.Timer`,
+            checked at chunk boundaries; a ``timedelta``, seconds, ``"DD:HH:MM:SS"`` or
+            ``{"hours": 2}``). Alone, without ``max_epochs``/``max_steps``, the fit runs up to
+            1,000 epochs.
+        limit_train_batches: run only the first batches of each epoch's order: an int (a count)
+            or a float in (0, 1] (a fraction; ``1.0``: all).
+        limit_val_batches: likewise for each validation pass (``0``: no validation).
+        overfit_batches: a debugging run on the same few batches every epoch: the first
+            ``overfit_batches`` batches (an int, or a fraction of an epoch) in row order, no
+            shuffle, and as many validation batches; ``0``: off.
+        num_sanity_val_steps: validation batches run once before the first step, with the
+            starting parameters, so that a broken validation fails before any training (its
+            results are not logged; non-finite ones warn); ``-1``: all of them, ``0``: none.
+        fast_dev_run: a smoke test of a recipe: ``N`` steps (``True``: 1) of training and one
+            validation batch, without loggers or checkpoints (callbacks that log or save are
+            left out of the fit); ``max_epochs``, ``max_steps``, the limits and the
+            validation intervals are overridden.
 
     Example:
         >>> import jax, numpy as np, numpyro, numpyro.distributions as dist
@@ -163,9 +189,22 @@ class Trainer:
         steps_per_chunk: int | None = None,
         nonfinite_loss: Literal["raise", "warn"] = "raise",
         step_metrics: Sequence[str] | Mapping[str, StepMetric] = (),
+        min_epochs: int | None = None,
+        min_steps: int | None = None,
+        max_time: Duration | None = None,
+        limit_train_batches: BatchLimit = 1.0,
+        limit_val_batches: BatchLimit = 1.0,
+        overfit_batches: BatchLimit = 0,
+        num_sanity_val_steps: int = 2,
+        fast_dev_run: bool | int = False,
     ) -> None:
+        timer = None if max_time is None else Timer(as_duration(max_time, "max_time"))
         if max_epochs is None and max_steps is None:
-            raise ConfigurationError("set max_epochs or max_steps (or both): the trainer needs to know when to stop.")
+            if timer is None:
+                raise ConfigurationError(
+                    "set max_epochs, max_steps or max_time (or several): the trainer needs to know when to stop."
+                )
+            max_epochs = MAX_EPOCHS_UNDER_TIME_LIMIT
         if not is_int_at_least(log_every_n_steps, 1):
             raise ConfigurationError(f"log_every_n_steps must be a positive int; got {log_every_n_steps!r}.")
         for name, value in [
@@ -173,9 +212,33 @@ class Trainer:
             ("max_steps", max_steps),
             ("check_val_every_n_epoch", check_val_every_n_epoch),
             ("steps_per_chunk", steps_per_chunk),
+            ("min_epochs", min_epochs),
+            ("min_steps", min_steps),
         ]:
             if value is not None and not is_int_at_least(value, 1):
                 raise ConfigurationError(f"{name} must be a positive int or None; got {value!r}.")
+        for name, low, high in [("min_epochs", min_epochs, max_epochs), ("min_steps", min_steps, max_steps)]:
+            if low is not None and high is not None and low > high:
+                raise ConfigurationError(f"{name}={low} exceeds max_{name[4:]}={high}: the fit could not honour both.")
+        limit_train_batches = require_batch_limit("limit_train_batches", limit_train_batches, minimum=1)
+        limit_val_batches = require_batch_limit("limit_val_batches", limit_val_batches, minimum=0)
+        overfit_batches = require_batch_limit("overfit_batches", overfit_batches, minimum=0)
+        if not is_int_at_least(num_sanity_val_steps, -1):
+            raise ConfigurationError(
+                "num_sanity_val_steps must be an int >= 0, or -1 for every validation batch; "
+                f"got {num_sanity_val_steps!r}."
+            )
+        if not (isinstance(fast_dev_run, bool) or is_int_at_least(fast_dev_run, 0)):
+            raise ConfigurationError(
+                f"fast_dev_run must be True, False or a number of steps (an int >= 0); got {fast_dev_run!r}."
+            )
+        if overfit_batches:
+            limit_train_batches = limit_val_batches = overfit_batches
+        self.fast_dev_run = int(fast_dev_run)
+        if self.fast_dev_run:
+            max_epochs, max_steps, min_epochs, min_steps = 1, self.fast_dev_run, None, None
+            limit_train_batches, limit_val_batches, num_sanity_val_steps = self.fast_dev_run, 1, 0
+            check_val_every_n_epoch, val_check_interval = 1, None
         if val_check_interval is not None and not (
             is_int_at_least(val_check_interval, 1)
             or (isinstance(val_check_interval, float) and 0 < val_check_interval <= 1)
@@ -197,6 +260,10 @@ class Trainer:
                 raise ConfigurationError(
                     f"callbacks must be aimz_trainer.callbacks.Callback instances; got {type(callback).__name__}."
                 )
+        if timer is not None:
+            if any(isinstance(callback, Timer) for callback in callbacks):
+                raise ConfigurationError("pass max_time or a Timer callback, not both.")
+            callbacks = [*callbacks, timer]
         self._step_metrics = step_metric_functions(step_metrics)
 
         self.max_epochs = max_epochs
@@ -206,6 +273,12 @@ class Trainer:
         self.val_check_interval = val_check_interval
         self.steps_per_chunk = steps_per_chunk
         self.nonfinite_loss = nonfinite_loss
+        self.min_epochs = min_epochs
+        self.min_steps = min_steps
+        self.limit_train_batches = limit_train_batches
+        self.limit_val_batches = limit_val_batches
+        self.overfit_batches = overfit_batches
+        self.num_sanity_val_steps = num_sanity_val_steps
         self.callbacks = default_callbacks(callbacks, enable_progress_bar=enable_progress_bar)
         self.mesh = mesh if mesh is not None else make_mesh(devices)
         self.rng_key = jax.random.key(0) if rng_key is None else as_key(rng_key)
@@ -247,6 +320,8 @@ class Trainer:
             steps_per_chunk=self.steps_per_chunk,
             nonfinite_loss=self.nonfinite_loss,
             step_metrics=tuple(self._step_metrics),
+            min_epochs=self.min_epochs,
+            min_steps=self.min_steps,
         )
 
     def request_stop(self, reason: str | None = None) -> None:
@@ -271,6 +346,138 @@ class Trainer:
         if not is_int_at_least(num_samples, 1):
             raise ConfigurationError(f"num_samples must be a positive int; got {num_samples!r}.")
         return self._require_fit("sample_posterior").sample_posterior(num_samples, rng_key)
+
+    def validate(
+        self,
+        svi: SVI,
+        data: Mapping[str, Any],
+        *,
+        ckpt_path: str | os.PathLike[str] | int | None = None,
+        params: Mapping[str, Any] | None = None,
+        batch_size: int | None = None,
+        num_samples: int = 20,
+    ) -> dict[str, float]:
+        """The held-out metrics of a checkpoint, of given parameters or of the last fit, with no
+        training: ``val_loss`` and ``val_lpd`` as a fit's validation reports them, sent to the
+        loggers (at the checkpoint's or the fit's last step) and into ``callback_metrics``.
+
+        Args:
+            svi: the ``SVI`` whose guide the parameters belong to.
+            data: the held-out data (keyword name -> array), as ``fit``'s ``val_data``.
+            ckpt_path: a checkpoint, as ``fit``'s ``ckpt_path`` takes it (``"last"``, a step of
+                the fit's ``ModelCheckpoint``, or a path); its fit's validation key is used, so
+                the metrics are the ones that fit logged at that step, given the same data and
+                batch size.
+            params: constrained variational parameters (a fit's ``FitResult.params``); not
+                with ``ckpt_path``. Neither: the parameters of the Trainer's last fit.
+            batch_size: rows per batch; default: the batch size of the checkpoint's or the last
+                fit (required without either).
+            num_samples: guide draws behind ``val_lpd`` (``fit``'s ``val_num_samples``).
+
+        The Trainer's ``limit_val_batches`` applies. The losses are per training observation:
+        of the checkpoint's or the last fit's training data, else of the model's subsampled
+        plate size.
+
+        Example:
+            >>> trainer.validate(svi, {"x": x_val, "y": y_val}, ckpt_path="last")  # doctest: +SKIP
+            {'val_loss': 0.62, 'val_lpd': -0.58}
+        """
+        return self._evaluate("val", svi, data, ckpt_path, params, batch_size, num_samples)
+
+    def test(
+        self,
+        svi: SVI,
+        data: Mapping[str, Any],
+        *,
+        ckpt_path: str | os.PathLike[str] | int | None = None,
+        params: Mapping[str, Any] | None = None,
+        batch_size: int | None = None,
+        num_samples: int = 20,
+    ) -> dict[str, float]:
+        """:meth:`validate` on test data: the same pass, reported as ``test_loss`` and
+        ``test_lpd``."""
+        return self._evaluate("test", svi, data, ckpt_path, params, batch_size, num_samples)
+
+    def _evaluate(
+        self,
+        prefix: str,
+        svi: SVI,
+        data: Mapping[str, Any],
+        ckpt_path: Any,
+        params: Mapping[str, Any] | None,
+        batch_size: int | None,
+        num_samples: int,
+    ) -> dict[str, float]:
+        source = self._evaluation_source(ckpt_path, params)
+        metrics = evaluate(
+            svi,
+            data,
+            source,
+            self.mesh,
+            batch_size=batch_size,
+            num_samples=num_samples,
+            limit_batches=self.limit_val_batches or 1.0,
+            validation_key=FitKeys.split(source.rng_key).validation,
+        )
+        metrics = {prefix + name.removeprefix("val"): value for name, value in metrics.items()}
+        self.callback_metrics.update(metrics)
+        self._send_to_loggers(metrics, source.step, source.epoch)
+        return metrics
+
+    def _evaluation_source(self, ckpt_path: Any, params: Mapping[str, Any] | None) -> EvaluationSource:
+        """The parameters to evaluate, and what the fit that made them knew."""
+        plan = self.plan
+        if ckpt_path is not None:
+            if params is not None:
+                raise ConfigurationError("pass ckpt_path or params, not both.")
+            checkpoint = load_checkpoint(open_checkpoint(ckpt_path, self.callbacks).step_dir)
+            fit = checkpoint.meta["fit"]
+            return EvaluationSource(
+                checkpoint.params,
+                checkpoint.step,
+                checkpoint.epoch,
+                ResumePoint(checkpoint.path, checkpoint.meta).rng_key,
+                fit["num_rows"],
+                fit["batch_size"],
+            )
+        if params is None:
+            if self._fit is None or self.state.params is None:
+                raise ConfigurationError(
+                    "nothing to evaluate: pass ckpt_path or params, or call fit first (its parameters are used)."
+                )
+            params = self.state.params
+        return EvaluationSource(
+            dict(params),
+            self.state.step,
+            self.state.epoch,
+            self.rng_key,
+            None if plan is None else plan.num_rows,
+            None if plan is None else plan.batch_size,
+        )
+
+    def _send_to_loggers(self, metrics: Mapping[str, float], step: int, epoch: int) -> None:
+        """Add ``metrics`` at the last finished step to what every logger holds (nothing is
+        replaced: the loggers are opened without a resume step)."""
+        loggers = [c for c in self.callbacks if isinstance(c, MetricLogger)]
+        state = TrainerState(step=step, epoch=epoch, svi_state=None, rng_key=self.rng_key)
+        log = MetricLog({}, loggers, state)
+        fit = FitContext(
+            state=state,
+            mesh=self.mesh,
+            settings=self.settings,
+            has_validation=True,
+            posterior_key=self.posterior_key,
+            _metrics=log.metrics,
+            _log=log.log,
+            plan=self.plan,  # type: ignore[arg-type]
+        )
+        try:
+            log.open(fit, None)
+            for name, value in metrics.items():
+                log.log(name, value)
+            log.flush()
+        finally:
+            log.close()
 
     def fit(
         self,
@@ -342,7 +549,11 @@ class Trainer:
             drop_last,
             self.mesh,
         )
-        callbacks = list(self.callbacks)
+        if self.overfit_batches:
+            inputs = inputs._replace(shuffle=False)  # the same batches every epoch
+        if self.limit_val_batches == 0:
+            inputs = inputs._replace(val_arrays=None)
+        callbacks = self._fit_callbacks()
         resume = open_checkpoint(ckpt_path, callbacks) if ckpt_path is not None else None
         if resume is not None:
             self.rng_key = resume.rng_key
@@ -456,12 +667,15 @@ class Trainer:
                 num_train_rows=inputs.num_rows,
                 rng_key=keys.validation,
                 every=self._validate_every(inputs),
-                state=train_state,
+                params=state.params,
+                limit_batches=self.limit_val_batches,
             )
         losses: list[np.ndarray] = []
         if resume is not None:
             train_state, saved_losses = restore(resume, train_state, state, shape, callbacks)
             losses.append(saved_losses)
+        if validator is not None and self.num_sanity_val_steps:
+            sanity_check(validator, state.params, self.num_sanity_val_steps)
         hooks = CallbackList(callbacks, fit, metric_log.flush)
         self.timings = {"setup_s": time.perf_counter() - started}
         loop = ChunkLoop(
@@ -514,12 +728,20 @@ class Trainer:
 
     # -- stages ----------------------------------------------------------------------------------
 
+    def _fit_callbacks(self) -> list[Callback]:
+        """The callbacks of a fit: with ``fast_dev_run``, none that log or save checkpoints."""
+        if self.fast_dev_run:
+            return [c for c in self.callbacks if not (isinstance(c, MetricLogger) or c.saves_checkpoints)]
+        return list(self.callbacks)
+
     def _validate_every(self, inputs: FitInputs) -> Every:
         """When validation is due: every ``check_val_every_n_epoch`` epochs and every
         ``val_check_interval`` steps (a float: that fraction of an epoch)."""
         interval = self.val_check_interval
         if isinstance(interval, float):
-            steps_per_epoch = epoch_length(inputs.num_rows, inputs.batch_size, drop_last=inputs.drop_last)
+            steps_per_epoch = limited(
+                epoch_length(inputs.num_rows, inputs.batch_size, drop_last=inputs.drop_last), self.limit_train_batches
+            )
             interval = max(1, int(interval * steps_per_epoch))
         return Every(steps=interval, epochs=self.check_val_every_n_epoch)
 
@@ -538,6 +760,7 @@ class Trainer:
             steps_per_chunk=self.steps_per_chunk,
             boundaries=boundaries,
             devices=self.mesh.size,
+            limit_batches=self.limit_train_batches,
         )
 
     def _require_fit(self, what: str) -> FitContext:

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
-from numpyro.infer.svi import SVIState
 
 from aimz_trainer.compile import FitPrograms
 from aimz_trainer.data import PlacedData, ValidationSource, make_chunk_loader
-from aimz_trainer.plan import Every
+from aimz_trainer.errors import FitWarning
+from aimz_trainer.plan import BatchLimit, Every
 from aimz_trainer.sharding import padded_batch_size, records_to_global
-from aimz_trainer.step import TrainState
 
-__all__ = ["Validator"]
+__all__ = ["Validator", "sanity_check", "validation_metrics"]
 
 
 class Validator:
@@ -34,7 +34,8 @@ class Validator:
         rng_key: the key of every pass: the same keys each time, so passes compare like for
             like.
         every: when a pass is due.
-        state: a training state to trace the program with.
+        params: constrained variational parameters to trace the program with.
+        limit_batches: how many of the batches a pass runs (:func:`~aimz_trainer.plan.limited`).
     """
 
     def __init__(
@@ -48,7 +49,8 @@ class Validator:
         num_train_rows: int,
         rng_key: jax.Array,
         every: Every,
-        state: TrainState,
+        params: dict[str, jax.Array],
+        limit_batches: BatchLimit = 1.0,
     ) -> None:
         self._programs = programs
         self._data = data
@@ -59,21 +61,41 @@ class Validator:
             process_index=jax.process_index(),
             process_count=jax.process_count(),
             padded_size=padded,
+            limit_batches=limit_batches,
         )
         self._to_global = records_to_global(mesh, padded)
         self._key = rng_key
         self.every = every
         first = self._to_global(next(iter(make_chunk_loader(self._source, data.host_arrays))))
-        programs.prepare_validation(state, rng_key, data.device_data, first, num_samples, num_train_rows, batch_size)
+        programs.prepare_validation(params, rng_key, data.device_data, first, num_samples, num_train_rows, batch_size)
 
-    def run(self, svi_state: SVIState) -> dict[str, float]:
+    def run(self, params: dict[str, jax.Array], num_batches: int | None = None) -> dict[str, float]:
         """``val_loss`` (when the model has no per-row latents) and ``val_lpd`` (when it has an
-        observed site) of ``svi_state``."""
+        observed site) of the constrained variational ``params``, over the pass's batches (the
+        first ``num_batches`` of them, when given)."""
         outputs = []
-        for index, record in enumerate(make_chunk_loader(self._source, self._data.host_arrays)):
+        batches = make_chunk_loader(self._source, self._data.host_arrays)
+        count = len(self._source) if num_batches is None else min(num_batches, len(self._source))
+        for index, record in zip(range(count), batches, strict=False):  # the loader may read ahead
             key = jax.random.fold_in(self._key, index)
-            outputs.append(self._programs.validate(svi_state, key, self._data.device_data, self._to_global(record)))
+            outputs.append(self._programs.validate(params, key, self._data.device_data, self._to_global(record)))
         return validation_metrics(jax.device_get(outputs))
+
+
+def sanity_check(validator: Validator, params: dict[str, jax.Array], num_batches: int) -> dict[str, float]:
+    """Run ``num_batches`` validation batches (``-1``: all) before training, so that a validation
+    that cannot run fails before the first step; non-finite results warn
+    (:class:`~aimz_trainer.errors.FitWarning`). Returns the metrics (nobody logs them)."""
+    metrics = validator.run(params, None if num_batches == -1 else num_batches)
+    bad = sorted(name for name, value in metrics.items() if not np.isfinite(value))
+    if bad:
+        warnings.warn(
+            f"the sanity check of validation gives non-finite {bad} with the starting parameters: "
+            "validation will report them too. Check the validation data and the model's likelihood.",
+            FitWarning,
+            stacklevel=3,
+        )
+    return metrics
 
 
 def validation_metrics(batches: list[Mapping[str, Any]]) -> dict[str, float]:

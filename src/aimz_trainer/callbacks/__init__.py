@@ -13,6 +13,7 @@ from aimz_trainer.callbacks.model_checkpoint import ModelCheckpoint
 from aimz_trainer.callbacks.posterior import PosteriorSampler
 from aimz_trainer.callbacks.progress import ProgressBar, progress_bar_wanted
 from aimz_trainer.callbacks.tensorboard import TensorBoardLogger
+from aimz_trainer.callbacks.timer import Timer
 
 __all__ = [
     "CSVLogger",
@@ -27,6 +28,7 @@ __all__ = [
     "PosteriorSampler",
     "ProgressBar",
     "TensorBoardLogger",
+    "Timer",
     "default_callbacks",
     "state_key_of",
 ]

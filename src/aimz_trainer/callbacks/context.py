@@ -74,6 +74,8 @@ class TrainerSettings(NamedTuple):
     steps_per_chunk: int | None
     nonfinite_loss: str
     step_metrics: tuple[str, ...]
+    min_epochs: int | None = None
+    min_steps: int | None = None
 
 
 @dataclass
@@ -106,6 +108,7 @@ class FitContext:
     step_metrics: Mapping[str, np.ndarray] = field(default_factory=dict)
     should_stop: bool = False
     stop_reason: str | None = None
+    stop_forced: bool = False
     _draws: dict[int, tuple[int, dict[str, jax.Array]]] = field(default_factory=dict)
     # Where the fit's checkpointing callbacks write (``Callback.checkpoint_directory``), for
     # loggers that upload the checkpoints.
@@ -172,10 +175,29 @@ class FitContext:
         for name, value in values.items():
             self._log(name, value)
 
-    def request_stop(self, reason: str | None = None) -> None:
-        """Ask the fit to stop at the next chunk boundary (``on_fit_end`` still runs)."""
+    def request_stop(self, reason: str | None = None, *, force: bool = False) -> None:
+        """Ask the fit to stop at the next chunk boundary (``on_fit_end`` still runs).
+
+        Before the Trainer's ``min_steps`` and ``min_epochs`` are done, the fit goes on and
+        stops at the first boundary past them (early stopping cannot cut a fit shorter than
+        asked); ``force=True`` stops at the next boundary regardless (time limits, preemption).
+        """
         self.should_stop = True
         self.stop_reason = reason
+        self.stop_forced = self.stop_forced or force
+
+    @property
+    def minimum_done(self) -> bool:
+        """Whether the Trainer's ``min_steps`` and ``min_epochs`` are done."""
+        settings, step = self.settings, self.state.step
+        if settings.min_steps is not None and step < settings.min_steps:
+            return False
+        return settings.min_epochs is None or step >= settings.min_epochs * self.plan.steps_per_epoch
+
+    @property
+    def stop_due(self) -> bool:
+        """Whether a requested stop takes effect at this boundary (see :meth:`request_stop`)."""
+        return self.should_stop and (self.stop_forced or self.minimum_done)
 
     def current_params(self) -> Params:
         """The constrained variational parameters at :attr:`step`, as the compiled chunk that

@@ -22,7 +22,8 @@ class CSVLogger(MetricLogger):
     """Writes the scalars of :mod:`aimz_trainer.callbacks.logger` to ``path``, one row per
     value (long format: ``step,epoch,metric,value``), one whole line at a time.
 
-    A fresh fit replaces the file; a resumed fit keeps the rows before its resume step.
+    A fresh fit replaces the file; a resumed fit keeps the rows before its resume step;
+    ``Trainer.validate``/``test`` add rows.
     ``pandas.read_csv(path).pivot_table(index="step", columns="metric", values="value")``
     gives one column per metric.
 
@@ -41,8 +42,10 @@ class CSVLogger(MetricLogger):
         self._file: IO[str] | None = None
         self._writer: csv.DictWriter[str] | None = None
 
-    def open(self, fit: FitContext, resume_step: int) -> None:
-        if resume_step and self.path.exists():
+    def open(self, fit: FitContext, resume_step: int | None) -> None:
+        if resume_step is None and self.path.exists():  # an evaluation adds rows
+            mode = "a"
+        elif resume_step and self.path.exists():
             with self.path.open(newline="") as previous:
                 kept = [row for row in csv.DictReader(previous) if int(row["step"]) < resume_step]
             # The rows before the resume step survive whole or not at all: replace, then append.

@@ -97,8 +97,9 @@ class MetricLogger(Callback):
         """Only process 0 writes: every process sees the same metrics."""
         return jax.process_index() == 0
 
-    def open(self, fit: FitContext, resume_step: int) -> None:
-        """Start writing; drop anything held at steps ``>= resume_step`` (0: a fresh run)."""
+    def open(self, fit: FitContext, resume_step: int | None) -> None:
+        """Start writing; drop anything held at steps ``>= resume_step`` (0: a fresh run;
+        ``None``: keep everything and add to it, as ``Trainer.validate``/``test`` do)."""
         raise NotImplementedError
 
     def write(self, step: int, epoch: int, scalars: Mapping[str, float]) -> None:
@@ -125,8 +126,9 @@ class MetricLog:
         self._pending: dict[int, dict[str, float]] = {}
         self._open: list[MetricLogger] = []
 
-    def open(self, fit: FitContext, resume_step: int) -> None:
-        """Start every logger; each drops what it holds at steps ``>= resume_step``."""
+    def open(self, fit: FitContext, resume_step: int | None) -> None:
+        """Start every logger; each drops what it holds at steps ``>= resume_step`` (``None``:
+        nothing)."""
         for logger in self._loggers:
             logger.open(fit, resume_step)
             self._open.append(logger)
