@@ -190,8 +190,8 @@ class TestNonFiniteLoss:
 
 
 class TestBadInput:
-    def test_max_epochs_and_max_steps_both_unset(self):
-        with pytest.raises(ConfigurationError, match="set max_epochs or max_steps"):
+    def test_no_limit_at_all(self):
+        with pytest.raises(ConfigurationError, match="set max_epochs, max_steps or max_time"):
             Trainer()
 
     @pytest.mark.parametrize(

@@ -324,11 +324,13 @@ class Trainer:
             min_steps=self.min_steps,
         )
 
-    def request_stop(self, reason: str | None = None) -> None:
-        """Ask the running fit to stop at the next chunk boundary (``on_fit_end`` still runs)."""
+    def request_stop(self, reason: str | None = None, *, force: bool = False) -> None:
+        """Ask the running fit to stop at the next chunk boundary (``on_fit_end`` still runs;
+        ``min_steps``/``min_epochs`` delay it unless ``force``: see
+        :meth:`~aimz_trainer.callbacks.FitContext.request_stop`)."""
         self.should_stop, self.stop_reason = True, reason
         if self._fit is not None:
-            self._fit.request_stop(reason)
+            self._fit.request_stop(reason, force=force)
 
     def current_params(self) -> dict[str, jax.Array]:
         """The constrained variational parameters at ``trainer.state``, as computed by the

@@ -110,7 +110,7 @@ class MLFlowLogger(MetricLogger):
 
     # -- the logger interface ------------------------------------------------------------------
 
-    def open(self, fit: FitContext, resume_step: int) -> None:
+    def open(self, fit: FitContext, resume_step: int | None) -> None:
         from mlflow import MlflowClient
 
         self._client = client = MlflowClient(self.tracking_uri)

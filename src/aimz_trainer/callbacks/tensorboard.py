@@ -71,7 +71,7 @@ class TensorBoardLogger(MetricLogger):
         self.log_histograms = log_histograms
         self._writer: SummaryWriter | None = None
 
-    def open(self, fit: FitContext, resume_step: int) -> None:
+    def open(self, fit: FitContext, resume_step: int | None) -> None:
         # purge_step hides events at steps >= resume_step that a previous run left behind, for
         # readers that load the files in name order. tensorboardX names files by the second and
         # truncates an existing one: the nanosecond suffix keeps a writer opened in the same
