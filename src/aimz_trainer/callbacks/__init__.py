@@ -3,30 +3,39 @@
 from collections.abc import Sequence
 
 from aimz_trainer.callbacks.base import Callback, state_key_of
-from aimz_trainer.callbacks.context import FitContext, FitProgress
+from aimz_trainer.callbacks.context import FitContext, FitProgress, FitTiming
 from aimz_trainer.callbacks.csv_logger import CSVLogger
+from aimz_trainer.callbacks.device_stats import DeviceStatsMonitor
 from aimz_trainer.callbacks.early_stopping import EarlyStopping
 from aimz_trainer.callbacks.lambda_callback import LambdaCallback
 from aimz_trainer.callbacks.logger import MetricLogger
 from aimz_trainer.callbacks.mlflow_logger import MLFlowLogger  # imports mlflow only when one is created
 from aimz_trainer.callbacks.model_checkpoint import ModelCheckpoint
+from aimz_trainer.callbacks.model_summary import ModelSummary
 from aimz_trainer.callbacks.posterior import PosteriorSampler
+from aimz_trainer.callbacks.profiler import Profiler
 from aimz_trainer.callbacks.progress import ProgressBar, progress_bar_wanted
 from aimz_trainer.callbacks.tensorboard import TensorBoardLogger
+from aimz_trainer.callbacks.throughput import ThroughputMonitor
 
 __all__ = [
     "CSVLogger",
     "Callback",
+    "DeviceStatsMonitor",
     "EarlyStopping",
     "FitContext",
     "FitProgress",
+    "FitTiming",
     "LambdaCallback",
     "MLFlowLogger",
     "MetricLogger",
     "ModelCheckpoint",
+    "ModelSummary",
     "PosteriorSampler",
+    "Profiler",
     "ProgressBar",
     "TensorBoardLogger",
+    "ThroughputMonitor",
     "default_callbacks",
     "state_key_of",
 ]
