@@ -37,7 +37,7 @@ class ParamRow(NamedTuple):
 
 
 def param_rows(params: Mapping[str, Any]) -> list[ParamRow]:
-    """A :class:`ParamRow` for every array in ``params`` (a guide's parameters), in their order.
+    """A :class:`ParamRow` for every array in ``params`` (a guide's parameters), by name (pytree order).
 
     Only shapes and dtypes are read: nothing moves off the devices.
 
