@@ -239,6 +239,15 @@ class TestDeviceStatsMonitor:
         DeviceStatsMonitor().on_train_chunk_end(fit, None, np.zeros(3), range(5, 8))  # not a logging step
         assert logged == {}
 
+    def test_a_resumed_fit_logs_no_second_baseline(self):
+        """The baseline is a fresh fit's step-0 point; a resumed fit's logs hold it already."""
+        logged: dict[str, float] = {}
+        fit = SimpleNamespace(mesh=SimpleNamespace(local_devices=[]), log_dict=logged.update, log=logged.__setitem__)
+        DeviceStatsMonitor().on_fit_start(fit, SimpleNamespace(step=20))
+        assert logged == {}
+        DeviceStatsMonitor().on_fit_start(fit, SimpleNamespace(step=0))
+        assert set(logged) >= {"device_stats/host/rss_bytes", "device_stats/host/peak_rss_bytes"}
+
     def test_devices_without_stats_give_none(self):
         assert device_memory(FakeDevice("cpu", 0, None)) == {}
         assert device_memory(FakeDevice("tpu", 0, RuntimeError("UNIMPLEMENTED"))) == {}
@@ -259,6 +268,15 @@ class TestProfiler:
 
     def test_it_records_the_steps_it_traced(self, monitored):
         assert monitored.profiler.traced_steps == range(*TRACED)
+
+    def test_by_default_it_traces_the_second_chunk_from_the_fit_start(self, tmp_path):
+        """The first two chunks are dispatched before any chunk's hooks: the trace starts at fit
+        start and so holds the first chunk as well."""
+        profiler = Profiler(tmp_path)
+        trainer = Trainer(max_steps=15, log_every_n_steps=EVERY, callbacks=[profiler], enable_progress_bar=False)
+        trainer.fit(linear_svi(NUM_ROWS), linear_data(NUM_ROWS), batch_size=BATCH)
+        assert profiler.traced_steps == range(0, 2 * EVERY)
+        assert profiler.trace_dir is not None and list(profiler.trace_dir.glob("*.xplane.pb"))
 
     def test_steps_outside_the_fit_warn_and_trace_nothing(self, tmp_path):
         profiler = Profiler(tmp_path, steps=(500, 600))

@@ -72,10 +72,11 @@ class DeviceStatsMonitor(Callback):
       resident memory now and at most (:func:`host_memory`), which is where a CPU device's
       arrays live (CPU devices report no memory of their own).
 
-    Cadence: once at fit start (after compilation and data placement: the baseline) and at
-    every chunk that ends on a logging step (a multiple of the Trainer's
-    ``log_every_n_steps``). Reading the allocators' counters is a host call: no device work and
-    no sync. Only process 0 writes, so a multi-process fit records process 0's devices.
+    Cadence: at the start of a fresh fit (after compilation and data placement: the baseline,
+    at step 0; a resumed fit's logs have it already) and at every chunk that ends on a logging
+    step (a multiple of the Trainer's ``log_every_n_steps``). Reading the allocators' counters
+    is a host call: no device work and no sync. Only process 0 writes, so a multi-process fit
+    records process 0's devices.
 
     Example:
         >>> from aimz_trainer import Trainer
@@ -83,7 +84,8 @@ class DeviceStatsMonitor(Callback):
     """
 
     def on_fit_start(self, fit: FitContext, progress: FitProgress) -> None:
-        self._log(fit)
+        if progress.step == 0:
+            self._log(fit)
 
     def on_train_chunk_end(self, fit: FitContext, progress: FitProgress, losses: np.ndarray, steps: range) -> None:
         if Every(steps=fit.log_every_n_steps).at_step(steps.stop):

@@ -19,6 +19,10 @@ epoch end            ``train_loss_epoch``,             the epoch's last step
 any hook             what callbacks ``fit.log(...)``   the last finished step
 ===================  ================================  =================================
 
+``steps_per_sec`` is measured on the fit's training clock
+(:class:`~aimz_trainer.callbacks.context.FitTiming`): the first chunk (compilation) and the
+validation passes are left out, so a slow validation does not show as slow training.
+
 Steps are 0-based step indices, so the ``train_loss`` written at step s is ``losses[s]`` of
 the fit's result. Only process 0 writes. A logger resumed at step r first discards what it
 holds from step r on, so the resumed run's rows replace them.

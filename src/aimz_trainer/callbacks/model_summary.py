@@ -80,7 +80,8 @@ class ModelSummary(Callback):
     """At fit start, a table of the guide's variational parameters (name, shape, value count,
     dtype; constrained values, as ``fit.current_params()`` holds them) and their total:
     printed to stdout by process 0, and the total logged as ``num_params`` (a point at step 0
-    in every logger, and ``trainer.callback_metrics["num_params"]``).
+    in every logger, and ``trainer.callback_metrics["num_params"]``). A resumed fit prints the
+    table again but logs nothing: its logs hold the step-0 point already.
 
     Args:
         print_table: print the table (``False``: only log the total and keep :attr:`rows`).
@@ -106,4 +107,5 @@ class ModelSummary(Callback):
         self.total = sum(row.count for row in self.rows)
         if self.print_table and jax.process_index() == 0:
             print(format_param_table(self.rows), flush=True)
-        fit.log("num_params", self.total)
+        if progress.step == 0:
+            fit.log("num_params", self.total)

@@ -108,6 +108,8 @@ class Profiler(Callback):
     def _chunks_to_trace(self, fit: FitContext, first_step: int) -> tuple[int, int] | None:
         plan = fit.plan
         first_run = self._index_of(first_step)
+        if first_run < 0 or first_step >= plan.total_steps:  # nothing left to run
+            return None
         if self.steps is None:
             index = min(first_run + 1, plan.num_chunks - 1)
             return index, index
