@@ -14,6 +14,9 @@ The two loops:
   ``TensorBoardLogger`` (a temporary directory: per-step loss, steps/s, epoch means,
   parameter histograms every epoch) and ``EarlyStopping("train_loss_epoch")`` (a patience that
   never runs out), ``log_every_n_steps=50``.
+- **aimz_monitors**: the same as **aimz** with the monitoring callbacks ``ThroughputMonitor``,
+  ``DeviceStatsMonitor`` and ``ModelSummary`` (no logger: what they cost is their own work at
+  fit start and at every logging step, ``log_every_n_steps=50``).
 - **handwritten**: X and y on the device; ``svi.init`` called eagerly (a jitted ``svi.init``
   leaks tracers into the AutoGuide); one jitted call per epoch (state donated) that takes the
   epoch's permutation, computed on the host with NumPy, and runs ``lax.scan`` over the
@@ -39,11 +42,13 @@ placeholder there), so its cold wall is what a plain NumPyro user pays.
 
 The bars (reported, not asserted): aimz steady steps/s >= 0.9x the hand-written loop, and
 >= 0.85x with the callbacks on; with gradient norms on >= 0.95x aimz without them; aimz first
-step <= 3 s; aimz cold wall <= 1.1x the hand-written one.
+step <= 3 s; aimz cold wall <= 1.1x the hand-written one; with the monitors >= 0.95x aimz
+without them.
 
 Run it from the repository root::
 
     .venv/bin/python benchmarks/bench_fit.py [--epochs 20] [--repeats 3]
+    .venv/bin/python benchmarks/bench_fit.py --monitors [--repeats 3]   # aimz with and without the monitors
 
 It prints one JSON line with all figures on stdout; progress goes to stderr.
 """
@@ -64,10 +69,11 @@ from types import ModuleType
 from typing import Any
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "bnn_binary.py"
-LOOPS = ("aimz", "aimz_grad_norm", "aimz_callbacks", "handwritten")
+LOOPS = ("aimz", "aimz_grad_norm", "aimz_callbacks", "aimz_monitors", "handwritten")
 STEPS_PER_SEC_BAR = 0.9
 CALLBACKS_STEPS_PER_SEC_BAR = 0.85
 GRAD_NORM_STEPS_PER_SEC_BAR = 0.95
+MONITORS_STEPS_PER_SEC_BAR = 0.95
 FIRST_STEP_BAR_S = 3.0
 COLD_WALL_BAR = 1.1
 
@@ -83,8 +89,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-samples", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", choices=LOOPS, help="run one loop in this process and print its figures")
-    parser.add_argument("--loops", nargs="+", choices=LOOPS, default=list(LOOPS), help="the loops to compare")
-    return parser.parse_args(argv)
+    default_loops = [loop for loop in LOOPS if loop != "aimz_monitors"]  # --monitors compares those
+    parser.add_argument("--loops", nargs="+", choices=LOOPS, default=default_loops, help="the loops to compare")
+    parser.add_argument("--monitors", action="store_true", help="only aimz with and without the monitors")
+    args = parser.parse_args(argv)
+    if args.monitors:
+        args.loops = ["aimz_monitors"]
+    return args
 
 
 def load_recipe(*, with_trainer: bool) -> ModuleType:
@@ -116,15 +127,20 @@ class _Placeholder(ModuleType):
 
 def chunk_clock() -> Any:
     """A callback that records ``(time, steps finished)`` in ``.marks`` at every chunk end
-    (what :func:`steady_steps_per_sec` reads). It imports aimz_trainer: aimz runs only."""
+    (what :func:`steady_steps_per_sec` reads), and the fit's own training clock at fit end
+    (``.timing``). It imports aimz_trainer: aimz runs only."""
     from aimz_trainer.callbacks import Callback
 
     class ChunkClock(Callback):
         def __init__(self) -> None:
             self.marks: list[tuple[float, int]] = []
+            self.timing: Any = None
 
         def on_train_chunk_end(self, trainer: Any, progress: Any, losses: Any, steps: range) -> None:
             self.marks.append((time.perf_counter(), steps.stop))
+
+        def on_fit_end(self, fit: Any, progress: Any) -> None:
+            self.timing = fit.timing
 
     return ChunkClock()
 
@@ -139,13 +155,23 @@ def steady_steps_per_sec(marks: Sequence[tuple[float, int]], steps_per_epoch: in
     return (end_steps - start_steps) / (end_time - start_time)
 
 
-def run_aimz(args: argparse.Namespace, *, with_callbacks: bool, step_metrics: Sequence[str] = ()) -> dict[str, Any]:
+def run_aimz(
+    args: argparse.Namespace, *, with_callbacks: bool, with_monitors: bool = False, step_metrics: Sequence[str] = ()
+) -> dict[str, Any]:
     """Fit with the Trainer; its steady speed comes from the times of the chunk-end hooks."""
     import tempfile
 
     import jax
 
-    from aimz_trainer import EarlyStopping, ProgressBar, TensorBoardLogger, Trainer
+    from aimz_trainer import (
+        DeviceStatsMonitor,
+        EarlyStopping,
+        ModelSummary,
+        ProgressBar,
+        TensorBoardLogger,
+        ThroughputMonitor,
+        Trainer,
+    )
     from aimz_trainer.callbacks import Callback
 
     recipe = load_recipe(with_trainer=True)
@@ -161,6 +187,8 @@ def run_aimz(args: argparse.Namespace, *, with_callbacks: bool, step_metrics: Se
             TensorBoardLogger(log_dir.name),
             EarlyStopping("train_loss_epoch", patience=args.epochs + 1),
         ]
+    if with_monitors:
+        callbacks += [ThroughputMonitor(), DeviceStatsMonitor(), ModelSummary(print_table=False)]
     trainer = Trainer(
         max_epochs=args.epochs,
         rng_key=key_fit,
@@ -180,6 +208,8 @@ def run_aimz(args: argparse.Namespace, *, with_callbacks: bool, step_metrics: Se
         "steps": int(result.losses.size),
         "final_loss": float(result.losses[-1]),
         "steps_per_sec": steady_steps_per_sec(clock.marks, trainer.steps_per_epoch),
+        # The loop's training clock (every step after the first chunk, validation left out).
+        "train_clock_steps_per_sec": clock.timing.steps_per_sec,
         "first_step_s": trainer.timings["first_chunk_s"],
         "setup_s": trainer.timings["setup_s"],
         "fit_wall_s": wall,
@@ -247,7 +277,12 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         figures = run_handwritten(args)
     else:
         step_metrics = ["grad_norm"] if args.only == "aimz_grad_norm" else []
-        figures = run_aimz(args, with_callbacks=args.only == "aimz_callbacks", step_metrics=step_metrics)
+        figures = run_aimz(
+            args,
+            with_callbacks=args.only == "aimz_callbacks",
+            with_monitors=args.only == "aimz_monitors",
+            step_metrics=step_metrics,
+        )
     import jax
     import numpyro
 
@@ -318,6 +353,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         ("steps_per_sec_ratio", "aimz", "handwritten", STEPS_PER_SEC_BAR),
         ("callbacks_steps_per_sec_ratio", "aimz_callbacks", "handwritten", CALLBACKS_STEPS_PER_SEC_BAR),
         ("grad_norm_steps_per_sec_ratio", "aimz_grad_norm", "aimz", GRAD_NORM_STEPS_PER_SEC_BAR),
+        ("monitors_steps_per_sec_ratio", "aimz_monitors", "aimz", MONITORS_STEPS_PER_SEC_BAR),
     ]
     for name, loop, baseline, bar in ratios:
         if loop in runs and baseline in runs:

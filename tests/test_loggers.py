@@ -164,6 +164,7 @@ class TestTensorBoardFit:
             "learning_rate",
             "val_loss",
             "val_lpd",
+            "num_params",  # the default ModelSummary's
         }
 
     def test_parameter_histograms_every_epoch_end(self, logged_fit):

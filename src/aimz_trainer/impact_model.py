@@ -284,7 +284,7 @@ class ImpactModel:
             callbacks=[] if callbacks is None else callbacks,
             mesh=self.mesh,
             enable_progress_bar=progress,
-            **trainer_kwargs,
+            **{"enable_model_summary": False, **trainer_kwargs},  # aimz prints no table
         )
         result = trainer.fit(
             svi,
@@ -332,7 +332,14 @@ class ImpactModel:
         if not is_int_at_least(num_steps, 1):
             raise ConfigurationError(f"num_steps must be a positive int; got {num_steps!r}.")
         num_rows = len(rows[self._param_input])
-        trainer = Trainer(max_epochs=num_steps, rng_key=key, callbacks=[], mesh=self.mesh, enable_progress_bar=progress)
+        trainer = Trainer(
+            max_epochs=num_steps,
+            rng_key=key,
+            callbacks=[],
+            mesh=self.mesh,
+            enable_progress_bar=progress,
+            enable_model_summary=False,
+        )
         result = trainer.fit(
             self._svi(whole),
             rows,

@@ -6,6 +6,11 @@ on the next, so the host never waits on a single step and the devices never wait
 hooks. A stop requested by a hook drops the call in flight: the fit ends exactly where it was
 requested. The loop sees the fit through its :class:`~aimz_trainer.callbacks.FitContext`,
 never the Trainer.
+
+The loop also keeps the fit's clock (:class:`~aimz_trainer.callbacks.context.FitTiming`): the
+first chunk is start-up (compilation), validation passes are not training, and
+``steps_per_sec`` is computed on training time alone, so it measures the training steps and
+does not drop when a validation pass is slow.
 """
 
 from __future__ import annotations
@@ -99,7 +104,10 @@ class ChunkLoop:
     def __post_init__(self) -> None:
         self._plan = self.fit.plan
         self._log_every = Every(steps=self.fit.settings.log_every_n_steps)
-        self._rate_since = (0, self.started)  # (step, time) the steps/s average counts from
+        self._rate_since = (0, 0.0)  # (step, training seconds) the steps/s average counts from
+        self._clock_mark = self.started  # when the training clock last read the time
+        self._paused_s = 0.0  # seconds since the mark that were not training (validation)
+        self._in_flight: ChunkOutputs | None = None  # the chunk dispatched last
         self._epoch_started = self.started  # the first epoch's time includes compilation
         self._epoch_losses: list[np.ndarray] = []
 
@@ -119,6 +127,7 @@ class ChunkLoop:
             chunk = plan.chunks[index]
             record, loader_state = next(self.records)
             new_state, outputs = self.chunk_fn(state, self.device_data, record)
+            self._in_flight = outputs
             if pending is not None and (not self._finish(pending) or fit.stop_due):
                 return state
             # After the previous epoch's end hooks (a resumed fit starts its epoch too).
@@ -148,14 +157,22 @@ class ChunkLoop:
         losses = np.asarray(losses)[: chunk.num_steps]
         now = time.perf_counter()
         log = self.metric_log
-        if "first_chunk_s" not in self.timings:  # compilation and start-up: not a rate
+        timing = fit._timing
+        if timing.startup_s is None:  # compilation and start-up: not a rate
             self.timings["first_chunk_s"] = now - self.started
-            self._rate_since = (chunk.first_step + chunk.num_steps, now)
+            fit._timing = timing._replace(startup_s=now - self.started)
+            self._rate_since = (chunk.first_step + chunk.num_steps, 0.0)
         else:
+            fit._timing = timing = timing._replace(
+                train_s=timing.train_s + (now - self._clock_mark - self._paused_s),
+                train_steps=timing.train_steps + chunk.num_steps,
+            )
             # Averaged since the last epoch's last results: with a chunk in flight, the time
             # between two chunks' results alone says little.
             steps = chunk.first_step + chunk.num_steps - self._rate_since[0]
-            log.metrics["steps_per_sec"] = steps / (now - self._rate_since[1])
+            if timing.train_s > self._rate_since[1]:
+                log.metrics["steps_per_sec"] = steps / (timing.train_s - self._rate_since[1])
+        self._clock_mark, self._paused_s = now, 0.0
         bad = np.flatnonzero(~np.isfinite(losses))
         if bad.size:
             self.losses.append(losses[: bad[0]])
@@ -181,11 +198,19 @@ class ChunkLoop:
             log.log("train_loss_epoch", float(np.concatenate(self._epoch_losses).mean()))
             log.log("epoch_time", now - self._epoch_started)
             self._epoch_started = now
-            self._rate_since = (end, now)
+            self._rate_since = (end, fit._timing.train_s)
         validator = self.validator
         if validator is not None and validator.every.due(end, chunk.epoch + 1 if epoch_end else None):
+            # The training clock stops for the pass and its hooks. The chunk in flight finishes
+            # first: the pass would queue behind it on the devices, and its time is training's.
+            if self._in_flight is not None:
+                jax.block_until_ready(self._in_flight.losses)
+            paused = time.perf_counter()
             fit.log_dict(validator.run(pending.outputs.params))
             self.hooks.on_validation_end()
+            validation_s = time.perf_counter() - paused
+            self._paused_s += validation_s
+            fit._timing = fit._timing._replace(validation_s=fit._timing.validation_s + validation_s)
         if epoch_end:
             self.hooks.on_train_epoch_end()
         return True

@@ -122,6 +122,8 @@ class Trainer:
             (a float in (0, 1]: every that fraction of an epoch).
         enable_progress_bar: show a progress bar (only when stdout is a terminal and ``CI`` is
             unset).
+        enable_model_summary: print the variational parameters (a
+            :class:`~aimz_trainer.callbacks.ModelSummary`) at fit start and log their count.
         steps_per_chunk: SVI steps per compiled call; default: about 50, fitted to the epoch
             length and the intervals above.
         nonfinite_loss: ``"raise"`` (default) raises :class:`NonFiniteLossError` at the first
@@ -186,6 +188,7 @@ class Trainer:
         check_val_every_n_epoch: int | None = 1,
         val_check_interval: int | float | None = None,
         enable_progress_bar: bool = True,
+        enable_model_summary: bool = True,
         steps_per_chunk: int | None = None,
         nonfinite_loss: Literal["raise", "warn"] = "raise",
         step_metrics: Sequence[str] | Mapping[str, StepMetric] = (),
@@ -249,6 +252,7 @@ class Trainer:
             )
         require_choice("nonfinite_loss", nonfinite_loss, ("raise", "warn"))
         require_bool("enable_progress_bar", enable_progress_bar)
+        require_bool("enable_model_summary", enable_model_summary)
         if mesh is not None and devices is not None:
             raise ConfigurationError("pass either devices or mesh, not both.")
         if mesh is not None and (not isinstance(mesh, Mesh) or mesh.axis_names != (DATA_AXIS,)):
@@ -279,7 +283,9 @@ class Trainer:
         self.limit_val_batches = limit_val_batches
         self.overfit_batches = overfit_batches
         self.num_sanity_val_steps = num_sanity_val_steps
-        self.callbacks = default_callbacks(callbacks, enable_progress_bar=enable_progress_bar)
+        self.callbacks = default_callbacks(
+            callbacks, enable_progress_bar=enable_progress_bar, enable_model_summary=enable_model_summary
+        )
         self.mesh = mesh if mesh is not None else make_mesh(devices)
         self.rng_key = jax.random.key(0) if rng_key is None else as_key(rng_key)
         self.state = TrainerState(step=0, epoch=0, svi_state=None, rng_key=self.rng_key)

@@ -1,8 +1,9 @@
 """What a callback sees of a running fit: the :class:`FitContext` and :class:`FitProgress`.
 
 A hook gets the context, not the Trainer: the fit's position and metrics, its settings and
-mesh, the current parameters, posterior draws, and the three things a callback may do to a
-fit: ``log`` values, ``request_stop``, and (checkpointing callbacks) take a ``snapshot``.
+mesh, where its time went (:class:`FitTiming`), the current parameters, posterior draws, and
+the three things a callback may do to a fit: ``log`` values, ``request_stop``, and
+(checkpointing callbacks) take a ``snapshot``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from aimz_trainer._checks import as_key, is_int_at_least
 from aimz_trainer.errors import ConfigurationError
 from aimz_trainer.plan import FitPlan
 
-__all__ = ["FitContext", "FitProgress", "TrainerSettings", "TrainerState"]
+__all__ = ["FitContext", "FitProgress", "FitTiming", "TrainerSettings", "TrainerState"]
 
 Params = dict[str, jax.Array]
 
@@ -41,6 +42,42 @@ class FitProgress(NamedTuple):
     step: int
     epoch: int
     metrics: Mapping[str, float]
+
+
+class FitTiming(NamedTuple):
+    """Where a fit's wall time went, in seconds, as of the newest chunk whose results reached
+    the host: start-up once, then a training clock that stops during validation.
+
+    The first chunk's time is start-up, not training: it holds the argument checks, the data
+    placement, compilation, a checkpoint's restore, the ``on_fit_start`` hooks and the first
+    chunk's own steps. From its results on, every second is training time except the
+    validation passes (each with its ``on_validation_end`` hooks; the chunk in flight when a
+    pass is due finishes first and counts as training). Hooks of other kinds run while the
+    devices work on the next chunk, and their time counts as training: what they cost shows in
+    the rate.
+
+    Attributes:
+        startup_s: from the ``fit`` call to the first chunk's results; ``None`` before them.
+        train_s: training seconds since then.
+        train_steps: the steps ``train_s`` covers: every step finished after the first chunk.
+        validation_s: seconds spent in validation passes (the first pass's compilation
+            included).
+
+    Example:
+        >>> timing = FitTiming(startup_s=2.5, train_s=4.0, train_steps=1000, validation_s=1.0)
+        >>> timing.steps_per_sec
+        250.0
+    """
+
+    startup_s: float | None = None
+    train_s: float = 0.0
+    train_steps: int = 0
+    validation_s: float = 0.0
+
+    @property
+    def steps_per_sec(self) -> float:
+        """``train_steps / train_s``: the training rate since start-up (NaN before a timed step)."""
+        return self.train_steps / self.train_s if self.train_s > 0 else float("nan")
 
 
 @dataclass
@@ -83,7 +120,7 @@ class FitContext:
     """What a callback may read of a running fit, and do to it.
 
     Read: :attr:`step`, :attr:`epoch`, :attr:`metrics`, :attr:`mesh`, :attr:`plan` (batch size,
-    steps per epoch, chunks), the Trainer's :attr:`settings`, :attr:`step_metrics` of the last
+    steps per epoch, chunks), :attr:`timing`, the Trainer's :attr:`settings`, :attr:`step_metrics` of the last
     chunk, :meth:`current_params`, :meth:`sample_posterior`. Do: :meth:`log` /
     :meth:`log_dict` (a time series in every logger), :meth:`request_stop`, and, for
     checkpointing callbacks, :meth:`snapshot`.
@@ -113,6 +150,8 @@ class FitContext:
     # Where the fit's checkpointing callbacks write (``Callback.checkpoint_directory``), for
     # loggers that upload the checkpoints.
     checkpoint_directories: tuple[Path, ...] = ()
+    # Written by the chunk loop only; callbacks read it through ``timing``.
+    _timing: FitTiming = field(default_factory=FitTiming)
 
     @property
     def step(self) -> int:
@@ -128,6 +167,13 @@ class FitContext:
     def metrics(self) -> Mapping[str, float]:
         """The latest value of every metric, read-only and current."""
         return MappingProxyType(self._metrics)
+
+    @property
+    def timing(self) -> FitTiming:
+        """Start-up, training and validation seconds so far (a :class:`FitTiming`, read-only):
+        ``fit.timing.steps_per_sec`` is the training rate with validation and compilation left
+        out."""
+        return self._timing
 
     @property
     def callback_metrics(self) -> Mapping[str, float]:

@@ -8,6 +8,8 @@ and when, and sends every logger the same rows of ``(step, epoch, {name: value})
 ===================  ================================  =================================
 when                 scalars                           step they are written at
 ===================  ================================  =================================
+fit start            ``num_params`` (the default       0
+                     ``ModelSummary``)
 every chunk          ``train_loss`` (and each of the   s, for every s with
                      Trainer's ``step_metrics``) of    ``(s + 1) % log_every_n_steps == 0``
                      each step s
@@ -18,6 +20,10 @@ epoch end            ``train_loss_epoch``,             the epoch's last step
                      ``epoch_time``
 any hook             what callbacks ``fit.log(...)``   the last finished step
 ===================  ================================  =================================
+
+``steps_per_sec`` is measured on the fit's training clock
+(:class:`~aimz_trainer.callbacks.context.FitTiming`): the first chunk (compilation) and the
+validation passes are left out, so a slow validation does not show as slow training.
 
 Steps are 0-based step indices, so the ``train_loss`` written at step s is ``losses[s]`` of
 the fit's result. Only process 0 writes. A logger resumed at step r first discards what it
