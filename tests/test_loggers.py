@@ -21,7 +21,9 @@ from numpyro.infer.autoguide import AutoNormal
 from tensorboard import context as tensorboard_context
 from tensorboard.backend.event_processing.data_provider import MultiplexerDataProvider
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
 from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
+from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.plugins.base_plugin import TBContext
 from tensorboard.plugins.hparams import api_pb2, backend_context, list_session_groups, plugin_data_pb2
 
@@ -154,6 +156,17 @@ def hparams_tab(logdir: Path) -> api_pb2.ListSessionGroupsResponse:
 
 def hparam_values(values) -> dict[str, float | str | bool]:
     return {name: getattr(value, value.WhichOneof("kind")) for name, value in values.items()}
+
+
+def raw_records(path: Path, data: bytes) -> list[bytes]:
+    """The serialized events of an event file holding ``data``, read by TensorBoard's loader."""
+    path.write_bytes(data)
+    return list(RawEventFileLoader(str(path)).Load())
+
+
+def is_hparams(record: bytes) -> bool:
+    values = Event.FromString(record).summary.value
+    return bool(values) and all(value.tag.startswith("_hparams_/") for value in values)
 
 
 class FakeTrainer:
@@ -330,6 +343,35 @@ class TestTensorBoardResume:
         assert "session_end_info" not in content  # closed without a fit's end
         for path in logged_fit.log_dir.glob("events.out.tfevents.*"):
             assert hparams_content(read_events(log_dir / path.name)) == {}
+
+    def test_reopening_removes_only_the_hparams_records_and_keeps_the_rest_byte_for_byte(self, tmp_path):
+        first = TensorBoardLogger(tmp_path, hparams={"width": "small"})
+        first.open(FakeTrainer(), 0)
+        first.write(4, 0, {"train_loss": 1.0})
+        first.on_fit_end(FakeTrainer(), FitProgress(5, 0, {}))
+        first.close()
+        [path] = tmp_path.glob("events.out.tfevents.*")
+        with path.open("ab") as file:
+            file.write(b"\x40\x00\x00")  # a record cut short, as a killed writer leaves one
+        before = path.read_bytes()
+        assert set(hparams_content(read_events(tmp_path))) == {"experiment", "session_start_info", "session_end_info"}
+
+        second = TensorBoardLogger(tmp_path, hparams={"width": "large"})
+        second.open(FakeTrainer(), 5)
+        second.close()
+        after = path.read_bytes()
+        # The file is the original less its three hparams records (16 bytes of framing each):
+        # the other records, read by TensorBoard's loader, in order, and the cut tail unchanged.
+        records_before, records_after = raw_records(path, before), raw_records(path, after)
+        dropped = [record for record in records_before if is_hparams(record)]
+        assert len(dropped) == 3
+        assert records_after == [r for r in records_before if r not in dropped]
+        assert after.endswith(b"\x40\x00\x00")
+        assert len(after) == len(before) - sum(len(r) + 16 for r in dropped)
+        assert hparams_content(read_events(path)) == {}
+        assert scalars(read_events(path), "train_loss") == {4: 1.0}
+        content = hparams_content(read_events(tmp_path))
+        assert hparam_values(content["session_start_info"].session_start_info.hparams)["width"] == "large"
 
     def test_a_fresh_open_keeps_nothing_to_purge(self, tmp_path):
         logger = TensorBoardLogger(tmp_path)
