@@ -373,6 +373,21 @@ class TestTensorBoardResume:
         content = hparams_content(read_events(tmp_path))
         assert hparam_values(content["session_start_info"].session_start_info.hparams)["width"] == "large"
 
+    def test_hparams_keep_their_types(self, tmp_path):
+        hparams = {"width": "small", "flag": True, "depth": np.int64(3), "lr": 1e-3, "batch_size": 7}
+        logger = TensorBoardLogger(tmp_path, hparams=hparams)
+        logger.open(FakeTrainer(), 0)
+        logger.close()
+        content = hparams_content(read_events(tmp_path))
+        values = hparam_values(content["session_start_info"].session_start_info.hparams)
+        assert {name: values[name] for name in hparams} == {
+            "width": "small", "flag": True, "depth": 3.0, "lr": 1e-3, "batch_size": 7.0
+        }  # fmt: skip  # the user's batch_size wins over the fit's
+        assert type(values["flag"]) is bool
+        types_ = {info.name: api_pb2.DataType.Name(info.type) for info in content["experiment"].experiment.hparam_infos}
+        assert types_["width"] == "DATA_TYPE_STRING" and types_["flag"] == "DATA_TYPE_BOOL"
+        assert types_["depth"] == types_["lr"] == "DATA_TYPE_FLOAT64"
+
     def test_a_fresh_open_keeps_nothing_to_purge(self, tmp_path):
         logger = TensorBoardLogger(tmp_path)
         logger.open(FakeTrainer(), 0)

@@ -83,7 +83,7 @@ class TensorBoardLogger(MetricLogger):
         if not isinstance(log_histograms, bool):
             raise ConfigurationError(f"log_histograms must be True or False; got {log_histograms!r}.")
         self.log_dir = writable_directory(log_dir, "log_dir") if self.is_writer else None
-        # NumPy scalars as Python ones: tensorboardX records only those.
+        # NumPy scalars as Python ones, as the HParams summaries record them.
         self.hparams = {
             name: value.item() if isinstance(value, np.generic) else value for name, value in (hparams or {}).items()
         }
@@ -94,7 +94,8 @@ class TensorBoardLogger(MetricLogger):
 
     def open(self, fit: FitContext, resume_step: int) -> None:
         assert self.log_dir is not None
-        _drop_hparams(self.log_dir)  # before the new file exists: it holds this fit's
+        # TensorBoard shows a run's first hparams: an earlier fit's go, before this fit's file exists.
+        _drop_hparams(self.log_dir)
         # purge_step hides events at steps >= resume_step that a previous run left behind, for
         # readers that load the files in name order. tensorboardX names files by the second and
         # truncates an existing one: the nanosecond suffix keeps a writer opened in the same
