@@ -1,11 +1,13 @@
-"""TensorBoardLogger and CSVLogger: what a real fit writes, read back; resumes; process 0 only;
-bad paths; files closed when a fit raises."""
+"""TensorBoardLogger and CSVLogger: what a real fit writes, read back; the per-row training loss;
+hyperparameters in TensorBoard's HParams tab; resumes; process 0 only; bad paths; files closed
+when a fit raises; the warning when a fit writes no train_loss point."""
 
 from __future__ import annotations
 
 import csv
 import shutil
 import types
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,10 +18,27 @@ import pytest
 import tensorboardX.event_file_writer
 from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoNormal
+from tensorboard import context as tensorboard_context
+from tensorboard.backend.event_processing.data_provider import MultiplexerDataProvider
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins.hparams import plugin_data_pb2
+from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
+from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.plugins.base_plugin import TBContext
+from tensorboard.plugins.hparams import api_pb2, backend_context, list_session_groups, plugin_data_pb2
 
-from aimz_trainer import Callback, ConfigurationError, CSVLogger, FitProgress, TensorBoardLogger, Trainer
+from aimz_trainer import (
+    Callback,
+    ConfigurationError,
+    CSVLogger,
+    FitProgress,
+    ModelCheckpoint,
+    TensorBoardLogger,
+    Trainer,
+)
+from aimz_trainer.callbacks.logger import warn_if_no_train_loss_point
+from aimz_trainer.errors import LoggingWarning
+from aimz_trainer.plan import Every, FitPlan
 
 from .conftest import linear_data, linear_model, linear_svi
 
@@ -106,10 +125,58 @@ def csv_scalars(rows: list[dict[str, str]], metric: str) -> dict[int, float]:
     return {int(row["step"]): float(row["value"]) for row in rows if row["metric"] == metric}
 
 
+def hparams_content(events: EventAccumulator) -> dict[str, plugin_data_pb2.HParamsPluginData]:
+    """The HParams plugin's summaries of a run, by tag (``experiment``, ``session_start_info``,
+    ``session_end_info``), as TensorBoard reads them (the first of each tag in the run)."""
+    try:
+        content = events.PluginTagToContent("hparams")
+    except KeyError:  # no summary of the plugin
+        return {}
+    parse = plugin_data_pb2.HParamsPluginData.FromString
+    return {tag.removeprefix("_hparams_/"): parse(data) for tag, data in content.items()}
+
+
+def hparams_tab(logdir: Path) -> api_pb2.ListSessionGroupsResponse:
+    """What TensorBoard's HParams tab lists for ``tensorboard --logdir logdir``: its plugin's own
+    session-group listing over its own event loading."""
+    multiplexer = EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(logdir))
+    multiplexer.Reload()
+    provider = MultiplexerDataProvider(multiplexer, str(logdir))
+    context = backend_context.Context(TBContext(logdir=str(logdir), multiplexer=multiplexer, data_provider=provider))
+    request = api_pb2.ListSessionGroupsRequest(
+        start_index=0,
+        slice_size=100,
+        allowed_statuses=list(api_pb2.Status.values()),
+        aggregation_type=api_pb2.AGGREGATION_AVG,
+        include_metrics=True,
+    )
+    return list_session_groups.Handler(tensorboard_context.RequestContext(), context, "", request).run()
+
+
+def hparam_values(values) -> dict[str, float | str | bool]:
+    return {name: getattr(value, value.WhichOneof("kind")) for name, value in values.items()}
+
+
+def raw_records(path: Path, data: bytes) -> list[bytes]:
+    """The serialized events of an event file holding ``data``, read by TensorBoard's loader."""
+    path.write_bytes(data)
+    return list(RawEventFileLoader(str(path)).Load())
+
+
+def is_hparams(record: bytes) -> bool:
+    values = Event.FromString(record).summary.value
+    return bool(values) and all(value.tag.startswith("_hparams_/") for value in values)
+
+
 class FakeTrainer:
-    """Enough of a trainer for a logger's hooks when nothing is logged."""
+    """Enough of a fit for a logger's hooks when nothing is logged, and for its ``open``."""
 
     log_every_n_steps = EVERY
+    max_epochs, max_steps, steps_per_epoch, has_validation = EPOCHS, None, STEPS_PER_EPOCH, False
+    plan = types.SimpleNamespace(batch_size=BATCH)
+    mesh = types.SimpleNamespace(size=1)
+    settings = types.SimpleNamespace(step_metrics=())
 
 
 # -- TensorBoard -------------------------------------------------------------------------------
@@ -141,6 +208,21 @@ class TestTensorBoardFit:
         # Validation ran on different states: the values are not one value repeated.
         assert len(set(scalars(events, "val_loss").values())) == EPOCHS
 
+    def test_train_loss_per_row_is_train_loss_over_the_row_count_at_each_logged_step(self, logged_fit):
+        events, rows = read_events(logged_fit.log_dir), read_csv(logged_fit.csv_path)
+        per_row, from_csv = scalars(events, "train_loss_per_row"), csv_scalars(rows, "train_loss_per_row")
+        assert sorted(per_row) == sorted(from_csv) == LOGGED_STEPS
+        for step in LOGGED_STEPS:
+            exact = float(logged_fit.losses[step]) / NUM_ROWS
+            assert from_csv[step] == exact  # the CSV writes the float64 quotient
+            assert per_row[step] == np.float32(exact)  # TensorBoard stores float32
+        epoch_loss, epoch_per_row = csv_scalars(rows, "train_loss_epoch"), csv_scalars(rows, "train_loss_per_row_epoch")
+        assert sorted(epoch_per_row) == EPOCH_END_STEPS
+        assert all(epoch_per_row[s] == epoch_loss[s] / NUM_ROWS for s in EPOCH_END_STEPS)
+        metrics = logged_fit.trainer.callback_metrics
+        assert metrics["train_loss_per_row"] == pytest.approx(metrics["train_loss"] / NUM_ROWS, rel=1e-6)
+        assert metrics["train_loss_per_row_epoch"] == metrics["train_loss_epoch"] / NUM_ROWS
+
     def test_learning_rate_follows_the_schedule(self, logged_fit):
         logged = scalars(read_events(logged_fit.log_dir), "learning_rate")
         assert sorted(logged) == LOGGED_STEPS
@@ -158,7 +240,9 @@ class TestTensorBoardFit:
         tags = set(read_events(logged_fit.log_dir).Tags()["scalars"])
         assert tags == {
             "train_loss",
+            "train_loss_per_row",
             "train_loss_epoch",
+            "train_loss_per_row_epoch",
             "epoch_time",
             "steps_per_sec",
             "learning_rate",
@@ -181,24 +265,47 @@ class TestTensorBoardFit:
         w_locs = [h.histogram_value.min for h in events.Histograms("params/w_auto_loc")]
         assert len(set(w_locs)) == EPOCHS
 
-    def test_hparams_with_the_final_metrics_in_a_subdirectory(self, logged_fit):
-        hparams_dir = logged_fit.log_dir / "hparams"
-        assert hparams_dir.is_dir() and list(hparams_dir.glob("events.out.tfevents.*"))
-        events = read_events(hparams_dir)
-        content = events.PluginTagToContent("hparams")
-        start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
-        hparams = start.session_start_info.hparams
-        assert hparams["max_epochs"].number_value == EPOCHS
-        assert hparams["batch_size"].number_value == BATCH
-        assert hparams["steps_per_epoch"].number_value == STEPS_PER_EPOCH
-        assert hparams["num_devices"].number_value == logged_fit.trainer.mesh.size
-        assert hparams["learning_rate"].number_value == LR0
-        assert hparams["width"].string_value == "small"
-        assert "max_steps" not in hparams  # None settings are left out
-        final = logged_fit.trainer.callback_metrics
-        for name in ("val_loss", "val_lpd", "train_loss_epoch"):
-            [value] = scalars(events, f"hparam/{name}").values()
-            assert value == pytest.approx(final[name], rel=1e-6)
+    def test_hparams_in_the_run_itself_with_its_curves_as_metrics(self, logged_fit):
+        assert [p for p in logged_fit.log_dir.iterdir() if p.is_dir()] == []  # no hparams sub-run
+        content = hparams_content(read_events(logged_fit.log_dir))
+        assert set(content) == {"experiment", "session_start_info", "session_end_info"}
+        hparams = hparam_values(content["session_start_info"].session_start_info.hparams)
+        assert hparams == {
+            "max_epochs": EPOCHS,
+            "batch_size": BATCH,
+            "steps_per_epoch": STEPS_PER_EPOCH,
+            "log_every_n_steps": EVERY,
+            "num_devices": logged_fit.trainer.mesh.size,
+            "learning_rate": LR0,
+            "width": "small",
+        }  # max_steps (None) left out
+        experiment = content["experiment"].experiment
+        assert {info.name for info in experiment.hparam_infos} == set(hparams)
+        metrics = [(info.name.group, info.name.tag) for info in experiment.metric_infos]
+        losses = ["train_loss", "train_loss_per_row", "train_loss_epoch", "train_loss_per_row_epoch"]
+        assert metrics == [("", name) for name in [*losses, "val_loss", "val_lpd"]]
+        assert content["session_end_info"].session_end_info.status == api_pb2.STATUS_SUCCESS
+
+    def test_the_hparams_tab_shows_one_row_whose_metrics_are_the_runs_last_values(self, logged_fit):
+        tab = hparams_tab(logged_fit.log_dir.parent)  # tensorboard --logdir on the runs' parent
+        [group] = tab.session_groups
+        [session] = group.sessions
+        assert session.name == logged_fit.log_dir.name and session.status == api_pb2.STATUS_SUCCESS
+        assert hparam_values(group.hparams)["max_epochs"] == EPOCHS
+        events = read_events(logged_fit.log_dir)
+        shown = {value.name.tag: (value.training_step, value.value) for value in session.metric_values}
+        assert set(shown) == {
+            "train_loss",
+            "train_loss_per_row",
+            "train_loss_epoch",
+            "train_loss_per_row_epoch",
+            "val_loss",
+            "val_lpd",
+        }
+        for tag, (step, value) in shown.items():
+            last = events.Scalars(tag)[-1]
+            assert (step, value) == (last.step, pytest.approx(last.value, rel=1e-6)), tag
+        assert shown["val_loss"][1] == pytest.approx(logged_fit.trainer.callback_metrics["val_loss"], rel=1e-6)
 
     def test_the_writer_is_closed_after_the_fit(self, logged_fit):
         logger = next(c for c in logged_fit.trainer.callbacks if isinstance(c, TensorBoardLogger))
@@ -225,6 +332,62 @@ class TestTensorBoardResume:
             assert sorted(scalars(events, tag)) == [9, 19], tag
         assert sorted(scalars(events, "learning_rate")) == [4, 9, 14, 19]
         assert [h.step for h in events.Histograms("params/w_auto_loc")] == [9, 19]
+        # The first run's hparams are gone from its file; the reopened logger's are the run's.
+        content = hparams_content(events)
+        assert hparam_values(content["session_start_info"].session_start_info.hparams) == {
+            "max_epochs": EPOCHS,
+            "batch_size": BATCH,
+            "steps_per_epoch": STEPS_PER_EPOCH,
+            "log_every_n_steps": EVERY,
+            "num_devices": 1,
+        }
+        assert "session_end_info" not in content  # closed without a fit's end
+        for path in logged_fit.log_dir.glob("events.out.tfevents.*"):
+            assert hparams_content(read_events(log_dir / path.name)) == {}
+
+    def test_reopening_removes_only_the_hparams_records_and_keeps_the_rest_byte_for_byte(self, tmp_path):
+        first = TensorBoardLogger(tmp_path, hparams={"width": "small"})
+        first.open(FakeTrainer(), 0)
+        first.write(4, 0, {"train_loss": 1.0})
+        first.on_fit_end(FakeTrainer(), FitProgress(5, 0, {}))
+        first.close()
+        [path] = tmp_path.glob("events.out.tfevents.*")
+        with path.open("ab") as file:
+            file.write(b"\x40\x00\x00")  # a record cut short, as a killed writer leaves one
+        before = path.read_bytes()
+        assert set(hparams_content(read_events(tmp_path))) == {"experiment", "session_start_info", "session_end_info"}
+
+        second = TensorBoardLogger(tmp_path, hparams={"width": "large"})
+        second.open(FakeTrainer(), 5)
+        second.close()
+        after = path.read_bytes()
+        # The file is the original less its three hparams records (16 bytes of framing each):
+        # the other records, read by TensorBoard's loader, in order, and the cut tail unchanged.
+        records_before, records_after = raw_records(path, before), raw_records(path, after)
+        dropped = [record for record in records_before if is_hparams(record)]
+        assert len(dropped) == 3
+        assert records_after == [r for r in records_before if r not in dropped]
+        assert after.endswith(b"\x40\x00\x00")
+        assert len(after) == len(before) - sum(len(r) + 16 for r in dropped)
+        assert hparams_content(read_events(path)) == {}
+        assert scalars(read_events(path), "train_loss") == {4: 1.0}
+        content = hparams_content(read_events(tmp_path))
+        assert hparam_values(content["session_start_info"].session_start_info.hparams)["width"] == "large"
+
+    def test_hparams_keep_their_types(self, tmp_path):
+        hparams = {"width": "small", "flag": True, "depth": np.int64(3), "lr": 1e-3, "batch_size": 7}
+        logger = TensorBoardLogger(tmp_path, hparams=hparams)
+        logger.open(FakeTrainer(), 0)
+        logger.close()
+        content = hparams_content(read_events(tmp_path))
+        values = hparam_values(content["session_start_info"].session_start_info.hparams)
+        assert {name: values[name] for name in hparams} == {
+            "width": "small", "flag": True, "depth": 3.0, "lr": 1e-3, "batch_size": 7.0
+        }  # fmt: skip  # the user's batch_size wins over the fit's
+        assert type(values["flag"]) is bool
+        types_ = {info.name: api_pb2.DataType.Name(info.type) for info in content["experiment"].experiment.hparam_infos}
+        assert types_["width"] == "DATA_TYPE_STRING" and types_["flag"] == "DATA_TYPE_BOOL"
+        assert types_["depth"] == types_["lr"] == "DATA_TYPE_FLOAT64"
 
     def test_a_fresh_open_keeps_nothing_to_purge(self, tmp_path):
         logger = TensorBoardLogger(tmp_path)
@@ -418,4 +581,142 @@ def test_files_are_closed_and_readable_when_the_fit_raises(tmp_path):
     assert "train_loss_epoch" not in {row["metric"] for row in rows}
     events = read_events(log_dir)
     assert scalars(events, "train_loss") == pytest.approx(csv_scalars(rows, "train_loss"), rel=1e-6)
-    assert not (log_dir / "hparams").exists()  # on_fit_end did not run
+    # The hparams were written at fit start, and the session ended as a failure.
+    content = hparams_content(events)
+    assert hparam_values(content["session_start_info"].session_start_info.hparams)["max_epochs"] == EPOCHS
+    assert content["session_end_info"].session_end_info.status == api_pb2.STATUS_FAILURE
+    [group] = hparams_tab(tmp_path).session_groups
+    assert [(session.name, session.status) for session in group.sessions] == [("tb", api_pb2.STATUS_FAILURE)]
+
+
+# -- hparams across a resume -------------------------------------------------------------------
+
+
+def test_a_resumed_fit_shows_its_own_hparams_in_one_row(tmp_path):
+    log_dir, checkpoints = tmp_path / "runs" / "tb", tmp_path / "checkpoints"
+
+    def trainer(max_epochs: int) -> Trainer:
+        callbacks = [TensorBoardLogger(log_dir, log_histograms=False), ModelCheckpoint(checkpoints)]
+        return Trainer(
+            max_epochs=max_epochs,
+            rng_key=jax.random.key(0),
+            enable_progress_bar=False,
+            log_every_n_steps=EVERY,
+            callbacks=callbacks,
+        )
+
+    trainer(EPOCHS - 1).fit(linear_svi(NUM_ROWS), linear_data(NUM_ROWS), batch_size=BATCH)
+    first = hparams_content(read_events(log_dir))
+    assert hparam_values(first["session_start_info"].session_start_info.hparams)["max_epochs"] == EPOCHS - 1
+    result = trainer(EPOCHS).fit(linear_svi(NUM_ROWS), linear_data(NUM_ROWS), batch_size=BATCH, ckpt_path="last")
+    assert result.losses.shape == (NUM_STEPS,)
+
+    events = read_events(log_dir)
+    content = hparams_content(events)
+    assert hparam_values(content["session_start_info"].session_start_info.hparams)["max_epochs"] == EPOCHS
+    assert content["session_end_info"].session_end_info.status == api_pb2.STATUS_SUCCESS
+    [group] = hparams_tab(log_dir.parent).session_groups
+    assert hparam_values(group.hparams)["max_epochs"] == EPOCHS
+    [session] = group.sessions
+    shown = {value.name.tag: value.training_step for value in session.metric_values}
+    assert shown["train_loss"] == LOGGED_STEPS[-1] and shown["train_loss_epoch"] == EPOCH_END_STEPS[-1]
+    # Both fits' curves are intact: removing the first fit's hparams kept its other records.
+    logged = scalars(events, "train_loss")
+    assert sorted(logged) == LOGGED_STEPS
+    np.testing.assert_allclose([logged[s] for s in LOGGED_STEPS], result.losses[LOGGED_STEPS], rtol=1e-6)
+    assert sorted(scalars(events, "train_loss_epoch")) == EPOCH_END_STEPS
+
+
+def test_validate_and_test_add_their_scalars_and_keep_the_runs_hparams(tmp_path):
+    log_dir = tmp_path / "runs" / "tb"
+    trainer = Trainer(
+        max_epochs=1,
+        rng_key=jax.random.key(0),
+        enable_progress_bar=False,
+        log_every_n_steps=EVERY,
+        callbacks=[TensorBoardLogger(log_dir, log_histograms=False)],
+    )
+    trainer.fit(linear_svi(NUM_ROWS), linear_data(NUM_ROWS), batch_size=BATCH)
+    before = hparams_content(read_events(log_dir))
+    tested = trainer.test(trainer.svi, linear_data(200, seed=1))
+    events = read_events(log_dir)
+    assert scalars(events, "test_loss") == {STEPS_PER_EPOCH - 1: pytest.approx(tested["test_loss"])}
+    assert hparams_content(events) == before  # the fit's row, status included, as it was
+    [group] = hparams_tab(log_dir.parent).session_groups
+    assert hparam_values(group.hparams)["max_epochs"] == 1
+
+
+# -- train_loss_per_row and val_loss: one scale --------------------------------------------------
+
+
+def test_per_row_train_loss_and_val_loss_agree_on_data_of_one_distribution(tmp_path):
+    """Train and validation rows drawn alike: at the end of a converged fit the per-row training
+    loss and val_loss are close, while train_loss is num_rows times larger."""
+    trainer = Trainer(
+        max_epochs=20, rng_key=jax.random.key(0), enable_progress_bar=False, callbacks=[CSVLogger(tmp_path / "m.csv")]
+    )
+    trainer.fit(linear_svi(NUM_ROWS), linear_data(NUM_ROWS), batch_size=BATCH, val_data=linear_data(1000, seed=10))
+    rows = read_csv(tmp_path / "m.csv")
+    last = max(csv_scalars(rows, "val_loss"))
+    val_loss = csv_scalars(rows, "val_loss")[last]
+    per_row = csv_scalars(rows, "train_loss_per_row_epoch")[last]
+    # The negative log-likelihood per row at the truth is 0.5 log(2 pi 0.3^2) + 0.5 = 0.215;
+    # both sit near it. Seeds 0-2 differ by at most 0.08 (the val rows' own noise); dividing by
+    # the batch size instead of the rows would be 10 times off.
+    assert 0.1 < val_loss < 0.5 and abs(per_row - val_loss) < 0.15
+    assert csv_scalars(rows, "train_loss_epoch")[last] == pytest.approx(per_row * NUM_ROWS, rel=1e-12)
+
+
+# -- a fit that writes no train_loss point -----------------------------------------------------
+
+
+def logged_steps_fit(tmp_path: Path, max_steps: int, *, loggers: bool = True) -> list[dict[str, str]]:
+    path = tmp_path / "metrics.csv"
+    trainer = Trainer(
+        max_steps=max_steps,
+        rng_key=jax.random.key(0),
+        enable_progress_bar=False,
+        log_every_n_steps=EVERY,
+        callbacks=[CSVLogger(path)] if loggers else [],
+    )
+    trainer.fit(linear_svi(NUM_ROWS), linear_data(NUM_ROWS), batch_size=BATCH)
+    return read_csv(path) if loggers else []
+
+
+class TestNoTrainLossPoint:
+    def test_a_fit_shorter_than_log_every_n_steps_warns_and_writes_no_train_loss(self, tmp_path):
+        with pytest.warns(LoggingWarning, match=r"runs 4 steps \(steps 0 to 3\) and log_every_n_steps=5") as caught:
+            rows = logged_steps_fit(tmp_path, EVERY - 1)
+        assert "log_every_n_steps=...) of at most 4" in str(caught[0].message)
+        assert issubclass(LoggingWarning, UserWarning) and caught[0].filename == __file__  # the fit call's line
+        assert "train_loss" not in {row["metric"] for row in rows}
+        assert sorted(csv_scalars(rows, "train_loss_epoch")) == [EVERY - 2]  # the rest is written
+
+    def test_a_fit_reaching_a_logging_step_does_not_warn(self, tmp_path):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rows = logged_steps_fit(tmp_path, EVERY)
+        assert [w.message for w in caught if issubclass(w.category, LoggingWarning)] == []
+        assert sorted(csv_scalars(rows, "train_loss")) == [EVERY - 1]
+
+    def test_a_fit_without_loggers_does_not_warn(self, tmp_path):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            logged_steps_fit(tmp_path, EVERY - 1, loggers=False)
+        assert [w.message for w in caught if issubclass(w.category, LoggingWarning)] == []
+
+    @pytest.mark.parametrize(("start_index", "warns"), [(0, False), (1, True), (2, False)])
+    def test_the_steps_counted_are_those_from_the_resume_step(self, tmp_path, start_index, warns):
+        # 14 steps in chunks [0, 10) and [10, 14): step 9 is logged, none of steps 10-13 is;
+        # resumed at the end, no step is left to run.
+        plan = FitPlan.create(
+            NUM_ROWS, BATCH, drop_last=False, max_epochs=None, max_steps=14, steps_per_chunk=None,
+            boundaries=[Every(steps=10)],
+        )  # fmt: skip
+        assert [(c.first_step, c.num_steps) for c in plan.chunks] == [(0, 10), (10, 4)]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            warn_if_no_train_loss_point(plan, start_index, 10, [CSVLogger(tmp_path / "m.csv")])
+        messages = [str(w.message) for w in caught]
+        assert messages == ([messages[0]] if warns else [])
+        assert not warns or messages[0].startswith("this fit runs 4 steps (steps 10 to 13) and log_every_n_steps=10")

@@ -95,8 +95,17 @@ def validate_data(data: Any, *, name: str = "train_data") -> tuple[dict[str, Arr
         except (TypeError, ValueError) as error:  # ragged nested lists: rows of different lengths
             raise DataError(f"{name}[{key!r}] is not an array with one row per observation ({error}).") from error
         if array.dtype.kind not in _NUMERIC_KINDS:
+            # bfloat16 and the float8 types are floats to JAX but of NumPy kind "V": the NaN checks
+            # here and the Predictor's input checks know NumPy's own floats only, so these are
+            # refused, with the cast to use.
+            hint = (
+                " (bfloat16 and other ml_dtypes floats are not taken: pass .astype(np.float32) and cast inside "
+                "the model where it should compute in lower precision)"
+                if jax.dtypes.issubdtype(array.dtype, jax.numpy.floating)
+                else ""
+            )
             raise DataError(
-                f"{name}[{key!r}] has dtype {array.dtype}; expected a boolean, integer or floating-point array."
+                f"{name}[{key!r}] has dtype {array.dtype}; expected a boolean, integer or floating-point array{hint}."
             )
         if array.ndim == 0:
             raise DataError(f"{name}[{key!r}] is a scalar; expected an array with one row per observation.")

@@ -22,6 +22,7 @@ __all__ = [
     "FitWarning",
     "KernelArgumentError",
     "KernelValidationError",
+    "LoggingWarning",
     "MetricNotFoundError",
     "MinibatchScalingWarning",
     "NonFiniteLossError",
@@ -147,6 +148,11 @@ class AimzWarning(UserWarning):
 
 class FitWarning(AimzWarning, RuntimeWarning):
     """A fit ran, but its result may be unreliable."""
+
+
+class LoggingWarning(FitWarning):
+    """A fit runs, but its loggers will miss a curve they would be expected to hold: no
+    ``train_loss`` point, when none of the fit's steps is one that ``log_every_n_steps`` logs."""
 
 
 class OutputWarning(AimzWarning):

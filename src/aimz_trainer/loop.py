@@ -195,7 +195,9 @@ class ChunkLoop:
         self.hooks.on_train_chunk_end(losses, chunk.steps)
         epoch_end = self._plan.is_epoch_end(chunk)
         if epoch_end:  # epochs are timed from one's last results to the next's
-            log.log("train_loss_epoch", float(np.concatenate(self._epoch_losses).mean()))
+            epoch_loss = float(np.concatenate(self._epoch_losses).mean())
+            log.log("train_loss_epoch", epoch_loss)
+            log.log("train_loss_per_row_epoch", epoch_loss / self._plan.num_rows)
             log.log("epoch_time", now - self._epoch_started)
             self._epoch_started = now
             self._rate_since = (end, fit._timing.train_s)
@@ -219,7 +221,11 @@ class ChunkLoop:
         """The chunk's curves: each step metric's per-step values at the logging steps, their
         chunk means as the latest values, and the rate and learning rate at a logging step."""
         log, steps = self.metric_log, chunk.steps
-        for name, values in {"train_loss": losses, **self.fit.step_metrics}.items():
+        # Per training row, as val_loss is (divided by the same row count): the two curves overlay.
+        # In float64, so that the value written is train_loss / num_rows correctly rounded.
+        per_row = losses.astype(np.float64) / self._plan.num_rows
+        curves = {"train_loss": losses, "train_loss_per_row": per_row, **self.fit.step_metrics}
+        for name, values in curves.items():
             log.log_steps(name, values, steps, self._log_every)
             log.metrics[name] = float(values.mean())
         if self._log_every.at_step(steps.stop):

@@ -24,7 +24,7 @@ from aimz_trainer._checks import as_key, is_int_at_least, require_batch_limit, r
 from aimz_trainer.callbacks import default_callbacks
 from aimz_trainer.callbacks.base import Callback, CallbackList, check_callbacks
 from aimz_trainer.callbacks.context import FitContext, TrainerSettings, TrainerState
-from aimz_trainer.callbacks.logger import MetricLog, MetricLogger
+from aimz_trainer.callbacks.logger import MetricLog, MetricLogger, warn_if_no_train_loss_point
 from aimz_trainer.callbacks.timer import Duration, Timer, as_duration
 from aimz_trainer.checkpoint import load_checkpoint
 from aimz_trainer.compile import FitPrograms
@@ -575,6 +575,7 @@ class Trainer:
         fingerprint = fit_fingerprint(inputs.arrays, svi.optim) if checkpointing else {}
         shape = fit_shape(plan, shuffle=inputs.shuffle, drop_last=inputs.drop_last, fingerprint=fingerprint)
         start_index = resume_position(plan, resume, shape) if resume is not None else 0
+        warn_if_no_train_loss_point(plan, start_index, self.log_every_n_steps, callbacks)
 
         self.placement = resolve_placement(
             data_placement,

@@ -10,13 +10,15 @@ when                 scalars                           step they are written at
 ===================  ================================  =================================
 fit start            ``num_params`` (the default       0
                      ``ModelSummary``)
-every chunk          ``train_loss`` (and each of the   s, for every s with
-                     Trainer's ``step_metrics``) of    ``(s + 1) % log_every_n_steps == 0``
-                     each step s
+every chunk          ``train_loss``,                   s, for every s with
+                     ``train_loss_per_row`` (and each  ``(s + 1) % log_every_n_steps == 0``
+                     of the Trainer's
+                     ``step_metrics``) of each step s
 chunk ending at a    ``steps_per_sec``,                the chunk's last step
 multiple of n        ``learning_rate`` (see below)
 validation end       ``val_loss``, ``val_lpd``         the last step before validation
 epoch end            ``train_loss_epoch``,             the epoch's last step
+                     ``train_loss_per_row_epoch``,
                      ``epoch_time``
 any hook             what callbacks ``fit.log(...)``   the last finished step
 ===================  ================================  =================================
@@ -27,7 +29,14 @@ validation passes are left out, so a slow validation does not show as slow train
 
 Steps are 0-based step indices, so the ``train_loss`` written at step s is ``losses[s]`` of
 the fit's result. Only process 0 writes. A logger resumed at step r first discards what it
-holds from step r on, so the resumed run's rows replace them.
+holds from step r on, so the resumed run's rows replace them. A fit none of whose steps is
+such an s writes no ``train_loss`` point; :func:`warn_if_no_train_loss_point` warns of it.
+
+``train_loss`` is the step's negative ELBO, the model's own minibatch scaling included: a sum
+over the whole data, so it grows with the row count. ``train_loss_per_row`` is that loss
+divided by the number of training rows, the scale of ``val_loss`` (the held-out negative ELBO
+divided by the same count), so the two curves overlay; ``train_loss_per_row_epoch`` is
+``train_loss_epoch`` divided likewise.
 
 The learning rate is read from the optimizer state when the optax optimizer is wrapped in
 ``optax.inject_hyperparams`` (the way optax exposes a scheduled learning rate), e.g.
@@ -39,6 +48,7 @@ from __future__ import annotations
 import numbers
 import os
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,13 +57,13 @@ import jax
 import numpy as np
 
 from aimz_trainer.callbacks.base import Callback
-from aimz_trainer.errors import ConfigurationError
-from aimz_trainer.plan import Every
+from aimz_trainer.errors import ConfigurationError, LoggingWarning
+from aimz_trainer.plan import Every, FitPlan
 
 if TYPE_CHECKING:
     from aimz_trainer.callbacks.context import FitContext, TrainerState
 
-__all__ = ["MetricLog", "MetricLogger", "as_path", "writable_directory"]
+__all__ = ["MetricLog", "MetricLogger", "as_path", "warn_if_no_train_loss_point", "writable_directory"]
 
 
 def as_path(path: Any, argument: str) -> Path:
@@ -163,6 +173,43 @@ class MetricLog:
         opened, self._open = self._open, []
         for logger in opened:
             logger.close()
+
+
+def warn_if_no_train_loss_point(
+    plan: FitPlan, start_index: int, log_every_n_steps: int, callbacks: Sequence[Callback]
+) -> None:
+    """Warn with a :class:`~aimz_trainer.errors.LoggingWarning` when a fit with loggers among
+    ``callbacks`` will write no ``train_loss`` point: none of the steps it runs (from chunk
+    ``start_index`` of ``plan``, where a resumed fit starts, to the end) is a step s with
+    ``(s + 1) % log_every_n_steps == 0``. A fit with no step left to run is not warned about.
+
+    Any ``log_every_n_steps`` of at most the number of steps run logs a point: n consecutive
+    steps always hold one such s.
+
+    Example:
+        >>> import warnings
+        >>> from aimz_trainer.callbacks import CSVLogger
+        >>> plan = FitPlan.create(1000, 100, drop_last=False, max_epochs=3, max_steps=None, steps_per_chunk=None)
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     warn_if_no_train_loss_point(plan, 0, 50, [CSVLogger(tempfile.mkdtemp() + "/m.csv")])
+        >>> print(caught[0].message)  # doctest: +ELLIPSIS
+        this fit runs 30 steps (steps 0 to 29) and log_every_n_steps=50: ...
+    """
+    if not any(isinstance(callback, MetricLogger) for callback in callbacks):
+        return  # nothing is written anyway
+    start = plan.chunks[start_index].first_step if start_index < plan.num_chunks else plan.total_steps
+    steps = range(start, plan.total_steps)
+    if not steps or Every(steps=log_every_n_steps).step_indices(steps):
+        return
+    warnings.warn(
+        f"this fit runs {len(steps)} steps (steps {steps.start} to {steps.stop - 1}) and "
+        f"log_every_n_steps={log_every_n_steps}: the loggers get train_loss after every {log_every_n_steps}-th "
+        "step only, so they will get no train_loss point (epoch means and validation metrics are still "
+        f"written). Pass Trainer(log_every_n_steps=...) of at most {len(steps)}, or train longer.",
+        LoggingWarning,
+        stacklevel=3,
+    )
 
 
 def _scalar(name: Any, value: Any) -> float:
