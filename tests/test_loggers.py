@@ -174,9 +174,9 @@ class FakeTrainer:
 
     log_every_n_steps = EVERY
     max_epochs, max_steps, steps_per_epoch, has_validation = EPOCHS, None, STEPS_PER_EPOCH, False
-    plan = types.SimpleNamespace(batch_size=BATCH)
+    plan = types.SimpleNamespace(batch_size=BATCH, steps_per_epoch=STEPS_PER_EPOCH)
     mesh = types.SimpleNamespace(size=1)
-    settings = types.SimpleNamespace(step_metrics=())
+    settings = types.SimpleNamespace(step_metrics=(), min_epochs=None, min_steps=None)
 
 
 # -- TensorBoard -------------------------------------------------------------------------------

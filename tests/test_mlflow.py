@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import cloudpickle
@@ -600,6 +601,7 @@ class FakeFit:
     """Enough of a FitContext for a logger opened outside a fit."""
 
     max_epochs, max_steps, log_every_n_steps, plan = EPOCHS, None, EVERY, None
+    settings = types.SimpleNamespace(min_epochs=None, min_steps=None)
     checkpoint_directories = ()
 
     class mesh:

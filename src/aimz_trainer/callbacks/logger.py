@@ -63,7 +63,7 @@ from aimz_trainer.plan import Every, FitPlan
 if TYPE_CHECKING:
     from aimz_trainer.callbacks.context import FitContext, TrainerState
 
-__all__ = ["MetricLog", "MetricLogger", "as_path", "warn_if_no_train_loss_point", "writable_directory"]
+__all__ = ["MetricLog", "MetricLogger", "as_path", "run_hparams", "warn_if_no_train_loss_point", "writable_directory"]
 
 
 def as_path(path: Any, argument: str) -> Path:
@@ -210,6 +210,31 @@ def warn_if_no_train_loss_point(
         LoggingWarning,
         stacklevel=3,
     )
+
+
+def run_hparams(fit: FitContext) -> dict[str, Any]:
+    """The settings of a fit that loggers record as its hyperparameters (those set: ``None``s
+    are left out, as is the plan before a fit has one).
+
+    Example:
+        >>> from types import SimpleNamespace as S
+        >>> fit = S(max_epochs=3, max_steps=None, settings=S(min_epochs=None, min_steps=None),
+        ...         plan=S(batch_size=100, steps_per_epoch=10), log_every_n_steps=50, mesh=S(size=1))
+        >>> run_hparams(fit)
+        {'max_epochs': 3, 'batch_size': 100, 'steps_per_epoch': 10, 'log_every_n_steps': 50, 'num_devices': 1}
+    """
+    plan = fit.plan
+    settings: dict[str, Any] = {
+        "max_epochs": fit.max_epochs,
+        "max_steps": fit.max_steps,
+        "min_epochs": fit.settings.min_epochs,
+        "min_steps": fit.settings.min_steps,
+        "batch_size": None if plan is None else plan.batch_size,
+        "steps_per_epoch": None if plan is None else plan.steps_per_epoch,
+        "log_every_n_steps": fit.log_every_n_steps,
+        "num_devices": fit.mesh.size,
+    }
+    return {name: value for name, value in settings.items() if value is not None}
 
 
 def _scalar(name: Any, value: Any) -> float:

@@ -11,7 +11,7 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from aimz_trainer.callbacks.logger import MetricLogger
+from aimz_trainer.callbacks.logger import MetricLogger, run_hparams
 from aimz_trainer.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -122,7 +122,7 @@ class MLFlowLogger(MetricLogger):
             self.run_id = self._continue_in_new_run(self.run_id, resume_step)
         elif client.get_run(self.run_id).info.status != "RUNNING":
             client.update_run(self.run_id, status="RUNNING")
-        self._log_params(_run_hparams(fit) | self.hparams)
+        self._log_params(run_hparams(fit) | self.hparams)
 
     def write(self, step: int, epoch: int, scalars: Mapping[str, float]) -> None:
         from mlflow.entities import Metric
@@ -230,18 +230,6 @@ def _steps_from(client: MlflowClient, run_id: str, step: int) -> bool:
     """Whether the run holds a metric point at ``step`` or later."""
     names = client.get_run(run_id).data.metrics
     return any(point.step >= step for name in names for point in client.get_metric_history(run_id, name))
-
-
-def _run_hparams(fit: FitContext) -> dict[str, Any]:
-    settings: dict[str, Any] = {
-        "max_epochs": fit.max_epochs,
-        "max_steps": fit.max_steps,
-        "batch_size": fit.plan.batch_size if fit.plan is not None else None,
-        "steps_per_epoch": fit.steps_per_epoch if fit.plan is not None else None,
-        "log_every_n_steps": fit.log_every_n_steps,
-        "num_devices": fit.mesh.size,
-    }
-    return {name: value for name, value in settings.items() if value is not None}
 
 
 def _import_mlflow() -> None:

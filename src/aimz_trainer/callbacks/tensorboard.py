@@ -29,7 +29,7 @@ from tensorboardX.proto import api_pb2, plugin_hparams_pb2
 from tensorboardX.proto.event_pb2 import Event
 from tensorboardX.proto.summary_pb2 import Summary, SummaryMetadata
 
-from aimz_trainer.callbacks.logger import MetricLogger, writable_directory
+from aimz_trainer.callbacks.logger import MetricLogger, run_hparams, writable_directory
 from aimz_trainer.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -107,7 +107,7 @@ class TensorBoardLogger(MetricLogger):
         self._status, self._step = None, resume_step
         if evaluation:
             return
-        experiment, start = _hparams_summaries(_run_hparams(fit) | self.hparams, _metric_names(fit))
+        experiment, start = _hparams_summaries(run_hparams(fit) | self.hparams, _metric_names(fit))
         for summary in (experiment, start):
             self._writer.file_writer.add_summary(summary, global_step=resume_step)
         self._writer.flush()  # on disk before the first step: a crashed fit still has its row
@@ -163,18 +163,6 @@ def _add_histogram(writer: SummaryWriter, tag: str, values: np.ndarray, step: in
         bucket_counts=counts.tolist(),
         global_step=step,
     )
-
-
-def _run_hparams(fit: FitContext) -> dict[str, Any]:
-    settings: dict[str, Any] = {
-        "max_epochs": fit.max_epochs,
-        "max_steps": fit.max_steps,
-        "batch_size": fit.plan.batch_size,
-        "steps_per_epoch": fit.steps_per_epoch,
-        "log_every_n_steps": fit.log_every_n_steps,
-        "num_devices": fit.mesh.size,
-    }
-    return {name: value for name, value in settings.items() if value is not None}
 
 
 def _metric_names(fit: FitContext) -> list[str]:
