@@ -76,6 +76,9 @@ class At(Callback):
     def on_fit_start(self, fit, progress):
         self._maybe("fit_start", progress)
 
+    def on_train_epoch_start(self, fit, progress):
+        self._maybe("epoch_start", progress)
+
     def on_train_chunk_end(self, fit, progress, losses, steps):
         self._maybe("chunk_end", progress)
 
@@ -139,33 +142,45 @@ def reference():
 # -- a signal in the fit's own process -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
-def test_a_signal_stops_at_the_boundary_saves_and_the_fit_resumes_bit_for_bit(reference, tmp_path, signum):
+# Where the signal comes, what the fit saves: SIGTERM in the hooks of the chunk ending at step 15
+# (mid-epoch; the chunk after it is in flight and is dropped), beside a checkpoint at every epoch
+# end; SIGUSR1 as epoch 2 starts (the loop's other place to stop), with no scheduled checkpoint:
+# the fit saves step 20 as the start of epoch 2, like a mid-epoch checkpoint 0 steps into it.
+PREEMPTIONS = {
+    "SIGTERM": SimpleNamespace(
+        signum=signal.SIGTERM, hook="chunk_end", step=15, epoch=1, chunks=6, every_n_epochs=1, before=[10]
+    ),
+    "SIGUSR1": SimpleNamespace(
+        signum=signal.SIGUSR1, hook="epoch_start", step=20, epoch=2, chunks=8, every_n_epochs=None, before=[]
+    ),
+}
+
+
+@pytest.mark.parametrize("case", PREEMPTIONS.values(), ids=PREEMPTIONS.keys())
+def test_a_signal_stops_at_the_boundary_saves_and_the_fit_resumes_bit_for_bit(reference, tmp_path, case):
     recorder, counter = Recorder(), ChunkCounter()
+    callbacks = [recorder, counter, At(case.hook, send(case.signum), step=case.step)]
     with pytest.raises(FitPreempted) as raised:
-        # Sent in the hooks of the chunk ending at step 15 (mid-epoch): the chunk after it is in
-        # flight and is dropped.
-        fit(make_trainer([recorder, counter, At("chunk_end", send(signum), step=15), store(tmp_path)]))
+        fit(make_trainer([*callbacks, store(tmp_path, every_n_epochs=case.every_n_epochs)]))
     preempted = raised.value
-    assert (preempted.signal, preempted.code, preempted.step) == (signum, 128 + signum, 15)
-    assert preempted.checkpoint == tmp_path / "15"
+    assert (preempted.signal, preempted.code, preempted.step) == (case.signum, 128 + case.signum, case.step)
+    assert preempted.checkpoint == tmp_path / str(case.step)
     assert not isinstance(preempted, Exception) and isinstance(preempted, SystemExit)
-    # The epoch-end checkpoint and the one the signal asked for, complete when fit raised.
-    assert checkpoint_steps(tmp_path) == [10, 15]
-    saved = load_checkpoint(tmp_path / "15")
-    assert (saved.step, saved.epoch, saved.meta["loader_state"]["next_index"]) == (15, 1, 6)
-    assert saved.meta["callbacks"]["ChunkCounter"] == {"chunks": 6}
-    np.testing.assert_array_equal(saved.losses, reference.result.losses[:15], strict=True)
-    # on_fit_end as after any stop, then the exception, then teardown; no step after 15.
+    # Complete when fit raised.
+    assert checkpoint_steps(tmp_path) == [*case.before, case.step]
+    saved = load_checkpoint(preempted.checkpoint)
+    assert (saved.step, saved.epoch, saved.meta["loader_state"]["next_index"]) == (case.step, case.epoch, case.chunks)
+    assert saved.meta["callbacks"]["ChunkCounter"] == {"chunks": case.chunks}
+    np.testing.assert_array_equal(saved.losses, reference.result.losses[: case.step], strict=True)
+    # on_fit_end as after any stop, then the exception, then teardown; no step after the stop.
     hooks = [call[0] for call in recorder.calls]
     assert hooks[-3:] == ["fit_end", "exception:FitPreempted", "teardown"]
-    assert max(step for _, step, _ in recorder.calls) == 15
+    assert max(step for _, step, _ in recorder.calls) == case.step
 
     counter = ChunkCounter()
-    result = fit(make_trainer([counter, store(tmp_path)]), ckpt_path="last")
+    result = fit(make_trainer([counter, store(tmp_path, every_n_epochs=case.every_n_epochs)]), ckpt_path="last")
     assert_bitwise_equal(result, reference.result)
     assert counter.chunks == reference.chunks
-    assert checkpoint_steps(tmp_path) == [10, 15, 20, 30, 40]
 
 
 def test_without_a_model_checkpoint_the_fit_is_preempted_without_a_checkpoint():
