@@ -14,12 +14,17 @@ checkpoint (:mod:`aimz_trainer.resume`).
    it. (A multi-process JAX run has a handler Python does not know of: ``jax.distributed``
    installs one for SIGTERM that only notes the signal, so SIGTERM does not end such a process.)
    The handler only records the signal and asks the fit to stop (``FitContext.request_stop``);
-   the chunk loop acts on it.
+   the chunk loop acts on it. The handlers are in place from compilation to ``teardown``; before
+   (checking the arguments, placing the data) the signals keep their usual effect: there is
+   nothing to save yet.
 2. **Where the fit stops.** At the next chunk boundary, like any stop request: the chunk the
    devices are computing runs to its end, its results are dropped (the loop's speculative chunk,
    :mod:`aimz_trainer.loop`), and the fit ends on the state of the last chunk whose hooks ran.
    That state is consistent: step, parameters, optimizer and loader state, losses and every
-   callback's state belong to one boundary, and it is the state saved.
+   callback's state belong to one boundary, and it is the state saved. The loop also stops after
+   an epoch's ``on_train_epoch_start`` hooks; a stop there saves the fit as that epoch's start,
+   like a mid-epoch checkpoint 0 steps into it (a resumed fit starts its epoch again, as after
+   any mid-epoch checkpoint).
 3. **Several processes agree.** :func:`stop_at_boundary` is the loop's one rule for stopping at
    a boundary. With one process it reads ``fit.should_stop`` and costs nothing. With several,
    every process states whether it wants to stop, once per boundary: any process asking stops
@@ -52,7 +57,7 @@ checkpoint (:mod:`aimz_trainer.resume`).
    on one changes nothing.
 
 The fit reacts at chunk boundaries only: a scheduler's grace period must cover a chunk, its
-hooks and a save (chunks are ``steps_per_chunk`` steps, at most ``log_every_n_steps``).
+hooks and a save (a chunk ends at least every ``log_every_n_steps`` steps).
 
 Example:
     >>> import signal

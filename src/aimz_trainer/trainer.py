@@ -328,6 +328,11 @@ class Trainer:
                 carry on, while steps, epochs and losses count from this fit's start. A state
                 of another structure is a :class:`~aimz_trainer.errors.ConfigurationError`.
                 Not with ``ckpt_path`` (a checkpoint holds its own state).
+
+        Raises:
+            FitPreempted: SIGTERM or SIGUSR1 stopped the fit at a chunk boundary, after its
+                ``ModelCheckpoint`` saved it there (:mod:`aimz_trainer.preemption`); a
+                ``SystemExit`` with status 128 + the signal.
         """
         if init_state is not None and ckpt_path is not None:
             raise ConfigurationError("pass init_state or ckpt_path, not both: a checkpoint holds its own SVI state.")
