@@ -28,6 +28,7 @@ import pytest
 
 from aimz_trainer import (
     Callback,
+    CheckpointWarning,
     ConfigurationError,
     FitPreempted,
     ModelCheckpoint,
@@ -36,6 +37,7 @@ from aimz_trainer import (
     distributed,
     load_checkpoint,
 )
+from aimz_trainer.callbacks import model_checkpoint
 from aimz_trainer.checkpoint import checkpoint_steps, resolve_checkpoint
 
 from .conftest import Recorder, linear_data, linear_svi
@@ -482,3 +484,15 @@ def test_two_processes_stop_together_when_one_is_signalled_and_resume_bit_for_bi
         assert outcome.code == 0, outcome.stderr[-3000:]
     for rank in (0, 1):
         assert_bitwise_equal(load_result(tmp_path / "resumed", rank), load_result(tmp_path / "reference", rank))
+
+
+def test_in_a_multi_process_fit_only_an_exception_of_every_process_is_saved(tmp_path, monkeypatch):
+    def interrupt_as_if_one_of_two_processes():
+        # What ModelCheckpoint sees of JAX from here on: a run of two processes.
+        monkeypatch.setattr(model_checkpoint, "jax", SimpleNamespace(process_count=lambda: 2))
+        raise KeyboardInterrupt
+
+    checkpoint = store(tmp_path, save_on_exception=True)
+    with pytest.raises(KeyboardInterrupt), pytest.warns(CheckpointWarning, match="did not save step 12: the Keyboard"):
+        fit(make_trainer([At("chunk_end", interrupt_as_if_one_of_two_processes, step=15), checkpoint]))
+    assert checkpoint_steps(tmp_path) == [10]

@@ -8,7 +8,6 @@ import math
 import os
 import shutil
 import traceback
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,10 +21,9 @@ from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, L
 from aimz_trainer._checks import is_int_at_least, require_bool, require_choice
 from aimz_trainer.callbacks.base import Callback, state_key_of
 from aimz_trainer.callbacks.logger import writable_directory
-from aimz_trainer.checkpoint import checkpoint_steps, newest_checkpoint, read_meta, save_args
+from aimz_trainer.checkpoint import checkpoint_steps, newest_checkpoint, read_meta, save_args, warn_checkpoint
 from aimz_trainer.errors import (
     CheckpointError,
-    CheckpointWarning,
     ConfigurationError,
     FitPreempted,
     MetricNotFoundError,
@@ -302,12 +300,10 @@ class ModelCheckpoint(Callback):
         if boundary.state.step == self._last_saved_step:
             return
         if jax.process_count() > 1 and not isinstance(exception, NonFiniteLossError | FitPreempted):
-            warnings.warn(
+            warn_checkpoint(
                 f"ModelCheckpoint(save_on_exception=True) did not save step {boundary.state.step}: the "
                 f"{type(exception).__name__} may have been raised in this process alone, and one process cannot "
-                "write a checkpoint of a multi-process fit without the others.",
-                CheckpointWarning,
-                stacklevel=2,
+                "write a checkpoint of a multi-process fit without the others."
             )
             return
         # This callback's state as it was at the boundary (a save cut short since may have changed
