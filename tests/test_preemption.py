@@ -336,6 +336,18 @@ def test_save_on_exception_must_be_a_bool(tmp_path):
         ModelCheckpoint(tmp_path, save_on_exception="yes")
 
 
+def test_in_a_multi_process_fit_only_an_exception_of_every_process_is_saved(tmp_path, monkeypatch):
+    def interrupt_as_if_one_of_two_processes():
+        # What ModelCheckpoint sees of JAX from here on: a run of two processes.
+        monkeypatch.setattr(model_checkpoint, "jax", SimpleNamespace(process_count=lambda: 2))
+        raise KeyboardInterrupt
+
+    checkpoint = store(tmp_path, save_on_exception=True)
+    with pytest.raises(KeyboardInterrupt), pytest.warns(CheckpointWarning, match="did not save step 12: the Keyboard"):
+        fit(make_trainer([At("chunk_end", interrupt_as_if_one_of_two_processes, step=15), checkpoint]))
+    assert checkpoint_steps(tmp_path) == [10]
+
+
 # -- real processes ------------------------------------------------------------------------------
 
 
@@ -415,19 +427,18 @@ def preempt(directory: Path, signum: int, *, name: str, num_processes: int = 1, 
 
 @pytest.fixture(scope="module")
 def single_process(tmp_path_factory):
-    """An uninterrupted worker beside two preempted ones (SIGTERM, SIGUSR1), then the SIGTERM one
-    resumed from ``"last"``."""
+    """An uninterrupted worker beside two preempted ones (SIGTERM, SIGUSR1), and the SIGTERM one
+    resumed from ``"last"`` as soon as it has exited."""
     root = tmp_path_factory.mktemp("single")
     reference = start(root / "reference", "--out", str(root / "reference"), name="reference")
     sigterm = preempt(root / "sigterm", signal.SIGTERM, name="sigterm")
     sigusr1 = preempt(root / "sigusr1", signal.SIGUSR1, name="sigusr1")
-    outcomes = {
-        "reference": finish(reference, "reference", root / "reference")[0],
-        "sigterm": finish(sigterm, "sigterm", root / "sigterm")[0],
-        "sigusr1": finish(sigusr1, "sigusr1", root / "sigusr1")[0],
-    }
-    steps = {name: checkpoint_steps(root / name) for name in ("sigterm", "sigusr1")}
+    outcomes = {"sigterm": finish(sigterm, "sigterm", root / "sigterm")[0]}
+    steps = {"sigterm": checkpoint_steps(root / "sigterm")}
     resumed = start(root / "sigterm", "--resume", "--out", str(root / "resumed"), name="resumed")
+    outcomes["sigusr1"] = finish(sigusr1, "sigusr1", root / "sigusr1")[0]
+    steps["sigusr1"] = checkpoint_steps(root / "sigusr1")
+    outcomes["reference"] = finish(reference, "reference", root / "reference")[0]
     outcomes["resumed"] = finish(resumed, "resumed", root / "sigterm")[0]
     return SimpleNamespace(root=root, outcomes=outcomes, steps=steps)
 
@@ -462,9 +473,18 @@ class TestASignalledProcess:
 def test_two_processes_stop_together_when_one_is_signalled_and_resume_bit_for_bit(tmp_path):
     reference = start(tmp_path / "reference", "--out", str(tmp_path / "reference"), name="reference", num_processes=2)
     preempted = preempt(tmp_path / "checkpoints", signal.SIGTERM, name="preempted", num_processes=2, target=1)
-    for outcome in finish(reference, "reference", tmp_path / "reference"):
-        assert outcome.code == 0, outcome.stderr[-3000:]
     outcomes = finish(preempted, "preempted", tmp_path / "checkpoints")
+    steps = checkpoint_steps(tmp_path / "checkpoints")
+    meta = load_checkpoint(resolve_checkpoint(tmp_path / "checkpoints")).meta
+    resumed = start(
+        tmp_path / "checkpoints", "--resume", "--out", str(tmp_path / "resumed"), name="resumed", num_processes=2
+    )
+    for outcome in [
+        *finish(reference, "reference", tmp_path / "reference"),
+        *finish(resumed, "resumed", tmp_path / "checkpoints"),
+    ]:
+        assert outcome.code == 0, outcome.stderr[-3000:]
+
     for outcome in outcomes:  # process 0 got no signal, and stops at the same boundary all the same
         assert outcome.code == 128 + signal.SIGTERM, outcome.stderr[-3000:]
         assert "Traceback" not in outcome.stderr
@@ -473,26 +493,7 @@ def test_two_processes_stop_together_when_one_is_signalled_and_resume_bit_for_bi
             "step": 15,
             "checkpoint": str(tmp_path / "checkpoints" / "15"),
         }
-    assert checkpoint_steps(tmp_path / "checkpoints") == [10, 15]
-    meta = load_checkpoint(resolve_checkpoint(tmp_path / "checkpoints")).meta
+    assert steps == [10, 15]
     assert meta["step"] == 15 and len(meta["process_loader_states"]) == 2
-
-    resumed = start(
-        tmp_path / "checkpoints", "--resume", "--out", str(tmp_path / "resumed"), name="resumed", num_processes=2
-    )
-    for outcome in finish(resumed, "resumed", tmp_path / "checkpoints"):
-        assert outcome.code == 0, outcome.stderr[-3000:]
     for rank in (0, 1):
         assert_bitwise_equal(load_result(tmp_path / "resumed", rank), load_result(tmp_path / "reference", rank))
-
-
-def test_in_a_multi_process_fit_only_an_exception_of_every_process_is_saved(tmp_path, monkeypatch):
-    def interrupt_as_if_one_of_two_processes():
-        # What ModelCheckpoint sees of JAX from here on: a run of two processes.
-        monkeypatch.setattr(model_checkpoint, "jax", SimpleNamespace(process_count=lambda: 2))
-        raise KeyboardInterrupt
-
-    checkpoint = store(tmp_path, save_on_exception=True)
-    with pytest.raises(KeyboardInterrupt), pytest.warns(CheckpointWarning, match="did not save step 12: the Keyboard"):
-        fit(make_trainer([At("chunk_end", interrupt_as_if_one_of_two_processes, step=15), checkpoint]))
-    assert checkpoint_steps(tmp_path) == [10]

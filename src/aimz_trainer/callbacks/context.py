@@ -90,9 +90,9 @@ class FitContext:
     checkpointing callbacks, :meth:`snapshot`.
 
     :attr:`stop_signal` is the signal a fit stopped on (:mod:`aimz_trainer.preemption`), set at
-    the chunk boundary where it stops. A callback that must be able
-    to save the fit's last consistent state after an exception sets :attr:`record_boundaries` (in
-    ``on_fit_start``); the fit then keeps :attr:`last_boundary` at every chunk boundary, and
+    the chunk boundary where it stops. A callback that must be able to save the fit's last
+    consistent state after an exception sets :attr:`record_boundaries` (in ``on_fit_start``);
+    the fit then keeps :attr:`last_boundary` at every chunk boundary, and
     ``snapshot(last_boundary)`` makes a checkpoint of it.
 
     Example:
