@@ -272,6 +272,16 @@ def test_a_handler_installed_outside_python_is_put_back():
         faulthandler.unregister(signal.SIGUSR1)
 
 
+def test_an_ignored_signal_stays_ignored(reference):
+    before = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        result = fit(make_trainer([At("chunk_end", send(signal.SIGUSR1), step=15)]))
+        assert signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+    assert_bitwise_equal(result, reference.result)
+
+
 def test_a_fit_outside_the_main_thread_installs_no_handler(reference):
     seen, outcome = [], {}
     look = At("chunk_end", lambda: seen.append(signal.getsignal(signal.SIGTERM)), step=3)

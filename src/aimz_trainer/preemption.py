@@ -14,7 +14,9 @@ checkpoint (:mod:`aimz_trainer.resume`).
    it. (A multi-process JAX run has a handler Python does not know of: ``jax.distributed``
    installs one for SIGTERM that only notes the signal, so SIGTERM does not end such a process.)
    The handler only records the signal and asks the fit to stop (``FitContext.request_stop``);
-   the chunk loop acts on it. The handlers are in place from compilation to ``teardown``; before
+   the chunk loop acts on it. A handler the process had is not called during the fit
+   (``FitPreempted`` takes its place: catch it to act on the signal), and a signal the process
+   ignores (``SIG_IGN``) stays ignored. The handlers are in place from compilation to ``teardown``; before
    (checking the arguments, placing the data) the signals keep their usual effect: there is
    nothing to save yet.
 2. **Where the fit stops.** At the next chunk boundary, like any stop request: the chunk the
@@ -101,7 +103,7 @@ def catch_preemption(fit: FitContext) -> Iterator[None]:
     """Within the block, :data:`PREEMPTION_SIGNALS` ask ``fit`` to stop at its next chunk boundary
     (and are recorded: ``fit.stop_signal`` is set where the fit stops on one); afterwards the
     previous handlers are back, and a signal the fit did not stop on is raised again for them.
-    Outside the main thread nothing is installed.
+    Outside the main thread nothing is installed, nor for a signal the process ignores.
 
     Example:
         >>> from aimz_trainer.callbacks.context import FitContext
@@ -130,6 +132,8 @@ def catch_preemption(fit: FitContext) -> Iterator[None]:
     previous: list[_Handler] = []
     try:
         for signum in PREEMPTION_SIGNALS:
+            if signal.getsignal(signum) is signal.SIG_IGN:  # the process chose to ignore it
+                continue
             previous.append(_current_handler(signum))
             signal.signal(signum, handler)
         yield
