@@ -13,7 +13,7 @@ from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoNormal
 from optax import adam
 
-from aimz_trainer import Callback, Predictor, make_mesh
+from aimz_trainer import Callback, make_mesh
 from tests.predictor_worker import ROWS_PER_KEY, dyadic_posterior
 from tests.predictor_worker import linear_model as dyadic_model
 
@@ -121,6 +121,10 @@ class Recorder(Callback):
 def dyadic_predictor():
     """A one-device Predictor of the dyadic linear problem (tests.predictor_worker), whose draws
     are exact in float32: stores written by it compare bit for bit."""
+    # Imported here: Predictor pulls in xarray and pandas (3 s of CPU), which the worker processes
+    # that import this module for its models do not need.
+    from aimz_trainer import Predictor
+
     predictor = Predictor(
         dyadic_model, dyadic_posterior(), mesh=make_mesh(1), rng_key=jax.random.key(7), rows_per_key=ROWS_PER_KEY
     )

@@ -5,6 +5,7 @@ read back with MLflow's own client; a model loaded in a fresh process predicts t
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import textwrap
@@ -29,6 +30,7 @@ import aimz_trainer.mlflow
 from aimz_trainer import (
     Callback,
     CSVLogger,
+    FitPreempted,
     FitProgress,
     ImpactModel,
     MLFlowLogger,
@@ -532,6 +534,17 @@ def test_a_failed_fit_marks_the_run_failed_and_keeps_its_rows(tracking, experime
     run = MlflowClient().get_run(logger.run_id)
     assert run.info.status == "FAILED"
     assert sorted(history(logger.run_id, "train_loss")) == [4, 9]
+
+
+def test_a_preempted_fit_marks_the_run_killed(tracking, experiment, tmp_path):
+    class Preempt(Callback):
+        def on_train_epoch_end(self, fit, progress):
+            signal.raise_signal(signal.SIGTERM)  # stops the fit here, as a scheduler's notice
+
+    logger = MLFlowLogger(experiment_name="preempted")
+    with pytest.raises(FitPreempted):
+        logged_fit(logger, tmp_path, Preempt())
+    assert MlflowClient().get_run(logger.run_id).info.status == "KILLED"
 
 
 def test_a_resumed_fit_drops_the_points_from_its_resume_step(tracking, experiment, tmp_path):

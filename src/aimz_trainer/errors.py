@@ -7,9 +7,17 @@ arguments), so ``except ValueError`` keeps working. Every warning derives from
 ``NotFittedError``, ``AimzWarning``, ``FitWarning``, ``OutputWarning``,
 ``PerformanceWarning``) are here with the same bases, so its users' ``except`` clauses and
 warning filters keep working.
+
+One exception type is not an error: :class:`FitPreempted`, raised when a fit stops on a
+preemption signal, derives from ``SystemExit`` (not from ``Exception``), so that ``except
+Exception`` does not swallow it and, uncaught, it ends the process with the exit status a job
+scheduler expects of a process ended by that signal.
 """
 
 from __future__ import annotations
+
+import signal
+from pathlib import Path
 
 __all__ = [
     "AimzTrainerError",
@@ -19,6 +27,7 @@ __all__ = [
     "ConfigurationError",
     "DataError",
     "DistributedError",
+    "FitPreempted",
     "FitWarning",
     "KernelArgumentError",
     "KernelValidationError",
@@ -129,6 +138,49 @@ class NotFittedError(AimzTrainerError, ValueError, AttributeError):
 
 class DistributedError(AimzTrainerError, RuntimeError):
     """The processes of a multi-process run cannot join, or disagree on the run."""
+
+
+class FitPreempted(SystemExit):
+    """A fit stopped on a preemption signal (SIGTERM, SIGUSR1; see :mod:`aimz_trainer.preemption`)
+    after saving a checkpoint where it stopped; ``trainer.fit(..., ckpt_path="last")`` in a new
+    process continues it as if it had never stopped.
+
+    A ``SystemExit``: uncaught, it ends the process without a traceback, with exit status
+    ``128 + signal`` (143 for SIGTERM), which is what a job scheduler sees of a process the
+    signal killed, so a pipeline never mistakes a preempted fit for a finished one. Catch it
+    (``except FitPreempted``) to act before exiting; ``except Exception`` does not catch it.
+
+    Attributes:
+        signal: the signal the fit stopped on (every process of a multi-process fit reports the
+            same one, whichever process received it).
+        step: the step the fit stopped at, where its checkpoint is.
+        checkpoint: the step directory of that checkpoint (that of the fit's first
+            :class:`~aimz_trainer.callbacks.ModelCheckpoint`), or ``None`` when there is none: the
+            fit has no ModelCheckpoint, or it stopped before its first chunk (there is nothing new
+            to save).
+        code: the exit status, ``128 + signal``.
+
+    Example:
+        >>> error = FitPreempted(signal.SIGTERM, 120, Path("checkpoints/120"))
+        >>> error.code, isinstance(error, Exception)
+        (143, False)
+        >>> print(error)
+        the fit stopped on SIGTERM at step 120 and saved checkpoints/120; continue it with fit(..., ckpt_path='last')
+    """
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None) -> None:
+        super().__init__(128 + int(signum))
+        self.signal = signal.Signals(signum)
+        self.step = step
+        self.checkpoint = checkpoint
+
+    def __str__(self) -> str:
+        if self.checkpoint is None:
+            return f"the fit stopped on {self.signal.name} at step {self.step} without a checkpoint of that step"
+        return (
+            f"the fit stopped on {self.signal.name} at step {self.step} and saved {self.checkpoint}; continue it "
+            "with fit(..., ckpt_path='last')"
+        )
 
 
 class KernelValidationError(ConfigurationError):

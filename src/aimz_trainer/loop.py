@@ -4,8 +4,10 @@ Python orchestrates around one compiled function. Each call runs one chunk of K 
 the loop keeps one call in flight and runs the previous chunk's hooks while the devices work
 on the next, so the host never waits on a single step and the devices never wait for the
 hooks. A stop requested by a hook drops the call in flight: the fit ends exactly where it was
-requested. The loop sees the fit through its :class:`~aimz_trainer.callbacks.FitContext`,
-never the Trainer.
+requested; whether to stop at a boundary is :func:`~aimz_trainer.preemption.stop_at_boundary`'s
+call (the processes of a multi-process fit agree on it). The loop sees the fit through its
+:class:`~aimz_trainer.callbacks.FitContext`, never the Trainer.
+
 
 The loop also keeps the fit's clock (:class:`~aimz_trainer.callbacks.context.FitTiming`): the
 first chunk is start-up (compilation), validation passes are not training, and
@@ -30,6 +32,8 @@ from aimz_trainer.callbacks.logger import MetricLog
 from aimz_trainer.compile import ChunkOutputs
 from aimz_trainer.errors import NonFiniteLossError
 from aimz_trainer.plan import Chunk, Every
+from aimz_trainer.preemption import stop_at_boundary
+from aimz_trainer.resume import capture_boundary
 from aimz_trainer.step import TrainState
 from aimz_trainer.validation import Validator
 
@@ -128,12 +132,12 @@ class ChunkLoop:
             record, loader_state = next(self.records)
             new_state, outputs = self.chunk_fn(state, self.device_data, record)
             self._in_flight = outputs
-            if pending is not None and (not self._finish(pending) or fit.stop_due):
+            if pending is not None and (not self._finish(pending) or stop_at_boundary(fit)):
                 return state
             # After the previous epoch's end hooks (a resumed fit starts its epoch too).
             if chunk.first_step % plan.steps_per_epoch == 0 or index == self.start_index:
                 self._start_epoch(chunk)
-                if fit.stop_due:
+                if stop_at_boundary(fit):
                     return state
             state = new_state
             pending = _Pending(chunk, state, outputs, loader_state)
@@ -215,6 +219,10 @@ class ChunkLoop:
             fit._timing = fit._timing._replace(validation_s=fit._timing.validation_s + validation_s)
         if epoch_end:
             self.hooks.on_train_epoch_end()
+        if fit.record_boundaries:  # the fit is consistent here: what a save on exception writes
+            fit.last_boundary = capture_boundary(
+                fit, loader_state=self.loader_state, losses=self.losses, callbacks=self.hooks.callbacks
+            )
         return True
 
     def _log_chunk(self, chunk: Chunk, losses: np.ndarray, rate: Any) -> None:

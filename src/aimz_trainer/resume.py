@@ -4,6 +4,8 @@ checkpoint of a running fit holds (the on-disk format itself is :mod:`aimz_train
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import os
 import warnings
@@ -40,7 +42,9 @@ from aimz_trainer.plan import FitPlan
 from aimz_trainer.step import TrainState
 
 __all__ = [
+    "Boundary",
     "ResumePoint",
+    "capture_boundary",
     "data_digest",
     "fingerprint_differences",
     "fit_fingerprint",
@@ -203,6 +207,45 @@ def restore(
     return TrainState(svi_state, jnp.asarray(True)), np.asarray(restored["losses"])
 
 
+class Boundary(NamedTuple):
+    """A running fit at a chunk boundary, after the chunk's hooks: everything a checkpoint of
+    that moment holds, kept so that it can still be written after the fit has moved on (a save
+    on exception writes the last one: :class:`~aimz_trainer.callbacks.ModelCheckpoint`'s
+    ``save_on_exception``).
+
+    Attributes:
+        state: a copy of the fit's :class:`~aimz_trainer.callbacks.context.TrainerState` (its
+            arrays are shared: JAX arrays never change, and the compiled chunk does not donate
+            its input).
+        loader_state: the loader's state after the chunk.
+        num_loss_chunks: how many entries of the fit's list of loss arrays are the losses so far
+            (the list is only appended to).
+        metrics: the fit's metrics then.
+        callback_states: each stateful callback's ``state_dict`` then, deep-copied.
+    """
+
+    state: TrainerState
+    loader_state: dict[str, Any]
+    num_loss_chunks: int
+    metrics: dict[str, float]
+    callback_states: dict[str, Any]
+
+
+def capture_boundary(
+    fit: FitContext, *, loader_state: dict[str, Any], losses: Sequence[np.ndarray], callbacks: Sequence[Callback]
+) -> Boundary:
+    """The fit as it stands now, as a :class:`Boundary`: call it where the fit is consistent
+    (after a chunk's last hook). Nothing is copied to the host; callbacks' states are
+    deep-copied, so that a callback changing its own state later does not change this one."""
+    return Boundary(
+        state=dataclasses.replace(fit.state),
+        loader_state=copy.deepcopy(loader_state),
+        num_loss_chunks=len(losses),
+        metrics=dict(fit.metrics),
+        callback_states={c.state_key: copy.deepcopy(c.state_dict()) for c in callbacks if overrides_state(c)},
+    )
+
+
 def snapshot(
     fit: FitContext,
     *,
@@ -210,9 +253,13 @@ def snapshot(
     losses: Sequence[np.ndarray],
     callbacks: Sequence[Callback],
     shape: Mapping[str, Any],
+    boundary: Boundary | None = None,
 ) -> dict[str, Any]:
-    """The fit as it stands, as a checkpoint: ``{"state": named arrays, "meta": JSON}``."""
-    state = fit.state
+    """The fit as it stands, as a checkpoint: ``{"state": named arrays, "meta": JSON}``; or, given
+    a ``boundary`` captured earlier (:func:`capture_boundary`), the fit as it stood then."""
+    if boundary is None:
+        boundary = capture_boundary(fit, loader_state=loader_state, losses=losses, callbacks=callbacks)
+    state = boundary.state
     settings = fit.settings
     meta = {
         "format": CHECKPOINT_FORMAT,
@@ -222,9 +269,9 @@ def snapshot(
             "data": np.asarray(jax.random.key_data(state.rng_key)).tolist(),
             "impl": str(jax.random.key_impl(state.rng_key)),
         },
-        "loader_state": loader_state,
-        "process_loader_states": allgather_json(loader_state),
-        "callbacks": {c.state_key: c.state_dict() for c in callbacks if overrides_state(c)},
+        "loader_state": boundary.loader_state,
+        "process_loader_states": allgather_json(boundary.loader_state),
+        "callbacks": boundary.callback_states,
         "params_tree": array_tree(state.params),
         "svi_state_tree": tree_signature(state.svi_state),
         "fit": dict(shape),
@@ -232,7 +279,8 @@ def snapshot(
         "mesh_shape": dict(fit.mesh.shape),
         "versions": {"aimz_trainer": library_version(), "jax": jax.__version__, "numpyro": numpyro.__version__},
     }
-    all_losses = np.concatenate(losses) if losses else np.zeros(0, np.float32)
+    done = losses[: boundary.num_loss_chunks]
+    all_losses = np.concatenate(done) if done else np.zeros(0, np.float32)
     arrays = named_arrays({"svi_state": state.svi_state, "params": state.params, "losses": all_losses})
     return {"state": arrays, "meta": meta}
 

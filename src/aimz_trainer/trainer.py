@@ -43,7 +43,9 @@ from aimz_trainer.evaluation import EvaluationSource, evaluate
 from aimz_trainer.fit_inputs import FitInputs, check_fit_inputs
 from aimz_trainer.loop import ChunkLoop, Records
 from aimz_trainer.plan import BatchLimit, Every, FitPlan, epoch_length, limited
+from aimz_trainer.preemption import catch_preemption, save_on_preemption
 from aimz_trainer.resume import (
+    Boundary,
     ResumePoint,
     fit_fingerprint,
     fit_shape,
@@ -541,6 +543,11 @@ class Trainer:
                 carry on, while steps, epochs and losses count from this fit's start. A state
                 of another structure is a :class:`~aimz_trainer.errors.ConfigurationError`.
                 Not with ``ckpt_path`` (a checkpoint holds its own state).
+
+        Raises:
+            FitPreempted: SIGTERM or SIGUSR1 stopped the fit at a chunk boundary, after its
+                ``ModelCheckpoint`` saved it there (:mod:`aimz_trainer.preemption`); a
+                ``SystemExit`` with status 128 + the signal.
         """
         if init_state is not None and ckpt_path is not None:
             raise ConfigurationError("pass init_state or ckpt_path, not both: a checkpoint holds its own SVI state.")
@@ -616,10 +623,11 @@ class Trainer:
         )
         fit._sample = programs.sample
         try:
-            return self._run(
-                fit, metric_log, inputs, programs, records, callbacks, keys, resume, shape, started, start_index,
-                init_state,
-            )  # fmt: skip
+            with catch_preemption(fit):  # SIGTERM, SIGUSR1: stop at a chunk boundary, save, exit (preemption.py)
+                return self._run(
+                    fit, metric_log, inputs, programs, records, callbacks, keys, resume, shape, started, start_index,
+                    init_state,
+                )  # fmt: skip
         finally:
             programs.close()
 
@@ -701,9 +709,14 @@ class Trainer:
             start_index,
         )
 
-        def take_snapshot() -> dict[str, Any]:
+        def take_snapshot(boundary: Boundary | None = None) -> dict[str, Any]:
             checkpoint = snapshot(
-                fit, loader_state=loop.loader_state, losses=losses, callbacks=hooks.callbacks, shape=shape
+                fit,
+                loader_state=loop.loader_state,
+                losses=losses,
+                callbacks=hooks.callbacks,
+                shape=shape,
+                boundary=boundary,
             )
             hooks.on_save_checkpoint(checkpoint)
             return checkpoint
@@ -715,7 +728,10 @@ class Trainer:
             if resume is not None:
                 hooks.on_load_checkpoint(resume.meta)
             train_state = loop.run(train_state)
+            preempted = save_on_preemption(fit, hooks.callbacks)  # None unless it stopped on a signal
             hooks.on_fit_end()
+            if preempted is not None:  # after on_fit_end, which waits for the checkpoint
+                raise preempted
             posterior = fit.sample_posterior(inputs.num_samples) if inputs.num_samples else fit.final_draws()
             self.timings["fit_s"] = time.perf_counter() - started
         except BaseException as exception:

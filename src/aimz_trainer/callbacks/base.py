@@ -21,7 +21,9 @@ hook                       when
 ``on_save_checkpoint``     when a checkpoint is written, with the dict being saved
 ``on_load_checkpoint``     when a fit resumes, with the dict that was loaded
 ``on_fit_end``             after the last step (also after a stop request)
-``on_exception``           when fit raises (KeyboardInterrupt included), before re-raising
+``on_exception``           when fit raises (KeyboardInterrupt included, and FitPreempted
+                           after ``on_fit_end`` when a signal stopped the fit), before
+                           re-raising
 ``teardown``               always, last: close files here
 =========================  ==========================================================
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import numpy as np
@@ -22,6 +22,9 @@ from numpyro.infer.svi import SVIState
 from aimz_trainer._checks import as_key, is_int_at_least
 from aimz_trainer.errors import ConfigurationError
 from aimz_trainer.plan import FitPlan
+
+if TYPE_CHECKING:
+    from aimz_trainer.resume import Boundary
 
 __all__ = ["FitContext", "FitProgress", "FitTiming", "TrainerSettings", "TrainerState"]
 
@@ -125,6 +128,12 @@ class FitContext:
     :meth:`log_dict` (a time series in every logger), :meth:`request_stop`, and, for
     checkpointing callbacks, :meth:`snapshot`.
 
+    :attr:`stop_signal` is the signal a fit stopped on (:mod:`aimz_trainer.preemption`), set at
+    the chunk boundary where it stops. A callback that must be able to save the fit's last
+    consistent state after an exception sets :attr:`record_boundaries` (in ``on_fit_start``);
+    the fit then keeps :attr:`last_boundary` at every chunk boundary, and
+    ``snapshot(last_boundary)`` makes a checkpoint of it.
+
     Example:
         >>> from aimz_trainer import Callback
         >>> class GapToBest(Callback):
@@ -141,7 +150,7 @@ class FitContext:
     _log: Callable[[str, Any], None]
     plan: FitPlan = None  # type: ignore[assignment]  # set once planned, before any hook
     _sample: Callable[[SVIState, jax.Array, int], dict[str, jax.Array]] | None = None
-    _snapshot: Callable[[], dict[str, Any]] | None = None
+    _snapshot: Callable[[Boundary | None], dict[str, Any]] | None = None
     step_metrics: Mapping[str, np.ndarray] = field(default_factory=dict)
     should_stop: bool = False
     stop_reason: str | None = None
@@ -152,6 +161,13 @@ class FitContext:
     checkpoint_directories: tuple[Path, ...] = ()
     # Written by the chunk loop only; callbacks read it through ``timing``.
     _timing: FitTiming = field(default_factory=FitTiming)
+    # The signal the fit stopped on at a chunk boundary (every process agrees on it); None when
+    # it did not stop on one (aimz_trainer.preemption).
+    stop_signal: int | None = None
+    _received_signal: int | None = None  # set by the signal handler: received, maybe not acted on
+    # A callback that may have to save the last consistent state after an exception sets it.
+    record_boundaries: bool = False
+    last_boundary: Boundary | None = None
 
     @property
     def step(self) -> int:
@@ -280,10 +296,15 @@ class FitContext:
         taken = [draws for step, draws in self._draws.values() if step == self.state.step]
         return taken[-1] if taken else None
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, boundary: Boundary | None = None) -> dict[str, Any]:
         """The fit as it stands, as a checkpoint: ``{"state": named arrays, "meta": JSON}``,
         after every callback's ``on_save_checkpoint`` (checkpointing callbacks hand it to
-        :func:`aimz_trainer.checkpoint.save_args`). Only while the fit runs its chunks."""
+        :func:`aimz_trainer.checkpoint.save_args`). Only while the fit runs its chunks.
+
+        Args:
+            boundary: a checkpoint of the fit as it stood at this earlier chunk boundary instead
+                (:attr:`last_boundary`).
+        """
         if self._snapshot is None:
             raise ConfigurationError("snapshot() is for hooks of a running fit (from on_fit_start on).")
-        return self._snapshot()
+        return self._snapshot(boundary)

@@ -160,7 +160,8 @@ class MLFlowLogger(MetricLogger):
         self._flush()
 
     def on_exception(self, fit: FitContext, progress: FitProgress, exception: BaseException) -> None:
-        self._status = "KILLED" if isinstance(exception, KeyboardInterrupt) else "FAILED"
+        # Interrupted or preempted (FitPreempted is a SystemExit), not failed.
+        self._status = "KILLED" if isinstance(exception, KeyboardInterrupt | SystemExit) else "FAILED"
 
     # -- helpers -------------------------------------------------------------------------------
 

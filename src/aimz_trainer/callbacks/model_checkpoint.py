@@ -8,7 +8,7 @@ import math
 import os
 import shutil
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +21,14 @@ from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, L
 from aimz_trainer._checks import is_int_at_least, require_bool, require_choice
 from aimz_trainer.callbacks.base import Callback, state_key_of
 from aimz_trainer.callbacks.logger import writable_directory
-from aimz_trainer.checkpoint import checkpoint_steps, newest_checkpoint, read_meta, save_args
-from aimz_trainer.errors import CheckpointError, ConfigurationError, MetricNotFoundError
+from aimz_trainer.checkpoint import checkpoint_steps, newest_checkpoint, read_meta, save_args, warn_checkpoint
+from aimz_trainer.errors import (
+    CheckpointError,
+    ConfigurationError,
+    FitPreempted,
+    MetricNotFoundError,
+    NonFiniteLossError,
+)
 from aimz_trainer.plan import Every
 
 if TYPE_CHECKING:
@@ -43,6 +49,11 @@ class ModelCheckpoint(Callback):
     then also ranks the checkpoints already in ``dirpath`` (by the score each one recorded), so
     a resumed fit leaves the same checkpoints as an uninterrupted one.
 
+    Outside its schedule it saves when the fit stops on a preemption signal (SIGTERM, SIGUSR1:
+    :mod:`aimz_trainer.preemption`), the state the fit stopped at; with ``save_on_exception``,
+    also when ``fit`` raises. Such a save before ``monitor`` is first logged is kept unranked
+    (``last_model_score`` is ``None``); keep ``save_last`` on so that ``save_top_k`` keeps it.
+
     Args:
         dirpath: the directory of the checkpoints (``<dirpath>/<step>``), created if needed.
         every_n_epochs: save after every N-th epoch (``None`` or 0: not at epoch ends).
@@ -54,6 +65,18 @@ class ModelCheckpoint(Callback):
             newest); ``-1`` keeps all.
         save_last: also keep the newest checkpoint, whatever its rank.
         async_save: write in the background (``False``: the loop waits for every save).
+        save_on_exception: when ``fit`` raises (``KeyboardInterrupt``, a
+            :class:`~aimz_trainer.errors.NonFiniteLossError`, a callback's error), save the fit as
+            it stood at its last chunk boundary, before the exception propagates. Not the state
+            at the moment of the exception: it may have come in the middle of a chunk's results
+            or of a hook, and that state is not one a fit can continue from; at the boundary,
+            parameters, optimizer, loader, losses and every callback's state belong together, so
+            ``ckpt_path="last"`` continues from it bit for bit. Nothing is written when that
+            boundary is saved already, or when the fit raised before finishing a chunk. In a
+            multi-process fit only an exception that every process raises at the same point is
+            saved (a ``NonFiniteLossError``): another one may have come in one process alone,
+            which cannot write a checkpoint without the others (a warning says so). Costs a copy
+            of the callbacks' states at every chunk boundary.
 
     Attributes:
         best_model_path: the step directory of the best checkpoint so far (of the newest one
@@ -83,6 +106,7 @@ class ModelCheckpoint(Callback):
         save_last: bool = True,
         *,
         async_save: bool = True,
+        save_on_exception: bool = False,
     ) -> None:
         for name, value in [("every_n_epochs", every_n_epochs), ("every_n_train_steps", every_n_train_steps)]:
             if value is not None and not is_int_at_least(value, 0):
@@ -90,6 +114,7 @@ class ModelCheckpoint(Callback):
         require_choice("ModelCheckpoint mode", mode, ("min", "max"))
         require_bool("ModelCheckpoint save_last", save_last)
         require_bool("ModelCheckpoint async_save", async_save)
+        require_bool("ModelCheckpoint save_on_exception", save_on_exception)
         if isinstance(save_top_k, bool) or not isinstance(save_top_k, int) or save_top_k < -1 or save_top_k == 0:
             raise ConfigurationError(
                 f"ModelCheckpoint save_top_k must be a positive int or -1 (all); got {save_top_k!r}."
@@ -105,6 +130,7 @@ class ModelCheckpoint(Callback):
         self.save_top_k = save_top_k
         self.save_last = save_last
         self.async_save = async_save
+        self.save_on_exception = save_on_exception
         self.best_model_path: str | None = None
         self.best_model_score: float | None = None
         self.last_model_path: str | None = None
@@ -147,6 +173,8 @@ class ModelCheckpoint(Callback):
 
     def on_fit_start(self, fit: FitContext, progress: FitProgress) -> None:
         self._last_saved_step = progress.step if progress.step else None  # a resume: that one exists
+        if self.save_on_exception:
+            fit.record_boundaries = True  # the fit keeps its last consistent state: what on_exception saves
         # A resume ranks the checkpoints its run wrote before; a fresh fit leaves others' alone.
         ranks_saved = progress.step > 0 and self.monitor is not None and self.save_top_k != -1
         self._scores = self._saved_scores() if ranks_saved else {}
@@ -206,30 +234,91 @@ class ModelCheckpoint(Callback):
     def save(self, fit: FitContext, progress: FitProgress) -> None:
         """Write a checkpoint of the fit as it is now (in the background unless ``async_save``
         is off); raises the error of a previous save that failed."""
-        if self._manager is None or progress.step == self._last_saved_step:
+        self._save(progress.step, progress.metrics, fit.snapshot)
+
+    def save_now(self, fit: FitContext) -> Path | None:
+        """Write a checkpoint of the fit as it is now, outside the schedule: what a fit stopped by
+        a preemption signal does (:mod:`aimz_trainer.preemption`). A ``monitor`` not logged yet
+        leaves it unranked.
+
+        Returns:
+            The step directory of this callback's checkpoint of the fit's step, written now or
+            before (a resumed fit's own), or ``None`` when there is none: a fit that has not
+            finished a chunk yet has nothing to save.
+        """
+        if fit.step > 0:
+            self._save(fit.step, fit.metrics, fit.snapshot, unranked_without_monitor=True)
+        path = self.dirpath / str(fit.step)
+        return path if self.last_model_path == str(path) else None
+
+    def _save(
+        self,
+        step: int,
+        metrics: Mapping[str, float],
+        take_snapshot: Callable[[], dict[str, Any]],
+        *,
+        unranked_without_monitor: bool = False,
+        in_background: bool = True,
+    ) -> None:
+        """Write the checkpoint ``take_snapshot`` makes of ``step``, with the ``metrics`` of that
+        step; raises the error of a previous save that failed."""
+        if self._manager is None or step == self._last_saved_step:
             return
         self._wait_for_pending()
-        metrics = None
+        scores = None
         if self.monitor is not None:
-            if self.monitor not in progress.metrics:
-                raise MetricNotFoundError(self.monitor, sorted(progress.metrics), "ModelCheckpoint")
-            metrics = {self.monitor: float(progress.metrics[self.monitor])}
-        path = str(self.dirpath / str(progress.step))
+            if self.monitor in metrics:
+                scores = {self.monitor: float(metrics[self.monitor])}
+            elif not unranked_without_monitor:
+                raise MetricNotFoundError(self.monitor, sorted(metrics), "ModelCheckpoint")
+        path = str(self.dirpath / str(step))
         # The attributes first: they are part of this callback's state in the checkpoint.
         self.last_model_path = path
-        if metrics is None:
+        if self.monitor is None:
             self.best_model_path = path
+        elif scores is None:  # unranked: kept until it is superseded
+            self.last_model_score = None
+            self._scores.pop(step, None)
         else:
-            self.last_model_score = self._scores[progress.step] = metrics[self.monitor]
+            self.last_model_score = self._scores[step] = scores[self.monitor]
             if self._improves(self.last_model_score):
                 self.best_model_path, self.best_model_score = path, self.last_model_score
-        checkpoint = fit.snapshot()
+        checkpoint = take_snapshot()
+        # Its own state as this save left it (a snapshot of an earlier boundary holds the one before).
+        checkpoint["meta"]["callbacks"][self.state_key] = self.state_dict()
         args = save_args(checkpoint["state"], checkpoint["meta"])
-        if self._writer is None:
-            self._write(self._manager, progress.step, args, metrics)
+        if self._writer is None or not in_background:
+            self._write(self._manager, step, args, scores)
         else:
-            self._pending = self._writer.submit(self._write, self._manager, progress.step, args, metrics)
-        self._last_saved_step = progress.step
+            self._pending = self._writer.submit(self._write, self._manager, step, args, scores)
+        self._last_saved_step = step
+
+    def on_exception(self, fit: FitContext, progress: FitProgress, exception: BaseException) -> None:
+        boundary = fit.last_boundary
+        if not self.save_on_exception or self._manager is None or boundary is None:
+            return
+        if boundary.state.step == self._last_saved_step:
+            return
+        if jax.process_count() > 1 and not isinstance(exception, NonFiniteLossError | FitPreempted):
+            warn_checkpoint(
+                f"ModelCheckpoint(save_on_exception=True) did not save step {boundary.state.step}: the "
+                f"{type(exception).__name__} may have been raised in this process alone, and one process cannot "
+                "write a checkpoint of a multi-process fit without the others."
+            )
+            return
+        # This callback's state as it was at the boundary (a save cut short since may have changed
+        # it); the save below then updates it as any save does.
+        if self.state_key in boundary.callback_states:
+            self.load_state_dict(boundary.callback_states[self.state_key])
+        # Written here, not in the background: a failed save is reported (as a warning) before
+        # the exception propagates.
+        self._save(
+            boundary.state.step,
+            boundary.metrics,
+            lambda: fit.snapshot(boundary),
+            unranked_without_monitor=True,
+            in_background=False,
+        )
 
     def _write(self, manager: ocp.CheckpointManager, step: int, args: Any, metrics: dict[str, float] | None) -> None:
         try:
