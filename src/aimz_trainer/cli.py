@@ -410,21 +410,23 @@ def explain(parser: ArgumentParser, message: str) -> str:
     keys = sorted(
         action.dest
         for action in parser._actions
-        if action.dest not in ("help", "config", "print_config") and not action.dest.endswith(".help")
+        if action.dest not in ("help", "config", "print_config", "print_shtab") and not action.dest.endswith(".help")
         and action.option_strings
     )  # fmt: skip
     unknown = re.search(r"unrecognized arguments: --?([\w.\-]+)", message)
     group = re.search(r"Group '([\w.]+)' does not accept (?:option|nested key) '([\w.]+)'", message)
-    key_not_expected = re.search(r"Key '([\w.]+)' is not expected", message)
+    not_accepted = re.search(r"(?:Key|Option) '([\w.]+)' is not (?:expected|accepted)", message)
     bad = unknown.group(1) if unknown else None
     if group:
         bad = f"{group.group(1)}.{group.group(2)}"
-    elif key_not_expected:
-        bad = key_not_expected.group(1)
+    elif not_accepted:
+        bad = not_accepted.group(1)
     if bad is not None:
-        section = bad.rsplit(".", 1)[0] if "." in bad else ""
-        siblings = [key for key in keys if key.rsplit(".", 1)[0] == section] if section else []
         groups = sorted({key.split(".", 1)[0] for key in keys})
+        section = bad.rsplit(".", 1)[0] if "." in bad else ""
+        if section and section.split(".")[0] not in groups:
+            bad, section = section.split(".")[0], ""  # the section itself is unknown
+        siblings = [key for key in keys if "." in key and key.rsplit(".", 1)[0] == section] if section else []
         close = difflib.get_close_matches(bad, keys, n=1, cutoff=0.75)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         accepted = (
@@ -485,7 +487,7 @@ def execute(name: str, declaration: Recipe, parser: ArgumentParser, config: Name
     setup_key, fit_key, predict_key = jax.random.split(seed_key, 3)
     recorded = config.clone()
     recorded.ckpt_path = None  # the record describes the run; how it was (re)started is in run.json
-    config_yaml = parser.dump(recorded)
+    config_yaml = parser.dump(recorded, skip_unset=False)
 
     with _as_usage_error():
         instantiated = parser.instantiate(config)
@@ -690,9 +692,12 @@ def _predict(
     svi = experiment.svi
     data = dict(experiment.predict_data if experiment.predict_data is not None else experiment.train_data)
     static = dict(getattr(svi, "static_kwargs", {}) or {})
-    rows = min(len(np.asarray(next(iter(data.values())))), predict.batch_size)
-    first = {key: np.asarray(value)[:rows] for key, value in data.items()}
-    layout = model_layout(svi.model, data, batch_rows=rows, static_kwargs=static)
+    # The guide is set up, and its global sites found, on training rows: with their observed
+    # values, which prediction rows may lack.
+    train = experiment.train_data
+    rows = min(len(np.asarray(next(iter(train.values())))), predict.batch_size)
+    first = {key: np.asarray(value)[:rows] for key, value in train.items()}
+    layout = model_layout(svi.model, train, batch_rows=rows, static_kwargs=static)
     draw_key, predict_key = jax.random.split(predict_key)
     draws = checkpoint.sample_posterior(svi.guide, predict.num_samples, draw_key, **first, **static)
     posterior = {site: value for site, value in draws.items() if site in layout.global_sites}
