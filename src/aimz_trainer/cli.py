@@ -39,6 +39,7 @@ import difflib
 import os
 import re
 import sys
+import textwrap
 import time
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
@@ -336,14 +337,22 @@ def find_recipe_reference(argv: Sequence[str]) -> str | None:
 
 def build_parser(name: str, declaration: Recipe | None, description: str | None) -> ArgumentParser:
     """The parser of ``aimz-trainer NAME`` for a recipe: its sections and their defaults."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    from argparse import RawDescriptionHelpFormatter
+
+    from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
 
     from aimz_trainer import ModelCheckpoint, Trainer
 
+    class HelpFormatter(DefaultHelpFormatter, RawDescriptionHelpFormatter):
+        """jsonargparse's help, with the epilog's lines kept as written."""
+
     purpose = COMMANDS[name]
+    about = f"{purpose[0].upper()}{purpose[1:]}." + (f"\n\nRecipe: {description}" if description else "")
     parser = ArgumentParser(
+        formatter_class=HelpFormatter,
         prog=f"aimz-trainer {name}",
-        description=f"{purpose[0].upper()}{purpose[1:]}." + (f" Recipe: {description}" if description else ""),
+        usage=f"aimz-trainer {name} [--recipe NAME | --config FILE] [--print_config] [--SECTION.KEY VALUE ...]",
+        description="\n".join(textwrap.fill(paragraph, 100) for paragraph in about.split("\n")),
         epilog=LAUNCH_HELP,
         exit_on_error=False,
         allow_abbrev=False,
@@ -369,7 +378,7 @@ def build_parser(name: str, declaration: Recipe | None, description: str | None)
         "to use (default 'last')",
     )
     if declaration is not None:
-        parser.add_class_arguments(declaration.settings, "model", help=f"The recipe's settings: {description}")
+        parser.add_class_arguments(declaration.settings, "model", help="The recipe's settings: its model and data")
     parser.add_class_arguments(Trainer, "trainer", skip=set(TRAINER_SKIP), instantiate=False)
     parser.add_method_arguments(Trainer, "fit", "fit", skip=set(FIT_SKIP))
     parser.add_class_arguments(
@@ -539,8 +548,6 @@ def fit_directory(requested: str | None, reference: str, resuming: bool) -> Path
     """The run directory of a fit: ``requested``; else the newest ``runs/NAME/run-*`` when
     resuming, a new ``runs/NAME/run-TIME`` otherwise. A directory that holds checkpoints is
     only reused to continue it (``--ckpt_path``)."""
-    from aimz_trainer.checkpoint import checkpoint_steps
-
     runs = Path("runs") / Path(reference).stem
     if requested is None and resuming:
         earlier = sorted(runs.glob("run-*"))
@@ -555,7 +562,7 @@ def fit_directory(requested: str | None, reference: str, resuming: bool) -> Path
             directory = runs / f"run-{stamp}-{count}"
         return directory
     directory = Path(requested)
-    if not resuming and (directory / CHECKPOINTS).is_dir() and checkpoint_steps(directory / CHECKPOINTS):
+    if not resuming and any(step.name.isdigit() for step in (directory / CHECKPOINTS).glob("*")):
         raise CommandLineError(
             f"{directory} holds checkpoints of an earlier run: continue it with --ckpt_path last, or pass another "
             "--output_dir."

@@ -184,7 +184,7 @@ class Recipe:
             (predictions, an evaluation), printing what it finds; the summary is returned by
             :meth:`main`.
         description: one line for ``aimz-trainer list`` and ``--help`` (default: the first
-            line of the recipe file's docstring).
+            paragraph of the recipe file's docstring).
 
     Example:
         >>> from dataclasses import dataclass
@@ -283,7 +283,7 @@ class RecipeInfo(NamedTuple):
         name: its name (the file's stem).
         path: the file.
         declared: it declares a ``RECIPE`` (run with ``fit``); else it is a script (``run``).
-        description: the first line of its docstring.
+        description: the first paragraph of its docstring.
     """
 
     name: str
@@ -324,8 +324,7 @@ def installed_recipes() -> list[RecipeInfo]:
             and any(isinstance(t, ast.Name) and t.id == "RECIPE" for t in _targets(node))
             for node in tree.body
         )
-        description = (ast.get_docstring(tree) or "").strip().splitlines()
-        found.append(RecipeInfo(path.stem, path, declared, description[0] if description else ""))
+        found.append(RecipeInfo(path.stem, path, declared, first_paragraph(ast.get_docstring(tree))))
     return found
 
 
@@ -391,5 +390,9 @@ def description_of(module: ModuleType) -> str:
     declaration = getattr(module, "RECIPE", None)
     if declaration is not None and declaration.description:
         return str(declaration.description)
-    lines = (module.__doc__ or "").strip().splitlines()
-    return lines[0] if lines else ""
+    return first_paragraph(module.__doc__)
+
+
+def first_paragraph(docstring: str | None) -> str:
+    """A docstring's first paragraph, on one line."""
+    return " ".join((docstring or "").strip().split("\n\n")[0].split())
