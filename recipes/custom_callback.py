@@ -109,7 +109,8 @@ def report(settings: Settings, outcome: FitOutcome) -> dict[str, Any]:
     result, log_dir = outcome.result, outcome.context.output_dir / "logs"
     fitted = np.asarray(result.params["beta_auto_loc"])
     true_beta = outcome.experiment.extras["true_beta"]
-    print(f"custom_callback: {outcome.trainer.state.epoch} epochs, final loss {result.losses[-1]:,.1f}")
+    epochs = -(-result.losses.size // outcome.trainer.steps_per_epoch)
+    print(f"custom_callback: {epochs} epochs, final loss {result.losses[-1]:,.1f}")
     print("beta posterior mean: " + ", ".join(f"{b:.3f}" for b in fitted))
     print("beta true:           " + ", ".join(f"{b:.3f}" for b in true_beta))
     print(f"TensorBoard logs in {log_dir}: tensorboard --logdir {log_dir} (the same curves in metrics.csv there)")
