@@ -23,10 +23,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
@@ -111,7 +109,6 @@ def calibration_error(predicted: np.ndarray, labels: np.ndarray, bins: int = 10)
         if np.any(which == b)
     ]
     return float(np.sum(gaps))
-
 
 
 @dataclass
@@ -203,7 +200,9 @@ def report(settings: Settings, outcome: FitOutcome) -> dict[str, Any]:
         "store": store.attrs["store_path"],
         "store_shapes": {name: tuple(store["posterior_predictive"][name].shape) for name in ("y", "p")},
     }
-    print(f"bnn_binary: {n:,} rows x {settings.num_features}, {summary['devices']} device(s), data on {trainer.placement}")
+    print(
+        f"bnn_binary: {n:,} rows x {settings.num_features}, {summary['devices']} device(s), data on {trainer.placement}"
+    )
     print("loss per epoch (mean ELBO): " + ", ".join(f"{loss:,.0f}" for loss in per_epoch))
     stopped = f", stopped early: {trainer.stop_reason}" if trainer.stop_reason else ""
     print(f"final ELBO loss {summary['final_loss']:,.1f} after {summary['steps']} steps{stopped}")

@@ -65,7 +65,9 @@ def test_a_run_then_a_resumed_run(recipe, tmp_path, capsys):
 
 def test_a_directory_with_checkpoints_is_only_reused_to_continue_it(tmp_path):
     (tmp_path / "checkpoints" / "16").mkdir(parents=True)
-    with pytest.raises(CommandLineError, match="holds checkpoints of an earlier run: continue it with --ckpt_path last"):
+    with pytest.raises(
+        CommandLineError, match="holds checkpoints of an earlier run: continue it with --ckpt_path last"
+    ):
         fit_directory(str(tmp_path), "bnn_binary", resuming=False)
     assert fit_directory(str(tmp_path), "bnn_binary", resuming=True) == tmp_path
     assert (tmp_path / "checkpoints" / "16").is_dir()

@@ -43,7 +43,7 @@ def hparams(log_dir: Path) -> dict[str, object]:
     events.Reload()
     content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
     info = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
-    return {name: value.WhichOneof("kind") and getattr(value, value.WhichOneof("kind")) for name, value in info.hparams.items()}
+    return {name: getattr(value, value.WhichOneof("kind")) for name, value in info.hparams.items()}
 
 
 @pytest.mark.slow
@@ -196,28 +196,27 @@ def test_the_installed_wheel_lists_and_fits_its_recipes_from_any_directory(tmp_p
     assert [line.split()[0] for line in listed.splitlines()[:4]] == [
         "bnn_binary", "causal_effect", "custom_callback", "hierarchical"
     ]  # fmt: skip
-    out = succeeded(
-        aimz_trainer(
-            "fit", "--recipe", "custom_callback", "--model.num_rows", "400", "--fit.batch_size", "100",
-            "--trainer.max_epochs", "2", "--output_dir", "run", cwd=elsewhere, script=script,
-        )  # fmt: skip
-    )
+    fit = [
+        "fit", "--recipe", "custom_callback", "--model.num_rows", "400", "--fit.batch_size", "100",
+        "--trainer.max_epochs", "2", "--output_dir", "run",
+    ]  # fmt: skip
+    out = succeeded(aimz_trainer(*fit, cwd=elsewhere, script=script))
     assert "custom_callback: 2 epochs, final loss" in out
     recorded = yaml.safe_load((elsewhere / "run" / "config.yaml").read_text())
     assert recorded["recipe"] == "custom_callback"
-    assert recorded["trainer"]["callbacks"][0]["class_path"] == "aimz_trainer.recipes.custom_callback.PosteriorMeanLogger"
+    callback = recorded["trainer"]["callbacks"][0]["class_path"]
+    assert callback == "aimz_trainer.recipes.custom_callback.PosteriorMeanLogger"
     assert (elsewhere / "run" / "logs" / "metrics.csv").is_file()
 
 
 @pytest.mark.slow
 @pytest.mark.multidevice
 def test_num_processes_runs_one_run_of_two_processes(tmp_path):
-    out = succeeded(
-        aimz_trainer(
-            "fit", "--recipe", "custom_callback", "--num_processes", "2", "--local_devices", "2",
-            "--trainer.max_epochs", "2", "--model.num_rows", "2000", "--output_dir", str(tmp_path),
-        )  # fmt: skip
-    )
+    fit = [
+        "fit", "--recipe", "custom_callback", "--num_processes", "2", "--local_devices", "2",
+        "--trainer.max_epochs", "2", "--model.num_rows", "2000", "--output_dir", str(tmp_path),
+    ]  # fmt: skip
+    out = succeeded(aimz_trainer(*fit))
     # One summary (process 0's), one set of event files, one record of a 2-process run.
     assert out.count("custom_callback: 2 epochs, final loss") == 1
     assert "[process 1] custom_callback" not in out

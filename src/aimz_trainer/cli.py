@@ -461,8 +461,10 @@ def _type_of(parser: ArgumentParser, key: str) -> str:
         if action.dest == key:
             hint = getattr(action, "_typehint", None)
             if hint is not None:
-                return re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", str(hint)).replace("typing.", "").replace(
-                    "NoneType", "None"
+                return (
+                    re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", str(hint))
+                    .replace("typing.", "")
+                    .replace("NoneType", "None")
                 )
     return "of the expected type"
 
@@ -479,7 +481,9 @@ def _first_reason(message: str) -> str:
 # -- running a configured command --------------------------------------------------------------
 
 
-def execute(name: str, declaration: Recipe, parser: ArgumentParser, config: Namespace, argv: list[str]) -> dict[str, Any]:
+def execute(
+    name: str, declaration: Recipe, parser: ArgumentParser, config: Namespace, argv: list[str]
+) -> dict[str, Any]:
     """Run the command ``name`` on the parsed ``config``; returns what it printed as a dict."""
     import jax
 
@@ -716,7 +720,8 @@ def _predict(
     path = store.attrs["store_path"]
     group = "posterior_predictive" if predict.in_sample else "predictions"
     shapes = {site: tuple(store[group][site].shape) for site in store[group].data_vars}
-    print(f"{Path(reference).stem}: {predict.num_samples} draws from checkpoint {checkpoint.path} (step {checkpoint.step})")
+    name = Path(reference).stem
+    print(f"{name}: {predict.num_samples} draws from checkpoint {checkpoint.path} (step {checkpoint.step})")
     print(f"predictions: {path} ({', '.join(f'{site} {shape}' for site, shape in shapes.items())})")
     return {"store": path, "checkpoint": str(checkpoint.path), "shapes": shapes}
 

@@ -198,7 +198,7 @@ class Recipe:
         >>> Recipe(Settings, setup, trainer={"max_epoch": 5})
         Traceback (most recent call last):
         ...
-        aimz_trainer.errors.ConfigurationError: Recipe trainer={'max_epoch': ...}: Trainer has no argument 'max_epoch'; ...
+        aimz_trainer.errors.ConfigurationError: Recipe trainer=...: Trainer has no argument 'max_epoch'; ...
     """
 
     settings: type
@@ -224,9 +224,13 @@ class Recipe:
                 f"Recipe settings: every field needs a default (the config's starting point); {missing} have none."
             )
         if not callable(self.setup):
-            raise ConfigurationError(f"Recipe setup must be a function (settings, context) -> Experiment; got {self.setup!r}.")
+            raise ConfigurationError(
+                f"Recipe setup must be a function (settings, context) -> Experiment; got {self.setup!r}."
+            )
         if self.report is not None and not callable(self.report):
-            raise ConfigurationError(f"Recipe report must be a function (settings, outcome) or None; got {self.report!r}.")
+            raise ConfigurationError(
+                f"Recipe report must be a function (settings, outcome) or None; got {self.report!r}."
+            )
         for section, target, skipped in [
             ("trainer", Trainer, TRAINER_SKIP),
             ("fit", Trainer.fit, FIT_SKIP),
@@ -351,8 +355,10 @@ def load_recipe(recipe: str | Path, recipes_dir: Path | None = None) -> ModuleTy
     if by_name:
         path = (folder / f"{recipe}.py") if folder is not None else path
     if not path.is_file():
-        available = [info.name for info in installed_recipes()] if recipes_dir is None else sorted(
-            p.stem for p in (folder.glob("*.py") if folder else []) if not p.name.startswith("_")
+        available = (
+            [info.name for info in installed_recipes()]
+            if recipes_dir is None
+            else sorted(p.stem for p in (folder.glob("*.py") if folder else []) if not p.name.startswith("_"))
         )
         raise CommandLineError(
             f"no recipe {str(recipe)!r}: give an installed recipe's name ({', '.join(available) or 'none installed'}; "

@@ -144,4 +144,3 @@ def flat_hparams(config: Mapping[str, Any], prefix: str = "") -> dict[str, bool 
         else:
             flat[name] = str(value)
     return flat
-
