@@ -308,7 +308,8 @@ def recipe_reference(declaration: Recipe) -> str:
 
 def find_recipe_reference(argv: Sequence[str]) -> str | None:
     """The recipe the arguments name, as the parser will see it: the last ``--recipe`` or
-    ``recipe:`` key of a ``--config``, in order (the parser needs the recipe's schema first)."""
+    ``recipe:`` key of a ``--config``, in order, else ``AIMZ_RECIPE`` when options are read from
+    the environment (the parser needs the recipe's schema first)."""
     import yaml
 
     found = None
@@ -332,6 +333,8 @@ def find_recipe_reference(argv: Sequence[str]) -> str | None:
             raise CommandLineError(f"--config {value}: no such file.")
         if isinstance(content, dict) and content.get("recipe"):
             found = str(content["recipe"])
+    if found is None and os.environ.get("JSONARGPARSE_DEFAULT_ENV", "").lower() in ("true", "1", "yes"):
+        found = os.environ.get("AIMZ_RECIPE") or None  # options from the environment: see build_parser
     return found
 
 
@@ -356,6 +359,8 @@ def build_parser(name: str, declaration: Recipe | None, description: str | None)
         epilog=LAUNCH_HELP,
         exit_on_error=False,
         allow_abbrev=False,
+        # Off unless JSONARGPARSE_DEFAULT_ENV=true: then AIMZ_TRAINER__MAX_EPOCHS=3 is an option.
+        env_prefix="AIMZ",
     )
     parser.add_argument(
         "--config", action=ActionConfigFile, help="a config file (YAML, as --print_config writes it); later options win"
