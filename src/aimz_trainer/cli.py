@@ -150,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The command with ``argv`` (default: ``sys.argv[1:]``); returns its exit status."""
     arguments = list(sys.argv[1:] if argv is None else argv)
     name = arguments[0] if arguments else ""
+    debug = "--debug" in arguments
     try:
         launch, arguments = split_launch_options(arguments)
         if not arguments or arguments[0] in ("-h", "--help"):
@@ -185,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("aimz-trainer: interrupted", file=sys.stderr)
         return 130
     except Exception as error:  # a failed run: its message, the traceback only when asked for
-        if "--debug" in (argv if argv is not None else sys.argv):
+        if debug:
             traceback.print_exc()
         else:
             print(f"aimz-trainer: {type(error).__name__}: {error}", file=sys.stderr)
