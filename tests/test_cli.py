@@ -157,8 +157,10 @@ def test_launch_options_are_split_off_and_bad_commands_are_usage_errors(capsys):
 def test_list_names_the_installed_recipes(capsys):
     assert main(["list"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split()[:3] == ["bnn_binary", "fit", "--recipe"]
-    assert any(line.split()[:2] == ["causal_effect", "run"] for line in lines)
+    assert [line.split()[:3] for line in lines[:4]] == [
+        [name, "fit", "--recipe"] for name in ("bnn_binary", "causal_effect", "custom_callback", "hierarchical")
+    ]
+    assert lines[0].endswith("Bayesian neural network for a binary outcome: the reference tutorial as a monitored run.")
 
 
 def uv_binary() -> str | None:
