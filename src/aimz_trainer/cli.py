@@ -415,9 +415,18 @@ def parse(parser: ArgumentParser, argv: Sequence[str]) -> Namespace:
     from argparse import ArgumentError
 
     try:
-        return parser.parse_args(list(argv))
+        return parser.parse_args([_underscored(token) for token in argv])
     except ArgumentError as error:
         raise CommandLineError(explain(parser, str(error))) from None
+
+
+def _underscored(token: str) -> str:
+    """An option's name with dashes as underscores (``--output-dir`` is ``--output_dir``, as in
+    most commands); its value is kept as it is."""
+    if not token.startswith("--"):
+        return token
+    flag, equals, value = token.partition("=")
+    return "--" + flag[2:].replace("-", "_") + equals + value
 
 
 def explain(parser: ArgumentParser, message: str) -> str:
