@@ -249,6 +249,8 @@ def run_script(argv: Sequence[str]) -> int:
     recipe, options = argv[0], list(argv[1:])
     module = load_recipe(recipe)
     summary = module.main(options)
+    if isinstance(getattr(module, "RECIPE", None), Recipe):
+        return 0  # a declared recipe's main is fit's, which has said where everything went
     outputs = [("log_dir", LOGS), ("checkpoint_dir", CHECKPOINTS), ("store", PREDICTIONS)]
     written = [(label, summary[key]) for key, label in outputs if isinstance(summary, dict) and summary.get(key)]
     if written:
@@ -263,7 +265,7 @@ def run_script(argv: Sequence[str]) -> int:
 
 def _run_configured(name: str, argv: list[str]) -> dict[str, Any]:
     reference = find_recipe_reference(argv)
-    wants_help = any(token in ("-h", "--help") or token.startswith("--print_config") for token in argv)
+    wants_help = any(token in ("-h", "--help") for token in argv)  # the sections, without a recipe's
     declaration = None
     if reference is not None:
         module = load_recipe(reference)
@@ -273,7 +275,7 @@ def _run_configured(name: str, argv: list[str]) -> dict[str, Any]:
                 f"recipe {reference!r} is a plain script (it declares no RECIPE): run it with "
                 f"`aimz-trainer run {reference}`."
             )
-    elif not wants_help or any(token.startswith("--print_config") for token in argv):
+    elif not wants_help:
         names = ", ".join(info.name for info in installed_recipes() if info.declared)
         raise CommandLineError(
             f"{name} needs a recipe: --recipe NAME (installed: {names}) or --recipe PATH.py, or a --config file "
