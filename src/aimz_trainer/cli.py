@@ -352,6 +352,8 @@ def build_parser(name: str, declaration: Recipe | None, description: str | None)
     class HelpFormatter(DefaultHelpFormatter, RawDescriptionHelpFormatter):
         """jsonargparse's help, with the epilog's lines kept as written."""
 
+    _register_durations()
+
     purpose = COMMANDS[name]
     about = f"{purpose[0].upper()}{purpose[1:]}." + (f"\n\nRecipe: {description}" if description else "")
     parser = ArgumentParser(
@@ -409,6 +411,25 @@ def build_parser(name: str, declaration: Recipe | None, description: str | None)
             defaults |= {f"{section}.{key}": value for key, value in getattr(declaration, section).items()}
         parser.set_defaults(defaults)
     return parser
+
+
+def _register_durations() -> None:
+    """Read a ``timedelta`` (``trainer.max_time``, a ``Timer``'s ``duration``) as the library
+    does: jsonargparse's own reading takes the first ``H:M:S`` of ``"DD:HH:MM:SS"`` (one hour
+    would become one minute)."""
+    from datetime import timedelta
+
+    from jsonargparse.typing import register_type
+
+    from aimz_trainer.callbacks.timer import as_duration
+
+    def text(duration: timedelta) -> str:
+        minutes, seconds = divmod(duration.total_seconds(), 60)
+        hours, minutes = divmod(int(minutes), 60)
+        days, hours = divmod(hours, 24)
+        return f"{days:02d}:{hours:02d}:{minutes:02d}:{seconds:02g}"
+
+    register_type(timedelta, serializer=text, deserializer=lambda value: as_duration(value, "a duration"))
 
 
 def parse(parser: ArgumentParser, argv: Sequence[str]) -> Namespace:
