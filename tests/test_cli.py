@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+from datetime import timedelta
 from pathlib import Path
 
 import pandas as pd
@@ -19,7 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from aimz_trainer import open_store
-from aimz_trainer.cli import main, split_launch_options
+from aimz_trainer.cli import build_parser, load_recipe, main, parse, split_launch_options
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = str(Path(__file__).with_name("cli_recipe.py"))
@@ -144,6 +145,14 @@ def test_help_version_and_the_commands(capsys):
     for option in ("--model.num_rows", "--trainer.max_epochs", "--fit.batch_size", "--print_config", "--ckpt_path"):
         assert option in fit_help
     assert "training rows (as many again for validation and for test)" in fit_help  # the settings' docstring
+
+
+def test_durations_read_as_days_hours_minutes_seconds():
+    parser = build_parser("fit", load_recipe(RECIPE).RECIPE, None)
+    config = parse(parser, ["--trainer.max_time", "00:01:30:00", "--trainer.callbacks+=Timer"])
+    assert config.trainer.max_time == timedelta(hours=1, minutes=30)  # not jsonargparse's 1 min 30 s
+    assert "max_time: 00:01:30:00" in parser.dump(config)
+    assert parse(parser, ["--trainer.max_time", "90"]).trainer.max_time == 90
 
 
 def test_launch_options_are_split_off_and_bad_commands_are_usage_errors(capsys):
