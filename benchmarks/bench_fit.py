@@ -103,10 +103,11 @@ def load_recipe(*, with_trainer: bool) -> ModuleType:
     spec = importlib.util.spec_from_file_location("bnn_binary", RECIPE)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up while it is defined
     if with_trainer:
         spec.loader.exec_module(module)
         return module
-    placeholders = {name: _Placeholder(name) for name in ("aimz_trainer", "aimz_trainer.distributed")}
+    placeholders = {name: _Placeholder(name) for name in ("aimz_trainer", "aimz_trainer.recipe")}
     sys.modules.update(placeholders)
     try:
         spec.loader.exec_module(module)
@@ -117,12 +118,18 @@ def load_recipe(*, with_trainer: bool) -> ModuleType:
 
 
 class _Placeholder(ModuleType):
-    """A stand-in for an aimz_trainer module whose every public name is ``None``: the recipe's
-    imports succeed in a process that must not import the library (the hand-written loop)."""
+    """A stand-in for an aimz_trainer module whose every public name is a function that does
+    nothing: the recipe's imports and its declaration (``RECIPE = Recipe(...)``) succeed in a
+    process that must not import the library (the hand-written loop)."""
 
-    def __getattr__(self, name: str) -> None:
+    def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
             raise AttributeError(name)
+        return _nothing
+
+
+def _nothing(*args: Any, **kwargs: Any) -> None:
+    return None
 
 
 def chunk_clock() -> Any:

@@ -4,27 +4,27 @@ What it shows: the tutorial's workflow (synthetic data with a linear logit signa
 sigmoid and Bernoulli labels; a 3-layer flax nnx network whose weights get a Normal prior via
 ``random_nnx_module``; an AutoNormal guide, Adam, and ``plate(..., subsample_size=...)``
 minibatch scaling) on the Trainer with what a real run needs: validation on held-out rows every
-epoch, early stopping on the validation ELBO, TensorBoard logs, checkpoints (``--resume``
-continues an interrupted run), the posterior-predictive store of the training rows written to
+epoch, early stopping on the validation ELBO, TensorBoard logs, checkpoints (``--ckpt_path
+last`` continues an interrupted run), the posterior-predictive store of the training rows written to
 Zarr by the Predictor, and an evaluation of the held-out predictions against the labels and the
 true probabilities (accuracy, AUC, calibration).
 
-Run it with ``aimz-trainer run bnn_binary`` (100,000 rows, about a minute on 2 cores) or with
-``--full`` for the tutorial's size (1,000,000 x 100, 10 epochs, 500 draws, predictions in
-batches of 100,000). Everything goes under ``--output-dir`` (default: a new
-``runs/bnn_binary/run-<time>``): ``logs/`` (``tensorboard --logdir OUTPUT/logs``),
-``checkpoints/`` and ``predictions/``; ``--resume`` continues the newest run (or ``--output-dir``).
+Run it with ``aimz-trainer fit --recipe bnn_binary`` (100,000 rows, about a minute on 2 cores);
+the tutorial's size is ``--model.num_rows 1000000 --trainer.max_epochs 10 --fit.num_samples 500``.
+Everything goes under ``--output_dir`` (default: a new ``runs/bnn_binary/run-<time>``):
+``config.yaml`` and ``run.json`` (what the run is), ``logs/`` (``tensorboard --logdir
+RUN_DIR/logs``), ``checkpoints/`` and ``predictions/``; ``--ckpt_path last`` continues the
+newest run (or ``--output_dir``'s); ``aimz-trainer validate|test|predict --config
+RUN_DIR/config.yaml`` evaluate its checkpoint on the validation or test rows, or predict again.
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
@@ -37,8 +37,8 @@ from numpyro.infer import SVI, Trace_ELBO, init_to_uniform
 from numpyro.infer.autoguide import AutoNormal
 from optax import adam
 
-from aimz_trainer import EarlyStopping, ModelCheckpoint, TensorBoardLogger, Trainer
-from aimz_trainer.distributed import allgather_json
+from aimz_trainer import ConfigurationError, EarlyStopping
+from aimz_trainer.recipe import Experiment, FitOutcome, Recipe, RecipeContext, spec
 
 
 class MLP(nnx.Module):
@@ -85,57 +85,6 @@ def make_svi(model: Callable[..., None], learning_rate: float = 1e-3) -> SVI:
     return SVI(model, guide=guide, optim=adam(learning_rate=learning_rate), loss=Trace_ELBO())
 
 
-RUNS = "runs/bnn_binary"
-
-
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="aimz-trainer run bnn_binary", description=__doc__.splitlines()[0])
-    parser.add_argument("--full", action="store_true", help="the tutorial's size: 1,000,000 rows, 10 epochs, 500 draws")
-    parser.add_argument("--num-rows", type=int, default=None, help="training rows (default 100,000)")
-    parser.add_argument("--num-features", type=int, default=100)
-    parser.add_argument("--hidden", type=int, default=32)
-    parser.add_argument("--max-epochs", type=int, default=None, help="default 5 (10 with --full)")
-    parser.add_argument("--batch-size", type=int, default=2000)
-    parser.add_argument("--num-samples", type=int, default=None, help="posterior draws (default 100, 500 with --full)")
-    parser.add_argument("--predict-batch-size", type=int, default=100_000)
-    parser.add_argument("--devices", type=int, default=None, help="devices on the data axis (default: all)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--val-rows", type=int, default=None, help="held-out rows (default 10%% of --num-rows)")
-    parser.add_argument("--patience", type=int, default=2, help="epochs without a better val_loss before stopping")
-    parser.add_argument(
-        "--output-dir", default=None, help=f"where logs, checkpoints and predictions go (default: {RUNS}/run-<time>)"
-    )
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from the newest checkpoint in --output-dir (default: newest run)",
-    )
-    args = parser.parse_args(argv)
-    args.num_rows = args.num_rows or (1_000_000 if args.full else 100_000)
-    args.max_epochs = args.max_epochs or (10 if args.full else 5)
-    args.num_samples = args.num_samples if args.num_samples is not None else (500 if args.full else 100)
-    args.val_rows = args.val_rows if args.val_rows is not None else max(args.num_rows // 10, 1)
-    if args.val_rows < 1:  # the summary's held-out accuracy, AUC and calibration need rows
-        parser.error(f"--val-rows must be at least 1; got {args.val_rows}.")
-    args.output_dir = output_directory(args.output_dir, args.resume, parser)
-    return args
-
-
-def output_directory(requested: str | None, resume: bool, parser: argparse.ArgumentParser) -> Path:
-    """The run's directory: a new ``runs/bnn_binary/run-<time>`` by default, the newest one
-    when resuming; a directory that already holds checkpoints is only reused by ``--resume``."""
-    if requested is None and resume:
-        runs = sorted(Path(RUNS).glob("run-*"))
-        if not runs:
-            parser.error(f"--resume found no earlier run in {RUNS}/; pass --output-dir")
-        return runs[-1]
-    # Process 0's choice for every process of a multi-process run (their clocks may differ).
-    directory = Path(allgather_json(requested or f"{RUNS}/run-{time.strftime('%Y%m%d-%H%M%S')}")[0])
-    if not resume and any((directory / "checkpoints").glob("[0-9]*")):
-        parser.error(f"{directory} holds checkpoints of an earlier run: add --resume, or pass another --output-dir")
-    return directory
-
-
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:
     """Area under the ROC curve: the probability that a positive outranks a negative (ties
     count half), from the ranks of the scores."""
@@ -162,49 +111,73 @@ def calibration_error(predicted: np.ndarray, labels: np.ndarray, bins: int = 10)
     return float(np.sum(gaps))
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run the recipe; returns the printed summary as a dict."""
+@dataclass
+class Settings:
+    """The data and the network.
+
+    Args:
+        num_rows: training rows (the tutorial's size: 1,000,000).
+        num_features: columns of X.
+        hidden: width of the network's two hidden layers.
+        val_rows: held-out rows validated every epoch (default: 10% of num_rows).
+        test_rows: held-out rows for `aimz-trainer test` (default: as many as val_rows).
+        learning_rate: Adam's learning rate.
+    """
+
+    num_rows: int = 100_000
+    num_features: int = 100
+    hidden: int = 32
+    val_rows: int | None = None
+    test_rows: int | None = None
+    learning_rate: float = 1e-3
+
+
+def setup(settings: Settings, context: RecipeContext) -> Experiment:
+    """The tutorial's data (training, validation and test rows of one simulation) and SVI."""
+    n = settings.num_rows
+    val_rows = settings.val_rows if settings.val_rows is not None else max(n // 10, 1)
+    test_rows = settings.test_rows if settings.test_rows is not None else val_rows
+    if val_rows < 1:  # the held-out accuracy, AUC and calibration need rows
+        raise ConfigurationError(f"model.val_rows must be at least 1; got {val_rows}.")
+    key_data, key_net = random.split(context.rng_key)
+    X, y, p_true = make_data(n + val_rows + test_rows, settings.num_features, key_data)
+    held_out = slice(n, n + val_rows)
+    tested = slice(n + val_rows, None)
+    model = make_model(n, settings.num_features, settings.hidden, key_net)
+    return Experiment(
+        svi=make_svi(model, settings.learning_rate),
+        train_data={"X": X[:n], "y": y[:n]},
+        val_data={"X": X[held_out], "y": y[held_out]},
+        test_data={"X": X[tested], "y": y[tested]},
+        predict_data={"X": X[:n]},
+        extras={"p_true_val": p_true[held_out]},
+    )
+
+
+def report(settings: Settings, outcome: FitOutcome) -> dict[str, Any]:
+    """Predict the training rows (the posterior-predictive store) and the held-out ones, and
+    evaluate the latter against the labels and the true probabilities; print what was found."""
     from aimz_trainer import Predictor  # loads xarray: only when the recipe runs
 
-    args = parse_args(argv)
-    output_dir = args.output_dir
-    log_dir, checkpoint_dir, store_dir = output_dir / "logs", output_dir / "checkpoints", output_dir / "predictions"
-    key_data, key_net, key_fit, key_predict = random.split(random.key(args.seed), 4)
-    X, y, p_true = make_data(args.num_rows + args.val_rows, args.num_features, key_data)
-    n = args.num_rows
-    train, held_out = {"X": X[:n], "y": y[:n]}, {"X": X[n:], "y": y[n:]}
-    model = make_model(n, args.num_features, args.hidden, key_net)
-    checkpoint = ModelCheckpoint(checkpoint_dir, monitor="val_loss", save_top_k=1)
-    callbacks = [
-        TensorBoardLogger(log_dir),
-        EarlyStopping("val_loss", patience=args.patience),
-        checkpoint,
-    ]
-    trainer = Trainer(max_epochs=args.max_epochs, rng_key=key_fit, devices=args.devices, callbacks=callbacks)
+    trainer, result, experiment = outcome.trainer, outcome.result, outcome.experiment
+    train, held_out = experiment.train_data, experiment.val_data
+    assert held_out is not None
+    n = len(train["X"])
     started = time.perf_counter()
-    result = trainer.fit(
-        make_svi(model),
-        train,
-        batch_size=args.batch_size,
-        val_data=held_out,
-        num_samples=args.num_samples,
-        ckpt_path="last" if args.resume else None,
-    )
-    jax.block_until_ready(result.posterior)
-    fit_wall = time.perf_counter() - started
-
-    started = time.perf_counter()
-    predictor = Predictor(model, result.posterior, mesh=trainer.mesh, rng_key=key_predict)
-    store = predictor.predict({"X": train["X"]}, batch_size=args.predict_batch_size, output_dir=store_dir)
+    predictor = Predictor(experiment.svi.model, result.posterior, mesh=trainer.mesh, rng_key=outcome.predict_key)
+    batch_size, store_dir = outcome.predict.batch_size, outcome.predictions_dir
+    store = predictor.predict({"X": train["X"]}, batch_size=batch_size, output_dir=store_dir)
     held_out_tree = predictor.predict(
-        held_out, batch_size=args.predict_batch_size, output_dir=store_dir, in_sample=False, return_sites=["p"]
+        held_out, batch_size=batch_size, output_dir=store_dir, in_sample=False, return_sites=["p"]
     )
     predict_wall = time.perf_counter() - started
     p_mean = held_out_tree["predictions"]["p"].mean(("chain", "draw")).values
-    p_true_held_out, labels = p_true[n:], held_out["y"]
+    p_true, labels = experiment.extras["p_true_val"], held_out["y"]
 
     epochs_run = -(-result.losses.size // trainer.steps_per_epoch)
     per_epoch = [float(chunk.mean()) for chunk in np.array_split(result.losses, epochs_run)]
+    metrics = trainer.callback_metrics
+    num_samples = next(iter(result.posterior.values())).shape[0] if result.posterior else 0
     summary = {
         "rows": n,
         "devices": trainer.mesh.size,
@@ -213,34 +186,32 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "stopped_early": trainer.stop_reason,
         "epoch_mean_loss": per_epoch,
         "final_loss": float(result.losses[-1]),
-        "val_loss": trainer.callback_metrics["val_loss"],
-        "val_lpd": trainer.callback_metrics["val_lpd"],
-        "steps_per_sec": trainer.callback_metrics.get("steps_per_sec"),
-        "fit_wall_s": fit_wall,
+        "val_loss": metrics["val_loss"],
+        "val_lpd": metrics["val_lpd"],
+        "steps_per_sec": metrics.get("steps_per_sec"),
         "predict_wall_s": predict_wall,
         "accuracy": float(np.mean((p_mean > 0.5) == labels)),
-        "accuracy_of_true_p": float(np.mean((p_true_held_out > 0.5) == labels)),
+        "accuracy_of_true_p": float(np.mean((p_true > 0.5) == labels)),
         "auc": auc(p_mean, labels),
-        "auc_of_true_p": auc(p_true_held_out, labels),
+        "auc_of_true_p": auc(p_true, labels),
         "calibration_error": calibration_error(p_mean, labels),
-        "mean_abs_error_to_true_p": float(np.mean(np.abs(p_mean - p_true_held_out))),
+        "mean_abs_error_to_true_p": float(np.mean(np.abs(p_mean - p_true))),
         "posterior_shapes": {site: tuple(draws.shape) for site, draws in result.posterior.items()},
         "store": store.attrs["store_path"],
         "store_shapes": {name: tuple(store["posterior_predictive"][name].shape) for name in ("y", "p")},
-        "log_dir": str(log_dir),
-        "checkpoint_dir": str(checkpoint_dir),
-        "best_checkpoint": checkpoint.best_model_path,
     }
-    print(f"bnn_binary: {n:,} rows x {args.num_features}, {summary['devices']} device(s), data on {trainer.placement}")
+    print(
+        f"bnn_binary: {n:,} rows x {settings.num_features}, {summary['devices']} device(s), data on {trainer.placement}"
+    )
     print("loss per epoch (mean ELBO): " + ", ".join(f"{loss:,.0f}" for loss in per_epoch))
     stopped = f", stopped early: {trainer.stop_reason}" if trainer.stop_reason else ""
     print(f"final ELBO loss {summary['final_loss']:,.1f} after {summary['steps']} steps{stopped}")
     print(
-        f"speed: {summary['steps_per_sec'] or float('nan'):,.0f} steps/s steady; fit with {args.num_samples} draws "
-        f"{fit_wall:.1f} s, predictions {predict_wall:.1f} s"
+        f"speed: {summary['steps_per_sec'] or float('nan'):,.0f} steps/s steady; {num_samples} posterior draws; "
+        f"predictions {predict_wall:.1f} s"
     )
     print(
-        f"held out ({args.val_rows:,} rows): ELBO loss per row {summary['val_loss']:.4f}, mean lpd "
+        f"held out ({len(labels):,} rows): ELBO loss per row {summary['val_loss']:.4f}, mean lpd "
         f"{summary['val_lpd']:.4f}"
     )
     print(
@@ -250,10 +221,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     print("posterior: " + ", ".join(f"{site} {shape}" for site, shape in summary["posterior_shapes"].items()))
     print(f"predictions: {summary['store']} (y {summary['store_shapes']['y']}, p {summary['store_shapes']['p']})")
-    print(f"checkpoints: {checkpoint_dir} (best: {checkpoint.best_model_path})")
-    print(f"TensorBoard: tensorboard --logdir {log_dir}")
+    print(f"TensorBoard: tensorboard --logdir {outcome.context.output_dir / 'logs'}")
     predictor.cleanup()
     return summary
+
+
+RECIPE = Recipe(
+    settings=Settings,
+    setup=setup,
+    trainer={"max_epochs": 5, "callbacks": [spec(EarlyStopping, "val_loss", patience=2)]},
+    fit={"batch_size": 2000, "num_samples": 100},
+    checkpoint={"monitor": "val_loss", "save_top_k": 1},
+    predict={"batch_size": 100_000},
+    report=report,
+)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """``aimz-trainer fit --recipe bnn_binary`` with the options ``argv``; returns the summary."""
+    return RECIPE.main(argv)
 
 
 if __name__ == "__main__":

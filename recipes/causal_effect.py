@@ -22,30 +22,29 @@ about one time in five instead of one in seventeen (94%). It starts at the prior
 scale, and the learning rate decays to 1% of its start over the fit, so that the guide's scales
 settle instead of jittering with the last minibatches.
 
-Run it with ``aimz-trainer run causal_effect`` (20,000 rows: about 20 s on 2 CPU cores, start-up
-and compiling included); ``--output-dir DIR`` keeps the two prediction stores (by default they
-go to the Predictor's scratch directory, removed at exit).
+Run it with ``aimz-trainer fit --recipe causal_effect`` (20,000 rows: about 20 s on 2 CPU
+cores, start-up and compiling included); the two prediction stores go to
+``RUN_DIR/predictions``, beside the run's config, logs and checkpoints.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-import jax
 import numpy as np
 import numpyro.distributions as dist
 import optax
-from jax import random
 from jax.typing import ArrayLike
 from numpyro import plate, sample
 from numpyro.infer import SVI, Trace_ELBO, init_to_mean
 from numpyro.infer.autoguide import AutoMultivariateNormal
 
-from aimz_trainer import Predictor, Trainer, estimate_effect
+from aimz_trainer import Predictor, estimate_effect
+from aimz_trainer.recipe import Experiment, FitOutcome, Recipe, RecipeContext
 
 TRUE_TAU = 1.5  # the average treatment effect (the same for every row)
 TRUE_ALPHA = 0.5
@@ -100,51 +99,55 @@ def make_svi(model: Callable[..., None], total_steps: int, learning_rate: float)
     return SVI(model, guide, optax.adam(schedule), Trace_ELBO())
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="aimz-trainer run causal_effect", description=__doc__.splitlines()[0])
-    parser.add_argument("--num-rows", type=int, default=20_000, help="rows of simulated data")
-    parser.add_argument("--max-epochs", type=int, default=50)
-    parser.add_argument("--batch-size", type=int, default=1000)
-    parser.add_argument("--learning-rate", type=float, default=0.05, help="Adam's initial learning rate")
-    parser.add_argument("--num-samples", type=int, default=200, help="posterior draws")
-    parser.add_argument("--devices", type=int, default=None, help="devices on the data axis (default: all)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--output-dir", default=None, help="keep the two prediction stores here (default: a scratch directory)"
+@dataclass
+class Settings:
+    """The simulated data and the optimizer.
+
+    Args:
+        num_rows: rows of simulated data.
+        learning_rate: Adam's initial learning rate (decayed to 1% of it over the fit).
+    """
+
+    num_rows: int = 20_000
+    learning_rate: float = 0.05
+
+
+def setup(settings: Settings, context: RecipeContext) -> Experiment:
+    """The simulation (from the run's seed) and the SVI, its schedule spread over the whole fit."""
+    data = make_data(settings.num_rows, context.seed)
+    model = make_model(settings.num_rows, data["Z"].shape[1])
+    steps_per_epoch = math.ceil(settings.num_rows / context.batch_size)
+    total_steps = min(
+        context.max_epochs * steps_per_epoch if context.max_epochs else math.inf,
+        context.max_steps or math.inf,
     )
-    return parser.parse_args(argv)
+    svi = make_svi(model, int(total_steps), settings.learning_rate)
+    return Experiment(svi=svi, train_data=data)
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run the recipe; returns the printed summary as a dict."""
-    args = parse_args(argv)
-    key_fit, key_predict = random.split(random.key(args.seed))
-    data = make_data(args.num_rows, args.seed)
+def report(settings: Settings, outcome: FitOutcome) -> dict[str, Any]:
+    """Predict the outcome with everybody treated and with nobody treated, estimate the average
+    effect from the two stores, and compare it with the truth and the naive difference."""
+    data, result, trainer = outcome.experiment.train_data, outcome.result, outcome.trainer
     num_confounders = data["Z"].shape[1]
-    model = make_model(args.num_rows, num_confounders)
-    total_steps = args.max_epochs * math.ceil(args.num_rows / args.batch_size)
-    trainer = Trainer(max_epochs=args.max_epochs, rng_key=key_fit, devices=args.devices)
-    started = time.perf_counter()
-    result = trainer.fit(
-        make_svi(model, total_steps, args.learning_rate), data, batch_size=args.batch_size, num_samples=args.num_samples
-    )
-    jax.block_until_ready(result.posterior)
-    fit_wall = time.perf_counter() - started
-
     # One Predictor for both worlds: the same rng_key, hence the same noise in both. The values
     # are given row by row (``{"t": 1.0}`` works too): a row-wise value is an input of the
     # compiled function, a constant is part of it, so two constants would compile twice.
-    predictor = Predictor(model, result.posterior, mesh=trainer.mesh, rng_key=key_predict)
+    predictor = Predictor(
+        outcome.experiment.svi.model, result.posterior, mesh=trainer.mesh, rng_key=outcome.predict_key
+    )
     started = time.perf_counter()
+    store_dir = outcome.predictions_dir
     nobody, everybody = np.zeros_like(data["t"]), np.ones_like(data["t"])
-    untreated = predictor.predict(data, intervention={"t": nobody}, output_dir=args.output_dir)
-    treated = predictor.predict(data, intervention={"t": everybody}, output_dir=args.output_dir)
+    untreated = predictor.predict(data, intervention={"t": nobody}, output_dir=store_dir)
+    treated = predictor.predict(data, intervention={"t": everybody}, output_dir=store_dir)
     effect = estimate_effect(untreated, treated, "y").summary
     predict_wall = time.perf_counter() - started
 
     attrs = effect.attrs
+    num_samples = next(iter(result.posterior.values())).shape[0]
     summary = {
-        "rows": args.num_rows,
+        "rows": settings.num_rows,
         "treated_share": float(data["t"].mean()),
         "true_effect": TRUE_TAU,
         "naive_difference": naive_difference(data),
@@ -155,20 +158,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "covers_true_effect": bool(attrs["ci_low"] <= TRUE_TAU <= attrs["ci_high"]),
         "tau_posterior_mean": float(np.mean(result.posterior["tau"])),
         "final_loss": float(result.losses[-1]),
-        "fit_wall_s": fit_wall,
         "predict_wall_s": predict_wall,
         "untreated_store": untreated.attrs["store_path"],
         "treated_store": treated.attrs["store_path"],
+        "store": str(store_dir),
     }
-    if args.output_dir is not None:  # the footer of ``aimz-trainer run``; a scratch directory goes with the Predictor
-        summary["store"] = args.output_dir
     print(
-        f"causal_effect: {args.num_rows:,} rows, {num_confounders} confounders, "
+        f"causal_effect: {settings.num_rows:,} rows, {num_confounders} confounders, "
         f"{summary['treated_share']:.1%} treated, {trainer.mesh.size} device(s)"
     )
     print(
-        f"fit: {result.losses.size} steps in {fit_wall:.2f} s, final loss {summary['final_loss']:,.1f}; "
-        f"{args.num_samples} draws x 2 interventions predicted in {predict_wall:.2f} s"
+        f"fit: {result.losses.size} steps, final loss {summary['final_loss']:,.1f}; "
+        f"{num_samples} draws x 2 interventions predicted in {predict_wall:.2f} s"
     )
     print(f"naive difference in means:   {summary['naive_difference']:+.3f} (ignores the confounders: biased)")
     print(
@@ -179,11 +180,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"true effect:                 {TRUE_TAU:+.3f} "
         f"({'inside' if summary['covers_true_effect'] else 'OUTSIDE'} the interval)"
     )
-    where = args.output_dir or "the Predictor's scratch directory (removed at exit; keep them with --output-dir)"
-    print(f"stores in {where}:")
+    print(f"stores in {store_dir}:")
     print(f"  t = 0: {summary['untreated_store']}")
     print(f"  t = 1: {summary['treated_store']}")
     return summary
+
+
+RECIPE = Recipe(
+    settings=Settings,
+    setup=setup,
+    trainer={"max_epochs": 50},
+    fit={"batch_size": 1000, "num_samples": 200},
+    checkpoint={"every_n_epochs": 10},
+    report=report,
+)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """``aimz-trainer fit --recipe causal_effect`` with the options ``argv``; returns the summary."""
+    return RECIPE.main(argv)
 
 
 if __name__ == "__main__":

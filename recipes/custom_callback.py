@@ -14,18 +14,18 @@ minibatch SVI; the callback logs the posterior mean of each coefficient of ``bet
 guide's ``beta_auto_loc``) next to the built-in curves, and the recipe prints where they went.
 Watch them with ``tensorboard --logdir <log dir>``.
 
-Run it with ``aimz-trainer run custom_callback [--output-dir runs/custom] [--max-epochs 20]``.
+The recipe declares the callback as a default of its config's ``trainer.callbacks`` and asks
+for a CSV log beside TensorBoard's (``loggers``). Run it with ``aimz-trainer fit --recipe
+custom_callback [--output_dir runs/custom] [--trainer.max_epochs 20]``; the curves go to
+``RUN_DIR/logs``.
 """
 
 from __future__ import annotations
 
-import argparse
-import tempfile
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-import jax
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
@@ -33,7 +33,8 @@ from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoNormal
 from optax import adam
 
-from aimz_trainer import Callback, CSVLogger, FitContext, FitProgress, TensorBoardLogger, Trainer
+from aimz_trainer import Callback, FitContext, FitProgress
+from aimz_trainer.recipe import Experiment, FitOutcome, Recipe, RecipeContext, spec
 
 
 class PosteriorMeanLogger(Callback):
@@ -80,40 +81,57 @@ def make_model(num_rows: int, num_features: int) -> Callable[..., None]:
     return model
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Fit with the custom callback, a TensorBoardLogger and a CSVLogger; returns what it printed."""
-    parser = argparse.ArgumentParser(prog="aimz-trainer run custom_callback", description=__doc__.splitlines()[0])
-    parser.add_argument("--output-dir", default=None, help="TensorBoard directory (default: a new temporary one)")
-    parser.add_argument("--num-rows", type=int, default=20_000)
-    parser.add_argument("--num-features", type=int, default=3)
-    parser.add_argument("--max-epochs", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=500)
-    parser.add_argument("--devices", type=int, default=None, help="devices on the data axis (default: all)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    log_dir = Path(args.output_dir or tempfile.mkdtemp(prefix="aimz-custom-callback-"))
+@dataclass
+class Settings:
+    """The data.
 
-    data, true_beta = make_data(args.num_rows, args.num_features, args.seed)
-    model = make_model(args.num_rows, args.num_features)
-    svi = SVI(model, AutoNormal(model), adam(0.05), Trace_ELBO())
-    trainer = Trainer(
-        max_epochs=args.max_epochs,
-        rng_key=jax.random.key(args.seed),
-        devices=args.devices,
-        callbacks=[
-            PosteriorMeanLogger(param="beta_auto_loc"),
-            TensorBoardLogger(log_dir),
-            CSVLogger(log_dir / "metrics.csv"),
-        ],
-    )
-    result = trainer.fit(svi, data, batch_size=args.batch_size)
+    Args:
+        num_rows: rows of simulated data.
+        num_features: coefficients of the regression (columns of X).
+        learning_rate: Adam's learning rate.
+    """
 
+    num_rows: int = 20_000
+    num_features: int = 3
+    learning_rate: float = 0.05
+
+
+def setup(settings: Settings, context: RecipeContext) -> Experiment:
+    """Simulated regression data (from the run's seed) and an AutoNormal SVI."""
+    data, true_beta = make_data(settings.num_rows, settings.num_features, context.seed)
+    model = make_model(settings.num_rows, settings.num_features)
+    svi = SVI(model, AutoNormal(model), adam(settings.learning_rate), Trace_ELBO())
+    return Experiment(svi=svi, train_data=data, extras={"true_beta": true_beta})
+
+
+def report(settings: Settings, outcome: FitOutcome) -> dict[str, Any]:
+    """Compare the fitted coefficients with the true ones; say where the curves went."""
+    result, log_dir = outcome.result, outcome.context.output_dir / "logs"
     fitted = np.asarray(result.params["beta_auto_loc"])
-    print(f"custom_callback: {args.max_epochs} epochs, final loss {result.losses[-1]:,.1f}")
+    true_beta = outcome.experiment.extras["true_beta"]
+    epochs = -(-result.losses.size // outcome.trainer.steps_per_epoch)
+    print(f"custom_callback: {epochs} epochs, final loss {result.losses[-1]:,.1f}")
     print("beta posterior mean: " + ", ".join(f"{b:.3f}" for b in fitted))
     print("beta true:           " + ", ".join(f"{b:.3f}" for b in true_beta))
     print(f"TensorBoard logs in {log_dir}: tensorboard --logdir {log_dir} (the same curves in metrics.csv there)")
     return {"log_dir": str(log_dir), "beta_mean": fitted.tolist(), "beta_true": true_beta.tolist()}
+
+
+# The callback is a config entry like any other: a run's config.yaml names it by its class_path
+# (aimz_trainer.recipes.custom_callback.PosteriorMeanLogger), and --trainer.callbacks can change it.
+RECIPE = Recipe(
+    settings=Settings,
+    setup=setup,
+    trainer={"max_epochs": 20, "callbacks": [spec(PosteriorMeanLogger, param="beta_auto_loc")]},
+    fit={"batch_size": 500},
+    loggers=("tensorboard", "csv"),
+    report=report,
+)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """``aimz-trainer fit --recipe custom_callback`` with the options ``argv``; returns the summary."""
+    return RECIPE.main(argv)
 
 
 if __name__ == "__main__":

@@ -39,31 +39,31 @@ each ``u`` down and shrink that understatement to a factor of about
 ``sqrt(1 - 1/(K + 1 + sigma^2/s_u^2))``: 0.95 at the default ``K = 8`` (the exact 94% interval
 would be 5% wider).
 
-Run it with ``aimz-trainer run hierarchical`` (20,000 customers in 40 regions: about 40 s on 2
-CPU cores, most of it start-up and compiling: the 1,000 steps take a few seconds);
-``--output-dir DIR`` keeps the two prediction stores (by default they go to the Predictor's
-scratch directory, removed at exit).
+Run it with ``aimz-trainer fit --recipe hierarchical`` (20,000 customers in 40 regions: about
+40 s on 2 CPU cores, most of it start-up and compiling: the 1,000 steps take a few seconds); the
+two prediction stores go to ``RUN_DIR/predictions``, beside the run's config, logs and
+checkpoints. The number of regions and of weeks are the recipe's settings
+(``--model.num_groups``, ``--model.pre_periods``).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-import jax
 import numpy as np
 import numpyro.distributions as dist
 import optax
-from jax import random
 from jax.typing import ArrayLike
 from numpyro import plate, sample
 from numpyro.infer import SVI, Trace_ELBO, init_to_mean
 from numpyro.infer.autoguide import AutoNormal
 
-from aimz_trainer import Predictor, Trainer, estimate_effect
+from aimz_trainer import Predictor, estimate_effect
+from aimz_trainer.recipe import Experiment, FitOutcome, Recipe, RecipeContext
 
 TRUE_MU_A, TRUE_SD_A = 2.0, 1.0  # the regions' spending levels
 TRUE_MU_B, TRUE_SD_B = 1.0, 0.5  # the regions' campaign effects: the population effect and its spread
@@ -163,38 +163,44 @@ def central_interval(draws: ArrayLike, ci: float = INTERVAL) -> tuple[float, flo
     return float(low), float(high)
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="aimz-trainer run hierarchical", description=__doc__.splitlines()[0])
-    parser.add_argument("--num-rows", type=int, default=20_000, help="customers (rows) of simulated data")
-    parser.add_argument("--num-groups", type=int, default=40, help="regions (groups)")
-    parser.add_argument("--pre-periods", type=int, default=8, help="weeks observed before the campaign")
-    parser.add_argument("--max-epochs", type=int, default=50)
-    parser.add_argument("--batch-size", type=int, default=1000)
-    parser.add_argument("--learning-rate", type=float, default=0.05, help="Adam's initial learning rate")
-    parser.add_argument("--num-samples", type=int, default=200, help="posterior draws")
-    parser.add_argument("--devices", type=int, default=None, help="devices on the data axis (default: all)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--output-dir", default=None, help="keep the two prediction stores here (default: a scratch directory)"
+@dataclass
+class Settings:
+    """The simulated customers and the optimizer.
+
+    Args:
+        num_rows: customers (rows) of simulated data.
+        num_groups: regions (groups).
+        pre_periods: weeks observed before the campaign.
+        learning_rate: Adam's initial learning rate (decayed to 1% of it over the fit).
+    """
+
+    num_rows: int = 20_000
+    num_groups: int = 40
+    pre_periods: int = 8
+    learning_rate: float = 0.05
+
+
+def setup(settings: Settings, context: RecipeContext) -> Experiment:
+    """The simulation (from the run's seed) and the SVI, the static model arguments bound to it."""
+    data, truth = make_data(settings.num_rows, settings.num_groups, settings.pre_periods, context.seed)
+    static = {"num_groups": settings.num_groups, "pre_periods": settings.pre_periods}
+    steps_per_epoch = math.ceil(settings.num_rows / context.batch_size)
+    total_steps = min(
+        context.max_epochs * steps_per_epoch if context.max_epochs else math.inf,
+        context.max_steps or math.inf,
     )
-    return parser.parse_args(argv)
+    svi = make_svi(make_model(settings.num_rows), int(total_steps), settings.learning_rate, **static)
+    return Experiment(svi=svi, train_data=data, extras={"truth": truth})
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run the recipe; returns the printed summary as a dict."""
-    args = parse_args(argv)
-    key_fit, key_predict = random.split(random.key(args.seed))
-    data, truth = make_data(args.num_rows, args.num_groups, args.pre_periods, args.seed)
-    static = {"num_groups": args.num_groups, "pre_periods": args.pre_periods}
-    model = make_model(args.num_rows)
-    total_steps = args.max_epochs * math.ceil(args.num_rows / args.batch_size)
-    svi = make_svi(model, total_steps, args.learning_rate, **static)
-    trainer = Trainer(max_epochs=args.max_epochs, rng_key=key_fit, devices=args.devices)
-    started = time.perf_counter()
-    result = trainer.fit(svi, data, batch_size=args.batch_size, num_samples=args.num_samples)
-    jax.block_until_ready(result.posterior)
-    fit_wall = time.perf_counter() - started
-
+def report(settings: Settings, outcome: FitOutcome) -> dict[str, Any]:
+    """The campaign week with and without the campaign for every customer, the average effect
+    from the two stores, and the fit checked against the simulation."""
+    data, truth = outcome.experiment.train_data, outcome.experiment.extras["truth"]
+    svi, result, trainer = outcome.experiment.svi, outcome.result, outcome.trainer
+    static = dict(svi.static_kwargs)
+    model = svi.model
+    num_samples = next(iter(result.posterior.values())).shape[0]
     # Draws of the global sites (population and regions); the customers' u stay in the guide.
     posterior = {name: np.asarray(value, np.float64) for name, value in result.posterior.items()}
     group_effects = posterior["b"].mean(axis=0)
@@ -209,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         guide=svi.guide,
         params=result.params,
         mesh=trainer.mesh,
-        rng_key=key_predict,
+        rng_key=outcome.predict_key,
         static_kwargs=static,
     )
     started = time.perf_counter()
@@ -219,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     nobody, everybody = np.zeros_like(data["t"]), np.ones_like(data["t"])
     untreated, treated = (
         predictor.predict(
-            week, intervention={"t": value}, return_sites=["y"], in_sample=True, output_dir=args.output_dir
+            week, intervention={"t": value}, return_sites=["y"], in_sample=True, output_dir=outcome.predictions_dir
         )
         for value in (nobody, everybody)
     )
@@ -230,9 +236,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     true_effect = true_average_effect(data, truth)
     mu_b_low, mu_b_high = central_interval(posterior["mu_b"])
     summary = {
-        "rows": args.num_rows,
-        "groups": args.num_groups,
-        "pre_periods": args.pre_periods,
+        "rows": settings.num_rows,
+        "groups": settings.num_groups,
+        "pre_periods": settings.pre_periods,
         "treated_share": float(data["t"].mean()),
         "true_effect": true_effect,
         "average_effect": attrs["average_effect_mean"],
@@ -250,20 +256,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "group_level_corr": float(np.corrcoef(posterior["a"].mean(axis=0), truth["a"])[0, 1]),
         "row_latent_corr": float(np.corrcoef(row_latents, truth["u"])[0, 1]),
         "final_loss": float(result.losses[-1]),
-        "fit_wall_s": fit_wall,
         "predict_wall_s": predict_wall,
         "untreated_store": untreated.attrs["store_path"],
         "treated_store": treated.attrs["store_path"],
     }
-    if args.output_dir is not None:  # the footer of ``aimz-trainer run``; a scratch directory goes with the Predictor
-        summary["store"] = args.output_dir
+    summary["store"] = str(outcome.predictions_dir)
     print(
-        f"hierarchical: {args.num_rows:,} customers in {args.num_groups} regions, {args.pre_periods} weeks before "
-        f"the campaign, {summary['treated_share']:.1%} treated, {trainer.mesh.size} device(s)"
+        f"hierarchical: {settings.num_rows:,} customers in {settings.num_groups} regions, {settings.pre_periods} weeks "
+        f"before the campaign, {summary['treated_share']:.1%} treated, {trainer.mesh.size} device(s)"
     )
     print(
-        f"fit: {result.losses.size} steps in {fit_wall:.2f} s, final loss {summary['final_loss']:,.1f}; "
-        f"{args.num_samples} draws x 2 interventions predicted in {predict_wall:.2f} s"
+        f"fit: {result.losses.size} steps, final loss {summary['final_loss']:,.1f}; "
+        f"{num_samples} draws x 2 interventions predicted in {predict_wall:.2f} s"
     )
     print(
         f"region effects:              correlation {summary['group_effect_corr']:.3f} with the truth, "
@@ -285,11 +289,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"true effect:                 {true_effect:+.3f} "
         f"({'inside' if summary['covers_true_effect'] else 'OUTSIDE'} the interval)"
     )
-    where = args.output_dir or "the Predictor's scratch directory (removed at exit; keep them with --output-dir)"
-    print(f"stores in {where}:")
+    print(f"stores in {outcome.predictions_dir}:")
     print(f"  t = 0: {summary['untreated_store']}")
     print(f"  t = 1: {summary['treated_store']}")
     return summary
+
+
+RECIPE = Recipe(
+    settings=Settings,
+    setup=setup,
+    trainer={"max_epochs": 50},
+    fit={"batch_size": 1000, "num_samples": 200},
+    checkpoint={"every_n_epochs": 10},
+    report=report,
+)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """``aimz-trainer fit --recipe hierarchical`` with the options ``argv``; returns the summary."""
+    return RECIPE.main(argv)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,15 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from aimz_trainer import open_store
+from aimz_trainer import CommandLineError, open_store
 from aimz_trainer.checkpoint import checkpoint_steps
-from aimz_trainer.cli import load_recipe
+from aimz_trainer.cli import fit_directory, load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-TINY = ["--num-rows", "4000", "--val-rows", "1000", "--batch-size", "500", "--num-samples", "5"]
+TINY = [
+    "--model.num_rows", "4000", "--model.val_rows", "1000", "--fit.batch_size", "500", "--fit.num_samples", "5",
+    "--trainer.enable_progress_bar", "false",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +40,7 @@ def test_auc_and_calibration_error(recipe):
 
 @pytest.mark.slow
 def test_a_run_then_a_resumed_run(recipe, tmp_path, capsys):
-    first = recipe.main([*TINY, "--max-epochs", "2", "--output-dir", str(tmp_path)])
+    first = recipe.main([*TINY, "--trainer.max_epochs", "2", "--output_dir", str(tmp_path)])
     assert (first["steps"], first["epochs"]) == (16, 2)
     assert checkpoint_steps(tmp_path / "checkpoints")[-1] == 16
     out = capsys.readouterr().out
@@ -50,7 +53,7 @@ def test_a_run_then_a_resumed_run(recipe, tmp_path, capsys):
     assert 0.0 <= first["auc"] <= 1.0 and first["auc_of_true_p"] > 0.95  # the oracle separates well
     assert 0.0 <= first["calibration_error"] <= 1.0
 
-    resumed = recipe.main([*TINY, "--max-epochs", "3", "--output-dir", str(tmp_path), "--resume"])
+    resumed = recipe.main([*TINY, "--trainer.max_epochs", "3", "--output_dir", str(tmp_path), "--ckpt_path", "last"])
     assert resumed["steps"] == 24  # 16 restored + one more epoch
     assert resumed["epoch_mean_loss"][:2] == pytest.approx(first["epoch_mean_loss"])
     events = EventAccumulator(str(tmp_path / "logs"), size_guidance={"scalars": 0})
@@ -60,22 +63,22 @@ def test_a_run_then_a_resumed_run(recipe, tmp_path, capsys):
     assert len([p for p in (tmp_path / "predictions").iterdir() if p.name.startswith("predict-")]) == 4
 
 
-def test_a_directory_with_checkpoints_is_only_reused_by_resume(recipe, tmp_path, capsys):
+def test_a_directory_with_checkpoints_is_only_reused_to_continue_it(tmp_path):
     (tmp_path / "checkpoints" / "16").mkdir(parents=True)
-    with pytest.raises(SystemExit):
-        recipe.parse_args(["--output-dir", str(tmp_path)])
-    assert "holds checkpoints of an earlier run: add --resume" in capsys.readouterr().err
-    assert recipe.parse_args(["--output-dir", str(tmp_path), "--resume"]).output_dir == tmp_path
+    with pytest.raises(
+        CommandLineError, match="holds checkpoints of an earlier run: continue it with --ckpt_path last"
+    ):
+        fit_directory(str(tmp_path), "bnn_binary", resuming=False)
+    assert fit_directory(str(tmp_path), "bnn_binary", resuming=True) == tmp_path
     assert (tmp_path / "checkpoints" / "16").is_dir()
 
 
-def test_resume_without_a_directory_continues_the_newest_run(recipe, tmp_path, monkeypatch, capsys):
+def test_continuing_without_a_directory_takes_the_newest_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit):
-        recipe.parse_args(["--resume"])
-    assert "--resume found no earlier run" in capsys.readouterr().err
+    with pytest.raises(CommandLineError, match="--ckpt_path found no earlier run in runs/bnn_binary/"):
+        fit_directory(None, "bnn_binary", resuming=True)
     for name in ("run-20260101-000000", "run-20260102-000000"):
-        (tmp_path / recipe.RUNS / name).mkdir(parents=True)
-    assert recipe.parse_args(["--resume"]).output_dir == Path(recipe.RUNS) / "run-20260102-000000"
-    fresh = recipe.parse_args([]).output_dir
-    assert fresh.parent == Path(recipe.RUNS) and fresh.name.startswith("run-") and not fresh.exists()
+        (tmp_path / "runs" / "bnn_binary" / name).mkdir(parents=True)
+    assert fit_directory(None, "bnn_binary", resuming=True) == Path("runs/bnn_binary/run-20260102-000000")
+    fresh = fit_directory(None, "bnn_binary", resuming=False)
+    assert fresh.parent == Path("runs/bnn_binary") and fresh.name.startswith("run-") and not fresh.exists()

@@ -18,7 +18,10 @@ from tests.test_cli import aimz_trainer as run_command
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 ROWS, DRAWS = 4000, 100
-TINY = ["--num-rows", str(ROWS), "--batch-size", "500", "--max-epochs", "25", "--num-samples", str(DRAWS)]
+TINY = [
+    "--model.num_rows", str(ROWS), "--fit.batch_size", "500", "--trainer.max_epochs", "25", "--fit.num_samples",
+    str(DRAWS), "--trainer.enable_progress_bar", "false",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +35,7 @@ def run(recipe, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("causal_effect")
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        summary = recipe.main([*TINY, "--output-dir", str(output_dir)])
+        summary = recipe.main([*TINY, "--output_dir", str(output_dir)])
     return summary, printed.getvalue(), output_dir
 
 
@@ -76,10 +79,11 @@ def test_the_interval_covers_the_true_effect_that_the_naive_difference_misses(ru
 
 def test_the_stores_are_under_output_dir_with_both_worlds(run, stores, recipe):
     summary, printed, output_dir = run
-    paths = sorted(str(path) for path in output_dir.glob("predict-*"))
+    predictions = output_dir / "predictions"
+    paths = sorted(str(path) for path in predictions.glob("predict-*"))
     assert paths == sorted([summary["untreated_store"], summary["treated_store"]])
-    assert summary["store"] == str(output_dir)
-    assert f"stores in {output_dir}:" in printed and f"t = 1: {summary['treated_store']}" in printed
+    assert summary["store"] == str(predictions)
+    assert f"stores in {predictions}:" in printed and f"t = 1: {summary['treated_store']}" in printed
     data = recipe.make_data(ROWS, 0)
     for tree, value in zip(stores, (0.0, 1.0), strict=True):
         assert set(tree.children) == {"posterior_predictive", "posterior", "observed_data"}
@@ -117,8 +121,8 @@ def test_both_worlds_share_their_random_numbers(run, stores, recipe):
 @pytest.mark.slow
 def test_the_command_runs_it_and_says_where_the_stores_went(tmp_path):
     completed = run_command(
-        "run", "causal_effect", "--max-epochs", "5", "--batch-size", "500", "--output-dir", str(tmp_path),
-        "--num-rows", "2000", "--num-samples", "20",
+        "fit", "--recipe", "causal_effect", "--trainer.max_epochs", "5", "--fit.batch_size", "500",
+        "--output_dir", str(tmp_path), "--model.num_rows", "2000", "--fit.num_samples", "20",
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr[-3000:]
     out = completed.stdout
@@ -127,5 +131,6 @@ def test_the_command_runs_it_and_says_where_the_stores_went(tmp_path):
     assert re.search(r"estimated average effect: +[+-]\d\.\d{3}, 94% interval \[[+-]\d\.\d{3}, [+-]\d\.\d{3}\]", out)
     assert "true effect:                 +1.500 (" in out
     footer = out[out.index("causal_effect wrote:") :].splitlines()
-    assert footer[1] == f"  predictions: {tmp_path}"
-    assert len(list(tmp_path.glob("predict-*"))) == 2
+    assert footer[1] == f"  config: {tmp_path / 'config.yaml'}"
+    assert footer[-1] == f"  predictions: {tmp_path / 'predictions'}"
+    assert len(list((tmp_path / "predictions").glob("predict-*"))) == 2

@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 
 from aimz_trainer import open_store
-from aimz_trainer.cli import load_recipe
+from aimz_trainer.cli import build_parser, load_recipe, parse
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 ROWS, GROUPS, WEEKS, DRAWS = 4000, 20, 8, 100
 TINY = [
-    "--num-rows", str(ROWS), "--num-groups", str(GROUPS), "--pre-periods", str(WEEKS), "--batch-size", "500",
-    "--max-epochs", "30", "--num-samples", str(DRAWS),
+    "--model.num_rows", str(ROWS), "--model.num_groups", str(GROUPS), "--model.pre_periods", str(WEEKS),
+    "--fit.batch_size", "500", "--trainer.max_epochs", "30", "--fit.num_samples", str(DRAWS),
+    "--trainer.enable_progress_bar", "false",
 ]  # fmt: skip
 GLOBAL_SITES = {"mu_a", "sd_a", "mu_b", "sd_b", "beta", "sd_u", "sigma", "treated_logit", "a", "b"}
 
@@ -42,7 +43,7 @@ def run(recipe, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("hierarchical")
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        summary = recipe.main([*TINY, "--output-dir", str(output_dir)])
+        summary = recipe.main([*TINY, "--output_dir", str(output_dir)])
     return summary, printed.getvalue(), output_dir
 
 
@@ -136,10 +137,11 @@ def test_the_interval_covers_the_true_average_effect(run, recipe, simulated):
 def test_the_stores_hold_both_worlds_with_the_global_draws(run, stores, simulated):
     summary, printed, output_dir = run
     data, _ = simulated
-    paths = sorted(str(path) for path in output_dir.glob("predict-*"))
+    predictions = output_dir / "predictions"
+    paths = sorted(str(path) for path in predictions.glob("predict-*"))
     assert paths == sorted([summary["untreated_store"], summary["treated_store"]])
-    assert summary["store"] == str(output_dir)
-    assert f"stores in {output_dir}:" in printed and f"t = 1: {summary['treated_store']}" in printed
+    assert summary["store"] == str(predictions)
+    assert f"stores in {predictions}:" in printed and f"t = 1: {summary['treated_store']}" in printed
     for tree, value in zip(stores, (0.0, 1.0), strict=True):
         assert set(tree.children) == {"posterior_predictive", "posterior", "observed_data"}
         assert set(tree["posterior_predictive"].data_vars) == {"y"}
@@ -189,20 +191,21 @@ def test_in_sample_predictions_draw_each_customers_latent_from_the_fitted_guide(
     assert 0.9 * recipe.TRUE_SIGMA < spread < 1.25 * recipe.TRUE_SIGMA
 
 
-def test_it_takes_the_command_line_options(recipe):
-    """``aimz-trainer run hierarchical`` forwards its common options (``--max-epochs``,
-    ``--batch-size``, ``--devices``, ``--output-dir``) and the rest to ``main``. (The run itself is
-    the fixture's: a second one through the command would cost most of a minute of compiling.)"""
-    args = recipe.parse_args(
-        ["--max-epochs", "3", "--batch-size", "200", "--devices", "1", "--output-dir", "out", "--num-groups", "7",
-         "--pre-periods", "3", "--num-rows", "900", "--num-samples", "9", "--learning-rate", "0.1", "--seed", "4"]
+def test_its_options_and_defaults(recipe):
+    """``aimz-trainer fit --recipe hierarchical`` takes its settings as ``--model.*`` options, next
+    to the Trainer's and the fit's. (The run itself is the fixture's: a second one through the
+    command would cost most of a minute of compiling.)"""
+    parser = build_parser("fit", recipe.RECIPE, None)
+    config = parse(
+        parser,
+        ["--trainer.max_epochs", "3", "--fit.batch_size", "200", "--trainer.devices", "1", "--output_dir", "out",
+         "--model.num_groups", "7", "--model.pre_periods", "3", "--model.num_rows", "900", "--fit.num_samples", "9",
+         "--model.learning_rate", "0.1", "--seed", "4"],
     )  # fmt: skip
-    assert vars(args) == {
-        "max_epochs": 3, "batch_size": 200, "devices": 1, "output_dir": "out", "num_groups": 7, "pre_periods": 3,
-        "num_rows": 900, "num_samples": 9, "learning_rate": 0.1, "seed": 4,
-    }  # fmt: skip
-    defaults = vars(recipe.parse_args([]))
-    assert {key: defaults[key] for key in ("num_rows", "num_groups", "pre_periods", "max_epochs", "batch_size")} == {
-        "num_rows": 20_000, "num_groups": 40, "pre_periods": 8, "max_epochs": 50, "batch_size": 1000,
-    }  # fmt: skip
-    assert (defaults["num_samples"], defaults["output_dir"]) == (200, None)
+    assert vars(config.model) == {"num_rows": 900, "num_groups": 7, "pre_periods": 3, "learning_rate": 0.1}
+    assert (config.trainer.max_epochs, config.trainer.devices, config.fit.batch_size) == (3, 1, 200)
+    assert (config.fit.num_samples, config.output_dir, config.seed) == (9, "out", 4)
+    defaults = parse(parser, [])
+    assert vars(defaults.model) == {"num_rows": 20_000, "num_groups": 40, "pre_periods": 8, "learning_rate": 0.05}
+    assert (defaults.trainer.max_epochs, defaults.fit.batch_size, defaults.fit.num_samples) == (50, 1000, 200)
+    assert defaults.output_dir is None

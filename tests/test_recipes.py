@@ -28,23 +28,25 @@ def scalars(log_dir: Path, tag: str) -> dict[int, float]:
 def test_custom_callback_logs_the_posterior_mean_every_epoch(tmp_path, capsys):
     recipe = load_recipe("custom_callback", RECIPES)
     summary = recipe.main(
-        ["--output-dir", str(tmp_path), "--num-rows", "4000", "--max-epochs", "6", "--batch-size", "100"]
-    )
+        ["--output_dir", str(tmp_path), "--model.num_rows", "4000", "--trainer.max_epochs", "6",
+         "--fit.batch_size", "100", "--trainer.enable_progress_bar", "false"]
+    )  # fmt: skip
+    log_dir = tmp_path / "logs"
     # The fit recovers the coefficients, and the callback followed them epoch by epoch.
     np.testing.assert_allclose(summary["beta_mean"], summary["beta_true"], atol=0.1)
     # Through the logging API, into the same TensorBoard run and CSV file as the built-in curves.
-    rows = pd.read_csv(tmp_path / "metrics.csv")
+    rows = pd.read_csv(log_dir / "metrics.csv")
     for index, fitted in enumerate(summary["beta_mean"]):
         tag = f"posterior_mean/beta_auto_loc/{index}"
-        means = scalars(tmp_path, tag)
+        means = scalars(log_dir, tag)
         assert sorted(means) == [39, 79, 119, 159, 199, 239]  # the last step of each 40-step epoch
         assert means[239] == np.float32(fitted)
         csv_means = rows[rows.metric == tag]
         assert csv_means.step.tolist() == [39, 79, 119, 159, 199, 239]
         assert csv_means.epoch.tolist() == list(range(6))
         assert csv_means.value.iloc[-1] == pytest.approx(fitted, rel=1e-6)
-    assert len(scalars(tmp_path, "train_loss_epoch")) == 6
-    assert f"TensorBoard logs in {tmp_path}" in capsys.readouterr().out
+    assert len(scalars(log_dir, "train_loss_epoch")) == 6
+    assert f"TensorBoard logs in {log_dir}" in capsys.readouterr().out
 
 
 def test_custom_callback_names_the_parameters_when_the_one_asked_for_is_missing(tmp_path):

@@ -24,6 +24,7 @@ __all__ = [
     "AimzWarning",
     "CheckpointError",
     "CheckpointWarning",
+    "CommandLineError",
     "ConfigurationError",
     "DataError",
     "DistributedError",
@@ -55,6 +56,11 @@ class CheckpointError(AimzTrainerError, OSError):
 
 class ConfigurationError(AimzTrainerError, ValueError):
     """A Trainer or fit argument has a value the library cannot use."""
+
+
+class CommandLineError(ConfigurationError):
+    """The ``aimz-trainer`` command was given an option, a config key or a value it cannot use
+    (the command exits with status 2); the message names the option and what it accepts."""
 
 
 class DataError(AimzTrainerError, ValueError):
