@@ -40,7 +40,7 @@ def succeeded(completed: subprocess.CompletedProcess) -> str:
 
 def hparams(log_dir: Path) -> dict[str, object]:
     """The hyperparameters of a TensorBoard run, as the HParams tab reads them."""
-    events = EventAccumulator(str(log_dir / "hparams"))
+    events = EventAccumulator(str(log_dir))  # the hparams are in the run itself
     events.Reload()
     content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
     info = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info

@@ -217,28 +217,22 @@ class TestDebugRuns:
 
     def test_sanity_validation_runs_before_training_and_changes_nothing(self):
         far = {"x": VAL["x"], "y": VAL["y"] + 1e20}  # finite rows no guide explains: lpd = -inf
-        sanity_warnings_at_fit_start = []
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            watcher = LambdaCallback(
-                on_fit_start=lambda fit, progress: sanity_warnings_at_fit_start.append(
-                    sum("sanity" in str(w.message) for w in caught)
+        runs = {}
+        for steps in (0, -1):
+            history, at_fit_start = ValidationHistory(), []
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                watcher = LambdaCallback(
+                    on_fit_start=lambda fit, progress, caught=caught, at=at_fit_start: at.append(
+                        sum("sanity" in str(w.message) for w in caught)
+                    )
                 )
-            )
-            trainer(max_epochs=1, callbacks=[watcher]).fit(linear_svi(NUM_ROWS), TRAIN, batch_size=BATCH, val_data=far)
-        sanity = [w for w in caught if issubclass(w.category, FitWarning) and "sanity" in str(w.message)]
-        assert len(sanity) == 1 and "val_lpd" in str(sanity[0].message) and sanity_warnings_at_fit_start == [1]
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            trainer(max_epochs=1, num_sanity_val_steps=0).fit(
-                linear_svi(NUM_ROWS), TRAIN, batch_size=BATCH, val_data=far
-            )
-        assert not [w for w in caught if "sanity" in str(w.message)]
-        results = []
-        for steps in (0, 2, -1):
-            history = ValidationHistory()
-            t = trainer(max_epochs=2, num_sanity_val_steps=steps, callbacks=[history])
-            results.append((t.fit(linear_svi(NUM_ROWS), TRAIN, batch_size=BATCH, val_data=VAL).losses, history.rows))
-        for losses, rows in results[1:]:
-            np.testing.assert_array_equal(losses, results[0][0])
-            assert rows == results[0][1]
+                t = trainer(max_epochs=2, num_sanity_val_steps=steps, callbacks=[watcher, history])
+                losses = t.fit(linear_svi(NUM_ROWS), TRAIN, batch_size=BATCH, val_data=far).losses
+            sanity = [w for w in caught if issubclass(w.category, FitWarning) and "sanity" in str(w.message)]
+            runs[steps] = losses, history.rows, sanity, at_fit_start
+        assert not runs[0][2] and runs[0][3] == [0]
+        # The check ran before the fit started, and warned of the non-finite lpd.
+        assert len(runs[-1][2]) == 1 and "val_lpd" in str(runs[-1][2][0].message) and runs[-1][3] == [1]
+        np.testing.assert_array_equal(runs[-1][0], runs[0][0])  # and changed nothing
+        assert runs[-1][1] == runs[0][1] and len(runs[0][1]) == 2 and runs[0][1][0][2] == -np.inf

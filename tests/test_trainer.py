@@ -241,9 +241,9 @@ class TestProgressBar:
         monkeypatch.setattr("sys.stdout.isatty", lambda: True)
         monkeypatch.delenv("CI", raising=False)
         assert any(isinstance(c, ProgressBar) for c in Trainer(max_epochs=1).callbacks)
-        assert not Trainer(max_epochs=1, enable_progress_bar=False).callbacks
+        assert not Trainer(max_epochs=1, enable_progress_bar=False, enable_model_summary=False).callbacks
         monkeypatch.setenv("CI", "true")
-        assert not Trainer(max_epochs=1).callbacks
+        assert not Trainer(max_epochs=1, enable_model_summary=False).callbacks
 
     def test_draws_one_bar_per_epoch(self, make_linear, capsys):
         svi, data = make_linear(400)

@@ -168,7 +168,8 @@ class Trainer:
         ...         numpyro.sample("y", dist.Normal(w * x, 1.0), obs=y)
         >>> x = np.linspace(-1, 1, 1000, dtype=np.float32); y = 2 * x
         >>> svi = SVI(model, AutoNormal(model), adam(0.05), Trace_ELBO())
-        >>> trainer = Trainer(max_epochs=20, rng_key=jax.random.key(0), enable_progress_bar=False)
+        >>> trainer = Trainer(max_epochs=20, rng_key=jax.random.key(0), enable_progress_bar=False,
+        ...                   enable_model_summary=False)
         >>> result = trainer.fit(svi, {"x": x[:800], "y": y[:800]}, batch_size=100,
         ...                      val_data={"x": x[800:], "y": y[800:]}, num_samples=10)
         >>> result.losses.shape, result.posterior["w"].shape
