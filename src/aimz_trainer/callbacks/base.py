@@ -102,8 +102,9 @@ class Callback:
 
     def step_interval(self, fit: FitContext) -> int | None:
         """Steps between the points where this callback must see the fit (e.g. a checkpoint
-        every N steps): compiled chunks end at every multiple, and the fit waits for such a
-        chunk before starting the next. ``None``: epoch ends are enough. Asked once, before
+        every N steps): compiled chunks end at every multiple, so the hooks see the state exactly
+        there (the next chunk already runs on the devices meanwhile; a stop requested then drops
+        it). ``None``: epoch ends are enough. Asked once, before
         the fit is planned (``fit.settings`` and ``fit.mesh`` are there, ``fit.plan`` not yet)."""
         return None
 
