@@ -743,7 +743,6 @@ class TestBadCheckpoints:
         ("case", "error", "message"),
         [
             ("last_without_a_store", CheckpointError, "has none: add ModelCheckpoint"),
-            ("last_with_nothing_saved", CheckpointError, "holds no checkpoint yet"),
             ("missing_step", CheckpointError, r"no checkpoint of that step; the steps saved are \[7, 10, 14, 20\]"),
             ("fit_already_done", CheckpointError, "is at step 20, and this fit ends at step 20: raise max_epochs"),
             ("other_batch_size", CheckpointError, "batch_size: 100 in the checkpoint, 50 now"),
@@ -754,16 +753,22 @@ class TestBadCheckpoints:
         dirpath = copy_checkpoints(stopped_at_20, tmp_path / "checkpoints")
         before = snapshot(dirpath)
         recorder = Recorder()
-        callbacks = {
-            "last_without_a_store": [recorder],
-            "last_with_nothing_saved": [recorder, store(tmp_path / "empty")],
-        }.get(case, [recorder, store(dirpath)])
+        callbacks = {"last_without_a_store": [recorder]}.get(case, [recorder, store(dirpath)])
         trainer = make_trainer(callbacks, max_epochs=2 if case == "fit_already_done" else MAX_EPOCHS)
         ckpt_path = {"missing_step": 15, "not_a_path": 1.5}.get(case, "last")
         with pytest.raises(error, match=message):
             fit(trainer, ckpt_path=ckpt_path, batch_size=50 if case == "other_batch_size" else BATCH_SIZE)
         assert recorder.calls == []
         assert snapshot(dirpath) == before
+
+
+def test_last_with_nothing_saved_yet_starts_the_fit_with_a_warning(tmp_path):
+    """A requeued job runs one script: its first run has no checkpoint to continue."""
+    fresh = fit(make_trainer([store(tmp_path / "a")], max_epochs=1))
+    with pytest.warns(CheckpointWarning, match="holds no checkpoint yet: the fit starts from the beginning"):
+        started = fit(make_trainer([store(tmp_path / "b")], max_epochs=1), ckpt_path="last")
+    np.testing.assert_array_equal(started.losses, fresh.losses)
+    assert checkpoint_steps(tmp_path / "b") == checkpoint_steps(tmp_path / "a") != []
 
 
 # -- callback state across a resume ------------------------------------------------------------

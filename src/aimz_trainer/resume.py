@@ -71,10 +71,11 @@ class ResumePoint(NamedTuple):
         return jax.random.wrap_key_data(np.asarray(key["data"], np.uint32), impl=key["impl"])
 
 
-def open_checkpoint(ckpt_path: Any, callbacks: Sequence[Callback]) -> ResumePoint:
+def open_checkpoint(ckpt_path: Any, callbacks: Sequence[Callback]) -> ResumePoint | None:
     """Find and read the checkpoint to resume from (nothing is written). ``"last"`` and a
-    directory skip damaged newer checkpoints with a warning; a step or a step directory is
-    that checkpoint or an error. ``"last"`` and steps refer to the first callback with a
+    directory skip damaged newer checkpoints with a warning; ``"last"`` when nothing is saved
+    yet is ``None``, with a warning (a job's first run, the script of its resumes); a step or a
+    step directory is that checkpoint or an error. ``"last"`` and steps refer to the first callback with a
     :meth:`~aimz_trainer.callbacks.Callback.checkpoint_directory`."""
     last = isinstance(ckpt_path, str) and ckpt_path == "last"  # an array would compare elementwise
     if last or (isinstance(ckpt_path, int) and not isinstance(ckpt_path, bool)):
@@ -87,8 +88,12 @@ def open_checkpoint(ckpt_path: Any, callbacks: Sequence[Callback]) -> ResumePoin
         directory = directories[0]
         if last:
             newest = newest_checkpoint(directory)
-            if newest is None:
-                raise CheckpointError(f"ckpt_path='last' but {str(directory)!r} holds no checkpoint yet.")
+            if newest is None:  # a requeued job's first run: the same script starts the fit
+                warn_checkpoint(
+                    f"ckpt_path='last' but {str(directory)!r} holds no checkpoint yet: the fit starts from the "
+                    "beginning."
+                )
+                return None
             step_dir = newest
         elif not (directory / str(ckpt_path)).is_dir():
             raise CheckpointError(

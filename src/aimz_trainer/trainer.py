@@ -38,7 +38,7 @@ from aimz_trainer.data import (
     place_data,
     resolve_placement,
 )
-from aimz_trainer.errors import ConfigurationError
+from aimz_trainer.errors import CheckpointError, ConfigurationError
 from aimz_trainer.evaluation import EvaluationSource, evaluate
 from aimz_trainer.fit_inputs import FitInputs, check_fit_inputs
 from aimz_trainer.loop import ChunkLoop, Records
@@ -441,7 +441,10 @@ class Trainer:
         if ckpt_path is not None:
             if params is not None:
                 raise ConfigurationError("pass ckpt_path or params, not both.")
-            checkpoint = load_checkpoint(open_checkpoint(ckpt_path, self.callbacks).step_dir)
+            resume = open_checkpoint(ckpt_path, self.callbacks)
+            if resume is None:
+                raise CheckpointError(f"ckpt_path={ckpt_path!r}: there is no checkpoint to evaluate yet.")
+            checkpoint = load_checkpoint(resume.step_dir)
             fit = checkpoint.meta["fit"]
             return EvaluationSource(
                 checkpoint.params,
