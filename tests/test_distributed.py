@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -187,6 +188,44 @@ def test_launch_gives_every_process_one_hash_seed(capfd):
     assert distributed.launch(command, 2, environ={**unset, "PYTHONHASHSEED": "7"}) == 0
     lines = sorted(line for line in capfd.readouterr().out.splitlines() if "hash seed" in line)
     assert lines == ["[process 1] hash seed 0", "[process 1] hash seed 7", "hash seed 0", "hash seed 7"]
+
+
+CHILD_WAITING_FOR_A_SIGNAL = """
+import os, signal, sys, time
+rank = os.environ["AIMZ_PROCESS_ID"]
+def stop(signum, frame):
+    os.write(1, f"process {rank} got {signum}\\n".encode())
+    sys.exit(128 + signum)
+signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGUSR1, stop)
+os.write(1, f"ready {rank}\\n".encode())
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_launch_passes_a_preemption_signal_on_to_every_process(signum):
+    launcher = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from aimz_trainer import distributed; "
+            f"sys.exit(distributed.launch([sys.executable, '-c', {CHILD_WAITING_FOR_A_SIGNAL!r}], 2))",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    ready = set()
+    while len(ready) < 2:
+        line = launcher.stdout.readline()
+        assert line, "the launcher ended before its processes were ready"
+        ready.add(line.split()[-1])
+    launcher.send_signal(signum)
+    rest = launcher.stdout.read()
+    assert launcher.wait(timeout=60) == 128 + signum
+    got = sorted(line.removeprefix("[process 1] ") for line in rest.splitlines() if " got " in line)
+    assert got == [f"process 0 got {int(signum)}", f"process 1 got {int(signum)}"]  # each heard it itself
+    launcher.stdout.close()
 
 
 def test_cluster_spec_sources():

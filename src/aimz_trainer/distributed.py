@@ -21,15 +21,17 @@ Without any of them the run is a single process and :func:`initialize` does noth
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import jax
@@ -300,7 +302,10 @@ def launch(
     :func:`with_fixed_hash_seed`). Process 0's output is shown as
     is; the others' output lines are prefixed with their number. When a process fails, the
     others get ``grace_s`` seconds to stop on their own (they notice through the runtime's
-    heartbeat), then are terminated.
+    heartbeat), then are terminated, and killed after as long again (a process of a
+    ``jax.distributed`` run outside a fit may not act on SIGTERM). SIGTERM and SIGUSR1 sent to
+    the launcher are passed on to every process, so a preempted run checkpoints and exits as
+    one (:mod:`aimz_trainer.preemption`).
 
     Returns:
         0 when every process succeeded, else the first failure's exit status.
@@ -328,15 +333,18 @@ def launch(
         for thread in _relay(process, f"[process {rank}] ")
     ]
     status, failed_at = 0, None
-    while any(p.poll() is None for p in processes):
-        codes = [p.poll() for p in processes]
-        if failed_at is None and any(code not in (None, 0) for code in codes):
-            failed_at = time.monotonic()
-        if failed_at is not None and time.monotonic() - failed_at > grace_s:
+    with _signals_passed_on(processes):
+        while any(p.poll() is None for p in processes):
+            codes = [p.poll() for p in processes]
+            if failed_at is None and any(code not in (None, 0) for code in codes):
+                failed_at = time.monotonic()
+            waited = 0.0 if failed_at is None else time.monotonic() - failed_at
             for p in processes:
-                if p.poll() is None:
+                if p.poll() is None and waited > 2 * grace_s:
+                    p.kill()
+                elif p.poll() is None and waited > grace_s:
                     p.terminate()
-        time.sleep(0.1)
+            time.sleep(0.1)
     for thread in relays:  # the pipes are closed: the last lines are being copied
         thread.join()
     for rank, process in enumerate(processes):
@@ -344,6 +352,28 @@ def launch(
             print(f"aimz-trainer: process {rank} of {num_processes} exited with {process.returncode}", file=sys.stderr)
             status = status or process.returncode
     return status
+
+
+@contextlib.contextmanager
+def _signals_passed_on(processes: Sequence[subprocess.Popen[str]]) -> Iterator[None]:
+    """Inside: SIGTERM and SIGUSR1 received by this process are sent to every child still
+    running (main thread only: elsewhere Python cannot set handlers); the previous handlers
+    are put back on exit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def pass_on(signum: int, frame: object) -> None:
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signum)
+
+    previous = {signum: signal.signal(signum, pass_on) for signum in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _relay(process: subprocess.Popen[str], prefix: str) -> list[threading.Thread]:
