@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 from collections.abc import Callable
 
 import jax
@@ -16,6 +20,22 @@ from optax import adam
 from aimz_trainer import Callback, make_mesh
 from tests.predictor_worker import ROWS_PER_KEY, dyadic_posterior
 from tests.predictor_worker import linear_model as dyadic_model
+
+# One XLA compilation cache for the session and every subprocess it starts (they inherit the
+# environment): the suite compiles the same few programs hundreds of times, and an executable
+# read from the cache is the one the compile would give, so results are unchanged. Set before
+# the first compile (conftest loads before any test); removed at exit.
+_XLA_CACHE_DIR = tempfile.mkdtemp(prefix="aimz-tests-xla-cache-")
+atexit.register(shutil.rmtree, _XLA_CACHE_DIR, ignore_errors=True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE_DIR)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+for _flag, _kind in [
+    ("jax_compilation_cache_dir", str),
+    ("jax_persistent_cache_min_compile_time_secs", float),
+    ("jax_persistent_cache_min_entry_size_bytes", int),
+]:
+    jax.config.update(_flag, _kind(os.environ[_flag.upper()]))
 
 TRUE_SLOPE, TRUE_INTERCEPT, NOISE = 2.0, -0.5, 0.3
 
