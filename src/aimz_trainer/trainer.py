@@ -33,6 +33,7 @@ from aimz_trainer.data import (
     Placement,
     data_bytes,
     device_data_budget,
+    is_lazy_source,
     leading_batch,
     make_chunk_loader,
     place_data,
@@ -510,7 +511,11 @@ class Trainer:
         Args:
             svi: a ``numpyro.infer.SVI`` (model, guide, optimizer, loss).
             train_data: keyword name -> array (NumPy or JAX), one row per observation; each
-                batch is passed to the model as these keyword arguments.
+                batch is passed to the model as these keyword arguments. An array may be a
+                lazy source, read by rows and never whole (a ``zarr.Array``, an ``np.memmap``,
+                any object with ``shape``, ``dtype`` and row slicing:
+                :func:`~aimz_trainer.data.is_lazy_source`); the losses are those of the same
+                fit from NumPy arrays with ``data_placement="host"``.
             batch_size: rows per step (the global batch, split over the mesh's devices; any
                 size: one that does not split evenly is padded with rows masked out of the
                 ELBO, :mod:`aimz_trainer.data`).
@@ -528,7 +533,8 @@ class Trainer:
                 :mod:`aimz_trainer.data` explains both).
             data_placement: ``"device"`` keeps the arrays on the devices and gathers batches
                 there; ``"host"`` gathers them on the host and streams them; ``"auto"`` picks
-                ``"device"`` when the data fit :func:`~aimz_trainer.data.device_data_budget`.
+                ``"device"`` when the data fit :func:`~aimz_trainer.data.device_data_budget`
+                and hold no lazy source (logged to ``aimz_trainer.data`` at level INFO).
             ckpt_path: resume from a checkpoint: ``"last"`` (the newest usable one of the
                 fit's :class:`~aimz_trainer.callbacks.ModelCheckpoint`; damaged newer ones are
                 skipped with a :class:`~aimz_trainer.errors.CheckpointWarning`), a step
@@ -588,6 +594,7 @@ class Trainer:
             data_placement,
             data_bytes(inputs.arrays, inputs.val_arrays),
             device_data_budget(self.mesh.local_devices[0], self.mesh.local_mesh.size),
+            lazy=any(map(is_lazy_source, [*inputs.arrays.values(), *(inputs.val_arrays or {}).values()])),
         )
         train = place_data(inputs.arrays, self.placement, self.mesh)
         source = ChunkSource(

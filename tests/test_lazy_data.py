@@ -1,0 +1,230 @@
+"""Data larger than memory: fits from lazy sources (Zarr v3 and v2 stores, memory-mapped NumPy,
+a generic sliceable object) equal the same fits from NumPy arrays, bit for bit; a source is read
+by rows (each fit reads each row once an epoch, plus the checks' sample), never whole; a fit
+from a Zarr store resumes exactly from its checkpoint.
+
+The data: 4,096 rows of ``linear_data``, batches of 256 (16 steps an epoch), 2 epochs. At 4,096
+rows the checks' sample (:func:`~aimz_trainer.data.sample_indices`) is every 4th row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import zarr
+
+from aimz_trainer import ModelCheckpoint, Trainer
+from aimz_trainer.data import (
+    digest_rows,
+    is_lazy_source,
+    read_rows,
+    require_finite_rows,
+    resolve_placement,
+    sample_indices,
+    validate_data,
+)
+from aimz_trainer.errors import DataError
+from aimz_trainer.resume import data_digest
+
+from .conftest import Recorder, linear_data, linear_svi
+
+NUM_ROWS, BATCH_SIZE, MAX_EPOCHS = 4096, 256, 2
+STEPS = MAX_EPOCHS * NUM_ROWS // BATCH_SIZE  # 32
+DATA = linear_data(NUM_ROWS)
+
+
+class CountingRows:
+    """A generic lazy source (``shape``, ``dtype``, row slicing) that records every read."""
+
+    def __init__(self, source) -> None:
+        self.source = source
+        self.shape, self.dtype = tuple(source.shape), np.dtype(source.dtype)
+        self.reads: list[tuple[int, int]] = []
+
+    def __getitem__(self, rows):
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise TypeError(f"CountingRows takes row slices only; got {rows!r}")
+        start, stop, _ = rows.indices(self.shape[0])
+        self.reads.append((start, stop))
+        return np.asarray(self.source[start:stop])
+
+    def rows_read(self) -> np.ndarray:
+        """How many times each row was read."""
+        counts = np.zeros(self.shape[0], np.int64)
+        for start, stop in self.reads:
+            counts[start:stop] += 1
+        return counts
+
+
+def write_zarr(directory: Path, zarr_format: int) -> dict[str, zarr.Array]:
+    arrays = {}
+    for name, values in DATA.items():
+        array = zarr.create_array(
+            directory / f"{name}.zarr", shape=values.shape, chunks=(500,), dtype=values.dtype, zarr_format=zarr_format
+        )
+        array[:] = values
+        arrays[name] = zarr.open_array(directory / f"{name}.zarr", mode="r")
+    return arrays
+
+
+def write_memmaps(directory: Path) -> dict[str, np.memmap]:
+    for name, values in DATA.items():
+        np.save(directory / f"{name}.npy", values)
+    return {name: np.load(directory / f"{name}.npy", mmap_mode="r") for name in DATA}
+
+
+def sources(kind: str, directory: Path) -> dict:
+    if kind == "zarr3":
+        return write_zarr(directory, 3)
+    if kind == "zarr2":
+        return write_zarr(directory, 2)
+    if kind == "memmap":
+        return write_memmaps(directory)
+    return {name: CountingRows(values) for name, values in DATA.items()}
+
+
+def make_trainer(callbacks=(), seed: int = 0) -> Trainer:
+    return Trainer(
+        max_epochs=MAX_EPOCHS, rng_key=jax.random.key(seed), enable_progress_bar=False, callbacks=list(callbacks)
+    )
+
+
+def fit(data, callbacks=(), *, seed: int = 0, **kwargs):
+    return make_trainer(callbacks, seed).fit(linear_svi(NUM_ROWS), data, batch_size=BATCH_SIZE, **kwargs)
+
+
+def assert_bitwise_equal(result, reference) -> None:
+    np.testing.assert_array_equal(result.losses, reference.losses, strict=True)
+    assert sorted(result.params) == sorted(reference.params)
+    for name, value in reference.params.items():
+        np.testing.assert_array_equal(np.asarray(result.params[name]), np.asarray(value), err_msg=name, strict=True)
+
+
+@pytest.fixture(scope="module")
+def in_memory():
+    """The reference: the same fit from the NumPy arrays, gathered on the host."""
+    return fit(DATA, data_placement="host")
+
+
+class TestFitFromASource:
+    @pytest.mark.parametrize("kind", ["zarr3", "zarr2", "memmap", "generic"])
+    def test_losses_and_params_are_those_of_the_fit_from_numpy(self, kind, in_memory, tmp_path):
+        data = sources(kind, tmp_path)
+        assert all(map(is_lazy_source, data.values()))
+        trainer = make_trainer()
+        result = trainer.fit(linear_svi(NUM_ROWS), data, batch_size=BATCH_SIZE)
+        assert trainer.placement == "host"  # "auto" keeps a lazy source on the host
+        assert result.losses.shape == (STEPS,)
+        assert_bitwise_equal(result, in_memory)
+
+    def test_each_row_is_read_once_an_epoch_plus_the_sample_and_the_leading_batch(self, in_memory, tmp_path):
+        data = {name: CountingRows(array) for name, array in write_zarr(tmp_path, 3).items()}
+        result = fit(data)
+        assert_bitwise_equal(result, in_memory)
+        expected = np.full(NUM_ROWS, MAX_EPOCHS)
+        expected[sample_indices(NUM_ROWS)] += 1  # the NaN check before the fit
+        expected[:BATCH_SIZE] += 1  # the leading batch (fixed rows the posterior draws are computed on)
+        for name, source in data.items():
+            np.testing.assert_array_equal(source.rows_read(), expected, err_msg=name)
+        # A checkpointing fit also digests the data: the same sample, read again.
+        data = {name: CountingRows(array) for name, array in DATA.items()}
+        fit(data, [ModelCheckpoint(tmp_path / "checkpoints")])
+        expected[sample_indices(NUM_ROWS)] += 1
+        np.testing.assert_array_equal(data["x"].rows_read(), expected)
+
+    def test_validation_data_from_a_source(self, tmp_path):
+        val = linear_data(600, seed=1)
+        (tmp_path / "val").mkdir()
+        np.save(tmp_path / "val" / "x.npy", val["x"])
+        lazy_val = {"x": np.load(tmp_path / "val" / "x.npy", mmap_mode="r"), "y": CountingRows(val["y"])}
+        reference = fit(DATA, data_placement="host", val_data=val)
+        result = fit(DATA, val_data=lazy_val)
+        assert_bitwise_equal(result, reference)
+        # The check's sample first (all 600 rows: a sample of fewer than 2,048 rows is every row), then
+        # batch by batch, the last batch wrapping around to the first rows.
+        reads = lazy_val["y"].reads
+        assert reads[0] == (0, 600)
+        assert set(reads[1:]) == {(0, 256), (256, 512), (0, 168), (512, 600)}
+
+
+class TestResume:
+    def test_a_stopped_fit_from_zarr_resumed_from_its_checkpoint_equals_the_uninterrupted_fit(
+        self, in_memory, tmp_path
+    ):
+        data = write_zarr(tmp_path, 3)
+        dirpath = tmp_path / "checkpoints"
+        # Chunks end at the saves: steps 8, 16, 24, 32; the third chunk ends mid-epoch 2.
+        stopped = fit(data, [Recorder(stop_after_chunks=3), ModelCheckpoint(dirpath, every_n_train_steps=8)])
+        assert stopped.losses.shape == (24,)
+        recorder = Recorder()
+        resumed = fit(data, [recorder, ModelCheckpoint(dirpath, every_n_train_steps=8)], seed=5, ckpt_path="last")
+        assert recorder.calls[0][:2] == ("fit_start", 24)
+        assert_bitwise_equal(resumed, in_memory)
+
+    def test_the_digest_of_a_source_is_that_of_the_same_data_in_memory(self, tmp_path):
+        data = sources("zarr3", tmp_path)
+        assert data_digest(data) == data_digest(DATA)
+        changed = {**DATA, "x": DATA["x"].copy()}
+        changed["x"][sample_indices(NUM_ROWS)[3]] += 1
+        assert data_digest(data) != data_digest(changed)
+
+
+class TestChecks:
+    def test_validate_data_reads_metadata_only(self):
+        source = CountingRows(np.zeros((10, 3), np.float64))
+        arrays, n = validate_data({"X": source})
+        assert n == 10 and arrays["X"] is source and source.reads == []
+
+    def test_a_source_of_text_is_refused_naming_its_dtype(self):
+        with pytest.raises(DataError, match=r"train_data\['X'\] has dtype <U1; expected a boolean"):
+            validate_data({"X": CountingRows(np.array(["a", "b"]))})
+
+    def test_a_nan_in_the_sample_is_found_before_the_fit(self):
+        values = np.zeros(4096, np.float32)
+        values[8] = np.nan
+        source = CountingRows(values)
+        with pytest.raises(DataError, match=r"train_data\['x'\] holds nan at row 8 \(a row of the sample"):
+            require_finite_rows("train_data", {"x": source}, "fill it.")
+        np.testing.assert_array_equal(np.flatnonzero(source.rows_read()), sample_indices(4096))
+
+    def test_a_nan_outside_the_sample_stops_the_fit_when_its_chunk_is_read(self):
+        data = {name: values.copy() for name, values in DATA.items()}
+        data["y"][4093] = np.inf  # not a multiple of 4: outside the sample
+        with pytest.raises(DataError, match=r"the lazy source 'y' holds inf at row 4093"):
+            fit({"x": data["x"], "y": CountingRows(data["y"])})
+
+    def test_auto_placement_says_why_it_chose_the_host(self, caplog):
+        with caplog.at_level(logging.INFO, logger="aimz_trainer.data"):
+            assert resolve_placement("auto", 10, 100, lazy=True) == "host"
+            assert resolve_placement("auto", 1000, 100) == "host"
+            assert resolve_placement("auto", 10, 100) == "device"
+        assert [record.getMessage() for record in caplog.records] == [
+            "data placement 'host': the data hold a lazy source (zarr, memmap, ...), read by rows on the host, "
+            "never whole",
+            "data placement 'host': the data (1000 bytes) exceed the device budget (100 bytes)",
+            "data placement 'device': the data (10 bytes) fit the device budget (100 bytes)",
+        ]
+
+
+def test_read_rows_reads_each_distinct_row_once_in_runs():
+    values = np.arange(40, dtype=np.float32).reshape(20, 2)
+    source = CountingRows(values)
+    indices = np.array([[9, 3, 4, 5], [3, 17, 18, 0]])
+    np.testing.assert_array_equal(read_rows(source, indices), values[indices])
+    assert source.reads == [(0, 1), (3, 6), (9, 10), (17, 19)]
+
+
+def test_digest_rows_of_a_memmap_and_a_generic_source_match_numpy(tmp_path):
+    def hexdigest(arrays):
+        digest = hashlib.sha256()
+        digest_rows(digest, arrays)
+        return digest.hexdigest()
+
+    memmaps = write_memmaps(tmp_path)
+    generic = {name: CountingRows(values) for name, values in DATA.items()}
+    assert hexdigest(memmaps) == hexdigest(generic) == hexdigest(DATA)
