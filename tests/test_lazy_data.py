@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 import zarr
 
-from aimz_trainer import ModelCheckpoint, Trainer
+from aimz_trainer import BlockShuffle, CheckpointError, ConfigurationError, ModelCheckpoint, Trainer
 from aimz_trainer.data import (
+    ChunkSource,
     digest_rows,
     is_lazy_source,
     read_rows,
@@ -29,6 +30,7 @@ from aimz_trainer.data import (
     validate_data,
 )
 from aimz_trainer.errors import DataError
+from aimz_trainer.plan import FitPlan
 from aimz_trainer.resume import data_digest
 
 from .conftest import Recorder, linear_data, linear_svi
@@ -153,18 +155,26 @@ class TestFitFromASource:
 
 
 class TestResume:
+    @pytest.mark.parametrize("shuffle", [True, BlockShuffle(block_rows=128, window_blocks=4)], ids=["rows", "blocks"])
     def test_a_stopped_fit_from_zarr_resumed_from_its_checkpoint_equals_the_uninterrupted_fit(
-        self, in_memory, tmp_path
+        self, in_memory, tmp_path, shuffle
     ):
         data = write_zarr(tmp_path, 3)
+        reference = in_memory if shuffle is True else fit(DATA, data_placement="host", shuffle=shuffle)
         dirpath = tmp_path / "checkpoints"
         # Chunks end at the saves: steps 8, 16, 24, 32; the third chunk ends mid-epoch 2.
-        stopped = fit(data, [Recorder(stop_after_chunks=3), ModelCheckpoint(dirpath, every_n_train_steps=8)])
+        saves = ModelCheckpoint(dirpath, every_n_train_steps=8)
+        stopped = fit(data, [Recorder(stop_after_chunks=3), saves], shuffle=shuffle)
         assert stopped.losses.shape == (24,)
         recorder = Recorder()
-        resumed = fit(data, [recorder, ModelCheckpoint(dirpath, every_n_train_steps=8)], seed=5, ckpt_path="last")
+        resumed = fit(
+            data, [recorder, ModelCheckpoint(dirpath, every_n_train_steps=8)], seed=5, ckpt_path="last", shuffle=shuffle
+        )
         assert recorder.calls[0][:2] == ("fit_start", 24)
-        assert_bitwise_equal(resumed, in_memory)
+        assert_bitwise_equal(resumed, reference)
+        if shuffle is not True:  # the exact permutation would read other batches: refused
+            with pytest.raises(CheckpointError, match=r"shuffle: \{'block_rows': 128, 'window_blocks': 4\} in the"):
+                fit(data, [ModelCheckpoint(dirpath, every_n_train_steps=8)], ckpt_path="last")
 
     def test_the_digest_of_a_source_is_that_of_the_same_data_in_memory(self, tmp_path):
         data = sources("zarr3", tmp_path)
@@ -228,3 +238,50 @@ def test_digest_rows_of_a_memmap_and_a_generic_source_match_numpy(tmp_path):
     memmaps = write_memmaps(tmp_path)
     generic = {name: CountingRows(values) for name, values in DATA.items()}
     assert hexdigest(memmaps) == hexdigest(generic) == hexdigest(DATA)
+
+
+class TestBlockShuffle:
+    def test_an_epoch_order_is_a_permutation_of_whole_blocks_shuffled_in_windows(self):
+        shuffle = BlockShuffle(block_rows=10, window_blocks=3)
+        order = shuffle.order(1005, np.random.default_rng([1, 2, 0]))  # 101 blocks, the last of 5 rows
+        np.testing.assert_array_equal(np.sort(order), np.arange(1005))
+        blocks_seen, start = [], 0
+        while start < 1005:  # windows of 3 whole blocks (the last of 2), shuffled inside
+            # Rows of a window never mix with the next one's: its blocks are the first 3 met.
+            blocks = list(dict.fromkeys((order[start:] // 10).tolist()))[:3]
+            rows = np.concatenate([np.arange(b * 10, min(b * 10 + 10, 1005)) for b in sorted(blocks)])
+            np.testing.assert_array_equal(np.sort(order[start : start + len(rows)]), rows)
+            assert not np.array_equal(order[start : start + len(rows)], rows)
+            blocks_seen.extend(blocks)
+            start += len(rows)
+        assert sorted(blocks_seen) == list(range(101)) and blocks_seen != sorted(blocks_seen)
+        np.testing.assert_array_equal(order, shuffle.order(1005, np.random.default_rng([1, 2, 0])))
+        assert not np.array_equal(order, shuffle.order(1005, np.random.default_rng([1, 2, 1])))
+
+    def test_a_chunk_of_one_window_reads_its_blocks_in_as_many_slices(self):
+        plan = FitPlan.create(100_000, 1000, drop_last=False, max_epochs=1, max_steps=None, steps_per_chunk=4)
+        shuffled = ChunkSource(
+            plan, seed=[3], shuffle=BlockShuffle(block_rows=1000, window_blocks=4), process_index=0, process_count=1
+        )
+        exact = ChunkSource(plan, seed=[3], shuffle=True, process_index=0, process_count=1)
+        values = np.arange(100_000, dtype=np.float32)
+        for chunk in range(3):
+            source = CountingRows(values)
+            record = shuffled[chunk]
+            np.testing.assert_array_equal(read_rows(source, record["indices"]), values[record["indices"]])
+            assert len(source.reads) <= 4 and source.rows_read().sum() == 4000
+        source = CountingRows(values)
+        read_rows(source, exact[0]["indices"])
+        assert len(source.reads) > 1000  # the exact permutation: mostly single rows
+
+    def test_a_fit_with_a_block_shuffle_from_zarr_equals_the_fit_from_numpy(self, tmp_path):
+        shuffle = BlockShuffle(block_rows=100, window_blocks=5)
+        reference = fit(DATA, data_placement="host", shuffle=shuffle)
+        result = fit(write_zarr(tmp_path, 2), shuffle=shuffle)
+        assert_bitwise_equal(result, reference)
+
+    @pytest.mark.parametrize("bad", [{"block_rows": 0}, {"window_blocks": 2.5}, {"block_rows": True}])
+    def test_sizes_must_be_positive_ints(self, bad):
+        name, value = next(iter(bad.items()))
+        with pytest.raises(ConfigurationError, match=rf"BlockShuffle's {name} must be a positive int; got {value!r}"):
+            BlockShuffle(**bad)

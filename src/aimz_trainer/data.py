@@ -12,6 +12,14 @@ Shuffling is a NumPy permutation seeded by ``(seed, epoch)``: a new order every 
 same order for the same seed, independent of the device and process count. Rows inside a batch
 are sorted (the batch is a set; sorted gathers are cache friendly).
 
+On disk an exact permutation makes every batch a scatter of single-row reads. Passing
+``shuffle=BlockShuffle(block_rows, window_blocks)`` instead orders an epoch by a seeded
+permutation of fixed blocks of ``block_rows`` consecutive rows, then shuffles the rows inside
+each window of ``window_blocks`` consecutive blocks of that order: a chunk aligned with the
+windows reads a few whole blocks. Like the exact permutation it is a pure function of
+``(seed, epoch)`` and the two sizes (a checkpoint records them), so a resumed fit reads the
+same batches; it is opt-in, and ``shuffle=True`` keeps the exact per-row permutation.
+
 The last partial batch (``n % batch_size`` rows) is, by default, completed with the first rows
 of the same epoch's permutation, so every row is seen at least once per epoch and every step
 has the same shape; with ``drop_last=True`` it is dropped instead (a different remainder each
@@ -41,6 +49,7 @@ columns with weight 0.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -60,6 +69,7 @@ from aimz_trainer.sharding import place_replicated
 
 __all__ = [
     "NONFINITE_ROWS",
+    "BlockShuffle",
     "ChunkSource",
     "PlacedData",
     "Placement",
@@ -400,6 +410,56 @@ def place_data(arrays: Mapping[str, Any], placement: Literal["device", "host"], 
     return PlacedData({}, host, num_rows)
 
 
+@dataclasses.dataclass(frozen=True)
+class BlockShuffle:
+    """An epoch order for data on disk: a seeded permutation of blocks of ``block_rows``
+    consecutive rows, the rows then shuffled inside each window of ``window_blocks``
+    consecutive blocks of that order (the module docstring). Pass it as ``fit``'s ``shuffle``.
+
+    Batches mix rows of ``window_blocks`` blocks only: pick a window of several batches
+    (``block_rows * window_blocks >= batch_size``; more for a better mix) and blocks of about
+    a storage chunk (a Zarr chunk's rows) so that each block is one read.
+
+    Example:
+        Blocks of 2 rows, windows of 2 blocks: the first window holds the blocks ``[0, 1]`` and
+        ``[4, 5]``, the second ``[2, 3]`` and ``[6, 7]``, each window's rows shuffled.
+
+        >>> BlockShuffle(block_rows=2, window_blocks=2).order(8, np.random.default_rng(0)).tolist()
+        [1, 0, 5, 4, 3, 7, 2, 6]
+    """
+
+    block_rows: int = 4096
+    window_blocks: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("block_rows", "window_blocks"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+                raise ConfigurationError(f"BlockShuffle's {name} must be a positive int; got {value!r}.")
+
+    def order(self, num_rows: int, rng: np.random.Generator) -> np.ndarray:
+        """One epoch's order of ``num_rows`` rows (int64), drawn from ``rng``."""
+        size = int(self.block_rows)
+        starts = rng.permutation(-(-num_rows // size)) * size
+        lengths = np.minimum(starts + size, num_rows) - starts
+        # Row i of the order is start of its block + its place in the block.
+        order = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths) + np.arange(num_rows)
+        # Windows start at block boundaries: all hold window_blocks * block_rows rows but the one
+        # with the short last block and the last one, shuffled on their own.
+        edges = np.concatenate([[0], np.cumsum(lengths)])[:: int(self.window_blocks)]
+        edges = np.unique(np.concatenate([edges, [num_rows]]))
+        sizes, window = np.diff(edges), size * int(self.window_blocks)
+        positions = edges[:-1][sizes == window, None] + np.arange(window)
+        order[positions] = rng.permuted(order[positions], axis=1)
+        for start, stop in zip(edges[:-1][sizes != window], edges[1:][sizes != window], strict=True):
+            order[start:stop] = rng.permutation(order[start:stop])
+        return order
+
+    def record(self) -> dict[str, int]:
+        """As a checkpoint records it: ``{"block_rows", "window_blocks"}``."""
+        return {"block_rows": int(self.block_rows), "window_blocks": int(self.window_blocks)}
+
+
 class ChunkSource:
     """A Grain random-access source: record ``c`` holds the row indices of chunk ``c``.
 
@@ -417,7 +477,7 @@ class ChunkSource:
         plan: FitPlan,
         *,
         seed: Sequence[int],
-        shuffle: bool,
+        shuffle: bool | BlockShuffle,
         process_index: int,
         process_count: int,
     ) -> None:
@@ -446,7 +506,9 @@ class ChunkSource:
     def epoch_order(self, epoch: int) -> np.ndarray:
         """The epoch's row order, padded to whole batches (see the module docstring)."""
         n = self._plan.num_rows
-        if self._shuffle:
+        if isinstance(self._shuffle, BlockShuffle):
+            order = self._shuffle.order(n, np.random.default_rng([*self._seed, epoch]))
+        elif self._shuffle:
             order = np.random.default_rng([*self._seed, epoch]).permutation(n)
         else:
             order = np.arange(n)

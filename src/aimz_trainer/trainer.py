@@ -29,6 +29,7 @@ from aimz_trainer.callbacks.timer import Duration, Timer, as_duration
 from aimz_trainer.checkpoint import load_checkpoint
 from aimz_trainer.compile import FitPrograms
 from aimz_trainer.data import (
+    BlockShuffle,
     ChunkSource,
     Placement,
     data_bytes,
@@ -500,7 +501,7 @@ class Trainer:
         val_batch_size: int | None = None,
         val_num_samples: int = 20,
         num_samples: int = 0,
-        shuffle: bool = True,
+        shuffle: bool | BlockShuffle = True,
         drop_last: bool = False,
         data_placement: Placement = "auto",
         ckpt_path: str | os.PathLike[str] | int | None = None,
@@ -528,7 +529,9 @@ class Trainer:
             val_num_samples: guide draws behind ``val_lpd``.
             num_samples: posterior draws from the guide at the end (0: none), with the fit's
                 posterior key (the draws of a ``PosteriorSampler(num_samples)``).
-            shuffle: a new seeded order of the rows every epoch.
+            shuffle: a new seeded order of the rows every epoch: ``True``, a permutation of
+                the rows; a :class:`~aimz_trainer.data.BlockShuffle`, a permutation of blocks
+                of rows shuffled within windows, for data read from disk.
             drop_last: drop the last partial batch instead of completing it (module
                 :mod:`aimz_trainer.data` explains both).
             data_placement: ``"device"`` keeps the arrays on the devices and gathers batches
