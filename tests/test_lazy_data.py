@@ -1,7 +1,7 @@
 """Data larger than memory: fits from lazy sources (Zarr v3 and v2 stores, memory-mapped NumPy,
 a generic sliceable object) equal the same fits from NumPy arrays, bit for bit; a source is read
 by rows (each fit reads each row once an epoch, plus the checks' sample), never whole; a fit
-from a Zarr store resumes exactly from its checkpoint.
+from a Zarr store resumes exactly from its checkpoint; a prediction from a source reads it batch by batch.
 
 The data: 4,096 rows of ``linear_data``, batches of 256 (16 steps an epoch), 2 epochs. At 4,096
 rows the checks' sample (:func:`~aimz_trainer.data.sample_indices`) is every 4th row.
@@ -285,3 +285,25 @@ class TestBlockShuffle:
         name, value = next(iter(bad.items()))
         with pytest.raises(ConfigurationError, match=rf"BlockShuffle's {name} must be a positive int; got {value!r}"):
             BlockShuffle(**bad)
+
+
+def test_a_prediction_from_a_source_equals_the_one_from_numpy_reading_batch_by_batch(tmp_path):
+    from .test_predictor import dyadic_x, linear_predictor, values
+
+    predictor = linear_predictor()
+    try:
+        x = dyadic_x(3000)
+        reference = predictor.predict({"x": x}, batch_size=512)
+        source = CountingRows(x)
+        tree = predictor.predict({"x": source}, batch_size=512)
+        for site in reference["posterior_predictive"].data_vars:
+            np.testing.assert_array_equal(
+                values(tree, "posterior_predictive", site), values(reference, "posterior_predictive", site)
+            )
+        # The NaN check's sample and the rows of one key block the model is traced on, the same for
+        # the store's fingerprint and its outputs' shapes, then the batches in order: never whole.
+        sampled = [(int(row), int(row) + 1) for row in sample_indices(3000)]
+        batches = [(start, min(start + 512, 3000)) for start in range(0, 3000, 512)]
+        assert source.reads == [*sampled, (0, 4), *sampled, (0, 4), *batches]
+    finally:
+        predictor.cleanup()
