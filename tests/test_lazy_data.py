@@ -1,7 +1,8 @@
 """Data larger than memory: fits from lazy sources (Zarr v3 and v2 stores, memory-mapped NumPy,
 a generic sliceable object) equal the same fits from NumPy arrays, bit for bit; a source is read
 by rows (each fit reads each row once an epoch, plus the checks' sample), never whole; a fit
-from a Zarr store resumes exactly from its checkpoint; a prediction from a source reads it batch by batch.
+from a Zarr store resumes exactly from its checkpoint; a prediction from a source reads it batch by
+batch; two processes over loopback, reading one store, each read their half of every batch.
 
 The data: 4,096 rows of ``linear_data``, batches of 256 (16 steps an epoch), 2 epochs. At 4,096
 rows the checks' sample (:func:`~aimz_trainer.data.sample_indices`) is every 4th row.
@@ -307,3 +308,34 @@ def test_a_prediction_from_a_source_equals_the_one_from_numpy_reading_batch_by_b
         assert source.reads == [*sampled, (0, 4), *sampled, (0, 4), *batches]
     finally:
         predictor.cleanup()
+
+
+@pytest.mark.slow
+@pytest.mark.multidevice
+def test_two_processes_reading_one_store_each_read_their_half_of_every_batch(tmp_path):
+    from .test_distributed import finish, start
+
+    data = linear_data(4800)
+    for name, values in data.items():
+        zarr.create_array(tmp_path / f"{name}.zarr", shape=values.shape, chunks=(500,), dtype=values.dtype)[:] = values
+    results = finish(start("zarr", tmp_path, 2, 2))
+    for code, _, err in results:
+        assert code == 0, err[-3000:]
+    first, second = (result for _, result, _ in results)
+    assert first["placement"] == second["placement"] == "host"
+    assert first["losses"] == second["losses"] and len(first["losses"]) == 20
+    trainer = Trainer(max_epochs=2, rng_key=jax.random.key(0), enable_progress_bar=False)
+    reference = trainer.fit(linear_svi(4800), data, batch_size=480, data_placement="host")
+    np.testing.assert_allclose(first["losses"], reference.losses, rtol=1e-6)
+    sample = np.zeros(4800, np.int64)
+    sample[sample_indices(4800)] = 1
+    for name in ("x", "y"):
+        reads = [np.asarray(result["rows_read"][name]) for result in (first, second)]
+        # Each process: the sample twice (the NaN check, the processes' agreement on the data), and
+        # its 240 columns of the leading batch and of every batch: 2 x 2,400 rows in 2 epochs.
+        for read in reads:
+            assert read.sum() == 2 * sample.sum() + 240 + 2 * 2400
+        # Together, every row once an epoch: the processes' shares do not overlap.
+        leading = np.zeros(4800, np.int64)
+        leading[:480] = 1
+        np.testing.assert_array_equal(reads[0] + reads[1] - 4 * sample - leading, np.full(4800, 2))
