@@ -230,6 +230,16 @@ def test_read_rows_reads_each_distinct_row_once_in_runs():
     assert source.reads == [(0, 1), (3, 6), (9, 10), (17, 19)]
 
 
+def test_read_rows_of_a_chunked_store_reads_each_chunk_touched_once():
+    values = np.arange(60, dtype=np.float32).reshape(30, 2)
+    source = CountingRows(values)
+    source.chunks = (10, 2)  # as a zarr.Array of 10-row chunks says
+    indices = np.array([[2, 7, 5], [12, 13, 14], [15, 16, 17], [18, 19, 29], [20, 21, 22], [23, 24, 25], [26, 27, 28]])
+    np.testing.assert_array_equal(read_rows(source, indices), values[indices])
+    # Chunk 0 from row 2 to 7 (3, 4, 6 read, not used); chunks 1 and 2 from row 12 to the end, in one slice.
+    assert source.reads == [(2, 8), (12, 30)]
+
+
 def test_digest_rows_of_a_memmap_and_a_generic_source_match_numpy(tmp_path):
     def hexdigest(arrays):
         digest = hashlib.sha256()

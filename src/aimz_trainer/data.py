@@ -141,8 +141,10 @@ def read_rows(source: Any, indices: np.ndarray) -> np.ndarray:
     """Rows ``indices`` (any shape, order and repeats) of ``source``, shaped
     ``(*indices.shape, *row_shape)``: each distinct row is read once, in increasing order,
     and each run of consecutive rows with one slice ``source[start:stop]`` (on disk a few
-    large reads rather than one per row). NumPy arrays, memory-mapped ones included, are
-    gathered with ``np.take``.
+    large reads rather than one per row). A chunked store (``source.chunks``, as a
+    ``zarr.Array`` has) is read once per storage chunk touched, from the first row wanted in it
+    to the last, runs over whole chunks as one slice. NumPy arrays, memory-mapped ones
+    included, are gathered with ``np.take``.
 
     Example:
         >>> class Counted:
@@ -156,11 +158,25 @@ def read_rows(source: Any, indices: np.ndarray) -> np.ndarray:
     if isinstance(source, np.ndarray):
         return np.asarray(np.take(source, indices, axis=0))
     unique, inverse = np.unique(indices.ravel(), return_inverse=True)
-    breaks = np.flatnonzero(np.diff(unique) != 1) + 1
-    starts = unique[np.concatenate([[0], breaks])]
-    stops = unique[np.concatenate([breaks - 1, [len(unique) - 1]])] + 1
+    storage_rows = _storage_chunk_rows(source)
+    if storage_rows:
+        # A chunked store decodes whole chunks: one read per chunk touched, from its first row
+        # wanted to its last (the rows between cost no extra decoding), never across two.
+        chunk_of = unique // storage_rows
+        breaks = np.flatnonzero(np.diff(chunk_of) != 0) + 1
+    else:
+        breaks = np.flatnonzero(np.diff(unique) != 1) + 1
+    first, last = np.concatenate([[0], breaks]), np.concatenate([breaks - 1, [len(unique) - 1]])
+    starts, stops = unique[first], unique[last] + 1
+    # Spans that meet (whole runs over several chunks) are read as one slice.
+    joined = np.flatnonzero(starts[1:] != stops[:-1]) + 1
+    starts, stops = starts[np.concatenate([[0], joined])], stops[np.concatenate([joined - 1, [len(stops) - 1]])]
     parts = [np.asarray(source[int(start) : int(stop)]) for start, stop in zip(starts, stops, strict=True)]
     block = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    if storage_rows:
+        offsets = np.cumsum(stops - starts) - (stops - starts)
+        span = np.searchsorted(starts, unique, side="right") - 1
+        block = block[offsets[span] + unique - starts[span]]
     if len(block) != len(unique):
         raise DataError(
             f"a data source returned {len(block)} rows for slices over {len(unique)} rows: a source must return "
@@ -629,6 +645,14 @@ def _gather_rows(arrays: Mapping[str, np.ndarray], record: dict[str, Any]) -> di
             gathered = np.concatenate([gathered, np.zeros((padding, *gathered.shape[1:]), gathered.dtype)])
         rows[key] = gathered
     return {**record, "rows": rows}
+
+
+def _storage_chunk_rows(source: Any) -> int | None:
+    """Rows of one storage chunk of a chunked store (a ``zarr.Array``'s ``chunks[0]``), else ``None``."""
+    chunks = getattr(source, "chunks", None)
+    if isinstance(chunks, tuple) and chunks and isinstance(chunks[0], int | np.integer) and chunks[0] > 0:
+        return int(chunks[0])
+    return None
 
 
 class _LazyView(NamedTuple):
