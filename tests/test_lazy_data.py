@@ -2,7 +2,8 @@
 a generic sliceable object) equal the same fits from NumPy arrays, bit for bit; a source is read
 by rows (each fit reads each row once an epoch, plus the checks' sample), never whole; a fit
 from a Zarr store resumes exactly from its checkpoint; a prediction from a source reads it batch by
-batch; two processes over loopback, reading one store, each read their half of every batch.
+batch; two processes over loopback, reading one store, each read their half of every batch; an
+ImpactModel fits and predicts from sources as from NumPy.
 
 The data: 4,096 rows of ``linear_data``, batches of 256 (16 steps an epoch), 2 epochs. At 4,096
 rows the checks' sample (:func:`~aimz_trainer.data.sample_indices`) is every 4th row.
@@ -349,3 +350,27 @@ def test_two_processes_reading_one_store_each_read_their_half_of_every_batch(tmp
         leading = np.zeros(4800, np.int64)
         leading[:480] = 1
         np.testing.assert_array_equal(reads[0] + reads[1] - 4 * sample - leading, np.full(4800, 2))
+
+
+def test_an_impact_model_fits_and_predicts_from_sources_as_from_numpy():
+    from .aimz_api.conftest import data as causal_data
+    from .aimz_api.conftest import new_model
+
+    X, t, y = causal_data()
+    reference = new_model().fit(X, y, t=t, num_samples=10, batch_size=200, epochs=2, progress=False)
+    sources = {name: CountingRows(values) for name, values in {"X": X, "t": t, "y": y}.items()}
+    model = new_model().fit(
+        sources["X"], sources["y"], t=sources["t"], num_samples=10, batch_size=200, epochs=2, progress=False
+    )
+    try:
+        np.testing.assert_array_equal(np.asarray(model.vi_result.losses), np.asarray(reference.vi_result.losses))
+        assert sources["X"].reads  # read by rows, not converted whole by np.asarray
+        expected = reference.predict(X[:500], t=t[:500], batch_size=100, progress=False)
+        got = model.predict(CountingRows(X[:500]), t=CountingRows(t[:500]), batch_size=100, progress=False)
+        for site in expected["posterior_predictive"].data_vars:
+            np.testing.assert_array_equal(
+                got["posterior_predictive"][site].values, expected["posterior_predictive"][site].values
+            )
+    finally:
+        reference.cleanup()
+        model.cleanup()
