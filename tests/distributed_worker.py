@@ -46,6 +46,9 @@ def main(argv: list[str]) -> None:
                 time.sleep(0.01)
             os.kill(os.getpid(), signal.SIGKILL)
 
+    if mode == "zarr":
+        zarr_fit(directory)
+        return
     # "mismatch": process 1 is given fewer rows than process 0.
     num_rows = 1080 if mode == "mismatch" and jax.process_index() == 1 else 1200
     callbacks = {"fail": [FailInProcessOne()], "kill": [KillAfterTheSecondCheckpoint()]}.get(mode, [])
@@ -65,6 +68,30 @@ def main(argv: list[str]) -> None:
         "devices": jax.device_count(),
         "losses": np.asarray(result.losses).tolist(),
         "params": {k: np.asarray(v).tolist() for k, v in result.params.items()},
+    }), flush=True)  # fmt: skip
+
+
+def zarr_fit(directory: str) -> None:
+    """Fit from the Zarr store tests/test_lazy_data.py wrote in ``directory``, counting the rows
+    this process reads."""
+    import jax
+    import numpy as np
+    import zarr
+
+    from aimz_trainer import Trainer
+
+    from .conftest import linear_svi
+    from .test_lazy_data import CountingRows
+
+    data = {name: CountingRows(zarr.open_array(Path(directory) / f"{name}.zarr", mode="r")) for name in ("x", "y")}
+    num_rows = data["x"].shape[0]
+    trainer = Trainer(max_epochs=2, rng_key=jax.random.key(0), enable_progress_bar=False)
+    result = trainer.fit(linear_svi(num_rows), data, batch_size=num_rows // 10)
+    print(json.dumps({
+        "process": jax.process_index(),
+        "placement": trainer.placement,
+        "losses": np.asarray(result.losses).tolist(),
+        "rows_read": {name: source.rows_read().tolist() for name, source in data.items()},
     }), flush=True)  # fmt: skip
 
 

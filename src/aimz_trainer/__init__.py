@@ -20,6 +20,7 @@ from aimz_trainer.callbacks import (
     Timer,
 )
 from aimz_trainer.checkpoint import LoadedCheckpoint, load_checkpoint
+from aimz_trainer.data import BlockShuffle
 from aimz_trainer.errors import (
     AimzTrainerError,
     AimzWarning,
@@ -68,6 +69,7 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "AimzTrainerError",
     "AimzWarning",
+    "BlockShuffle",
     "CSVLogger",
     "Callback",
     "CheckpointError",

@@ -255,8 +255,9 @@ def _predict(
     # The guide is set up, and its global sites found, on training rows: with their observed
     # values, which prediction rows may lack.
     train = experiment.train_data
-    rows = min(len(np.asarray(next(iter(train.values())))), predict.batch_size)
-    first = {key: np.asarray(value)[:rows] for key, value in train.items()}
+    # Only the first rows are read: the training data may be on disk (aimz_trainer.data).
+    rows = min(int(np.shape(next(iter(train.values())))[0]), predict.batch_size)
+    first = {key: np.asarray(value[:rows]) for key, value in train.items()}
     layout = model_layout(svi.model, train, batch_rows=rows, static_kwargs=static)
     draw_key, predict_key = jax.random.split(predict_key)
     draws = checkpoint.sample_posterior(svi.guide, predict.num_samples, draw_key, **first, **static)

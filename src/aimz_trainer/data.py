@@ -12,10 +12,30 @@ Shuffling is a NumPy permutation seeded by ``(seed, epoch)``: a new order every 
 same order for the same seed, independent of the device and process count. Rows inside a batch
 are sorted (the batch is a set; sorted gathers are cache friendly).
 
+On disk an exact permutation makes every batch a scatter of single-row reads. Passing
+``shuffle=BlockShuffle(block_rows, window_blocks)`` instead orders an epoch by a seeded
+permutation of fixed blocks of ``block_rows`` consecutive rows, then shuffles the rows inside
+each window of ``window_blocks`` consecutive blocks of that order: a chunk aligned with the
+windows reads a few whole blocks. Like the exact permutation it is a pure function of
+``(seed, epoch)`` and the two sizes (a checkpoint records them), so a resumed fit reads the
+same batches; it is opt-in, and ``shuffle=True`` keeps the exact per-row permutation.
+
 The last partial batch (``n % batch_size`` rows) is, by default, completed with the first rows
 of the same epoch's permutation, so every row is seen at least once per epoch and every step
 has the same shape; with ``drop_last=True`` it is dropped instead (a different remainder each
 epoch, since the order changes). Either way no step ever has another batch shape.
+
+Data larger than memory: any array of ``train_data`` may be a *lazy source* instead of an
+in-memory array (:func:`is_lazy_source`): a ``zarr.Array`` (v2 or v3, local or remote), an
+``np.memmap`` (``np.load(path, mmap_mode="r")``), or any object with ``shape``, ``dtype`` and
+slicing by rows (``source[start:stop]``, an array back) that is not itself array-convertible.
+Nothing reads a lazy source whole: its checks and digests read its metadata and a fixed
+sample of rows (:func:`sample_indices`), and the host placement reads the rows of each chunk
+on Grain's prefetch threads (:func:`read_rows`: the distinct rows in sorted order, runs of
+consecutive rows read as one slice), each process the rows of its own share of every batch.
+``"auto"`` placement keeps lazy sources on the host. The rows read are the rows an in-memory
+fit gathers, so the batches and losses are those of the same fit from NumPy arrays. Rows the
+sample does not cover are checked for NaN and infinity as their chunk is read.
 
 Every device of the mesh holds as many columns of a batch. When ``batch_size`` does not split
 evenly over the devices, each batch gets padding columns up to the next multiple of the device
@@ -29,8 +49,10 @@ columns with weight 0.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
+import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -47,6 +69,7 @@ from aimz_trainer.sharding import place_replicated
 
 __all__ = [
     "NONFINITE_ROWS",
+    "BlockShuffle",
     "ChunkSource",
     "PlacedData",
     "Placement",
@@ -55,12 +78,15 @@ __all__ = [
     "data_bytes",
     "device_data_budget",
     "digest_rows",
+    "is_lazy_source",
     "leading_batch",
     "make_chunk_loader",
     "nonfinite",
     "place_data",
+    "read_rows",
     "require_finite_rows",
     "resolve_placement",
+    "sample_indices",
     "validate_batch_size",
     "validate_data",
     "validate_val_data",
@@ -70,14 +96,102 @@ Placement = Literal["auto", "device", "host"]
 ArrayLike = np.ndarray | jax.Array
 
 _NUMERIC_KINDS = "biuf"
+_SAMPLED_ROWS = 1024  # rows a digest or a check of a lazy source reads, at most about
+
+_log = logging.getLogger(__name__)
+
+
+def is_lazy_source(value: Any) -> bool:
+    """Whether ``value`` is read by rows, never whole: an ``np.memmap``, a ``zarr.Array``, or
+    an object with ``shape``, ``dtype`` and ``__getitem__`` and no ``__array__`` (a source
+    that cannot be converted whole by mistake). NumPy and JAX arrays are in memory; other
+    array-likes (lists, pandas, torch) are converted with ``np.asarray`` as before.
+
+    Example:
+        >>> is_lazy_source(np.zeros(3)), is_lazy_source([1, 2])
+        (False, False)
+        >>> class Rows:  # the least a source needs
+        ...     shape, dtype = (10, 2), np.dtype(np.float32)
+        ...     def __getitem__(self, rows): return np.zeros((10, 2), np.float32)[rows]
+        >>> is_lazy_source(Rows())
+        True
+    """
+    if isinstance(value, np.memmap):
+        return True
+    if isinstance(value, np.ndarray | jax.Array):
+        return False
+    if type(value).__module__.split(".")[0] == "zarr":
+        return hasattr(value, "shape") and hasattr(value, "dtype")
+    return all(hasattr(value, name) for name in ("shape", "dtype", "__getitem__")) and not hasattr(value, "__array__")
+
+
+def sample_indices(num_rows: int) -> np.ndarray:
+    """The rows a digest or a check of a lazy source reads: every ``num_rows // 1024``-th
+    (all rows up to 2,047), the rows ``array[::step]`` holds, so a lazy source and the same
+    data in memory digest alike.
+
+    Example:
+        >>> sample_indices(5).tolist(), len(sample_indices(10_000_000))
+        ([0, 1, 2, 3, 4], 1025)
+    """
+    return np.arange(0, num_rows, max(1, num_rows // _SAMPLED_ROWS))
+
+
+def read_rows(source: Any, indices: np.ndarray) -> np.ndarray:
+    """Rows ``indices`` (any shape, order and repeats) of ``source``, shaped
+    ``(*indices.shape, *row_shape)``: each distinct row is read once, in increasing order,
+    and each run of consecutive rows with one slice ``source[start:stop]`` (on disk a few
+    large reads rather than one per row). A chunked store (``source.chunks``, as a
+    ``zarr.Array`` has) is read once per storage chunk touched, from the first row wanted in it
+    to the last, runs over whole chunks as one slice. NumPy arrays, memory-mapped ones
+    included, are gathered with ``np.take``.
+
+    Example:
+        >>> class Counted:
+        ...     def __init__(self, array):
+        ...         self.array, self.shape, self.dtype, self.reads = array, array.shape, array.dtype, []
+        ...     def __getitem__(self, rows): self.reads.append((rows.start, rows.stop)); return self.array[rows]
+        >>> source = Counted(np.arange(10) * 10)
+        >>> read_rows(source, np.array([[7, 2], [3, 2]])).tolist(), source.reads
+        ([[70, 20], [30, 20]], [(2, 4), (7, 8)])
+    """
+    if isinstance(source, np.ndarray):
+        return np.asarray(np.take(source, indices, axis=0))
+    unique, inverse = np.unique(indices.ravel(), return_inverse=True)
+    storage_rows = _storage_chunk_rows(source)
+    if storage_rows:
+        # A chunked store decodes whole chunks: one read per chunk touched, from its first row
+        # wanted to its last (the rows between cost no extra decoding), never across two.
+        chunk_of = unique // storage_rows
+        breaks = np.flatnonzero(np.diff(chunk_of) != 0) + 1
+    else:
+        breaks = np.flatnonzero(np.diff(unique) != 1) + 1
+    first, last = np.concatenate([[0], breaks]), np.concatenate([breaks - 1, [len(unique) - 1]])
+    starts, stops = unique[first], unique[last] + 1
+    # Spans that meet (whole runs over several chunks) are read as one slice.
+    joined = np.flatnonzero(starts[1:] != stops[:-1]) + 1
+    starts, stops = starts[np.concatenate([[0], joined])], stops[np.concatenate([joined - 1, [len(stops) - 1]])]
+    parts = [np.asarray(source[int(start) : int(stop)]) for start, stop in zip(starts, stops, strict=True)]
+    block = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    if storage_rows:
+        offsets = np.cumsum(stops - starts) - (stops - starts)
+        span = np.searchsorted(starts, unique, side="right") - 1
+        block = block[offsets[span] + unique - starts[span]]
+    if len(block) != len(unique):
+        raise DataError(
+            f"a data source returned {len(block)} rows for slices over {len(unique)} rows: a source must return "
+            "source[start:stop] as an array of stop - start rows."
+        )
+    return block[inverse.reshape(-1)].reshape(*indices.shape, *block.shape[1:])
 
 
 def validate_data(data: Any, *, name: str = "train_data") -> tuple[dict[str, ArrayLike], int]:
     """Check that ``data`` maps keyword names to numeric arrays of one common length.
 
     Returns:
-        The arrays (NumPy arrays stay NumPy, JAX arrays stay JAX; anything else array-like is
-        converted with ``np.asarray``) and their common length ``n``.
+        The arrays (NumPy arrays stay NumPy, JAX arrays stay JAX, lazy sources stay as given,
+        unread: :func:`is_lazy_source`; anything else array-like is converted with
+        ``np.asarray``) and their common length ``n``.
     """
     if not isinstance(data, Mapping):
         raise DataError(
@@ -91,7 +205,12 @@ def validate_data(data: Any, *, name: str = "train_data") -> tuple[dict[str, Arr
         if not isinstance(key, str) or not key.isidentifier():
             raise DataError(f"{name} keys must be keyword names (identifiers); got {key!r}.")
         try:
-            array = value if isinstance(value, np.ndarray | jax.Array) else np.asarray(value)
+            if isinstance(value, np.ndarray | jax.Array):
+                array = value
+            elif is_lazy_source(value):
+                array = _LazyView(value)
+            else:
+                array = np.asarray(value)
         except (TypeError, ValueError) as error:  # ragged nested lists: rows of different lengths
             raise DataError(f"{name}[{key!r}] is not an array with one row per observation ({error}).") from error
         if array.dtype.kind not in _NUMERIC_KINDS:
@@ -109,7 +228,7 @@ def validate_data(data: Any, *, name: str = "train_data") -> tuple[dict[str, Arr
             )
         if array.ndim == 0:
             raise DataError(f"{name}[{key!r}] is a scalar; expected an array with one row per observation.")
-        arrays[key] = array
+        arrays[key] = array.source if isinstance(array, _LazyView) else array
     lengths = {key: int(array.shape[0]) for key, array in arrays.items()}
     if len(set(lengths.values())) > 1:
         raise DataError(f"{name} arrays must have the same number of rows; got lengths {lengths}.")
@@ -140,8 +259,19 @@ def nonfinite(array: Any) -> tuple[tuple[int, ...], int] | None:
 
 def require_finite_rows(name: str, arrays: Mapping[str, Any], consequence: str) -> None:
     """Raise :class:`DataError` at the first NaN or infinity of ``arrays`` (rows of ``name``),
-    naming the array, the value, its row and ``consequence``."""
+    naming the array, the value, its row and ``consequence``. Of a lazy source, only the
+    sampled rows (:func:`sample_indices`) are read here; the others are checked as a fit
+    reads them."""
     for key, array in arrays.items():
+        if is_lazy_source(array):
+            rows = sample_indices(int(array.shape[0]))
+            if (found := nonfinite(read_rows(array, rows))) is not None:
+                index, _ = found
+                raise DataError(
+                    f"{name}[{key!r}] holds {read_rows(array, rows)[index]} at row {rows[index[0]]} (a row of the "
+                    f"sample checked before the fit; {name} is read lazily): {consequence}"
+                )
+            continue
         if (found := nonfinite(array)) is not None:
             index, count = found
             raise DataError(
@@ -198,9 +328,13 @@ def digest_rows(digest: hashlib._Hash, arrays: Mapping[str, Any]) -> None:
         False
     """
     for name, value in sorted(arrays.items()):
-        array = np.asarray(value)
-        sample = array[:: max(1, len(array) // 1024)] if array.ndim else array
-        digest.update(f"{name}{array.shape}{array.dtype}".encode())
+        if is_lazy_source(value):
+            # The rows array[::step] holds, read by rows: the digest of the same data in memory.
+            array, sample = value, read_rows(value, sample_indices(int(value.shape[0])))
+        else:
+            array = np.asarray(value)
+            sample = array[:: max(1, len(array) // _SAMPLED_ROWS)] if array.ndim else array
+        digest.update(f"{name}{tuple(array.shape)}{np.dtype(array.dtype)}".encode())
         digest.update(np.ascontiguousarray(sample).tobytes())
 
 
@@ -229,19 +363,38 @@ def device_data_budget(device: jax.Device, num_local_devices: int) -> int:
     return int(0.25 * physical) // num_local_devices
 
 
-def resolve_placement(placement: Placement, data_bytes: int, budget: int) -> Literal["device", "host"]:
-    """Pick where the training arrays live: on the devices if they fit the budget."""
+def resolve_placement(
+    placement: Placement, data_bytes: int, budget: int, *, lazy: bool = False
+) -> Literal["device", "host"]:
+    """Pick where the training arrays live: ``"auto"`` puts them on the devices if they fit
+    the budget and none is a lazy source (one is read by rows, never whole); the choice and
+    its reason go to the ``aimz_trainer.data`` logger (level INFO).
+
+    Example:
+        >>> resolve_placement("auto", 10, 100), resolve_placement("auto", 10, 100, lazy=True)
+        ('device', 'host')
+    """
     if not isinstance(placement, str) or placement not in ("auto", "device", "host"):
         raise ConfigurationError(f"data_placement must be 'auto', 'device' or 'host'; got {placement!r}.")
-    if placement == "auto":
-        return "device" if data_bytes <= budget else "host"
-    return placement
+    if placement != "auto":
+        _log.info("data placement %r, as given (%s bytes; device budget %s bytes)", placement, data_bytes, budget)
+        return placement
+    if lazy:
+        reason = "the data hold a lazy source (zarr, memmap, ...), read by rows on the host, never whole"
+    elif data_bytes > budget:
+        reason = f"the data ({data_bytes} bytes) exceed the device budget ({budget} bytes)"
+    else:
+        _log.info("data placement 'device': the data (%s bytes) fit the device budget (%s bytes)", data_bytes, budget)
+        return "device"
+    _log.info("data placement 'host': %s", reason)
+    return "host"
 
 
 def data_bytes(*datasets: Mapping[str, Any] | None) -> int:
-    """Bytes the arrays of ``datasets`` take on a device (in JAX's canonical dtypes)."""
+    """Bytes the arrays of ``datasets`` take on a device (in JAX's canonical dtypes), from
+    their shapes and dtypes: a lazy source is not read."""
     return sum(
-        int(np.prod(array.shape)) * jax.dtypes.canonicalize_dtype(array.dtype).itemsize
+        math.prod(array.shape) * jax.dtypes.canonicalize_dtype(np.dtype(array.dtype)).itemsize
         for arrays in datasets
         for array in (arrays or {}).values()
     )
@@ -252,21 +405,75 @@ class PlacedData(NamedTuple):
 
     Attributes:
         device_data: the arrays replicated on the mesh (``"device"`` placement), else empty.
-        host_arrays: the arrays in host memory (``"host"`` placement), else ``None``.
+        host_arrays: the arrays the host gathers rows from (``"host"`` placement: in memory,
+            or lazy sources as given), else ``None``.
         num_rows: rows of the dataset.
     """
 
     device_data: dict[str, jax.Array]
-    host_arrays: dict[str, np.ndarray] | None
+    host_arrays: dict[str, Any] | None
     num_rows: int
 
 
 def place_data(arrays: Mapping[str, Any], placement: Literal["device", "host"], mesh: Any) -> PlacedData:
-    """Put ``arrays`` where ``placement`` says: replicated on ``mesh``, or as host NumPy arrays."""
-    num_rows = len(next(iter(arrays.values())))
+    """Put ``arrays`` where ``placement`` says: replicated on ``mesh`` (a lazy source read
+    whole), or on the host: NumPy arrays, and lazy sources as they are, read by rows later."""
+    num_rows = int(next(iter(arrays.values())).shape[0])
     if placement == "device":
-        return PlacedData(place_replicated(arrays, mesh), None, num_rows)
-    return PlacedData({}, {key: np.asarray(array) for key, array in arrays.items()}, num_rows)
+        whole = {key: np.asarray(array[:]) if is_lazy_source(array) else array for key, array in arrays.items()}
+        return PlacedData(place_replicated(whole, mesh), None, num_rows)
+    host = {key: array if is_lazy_source(array) else np.asarray(array) for key, array in arrays.items()}
+    return PlacedData({}, host, num_rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockShuffle:
+    """An epoch order for data on disk: a seeded permutation of blocks of ``block_rows``
+    consecutive rows, the rows then shuffled inside each window of ``window_blocks``
+    consecutive blocks of that order (the module docstring). Pass it as ``fit``'s ``shuffle``.
+
+    Batches mix rows of ``window_blocks`` blocks only: pick a window of several batches
+    (``block_rows * window_blocks >= batch_size``; more for a better mix) and blocks of about
+    a storage chunk (a Zarr chunk's rows) so that each block is one read.
+
+    Example:
+        Blocks of 2 rows, windows of 2 blocks: the first window holds the blocks ``[0, 1]`` and
+        ``[4, 5]``, the second ``[2, 3]`` and ``[6, 7]``, each window's rows shuffled.
+
+        >>> BlockShuffle(block_rows=2, window_blocks=2).order(8, np.random.default_rng(0)).tolist()
+        [1, 0, 5, 4, 3, 7, 2, 6]
+    """
+
+    block_rows: int = 4096
+    window_blocks: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("block_rows", "window_blocks"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+                raise ConfigurationError(f"BlockShuffle's {name} must be a positive int; got {value!r}.")
+
+    def order(self, num_rows: int, rng: np.random.Generator) -> np.ndarray:
+        """One epoch's order of ``num_rows`` rows (int64), drawn from ``rng``."""
+        size = int(self.block_rows)
+        starts = rng.permutation(-(-num_rows // size)) * size
+        lengths = np.minimum(starts + size, num_rows) - starts
+        # Row i of the order is start of its block + its place in the block.
+        order = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths) + np.arange(num_rows)
+        # Windows start at block boundaries: all hold window_blocks * block_rows rows but the one
+        # with the short last block and the last one, shuffled on their own.
+        edges = np.concatenate([[0], np.cumsum(lengths)])[:: int(self.window_blocks)]
+        edges = np.unique(np.concatenate([edges, [num_rows]]))
+        sizes, window = np.diff(edges), size * int(self.window_blocks)
+        positions = edges[:-1][sizes == window, None] + np.arange(window)
+        order[positions] = rng.permuted(order[positions], axis=1)
+        for start, stop in zip(edges[:-1][sizes != window], edges[1:][sizes != window], strict=True):
+            order[start:stop] = rng.permutation(order[start:stop])
+        return order
+
+    def record(self) -> dict[str, int]:
+        """As a checkpoint records it: ``{"block_rows", "window_blocks"}``."""
+        return {"block_rows": int(self.block_rows), "window_blocks": int(self.window_blocks)}
 
 
 class ChunkSource:
@@ -286,7 +493,7 @@ class ChunkSource:
         plan: FitPlan,
         *,
         seed: Sequence[int],
-        shuffle: bool,
+        shuffle: bool | BlockShuffle,
         process_index: int,
         process_count: int,
     ) -> None:
@@ -315,7 +522,9 @@ class ChunkSource:
     def epoch_order(self, epoch: int) -> np.ndarray:
         """The epoch's row order, padded to whole batches (see the module docstring)."""
         n = self._plan.num_rows
-        if self._shuffle:
+        if isinstance(self._shuffle, BlockShuffle):
+            order = self._shuffle.order(n, np.random.default_rng([*self._seed, epoch]))
+        elif self._shuffle:
             order = np.random.default_rng([*self._seed, epoch]).permutation(n)
         else:
             order = np.arange(n)
@@ -419,9 +628,46 @@ def _gather_rows(arrays: Mapping[str, np.ndarray], record: dict[str, Any]) -> di
     padding = record["indices"].shape[0] - indices.shape[0]
     rows = {}
     for key, array in arrays.items():
+        if is_lazy_source(array):
+            gathered = read_rows(array, indices)
+            # Rows outside the sample checked before the fit are checked as they are read.
+            if (found := nonfinite(gathered)) is not None:
+                index, count = found
+                raise DataError(
+                    f"the lazy source {key!r} holds {gathered[index]} at row {indices[index[:2]]} ({count} non-finite "
+                    f"value(s) in the chunk read): {NONFINITE_ROWS}"
+                )
+        else:
+            gathered = np.take(array, indices, axis=0)
         # Cast on the chunk, not the whole array: float64 inputs would otherwise need a full copy.
-        gathered = np.take(array, indices, axis=0).astype(jax.dtypes.canonicalize_dtype(array.dtype), copy=False)
+        gathered = gathered.astype(jax.dtypes.canonicalize_dtype(np.dtype(array.dtype)), copy=False)
         if padding:
             gathered = np.concatenate([gathered, np.zeros((padding, *gathered.shape[1:]), gathered.dtype)])
         rows[key] = gathered
     return {**record, "rows": rows}
+
+
+def _storage_chunk_rows(source: Any) -> int | None:
+    """Rows of one storage chunk of a chunked store (a ``zarr.Array``'s ``chunks[0]``), else ``None``."""
+    chunks = getattr(source, "chunks", None)
+    if isinstance(chunks, tuple) and chunks and isinstance(chunks[0], int | np.integer) and chunks[0] > 0:
+        return int(chunks[0])
+    return None
+
+
+class _LazyView(NamedTuple):
+    """A lazy source while :func:`validate_data` checks it: its metadata, never its rows."""
+
+    source: Any
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(size) for size in self.source.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.source.dtype)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)

@@ -23,6 +23,7 @@ from aimz_trainer.data import (
     NONFINITE_ROWS,
     data_bytes,
     device_data_budget,
+    is_lazy_source,
     place_data,
     require_finite_rows,
     resolve_placement,
@@ -99,7 +100,10 @@ def evaluate(
         )
     params = _checked_params(svi, layout.row_plates, arrays, batch_size, source.params)
     placement = resolve_placement(
-        "auto", data_bytes(arrays), device_data_budget(mesh.local_devices[0], mesh.local_mesh.size)
+        "auto",
+        data_bytes(arrays),
+        device_data_budget(mesh.local_devices[0], mesh.local_mesh.size),
+        lazy=any(map(is_lazy_source, arrays.values())),
     )
     programs = FitPrograms(svi, layout, mesh, {}, {}, {}, batch_size)
     try:

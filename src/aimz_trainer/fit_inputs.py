@@ -10,6 +10,7 @@ from numpyro.infer import SVI
 from aimz_trainer._checks import check_model_accepts, is_int_at_least, require_bool
 from aimz_trainer.data import (
     NONFINITE_ROWS,
+    BlockShuffle,
     check_processes_agree,
     require_finite_rows,
     validate_batch_size,
@@ -34,7 +35,7 @@ class FitInputs(NamedTuple):
     val_batch_size: int
     val_num_samples: int
     num_samples: int
-    shuffle: bool
+    shuffle: bool | BlockShuffle
     drop_last: bool
 
 
@@ -53,7 +54,9 @@ def check_fit_inputs(
     """``fit``'s arguments checked, before anything is placed or compiled."""
     if not isinstance(svi, SVI):
         raise ConfigurationError(f"svi must be a numpyro.infer.SVI; got {type(svi).__name__}.")
-    shuffle, drop_last = require_flag("shuffle", shuffle), require_flag("drop_last", drop_last)
+    if not isinstance(shuffle, BlockShuffle):
+        shuffle = require_flag("shuffle", shuffle)
+    drop_last = require_flag("drop_last", drop_last)
     arrays, num_rows = validate_data(train_data)
     require_finite_rows("train_data", arrays, NONFINITE_ROWS)
     check_model_accepts(svi.model, list(arrays))

@@ -31,6 +31,7 @@ from numpyro.infer.svi import SVIRunResult, SVIState
 from aimz_trainer._checks import as_key, is_int_at_least, model_parameters, require_bool, require_choice
 from aimz_trainer.array_data import ArrayLoader, read_batches
 from aimz_trainer.callbacks import Callback
+from aimz_trainer.data import is_lazy_source
 from aimz_trainer.effects import scenario_difference
 from aimz_trainer.errors import (
     AimzWarning,
@@ -272,7 +273,7 @@ class ImpactModel:
             raise TypeError("fit trains by minibatch SVI; with MCMC inference use fit_on_batch.")
         trainer_kwargs, fit_kwargs, kernel_kwargs = self._split_fit_kwargs(kwargs)
         rows, whole, loader = self._inputs("fit", X, y, kernel_kwargs, need_output=True)
-        num_rows = len(rows[self._param_input])
+        num_rows = int(rows[self._param_input].shape[0])
         if loader is not None:
             batch_size, shuffle = loader.batch_size, loader.shuffle
         key = self._next_key(rng_key)
@@ -331,7 +332,7 @@ class ImpactModel:
             return self
         if not is_int_at_least(num_steps, 1):
             raise ConfigurationError(f"num_steps must be a positive int; got {num_steps!r}.")
-        num_rows = len(rows[self._param_input])
+        num_rows = int(rows[self._param_input].shape[0])
         trainer = Trainer(
             max_epochs=num_steps,
             rng_key=key,
@@ -968,8 +969,9 @@ class ImpactModel:
                 raise DataError(f"{method}: the data loader has no field {self._param_output!r} (the output).")
             X, y = arrays.pop(self._param_input), arrays.pop(self._param_output, None)
             kwargs = {**arrays, **kwargs}
-        X = X if isinstance(X, jax.Array | np.ndarray) else np.asarray(X)
-        if X.ndim == 0:
+        # A lazy source (zarr, memmap, ...: aimz_trainer.data) stays unread: fit and predict read it by rows.
+        X = X if isinstance(X, jax.Array | np.ndarray) or is_lazy_source(X) else np.asarray(X)
+        if len(X.shape) == 0:
             raise DataError(f"{method}: X must have one row per observation; got a scalar.")
         if X.shape[0] == 0:
             raise DataError(f"{method}: X has no rows.")
@@ -977,13 +979,14 @@ class ImpactModel:
             raise DataError(f"{method}: y is required when X is an array (or pass a data loader that carries it).")
         rows = {self._param_input: X}
         if y is not None:
-            y = y if isinstance(y, jax.Array | np.ndarray) else np.asarray(y)
-            if y.ndim == 0 or y.shape[0] != X.shape[0]:
+            y = y if isinstance(y, jax.Array | np.ndarray) or is_lazy_source(y) else np.asarray(y)
+            if len(y.shape) == 0 or y.shape[0] != X.shape[0]:
                 raise DataError(f"{method}: y has shape {y.shape}; X has {X.shape[0]} rows and y needs as many.")
             rows[self._param_output] = y
         whole = {}
         for name, value in kwargs.items():
-            if isinstance(value, jax.Array | np.ndarray) and value.ndim and value.shape[0] == X.shape[0]:
+            in_rows = isinstance(value, jax.Array | np.ndarray) or is_lazy_source(value)
+            if in_rows and len(value.shape) and value.shape[0] == X.shape[0]:
                 rows[name] = value
             else:
                 whole[name] = value

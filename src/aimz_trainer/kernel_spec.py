@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from aimz_trainer.data import is_lazy_source
 from aimz_trainer.errors import KernelValidationError
 from aimz_trainer.plates import site_dims, trace_model
 
@@ -103,6 +104,10 @@ def trace_kernel(
             a fit) and that site is not an observed sample site.
     """
     arrays = {k: v for k, v in kwargs.items() if isinstance(v, jax.Array | np.ndarray)}
+    # A lazy source (aimz_trainer.data) is traced by its shape and dtype, never read.
+    arrays.update({
+        k: jax.ShapeDtypeStruct(tuple(v.shape), np.dtype(v.dtype)) for k, v in kwargs.items() if is_lazy_source(v)
+    })  # fmt: skip
     static = {k: v for k, v in kwargs.items() if k not in arrays}
     recorded: dict[str, dict[str, Any]] = {}
 

@@ -35,7 +35,7 @@ from aimz_trainer.checkpoint import (
     tree_signature,
     warn_checkpoint,
 )
-from aimz_trainer.data import digest_rows
+from aimz_trainer.data import BlockShuffle, digest_rows
 from aimz_trainer.distributed import allgather_json
 from aimz_trainer.errors import CheckpointError, ConfigurationError
 from aimz_trainer.plan import FitPlan
@@ -108,16 +108,18 @@ def open_checkpoint(ckpt_path: Any, callbacks: Sequence[Callback]) -> ResumePoin
     return ResumePoint(step_dir, read_meta(step_dir))
 
 
-def fit_shape(plan: FitPlan, *, shuffle: bool, drop_last: bool, fingerprint: Mapping[str, Any]) -> dict[str, Any]:
+def fit_shape(
+    plan: FitPlan, *, shuffle: bool | BlockShuffle, drop_last: bool, fingerprint: Mapping[str, Any]
+) -> dict[str, Any]:
     """The fit's shape and fingerprint (training data digest, optimizer probe), as a
-    checkpoint records them and a resume compares them."""
+    checkpoint records them and a resume compares them (a :class:`BlockShuffle` as its sizes)."""
     return {
         "num_rows": plan.num_rows,
         "batch_size": plan.batch_size,
         "steps_per_epoch": plan.steps_per_epoch,
         "steps_per_chunk": plan.steps_per_chunk,
         "total_steps": plan.total_steps,
-        "shuffle": shuffle,
+        "shuffle": shuffle.record() if isinstance(shuffle, BlockShuffle) else shuffle,
         "drop_last": drop_last,
         **fingerprint,
     }

@@ -29,10 +29,12 @@ from aimz_trainer.callbacks.timer import Duration, Timer, as_duration
 from aimz_trainer.checkpoint import load_checkpoint
 from aimz_trainer.compile import FitPrograms
 from aimz_trainer.data import (
+    BlockShuffle,
     ChunkSource,
     Placement,
     data_bytes,
     device_data_budget,
+    is_lazy_source,
     leading_batch,
     make_chunk_loader,
     place_data,
@@ -503,7 +505,7 @@ class Trainer:
         val_batch_size: int | None = None,
         val_num_samples: int = 20,
         num_samples: int = 0,
-        shuffle: bool = True,
+        shuffle: bool | BlockShuffle = True,
         drop_last: bool = False,
         data_placement: Placement = "auto",
         ckpt_path: str | os.PathLike[str] | int | None = None,
@@ -514,7 +516,11 @@ class Trainer:
         Args:
             svi: a ``numpyro.infer.SVI`` (model, guide, optimizer, loss).
             train_data: keyword name -> array (NumPy or JAX), one row per observation; each
-                batch is passed to the model as these keyword arguments.
+                batch is passed to the model as these keyword arguments. An array may be a
+                lazy source, read by rows and never whole (a ``zarr.Array``, an ``np.memmap``,
+                any object with ``shape``, ``dtype`` and row slicing:
+                :func:`~aimz_trainer.data.is_lazy_source`); the losses are those of the same
+                fit from NumPy arrays with ``data_placement="host"``.
             batch_size: rows per step (the global batch, split over the mesh's devices; any
                 size: one that does not split evenly is padded with rows masked out of the
                 ELBO, :mod:`aimz_trainer.data`).
@@ -527,12 +533,15 @@ class Trainer:
             val_num_samples: guide draws behind ``val_lpd``.
             num_samples: posterior draws from the guide at the end (0: none), with the fit's
                 posterior key (the draws of a ``PosteriorSampler(num_samples)``).
-            shuffle: a new seeded order of the rows every epoch.
+            shuffle: a new seeded order of the rows every epoch: ``True``, a permutation of
+                the rows; a :class:`~aimz_trainer.data.BlockShuffle`, a permutation of blocks
+                of rows shuffled within windows, for data read from disk.
             drop_last: drop the last partial batch instead of completing it (module
                 :mod:`aimz_trainer.data` explains both).
             data_placement: ``"device"`` keeps the arrays on the devices and gathers batches
                 there; ``"host"`` gathers them on the host and streams them; ``"auto"`` picks
-                ``"device"`` when the data fit :func:`~aimz_trainer.data.device_data_budget`.
+                ``"device"`` when the data fit :func:`~aimz_trainer.data.device_data_budget`
+                and hold no lazy source (logged to ``aimz_trainer.data`` at level INFO).
             ckpt_path: resume from a checkpoint: ``"last"`` (the newest usable one of the
                 fit's :class:`~aimz_trainer.callbacks.ModelCheckpoint`; damaged newer ones are
                 skipped with a :class:`~aimz_trainer.errors.CheckpointWarning`), a step
@@ -592,6 +601,7 @@ class Trainer:
             data_placement,
             data_bytes(inputs.arrays, inputs.val_arrays),
             device_data_budget(self.mesh.local_devices[0], self.mesh.local_mesh.size),
+            lazy=any(map(is_lazy_source, [*inputs.arrays.values(), *(inputs.val_arrays or {}).values()])),
         )
         train = place_data(inputs.arrays, self.placement, self.mesh)
         source = ChunkSource(
