@@ -8,7 +8,6 @@ requested; whether to stop at a boundary is :func:`~aimz_trainer.preemption.stop
 call (the processes of a multi-process fit agree on it). The loop sees the fit through its
 :class:`~aimz_trainer.callbacks.FitContext`, never the Trainer.
 
-
 The loop also keeps the fit's clock (:class:`~aimz_trainer.callbacks.context.FitTiming`): the
 first chunk is start-up (compilation), validation passes are not training, and
 ``steps_per_sec`` is computed on training time alone, so it measures the training steps and
