@@ -42,10 +42,10 @@ from aimz_trainer.checkpoint import checkpoint_steps, resolve_checkpoint
 
 from .conftest import Recorder, linear_data, linear_svi
 from .preemption_worker import BATCH_SIZE, LOG_EVERY_N_STEPS, MAX_EPOCHS, NUM_ROWS
+from .test_checkpoint import assert_bitwise_equal
 
 ROOT = Path(__file__).resolve().parent.parent
 TOTAL_STEPS = 40
-PARAM_NAMES = ["b_auto_loc", "b_auto_scale", "w_auto_loc", "w_auto_scale"]
 TIMEOUT_S = 240
 
 
@@ -118,18 +118,6 @@ def fit(trainer: Trainer, *, ckpt_path=None, data=None, **kwargs):
 
 def store(dirpath: Path, **kwargs) -> ModelCheckpoint:
     return ModelCheckpoint(dirpath, **({"every_n_epochs": 1, "save_top_k": -1} | kwargs))
-
-
-def host(params) -> dict[str, np.ndarray]:
-    return {name: np.asarray(value) for name, value in params.items()}
-
-
-def assert_bitwise_equal(result, reference) -> None:
-    np.testing.assert_array_equal(result.losses, reference.losses, strict=True)
-    got, want = host(result.params), host(reference.params)
-    assert sorted(got) == sorted(want) == PARAM_NAMES
-    for name in PARAM_NAMES:
-        np.testing.assert_array_equal(got[name], want[name], err_msg=name, strict=True)
 
 
 @pytest.fixture(scope="module")
