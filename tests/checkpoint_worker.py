@@ -5,6 +5,8 @@ The device count is fixed when JAX starts, so the tests run this module with
 SIGKILLs itself as soon as the checkpoint of step S is complete on disk (no clean-up, no
 ``on_fit_end``, whatever orbax or Grain still hold); with ``--resume`` it continues from
 ``ckpt_path="last"``. A fit that finishes writes its losses and parameters to ``--out`` (.npz).
+With ``--zarr DIR`` the rows are read from the Zarr stores ``DIR/x.zarr`` and ``DIR/y.zarr`` (the
+same data, written by the test) instead of memory.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--kill-step", type=int)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--zarr", type=Path)
     args = parser.parse_args()
 
     callbacks: list[Callback] = [
@@ -78,9 +81,15 @@ def main() -> None:
     if args.kill_step is not None:
         callbacks.append(KillAfterCheckpoint(args.dirpath, args.kill_step))
     trainer = Trainer(max_epochs=MAX_EPOCHS, rng_key=jax.random.key(0), enable_progress_bar=False, callbacks=callbacks)
+    if args.zarr is None:
+        data = linear_data(NUM_ROWS)
+    else:
+        import zarr
+
+        data = {name: zarr.open_array(args.zarr / f"{name}.zarr", mode="r") for name in ("x", "y")}
     result = trainer.fit(
         linear_svi(NUM_ROWS),
-        linear_data(NUM_ROWS),
+        data,
         batch_size=BATCH_SIZE,
         ckpt_path="last" if args.resume else None,
     )

@@ -72,8 +72,8 @@ def main(argv: list[str]) -> None:
 
 
 def zarr_fit(directory: str) -> None:
-    """Fit from the Zarr store tests/test_lazy_data.py wrote in ``directory``, counting the rows
-    this process reads."""
+    """Fit from the Zarr store tests/test_lazy_data.py wrote in ``directory``, then predict from
+    it into ``directory/predictions``, counting the rows this process reads in each."""
     import jax
     import numpy as np
     import zarr
@@ -81,17 +81,25 @@ def zarr_fit(directory: str) -> None:
     from aimz_trainer import Trainer
 
     from .conftest import linear_svi
-    from .test_lazy_data import CountingRows
+    from .test_lazy_data import CountingRows, zarr_predictor
 
     data = {name: CountingRows(zarr.open_array(Path(directory) / f"{name}.zarr", mode="r")) for name in ("x", "y")}
     num_rows = data["x"].shape[0]
     trainer = Trainer(max_epochs=2, rng_key=jax.random.key(0), enable_progress_bar=False)
     result = trainer.fit(linear_svi(num_rows), data, batch_size=num_rows // 10)
+    rows_read = {name: source.rows_read().tolist() for name, source in data.items()}
+    for source in data.values():
+        source.reads.clear()
+    tree = zarr_predictor(trainer.mesh).predict(data, batch_size=960, output_dir=Path(directory) / "predictions")
     print(json.dumps({
         "process": jax.process_index(),
         "placement": trainer.placement,
         "losses": np.asarray(result.losses).tolist(),
-        "rows_read": {name: source.rows_read().tolist() for name, source in data.items()},
+        "rows_read": rows_read,
+        # The reads of single rows are the sample's: their rows, then the reads of batches.
+        "prediction_sample": {name: [a for a, b in source.reads if b == a + 1] for name, source in data.items()},
+        "prediction_reads": {name: [[a, b] for a, b in source.reads if b > a + 1] for name, source in data.items()},
+        "store": tree.attrs["store_path"],
     }), flush=True)  # fmt: skip
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import signal
 from pathlib import Path
 
 import jax
@@ -20,7 +21,16 @@ import numpy as np
 import pytest
 import zarr
 
-from aimz_trainer import BlockShuffle, CheckpointError, ConfigurationError, ModelCheckpoint, Trainer
+from aimz_trainer import (
+    BlockShuffle,
+    CheckpointError,
+    ConfigurationError,
+    ModelCheckpoint,
+    Predictor,
+    Trainer,
+    make_mesh,
+    open_store,
+)
 from aimz_trainer.data import (
     ChunkSource,
     digest_rows,
@@ -33,9 +43,10 @@ from aimz_trainer.data import (
 )
 from aimz_trainer.errors import DataError
 from aimz_trainer.plan import FitPlan
+from aimz_trainer.records import record_columns
 from aimz_trainer.resume import data_digest
 
-from .conftest import Recorder, linear_data, linear_svi
+from .conftest import Recorder, linear_data, linear_model, linear_svi
 
 NUM_ROWS, BATCH_SIZE, MAX_EPOCHS = 4096, 256, 2
 STEPS = MAX_EPOCHS * NUM_ROWS // BATCH_SIZE  # 32
@@ -321,6 +332,12 @@ def test_a_prediction_from_a_source_equals_the_one_from_numpy_reading_batch_by_b
         predictor.cleanup()
 
 
+def zarr_predictor(mesh) -> Predictor:
+    """The Predictor of the two-process test: batches of 960 rows are 8 key blocks of 120."""
+    posterior = {"w": np.linspace(1.0, 2.0, 6, dtype=np.float32), "b": np.linspace(-0.5, 0.5, 6, dtype=np.float32)}
+    return Predictor(linear_model(4800), posterior, mesh=mesh, rng_key=jax.random.key(3), rows_per_key=120)
+
+
 @pytest.mark.slow
 @pytest.mark.multidevice
 def test_two_processes_reading_one_store_each_read_their_half_of_every_batch(tmp_path):
@@ -350,6 +367,144 @@ def test_two_processes_reading_one_store_each_read_their_half_of_every_batch(tmp
         leading = np.zeros(4800, np.int64)
         leading[:480] = 1
         np.testing.assert_array_equal(reads[0] + reads[1] - 4 * sample - leading, np.full(4800, 2))
+    # The prediction: each process reads its 480 rows of every 960-row batch (after the checks'
+    # sample and the key block the model is traced on), and the store equals a one-process prediction.
+    assert first["store"] == second["store"]
+    for process, result in enumerate((first, second)):
+        for name in ("x", "y"):
+            batches = [[start + 480 * process, start + 480 * (process + 1)] for start in range(0, 4800, 960)]
+            assert sorted(set(result["prediction_sample"][name])) == sample_indices(4800).tolist()  # checks
+            probes, *reads = result["prediction_reads"][name]  # the first key block, for tracing the model
+            assert probes == [0, 120] and [read for read in reads if read != probes] == batches, (process, name)
+    predictor = zarr_predictor(make_mesh(1))
+    try:
+        reference = predictor.predict(data, batch_size=960)
+        tree = open_store(first["store"])
+        for group, site in [("posterior_predictive", "y"), ("posterior_predictive", "mu"), ("observed_data", "y")]:
+            np.testing.assert_array_equal(tree[group][site].values, reference[group][site].values, strict=True)
+    finally:
+        predictor.cleanup()
+
+
+def test_a_prediction_writes_the_observed_values_of_a_source_batch_by_batch_and_checks_its_rows(tmp_path):
+    from .test_predictor import dyadic_x, linear_predictor
+
+    predictor = linear_predictor()
+    try:
+        x, y = dyadic_x(3000), np.linspace(-1.0, 1.0, 3000).astype(np.float32)
+        source = CountingRows(y)
+        tree = predictor.predict({"x": x, "y": source}, batch_size=512)
+        np.testing.assert_array_equal(tree["observed_data"]["y"].values, y, strict=True)
+        sampled = [(int(row), int(row) + 1) for row in sample_indices(3000)]
+        # The NaN check's sample, the key block the model is traced on, then the batches: never whole.
+        batches = [(start, min(start + 512, 3000)) for start in range(0, 3000, 512)]
+        assert source.reads == [*sampled, (0, 4), *batches]
+        bad = y.copy()
+        bad[2999] = np.nan  # outside the sample: found as its batch is read
+        with pytest.raises(DataError, match=r"the lazy source 'x' holds nan at row 2999 .* predictions would be NaN"):
+            predictor.predict({"x": CountingRows(np.where(np.isnan(bad), np.nan, x))}, batch_size=512)
+    finally:
+        predictor.cleanup()
+
+
+class CountingRecords:
+    """A Grain random-access source of records (``{"x": ..., "y": ...}``, decoded from ArrayRecord
+    bytes) that counts how often each record is read."""
+
+    def __init__(self, path: Path, num_rows: int) -> None:
+        import grain
+
+        self.records = grain.MapDataset.source(grain.sources.ArrayRecordDataSource([str(path)])).map(decode_record)
+        self.counts = np.zeros(num_rows, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, row: int) -> dict:
+        self.counts[row] += 1
+        return self.records[row]
+
+
+def decode_record(record: bytes) -> dict:
+    values = np.frombuffer(record, np.float32)
+    return {"x": values[0], "y": values[1]}
+
+
+def write_records(path: Path, data: dict[str, np.ndarray]) -> None:
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    writer = ArrayRecordWriter(str(path), "group_size:64")
+    for x, y in zip(data["x"], data["y"], strict=True):
+        writer.write(np.array([x, y], np.float32).tobytes())
+    writer.close()
+
+
+class TestRecords:
+    def test_a_fit_from_array_record_files_equals_the_fit_from_numpy_reading_each_record_once_a_read(
+        self, in_memory, tmp_path
+    ):
+        write_records(tmp_path / "data.array_record", DATA)
+        records = CountingRecords(tmp_path / "data.array_record", NUM_ROWS)
+        assert_bitwise_equal(fit(records), in_memory)
+        # Both columns from one read of each record: every row once an epoch, plus the sample of the
+        # NaN check and the leading batch (its 256 rows), never once per column.
+        expected = np.full(NUM_ROWS, MAX_EPOCHS)
+        expected[sample_indices(NUM_ROWS)] += 1
+        expected[:BATCH_SIZE] += 1
+        expected[0] += 1  # record 0, read first to learn the columns
+        np.testing.assert_array_equal(records.counts, expected)
+
+    def test_a_prediction_from_records_equals_the_one_from_numpy(self, tmp_path):
+        from .test_predictor import linear_predictor, values
+
+        data = linear_data(1000)
+        write_records(tmp_path / "data.array_record", data)
+        predictor = linear_predictor()
+        try:
+            reference = predictor.predict(data, batch_size=256)
+            tree = predictor.predict(CountingRecords(tmp_path / "data.array_record", 1000), batch_size=256)
+            np.testing.assert_array_equal(tree["observed_data"]["y"].values, data["y"], strict=True)
+            np.testing.assert_array_equal(
+                values(tree, "posterior_predictive", "y"), values(reference, "posterior_predictive", "y")
+            )
+        finally:
+            predictor.cleanup()
+
+    def test_records_that_are_not_mappings_or_change_shape_are_refused(self):
+        with pytest.raises(DataError, match=r"each record must map the model's keyword names .* record 0 is list"):
+            validate_data([[1.0, 2.0]])
+        columns = record_columns([{"x": np.zeros(2)}, {"x": np.zeros(3)}])
+        with pytest.raises(DataError, match=r"hold 'x' as an array of shape \(2,\) like record 0"):
+            read_rows(columns["x"], np.array([0, 1]))
+
+
+@pytest.mark.slow
+def test_a_fit_from_zarr_killed_mid_epoch_resumes_bitwise(tmp_path):
+    from .checkpoint_worker import NUM_ROWS as WORKER_ROWS
+    from .test_checkpoint import load_npz, start_worker, wait_all
+
+    data = linear_data(WORKER_ROWS)
+    for name, values in data.items():
+        zarr.create_array(tmp_path / f"{name}.zarr", shape=values.shape, chunks=(128,), dtype=values.dtype)[:] = values
+    store = ["--zarr", tmp_path]
+    first = wait_all({
+        "reference": start_worker(1, "--dirpath", tmp_path / "reference", "--out", tmp_path / "reference.npz", *store),
+        "killed": start_worker(1, "--dirpath", tmp_path / "killed", "--kill-step", 14, *store),
+    })  # fmt: skip
+    assert first["reference"][0] == 0, first["reference"][1]
+    assert first["killed"][0] == -signal.SIGKILL, first["killed"][1]
+    second = wait_all(
+        {
+            "resumed": start_worker(
+                1, "--dirpath", tmp_path / "killed", "--resume", "--out", tmp_path / "resumed.npz", *store
+            )
+        }
+    )
+    assert second["resumed"][0] == 0, second["resumed"][1]
+    reference, resumed = load_npz(tmp_path / "reference.npz"), load_npz(tmp_path / "resumed.npz")
+    np.testing.assert_array_equal(resumed.losses, reference.losses, strict=True)
+    for name, value in reference.params.items():
+        np.testing.assert_array_equal(resumed.params[name], value, err_msg=name, strict=True)
 
 
 def test_an_impact_model_fits_and_predicts_from_sources_as_from_numpy():

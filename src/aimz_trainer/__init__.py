@@ -21,6 +21,7 @@ from aimz_trainer.callbacks import (
 )
 from aimz_trainer.checkpoint import LoadedCheckpoint, load_checkpoint
 from aimz_trainer.data import BlockShuffle
+from aimz_trainer.records import record_columns
 from aimz_trainer.errors import (
     AimzTrainerError,
     AimzWarning,
@@ -116,5 +117,6 @@ __all__ = [
     "load_checkpoint",
     "make_mesh",
     "open_store",
+    "record_columns",
     "verify_store",
 ]

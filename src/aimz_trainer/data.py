@@ -35,7 +35,9 @@ on Grain's prefetch threads (:func:`read_rows`: the distinct rows in sorted orde
 consecutive rows read as one slice), each process the rows of its own share of every batch.
 ``"auto"`` placement keeps lazy sources on the host. The rows read are the rows an in-memory
 fit gathers, so the batches and losses are those of the same fit from NumPy arrays. Rows the
-sample does not cover are checked for NaN and infinity as their chunk is read.
+sample does not cover are checked for NaN and infinity as their chunk is read. Record-oriented
+data (a Grain random-access source of records, such as ArrayRecord files decoded by a
+``MapDataset``) is taken as lazy columns (:mod:`aimz_trainer.records`), each record read once.
 
 Every device of the mesh holds as many columns of a batch. When ``batch_size`` does not split
 evenly over the devices, each batch gets padding columns up to the next multiple of the device
@@ -55,7 +57,7 @@ import hashlib
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
 import grain
@@ -65,6 +67,7 @@ import numpy as np
 from aimz_trainer.distributed import require_agreement
 from aimz_trainer.errors import ConfigurationError, DataError
 from aimz_trainer.plan import BatchLimit, FitPlan, limited
+from aimz_trainer.records import RecordColumn, is_record_source, record_columns
 from aimz_trainer.sharding import place_replicated
 
 __all__ = [
@@ -83,7 +86,9 @@ __all__ = [
     "make_chunk_loader",
     "nonfinite",
     "place_data",
+    "read_ahead",
     "read_rows",
+    "require_finite_read",
     "require_finite_rows",
     "resolve_placement",
     "sample_indices",
@@ -157,6 +162,8 @@ def read_rows(source: Any, indices: np.ndarray) -> np.ndarray:
     """
     if isinstance(source, np.ndarray):
         return np.asarray(np.take(source, indices, axis=0))
+    if isinstance(source, RecordColumn):  # records, not rows of an array: read once for every column
+        return source.take(indices)
     unique, inverse = np.unique(indices.ravel(), return_inverse=True)
     storage_rows = _storage_chunk_rows(source)
     if storage_rows:
@@ -186,17 +193,20 @@ def read_rows(source: Any, indices: np.ndarray) -> np.ndarray:
 
 
 def validate_data(data: Any, *, name: str = "train_data") -> tuple[dict[str, ArrayLike], int]:
-    """Check that ``data`` maps keyword names to numeric arrays of one common length.
+    """Check that ``data`` maps keyword names to numeric arrays of one common length. A
+    random-access source of records (:mod:`aimz_trainer.records`) is taken as its columns.
 
     Returns:
         The arrays (NumPy arrays stay NumPy, JAX arrays stay JAX, lazy sources stay as given,
         unread: :func:`is_lazy_source`; anything else array-like is converted with
         ``np.asarray``) and their common length ``n``.
     """
+    if is_record_source(data):
+        data = record_columns(data, name=name)
     if not isinstance(data, Mapping):
         raise DataError(
             f"{name} must be a mapping from the model's keyword names to arrays, e.g. "
-            f"{{'X': X, 'y': y}}; got {type(data).__name__}."
+            f"{{'X': X, 'y': y}}, or a random-access source of such records; got {type(data).__name__}."
         )
     if not data:
         raise DataError(f"{name} is empty: pass at least one array, e.g. {{'X': X}}.")
@@ -278,6 +288,32 @@ def require_finite_rows(name: str, arrays: Mapping[str, Any], consequence: str) 
                 f"{name}[{key!r}] holds {np.asarray(array)[index]} at row {index[0]} ({count} non-finite value(s) "
                 f"in all): {consequence}"
             )
+
+
+def require_finite_read(name: str, rows: np.ndarray, row_numbers: np.ndarray, consequence: str) -> None:
+    """Raise :class:`DataError` at the first NaN or infinity of ``rows``, just read from the lazy
+    source ``name`` (rows the sample checked up front may not have covered), naming the value,
+    its row (``row_numbers``: the row number of each of ``rows``' leading entries) and
+    ``consequence``."""
+    if (found := nonfinite(rows)) is not None:
+        index, count = found
+        raise DataError(
+            f"the lazy source {name!r} holds {rows[index]} at row {row_numbers[index[: row_numbers.ndim]]} ({count} "
+            f"non-finite value(s) in the rows read): {consequence}"
+        )
+
+
+def read_ahead(read: Callable[[Any], Any], items: Sequence[Any], *, prefetch: int = 2) -> Iterator[Any]:
+    """``read(item)`` for each of ``items``, in order, computed on a Grain thread up to
+    ``prefetch`` items ahead of the consumer: reading the next batch overlaps computing this one.
+    An error of ``read`` is raised where its item is consumed.
+
+    Example:
+        >>> list(read_ahead(lambda start: np.arange(start, start + 2), [0, 10]))
+        [array([0, 1]), array([10, 11])]
+    """
+    dataset = grain.MapDataset.source(items).map(read)
+    return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch)))
 
 
 NONFINITE_ROWS = (
@@ -631,12 +667,7 @@ def _gather_rows(arrays: Mapping[str, np.ndarray], record: dict[str, Any]) -> di
         if is_lazy_source(array):
             gathered = read_rows(array, indices)
             # Rows outside the sample checked before the fit are checked as they are read.
-            if (found := nonfinite(gathered)) is not None:
-                index, count = found
-                raise DataError(
-                    f"the lazy source {key!r} holds {gathered[index]} at row {indices[index[:2]]} ({count} non-finite "
-                    f"value(s) in the chunk read): {NONFINITE_ROWS}"
-                )
+            require_finite_read(key, gathered, indices, NONFINITE_ROWS)
         else:
             gathered = np.take(array, indices, axis=0)
         # Cast on the chunk, not the whole array: float64 inputs would otherwise need a full copy.

@@ -27,7 +27,7 @@ from aimz_trainer.forward import DO_PREFIX, LocalDraws, Mode, deterministic_draw
 from aimz_trainer.plates import ModelLayout, model_layout, site_dims, trace_model
 from aimz_trainer.store import ArraySpec
 
-__all__ = ["PredictionPlan", "batch_rows", "make_plan", "require_finite"]
+__all__ = ["NONFINITE_PREDICTIONS", "PredictionPlan", "batch_rows", "make_plan", "require_finite"]
 
 # How keys become draws (the Predictor's module docstring); part of a store's fingerprint, so
 # a store begun under another scheme is not resumed into a mix of two.
@@ -51,8 +51,8 @@ class PredictionPlan:
             forward, not constants of its program).
         intervention: the intervention as the caller gave it (recorded in the store).
         observed_data: the targets in the data (the model's optional arguments, such as
-            ``y=None``), ``{site: rows}``: written whole to
-            ``observed_data``; only the log-likelihood conditions on them.
+            ``y=None``), ``{site: rows}``: written to ``observed_data`` batch by batch with the
+            outputs; only the log-likelihood conditions on them.
         model_inputs: the forward's row inputs: the data's, the targets in
             :attr:`Mode.LOG_LIKELIHOOD`, and the row-wise intervention values named
             ``DO_PREFIX + site``.
@@ -122,11 +122,10 @@ class PredictionPlan:
         )  # fmt: skip
 
     def whole_arrays(self) -> dict[tuple[str, str], np.ndarray]:
-        """The arrays written whole, ``{(group, name): values}``: the draws (with their chains),
-        the observed data and the coordinates."""
+        """The arrays written whole, ``{(group, name): values}``: the draws (with their chains)
+        and the coordinates. The observed data are rows, written batch by batch with the outputs."""
         draws = {**self.latent, **self.deterministic}
         arrays = {(self.draws_group, n): v.reshape(*self.chain_draws, *v.shape[1:]) for n, v in draws.items()}
-        arrays.update({("observed_data", n): np.asarray(v) for n, v in self.observed_data.items()})
         # A coordinate is the array named after its one dim (plates and sites share one namespace).
         arrays.update({(s.group, s.name): np.arange(s.shape[0]) for s in self.specs if s.dims == (s.name,)})
         return arrays
@@ -362,17 +361,19 @@ def _split_intervention(
     return constants, rows
 
 
+NONFINITE_PREDICTIONS = (
+    "predictions would be NaN there. Remove or fill them, or pass check_finite=False to the Predictor to let NaN "
+    "propagate."
+)
+
+
 def require_finite(what: str, arrays: Mapping[str, Any], *, per_row: bool) -> None:
     """Raise :class:`~aimz_trainer.errors.DataError` at the first NaN or infinity in a float
     array of ``arrays`` (``what``: ``"data"``, ``"intervention"`` or the draws' group), naming
     where it is: it would turn every prediction it touches into NaN, and a Bernoulli draw of a
     NaN probability into a 0 that looks like data. ``per_row``: the arrays' first axis is rows."""
-    advice = (
-        "predictions would be NaN there. Remove or fill them, or pass check_finite=False to the Predictor to let "
-        "NaN propagate."
-    )
     if per_row:
-        require_finite_rows(what, arrays, advice)
+        require_finite_rows(what, arrays, NONFINITE_PREDICTIONS)
         return
     for name, value in arrays.items():
         if (found := nonfinite(value)) is not None:
@@ -380,7 +381,7 @@ def require_finite(what: str, arrays: Mapping[str, Any], *, per_row: bool) -> No
             where = f"draw {index[0]}" if what != "intervention" else f"index {index}"
             raise DataError(
                 f"{what}[{name!r}] holds {np.asarray(value)[index]} at {where} ({count} non-finite value(s) in all): "
-                + advice
+                + NONFINITE_PREDICTIONS
             )
 
 
@@ -426,7 +427,7 @@ def _specs(
     plan: PredictionPlan, shapes: Mapping[str, tuple[tuple[int, ...], np.dtype]], sites: Mapping[str, Any]
 ) -> tuple[ArraySpec, ...]:
     """The store's arrays: the outputs (filled batch by batch along the rows, in blocks of
-    draws), the draws and the observed data (written whole), and an ``int64`` coordinate
+    draws) and the observed data (batch by batch too), the draws (written whole), and an ``int64`` coordinate
     ``0 .. n-1`` for every dim of every group, as arviz gives every dim."""
     outputs = [
         ArraySpec(plan.group, name, (*plan.chain_draws, plan.num_rows, *shape[1:]), dtype, (
@@ -442,7 +443,12 @@ def _specs(
     ]  # fmt: skip
     observed = [
         ArraySpec(
-            "observed_data", name, value.shape, np.asarray(value).dtype, site_dims(sites[name], name, value.ndim), None
+            "observed_data",
+            name,
+            tuple(value.shape),
+            np.dtype(value.dtype),
+            site_dims(sites[name], name, len(value.shape)),
+            0,
         )
         for name, value in plan.observed_data.items()
     ]

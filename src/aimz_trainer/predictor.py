@@ -62,12 +62,19 @@ from tqdm.auto import tqdm
 from aimz_trainer._checks import as_key, check_model_accepts, is_int_at_least, model_parameters, require_bool
 from aimz_trainer._version import library_version
 from aimz_trainer.callbacks.progress import progress_bar_wanted
-from aimz_trainer.data import validate_data
+from aimz_trainer.data import is_lazy_source, read_ahead, require_finite_read, validate_data
 from aimz_trainer.distributed import require_agreement
 from aimz_trainer.errors import ConfigurationError, NonFinitePredictionError
 from aimz_trainer.forward import Mode, make_forward, prior_draws
 from aimz_trainer.plates import model_layout
-from aimz_trainer.prediction_plan import PredictionPlan, batch_rows, make_plan, padded, require_finite
+from aimz_trainer.prediction_plan import (
+    NONFINITE_PREDICTIONS,
+    PredictionPlan,
+    batch_rows,
+    make_plan,
+    padded,
+    require_finite,
+)
 from aimz_trainer.scratch import ScratchDirectory
 from aimz_trainer.sharding import DATA_AXIS, batch_sharding, make_mesh, replicated, to_global_array
 from aimz_trainer.store import (
@@ -448,7 +455,7 @@ class Predictor:
         first_row, last_row = plan.process_rows
         failure: BaseException | None = None  # a failed write, with several processes
         try:
-            rep = replicated(self.mesh)
+            rep, rows_sharding = replicated(self.mesh), batch_sharding(self.mesh)
             latent_device = jax.device_put(plan.latent, rep)
             constants_device = jax.device_put(plan.constants, rep)
             guide_params_device = jax.device_put(plan.guide_params, rep)
@@ -457,15 +464,17 @@ class Predictor:
                 disable=not (progress and progress_bar_wanted()) or jax.process_index() != 0,
             )  # fmt: skip
 
-            def write(start: int, stop: int, result: Draws, nonfinite: Draws) -> None:
+            def write(start: int, stop: int, result: Draws, nonfinite: Draws, observed: Draws) -> None:
                 nonlocal failure
                 bad = {name: int(count) for name, count in nonfinite.items() if int(count)}
                 if bad:  # every process has the whole batch's counts: all of them stop here
                     raise NonFinitePredictionError((start, stop), bad, str(path))
                 begin, end = start + first_row, min(start + last_row, stop)
                 if end > begin and failure is None:
+                    rows = {(group, n): _rows(result[n], end - begin) for n in outputs}
+                    rows.update({("observed_data", n): values for n, values in observed.items()})
                     try:
-                        store.write_batch(begin, end, {(group, n): _rows(result[n], end - begin) for n in outputs})
+                        store.write_batch(begin, end, rows)
                     except Exception as error:
                         if processes == 1:
                             raise
@@ -474,11 +483,12 @@ class Predictor:
 
             # A batch is checked and written once the next one is dispatched: reading its counts
             # then waits for a batch the devices have finished, never for the one they compute.
-            previous: tuple[int, int, Draws, Draws] | None = None
-            for start in range(store.rows_written, num_rows, batch):
+            previous: tuple[int, int, Draws, Draws, Draws] | None = None
+            starts = range(store.rows_written, num_rows, batch)
+            read = functools.partial(_read_batch, plan, check_finite=self.check_finite)
+            for start, (inputs, observed) in zip(starts, read_ahead(read, starts), strict=True):
                 stop = min(start + batch, num_rows)
-                inputs = {k: padded(np.asarray(v[start:stop]), batch) for k, v in plan.model_inputs.items()}
-                inputs = {k: to_global_array(v, batch_sharding(self.mesh), v.shape) for k, v in inputs.items()}
+                inputs = {k: to_global_array(v, rows_sharding, (batch, *v.shape[1:])) for k, v in inputs.items()}
                 block0 = jnp.asarray(start // plan.rows_per_key, jnp.uint32)
                 result, nonfinite = forward(
                     latent_device, inputs, plan.rng_key, block0, constants_device, guide_params_device
@@ -489,7 +499,7 @@ class Predictor:
                     )
                 if previous is not None:
                     write(*previous)
-                previous = (start, stop, result, nonfinite)
+                previous = (start, stop, result, nonfinite, observed)
                 bar.update(stop - start)
             if previous is not None:
                 write(*previous)
@@ -554,6 +564,27 @@ def _check_request(
     require_bool("resume", resume)
     require_bool("progress", progress)
     check_chunks(chunks)
+
+
+def _read_batch(plan: PredictionPlan, start: int, *, check_finite: bool) -> tuple[Draws, Draws]:
+    """This process's rows of the batch at ``start``, read from the data (in memory or lazy
+    sources, never whole): the model's inputs, padded to its share of a batch, and the observed
+    values to write. Rows of a lazy source outside the sample checked up front are checked here
+    (``check_finite``)."""
+    stop = min(start + plan.batch, plan.num_rows)
+    first, last = plan.process_rows
+    begin, end = start + first, min(start + last, stop)
+    # A share of the last batch may be padding only: any real row serves as its padding.
+    span = slice(begin, end) if end > begin else slice(stop - 1, stop)
+    sources = {**plan.observed_data, **plan.model_inputs}
+    rows = {name: np.asarray(source[span]) for name, source in sources.items()}
+    if check_finite:
+        for name, source in sources.items():
+            if is_lazy_source(source):
+                require_finite_read(name, rows[name], np.arange(span.start, span.stop), NONFINITE_PREDICTIONS)
+    inputs = {name: padded(rows[name], last - first) for name in plan.model_inputs}
+    observed = {name: rows[name] for name in plan.observed_data} if end > begin else {}
+    return inputs, observed
 
 
 def _group_attrs(plan: PredictionPlan) -> dict[str, dict[str, Any]]:
