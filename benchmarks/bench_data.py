@@ -1,36 +1,53 @@
-"""Data benchmark: a fit from a Zarr v3 store on disk against the same fit from NumPy in memory.
+"""Data benchmark: fits and predictions from a Zarr v3 store on disk against the same from memory.
 
 Setting: ``--rows`` x ``--cols`` float32 features (default 20,000,000 x 100, 8 GB: pass a
-smaller ``--rows`` on a small disk) and a float32 target, written once to a Zarr v3 store in
-``--dir`` (a temporary directory by default, removed at the end) in chunks of ``--chunk-rows``
-rows; a Bayesian linear regression (``w ~ Normal(0, 1)^cols``, ``y ~ Normal(X w + b, 1)`` in a
-subsampled plate), AutoNormal, Adam, batches of ``--batch`` rows, ``--steps`` steps.
+smaller ``--rows`` on a small disk) and int32 Bernoulli labels, written once to a Zarr v3
+store in ``--dir`` (a temporary directory by default, removed at the end) in chunks of
+``--chunk-rows`` rows, the features uncompressed (random floats do not compress). The model
+is the reference network (``recipes/bnn_binary.py``: 100 -> 32 -> 32 -> 1, Bernoulli output,
+AutoNormal, Adam).
 
-The runs, each one JSON line on stdout:
+The runs, each one JSON line on stdout, each in a fresh process (its peak RSS growth is its
+own), the fit runs first:
 
-- **memory**: ``fit`` from the NumPy arrays (``data_placement="host"``: the same batches,
-  gathered from memory, the losses bitwise those of the Zarr runs).
-- **zarr_rows**: from the store, ``shuffle=True`` (an exact permutation: a batch is a scatter
-  of single rows across the store).
-- **zarr_blocks**: from the store, ``shuffle=BlockShuffle(block_rows=chunk_rows,
+- **fit_memory**: ``fit`` from NumPy arrays read whole from the store (``data_placement="host"``:
+  the same batches as from the store, gathered from memory), ``--fit-epochs`` epochs.
+- **fit_zarr_blocks**: from the store, ``shuffle=BlockShuffle(block_rows=chunk_rows,
   window_blocks=16)``: a chunk of steps reads a few whole Zarr chunks.
+- **fit_zarr_rows** (``--exact-shuffle``): from the store, ``shuffle=True``, an exact
+  permutation: a batch is a scatter of single rows over the store, so each compiled chunk
+  decodes most of the store's chunks; the losses equal ``fit_memory``'s (it then uses
+  ``shuffle=True`` too). Hopeless at 20 million rows: off by default.
+- **predict_zarr** at ``--rows`` and at ``--small-rows`` (default ``rows // 10``, the first rows
+  of the same store), and **predict_memory** at ``--small-rows`` from a NumPy array:
+  ``Predictor.predict`` of ``--draws`` posterior draws (from the guide at its initial
+  parameters: the values do not matter for speed), ``y`` and ``p`` written to a Zarr store in
+  ``--dir``, batches of ``--predict-batch`` rows, after a one-batch warm-up (compilation is not
+  in the figure).
 
-Figures per run: ``steady_steps_per_s`` (steps after the first compiled chunk over the time
-they took, so compilation is left out), ``fit_s`` (the ``fit`` call), ``rows_read`` and
-``bytes_read`` (rows the fit read from the source, counted by a wrapper; for the memory run, the
-rows gathered), and ``losses_equal_memory`` for the Zarr runs with the memory run's shuffle.
+Figures: ``steady_steps_per_s`` (steps after the first compiled chunk over the time they took,
+so compilation is left out), ``wall_s``, ``rss_growth_mib`` (peak resident set during the call
+over the resident set just before it: the in-memory arrays are built before), ``rows_read`` and
+``bytes_read`` (counted by a wrapper of the store). A last line, ``"run": "summary"``, gives the
+ratios the issue sets bars for: the fit's ``steps_ratio`` (zarr blocks / memory, bar >= 0.8),
+the prediction's ``rss_growth_ratio`` (``--rows`` / ``--small-rows``, bar <= 1.2),
+``rss_growth_mib`` at ``--rows`` (bar <= 1024) and ``wall_ratio`` (zarr at ``--rows`` / (memory
+at ``--small-rows`` x rows / small rows), bar <= 1.15).
 
 Run it from the repository root::
 
-    .venv/bin/python benchmarks/bench_data.py --rows 200000 --steps 200
+    .venv/bin/python benchmarks/bench_data.py --rows 200000 [--fit-epochs 2] [--draws 100]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,14 +56,12 @@ from typing import Any
 
 import jax
 import numpy as np
-import numpyro
-import numpyro.distributions as dist
-import zarr
-from numpyro.infer import SVI, Trace_ELBO
-from numpyro.infer.autoguide import AutoNormal
-from optax import adam
+from bench_fit import forwarded, load_recipe
+from bench_predict import PeakRss
 
-from aimz_trainer import BlockShuffle, Callback, Trainer
+from aimz_trainer import BlockShuffle, Callback, Predictor, Trainer
+
+RUNS = ("fit_memory", "fit_zarr_blocks", "fit_zarr_rows", "predict_zarr", "predict_memory")
 
 
 class ChunkTimes(Callback):
@@ -60,105 +75,210 @@ class ChunkTimes(Callback):
 
 
 class CountedRows:
-    """A lazy source over ``source`` that counts the rows and bytes read."""
+    """A lazy source over the first ``rows`` rows of ``source`` that counts the rows read."""
 
-    def __init__(self, source: Any) -> None:
-        self.source, self.shape, self.dtype = source, tuple(source.shape), np.dtype(source.dtype)
+    def __init__(self, source: Any, rows: int) -> None:
+        self.source, self.dtype = source, np.dtype(source.dtype)
+        self.shape = (rows, *source.shape[1:])
         self.chunks = source.chunks  # read as the store itself is: once per storage chunk touched
         self.rows = 0
 
     def __getitem__(self, rows: slice) -> np.ndarray:
-        values = np.asarray(self.source[rows])
+        start, stop, _ = rows.indices(self.shape[0])
+        values = np.asarray(self.source[start:stop])
         self.rows += len(values)
         return values
 
-
-def model_for(num_rows: int, num_cols: int) -> Any:
-    def model(X: Any, y: Any = None) -> None:
-        w = numpyro.sample("w", dist.Normal(0.0, 1.0).expand([num_cols]).to_event(1))
-        b = numpyro.sample("b", dist.Normal(0.0, 1.0))
-        with numpyro.plate("data", num_rows, subsample_size=X.shape[0]):
-            numpyro.sample("y", dist.Normal(X @ w + b, 1.0), obs=y)
-
-    return model
+    @property
+    def bytes_read(self) -> int:
+        return self.rows * math.prod(self.shape[1:]) * self.dtype.itemsize
 
 
-def write_store(directory: Path, rows: int, cols: int, chunk_rows: int, seed: int) -> dict[str, zarr.Array]:
-    """The features and targets, written slab by slab (never all in memory at once)."""
+def write_store(directory: Path, rows: int, cols: int, chunk_rows: int, seed: int) -> None:
+    """The features and labels, written slab by slab (never all in memory at once). The
+    features are stored uncompressed: normal floats do not compress, and decoding them would
+    take CPU from the fit on a small machine."""
+    import zarr
+
     rng = np.random.default_rng(seed)
-    w = rng.normal(size=cols).astype(np.float32) / np.sqrt(cols)
-    X = zarr.create_array(directory / "X.zarr", shape=(rows, cols), chunks=(chunk_rows, cols), dtype=np.float32)
-    y = zarr.create_array(directory / "y.zarr", shape=(rows,), chunks=(chunk_rows,), dtype=np.float32)
+    beta = rng.normal(size=cols).astype(np.float32) / np.sqrt(cols)
+    X = zarr.create_array(
+        directory / "X.zarr",
+        shape=(rows, cols),
+        chunks=(chunk_rows, cols),
+        dtype=np.float32,
+        compressors=None,
+        overwrite=True,
+    )
+    y = zarr.create_array(directory / "y.zarr", shape=(rows,), chunks=(chunk_rows,), dtype=np.int32, overwrite=True)
     slab = max(chunk_rows, (64 << 20) // (4 * cols) // chunk_rows * chunk_rows)  # about 64 MB a slab
     for start in range(0, rows, slab):
         stop = min(start + slab, rows)
         features = rng.normal(size=(stop - start, cols)).astype(np.float32)
         X[start:stop] = features
-        y[start:stop] = features @ w + 0.5 + rng.normal(size=stop - start).astype(np.float32)
-    return {"X": zarr.open_array(directory / "X.zarr", mode="r"), "y": zarr.open_array(directory / "y.zarr", mode="r")}
+        y[start:stop] = rng.random(stop - start) < 1 / (1 + np.exp(-(features @ beta)))
 
 
-def run(name: str, data: dict[str, Any], args: argparse.Namespace, **fit_kwargs: Any) -> dict[str, Any]:
+def open_store(directory: Path, rows: int, names: tuple[str, ...]) -> dict[str, CountedRows]:
+    import zarr
+
+    return {name: CountedRows(zarr.open_array(directory / f"{name}.zarr", mode="r"), rows) for name in names}
+
+
+def fit_run(run: str, args: argparse.Namespace) -> dict[str, Any]:
+    recipe = load_recipe(with_trainer=True)
+    store = open_store(args.dir, args.rows, ("X", "y"))
+    if run == "fit_memory":
+        data: dict[str, Any] = {name: source.source[:] for name, source in store.items()}
+    else:
+        data = dict(store)
+    blocks = BlockShuffle(block_rows=args.chunk_rows, window_blocks=16)
+    shuffle = True if args.exact_shuffle else blocks
+    if run == "fit_zarr_blocks":
+        shuffle = blocks
     times = ChunkTimes()
-    trainer = Trainer(max_steps=args.steps, rng_key=jax.random.key(0), enable_progress_bar=False, callbacks=[times])
-    model = model_for(args.rows, args.cols)
-    svi = SVI(model, AutoNormal(model), adam(1e-3), Trace_ELBO())
-    started = time.perf_counter()
-    result = trainer.fit(svi, data, batch_size=args.batch, **fit_kwargs)
-    fit_s = time.perf_counter() - started
+    trainer = Trainer(
+        max_epochs=args.fit_epochs, rng_key=jax.random.key(0), enable_progress_bar=False, callbacks=[times]
+    )
+    model = recipe.make_model(args.rows, args.cols, 32, jax.random.key(1))
+    with PeakRss() as rss:
+        started = time.perf_counter()
+        result = trainer.fit(
+            recipe.make_svi(model), data, batch_size=args.batch, data_placement="host", shuffle=shuffle
+        )
+        wall = time.perf_counter() - started
     (first_time, first_step), (last_time, last_step) = times.ends[0], times.ends[-1]
-    steady = (last_step - first_step) / (last_time - first_time) if last_step > first_step else None
-    counted = [source for source in data.values() if isinstance(source, CountedRows)]
-    bytes_read = sum(source.rows * math.prod(source.shape[1:]) * source.dtype.itemsize for source in counted)
+    counted = run != "fit_memory"
     return {
-        "run": name,
-        "rows": args.rows,
-        "cols": args.cols,
-        "batch": args.batch,
         "steps": int(result.losses.shape[0]),
-        "placement": trainer.placement,
-        "steady_steps_per_s": steady,
-        "fit_s": fit_s,
-        "rows_read": counted[0].rows if counted else None,  # of X (y: the same rows)
-        "bytes_read": bytes_read if counted else None,
-        "losses": result.losses,
+        "shuffle": "blocks" if shuffle is blocks else "rows",
+        "steady_steps_per_s": (last_step - first_step) / (last_time - first_time) if last_step > first_step else None,
+        "wall_s": wall,
+        "rss_growth_mib": rss.growth_mib,
+        "rows_read": store["X"].rows if counted else None,
+        "bytes_read": sum(source.bytes_read for source in store.values()) if counted else None,
+        "losses_sha": hashlib.sha256(np.asarray(result.losses).tobytes()).hexdigest()[:16],
     }
+
+
+def predict_run(run: str, args: argparse.Namespace, rows: int) -> dict[str, Any]:
+    recipe = load_recipe(with_trainer=True)
+    store = open_store(args.dir, rows, ("X",))
+    X: Any = store["X"].source[:rows] if run == "predict_memory" else store["X"]
+    warm_up = store["X"].source[: min(args.predict_batch, rows)]  # the measured call's batch shape: compiled once
+    model = recipe.make_model(rows, args.cols, 32, jax.random.key(1))
+    svi = recipe.make_svi(model)
+    labels = open_store(args.dir, rows, ("y",))["y"].source[:64]
+    params = svi.get_params(svi.init(jax.random.key(2), warm_up[:64], y=labels))
+    posterior = svi.guide.sample_posterior(jax.random.key(3), params, warm_up[:2], sample_shape=(args.draws,))
+    predictor = Predictor(model, {k: v for k, v in posterior.items() if k != "p"}, rng_key=jax.random.key(4))
+    with tempfile.TemporaryDirectory(prefix="predictions-", dir=args.dir) as output:
+        predictor.predict({"X": warm_up}, batch_size=args.predict_batch, output_dir=output)
+        store["X"].rows = 0
+        with PeakRss() as rss:
+            started = time.perf_counter()
+            tree = predictor.predict({"X": X}, batch_size=args.predict_batch, output_dir=output)
+            wall = time.perf_counter() - started
+        assert tree["posterior_predictive"]["p"].shape == (1, args.draws, rows)
+    counted = run == "predict_zarr"
+    return {
+        "rows": rows,
+        "draws": args.draws,
+        "wall_s": wall,
+        "rss_growth_mib": rss.growth_mib,
+        "rows_read": store["X"].rows if counted else None,
+        "bytes_read": store["X"].bytes_read if counted else None,
+    }
+
+
+def spawn(run: str, args: argparse.Namespace, rows: int) -> dict[str, Any]:
+    command = [
+        sys.executable, str(Path(__file__).resolve()), "--only", run, "--dir", str(args.dir), "--rows", str(args.rows),
+        "--run-rows", str(rows), *(["--exact-shuffle"] if args.exact_shuffle else []),
+        *forwarded(args, "cols", "batch", "chunk_rows", "fit_epochs", "draws", "predict_batch"),
+    ]  # fmt: skip
+    print(f"{run} at {rows} rows", file=sys.stderr, flush=True)
+    # One hash seed for every run: NumPyro sums the ELBO's terms in the order of a set of site
+    # names, so the losses' last bits, compared across the runs, depend on it.
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    completed = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True, env=env)
+    return {"run": run, **json.loads(completed.stdout.strip().splitlines()[-1])}
 
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=20_000_000)
+    parser.add_argument("--small-rows", type=int, default=None)
     parser.add_argument("--cols", type=int, default=100)
     parser.add_argument("--batch", type=int, default=4096)
-    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--fit-epochs", type=int, default=2)
     parser.add_argument("--chunk-rows", type=int, default=4096)
+    parser.add_argument("--draws", type=int, default=100)
+    parser.add_argument("--predict-batch", type=int, default=100_000)
+    parser.add_argument("--exact-shuffle", action="store_true", help="also fit from the store with shuffle=True")
+    parser.add_argument("--skip", default="", help="comma-separated runs to leave out")
     parser.add_argument("--dir", type=Path, default=None, help="where to write the store (default: a temporary one)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", choices=RUNS, help=argparse.SUPPRESS)
+    parser.add_argument("--run-rows", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.only:
+        figures = (
+            fit_run(args.only, args) if args.only.startswith("fit") else predict_run(args.only, args, args.run_rows)
+        )
+        print(json.dumps(figures), flush=True)
+        return
 
-    directory = args.dir or Path(tempfile.mkdtemp(prefix="bench_data_"))
+    small = args.small_rows or args.rows // 10
+    temporary = args.dir is None
+    args.dir = args.dir or Path(tempfile.mkdtemp(prefix="bench_data_"))
     try:
-        print(f"writing {args.rows} x {args.cols} rows to {directory}", file=sys.stderr)
-        store = write_store(directory, args.rows, args.cols, args.chunk_rows, args.seed)
-        memory = {name: array[:] for name, array in store.items()}
-        blocks = BlockShuffle(block_rows=args.chunk_rows, window_blocks=16)
-        reference_losses = None
-        for name, data, kwargs in [
-            ("memory", memory, {"data_placement": "host"}),
-            ("zarr_rows", store, {}),
-            ("zarr_blocks", store, {"shuffle": blocks}),
-        ]:
-            counted = {key: CountedRows(array) for key, array in data.items()} if name != "memory" else data
-            figures = run(name, counted, args, **kwargs)
-            losses = figures.pop("losses")
-            if name == "memory":
-                reference_losses = losses
-            elif name == "zarr_rows":
-                figures["losses_equal_memory"] = bool(np.array_equal(losses, reference_losses))
-            print(json.dumps(figures), flush=True)
+        started = time.perf_counter()
+        write_store(args.dir, args.rows, args.cols, args.chunk_rows, args.seed)
+        print(f"wrote {args.rows} x {args.cols} rows in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+        plan = [("fit_memory", args.rows), ("fit_zarr_blocks", args.rows)]
+        plan += [("fit_zarr_rows", args.rows)] if args.exact_shuffle else []
+        plan += [("predict_memory", small), ("predict_zarr", small), ("predict_zarr", args.rows)]
+        results = []
+        for run, rows in plan:
+            if run in args.skip.split(","):
+                continue
+            results.append(spawn(run, args, rows))
+            print(json.dumps(results[-1]), flush=True)
+        print(json.dumps(summary(results, args.rows, small)), flush=True)
     finally:
-        if args.dir is None:
-            shutil.rmtree(directory, ignore_errors=True)
+        if temporary:
+            shutil.rmtree(args.dir, ignore_errors=True)
+
+
+def summary(results: list[dict[str, Any]], rows: int, small: int) -> dict[str, Any]:
+    """The ratios the bars are set on (``None`` where a run was left out)."""
+    found = {(result["run"], result.get("rows", rows)): result for result in results}
+
+    def figure(run: str, at: int, name: str) -> float | None:
+        return found[(run, at)][name] if (run, at) in found else None
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    memory_fit = figure("fit_memory", rows, "steady_steps_per_s")
+    memory_losses = figure("fit_memory", rows, "losses_sha")
+    big_rss, small_rss = figure("predict_zarr", rows, "rss_growth_mib"), figure("predict_zarr", small, "rss_growth_mib")
+    memory_wall = figure("predict_memory", small, "wall_s")
+    return {
+        "run": "summary",
+        "rows": rows,
+        "small_rows": small,
+        "fit_steps_ratio": ratio(figure("fit_zarr_blocks", rows, "steady_steps_per_s"), memory_fit),
+        "fit_exact_steps_ratio": ratio(figure("fit_zarr_rows", rows, "steady_steps_per_s"), memory_fit),
+        "fit_rss_growth_mib": figure("fit_zarr_blocks", rows, "rss_growth_mib"),
+        # The memory fit shuffles as the exact run does when there is one, else as the blocks run.
+        "fit_losses_equal_memory": memory_losses is not None
+        and memory_losses in {figure(run, rows, "losses_sha") for run in ("fit_zarr_blocks", "fit_zarr_rows")},
+        "predict_rss_growth_mib": big_rss,
+        "predict_rss_growth_ratio": ratio(big_rss, small_rss),
+        "predict_wall_ratio": ratio(figure("predict_zarr", rows, "wall_s"), memory_wall and memory_wall * rows / small),
+    }
 
 
 if __name__ == "__main__":

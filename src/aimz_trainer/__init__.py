@@ -21,7 +21,6 @@ from aimz_trainer.callbacks import (
 )
 from aimz_trainer.checkpoint import LoadedCheckpoint, load_checkpoint
 from aimz_trainer.data import BlockShuffle
-from aimz_trainer.records import record_columns
 from aimz_trainer.errors import (
     AimzTrainerError,
     AimzWarning,
@@ -44,6 +43,7 @@ from aimz_trainer.errors import (
     StoreError,
     StoreWarning,
 )
+from aimz_trainer.records import record_columns
 from aimz_trainer.sharding import make_mesh
 from aimz_trainer.trainer import FitResult, Trainer, TrainerState
 
