@@ -56,9 +56,8 @@ import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
-import grain
 import jax
 import numpy as np
 
@@ -66,6 +65,9 @@ from aimz_trainer.distributed import require_agreement
 from aimz_trainer.errors import ConfigurationError, DataError
 from aimz_trainer.plan import BatchLimit, FitPlan, limited
 from aimz_trainer.sharding import place_replicated
+
+if TYPE_CHECKING:
+    import grain
 
 __all__ = [
     "NONFINITE_ROWS",
@@ -584,6 +586,8 @@ def make_chunk_loader(
     """The Grain pipeline over ``source``: index records, or (with ``host_arrays``) records
     whose ``rows`` are the gathered rows themselves, beside their indices, read ahead on
     Grain's threads."""
+    import grain  # here, not at module level: only a fit's loaders need it
+
     dataset = grain.MapDataset.source(source)
     if host_arrays is not None:
         dataset = dataset.map(functools.partial(_gather_rows, host_arrays))
