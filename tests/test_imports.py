@@ -52,12 +52,13 @@ def test_every_public_name_resolves(module):
 
 
 def public_callables() -> list[tuple[str, object]]:
-    """Every public class's constructor and every public function, and the main methods."""
+    """The constructor of every public class that defines one, every public function, and the
+    main methods."""
     callables = {}
     for module in (aimz_trainer, aimz_trainer.callbacks):
         for name in module.__all__:
             value = getattr(module, name)
-            if inspect.isclass(value) and name not in BUILT_BY_THE_TRAINER:
+            if inspect.isclass(value) and inspect.isfunction(value.__init__) and name not in BUILT_BY_THE_TRAINER:
                 callables[f"{name}.__init__"] = value.__init__
             elif inspect.isfunction(value):
                 callables[name] = value
@@ -69,4 +70,4 @@ def public_callables() -> list[tuple[str, object]]:
 
 @pytest.mark.parametrize(("name", "function"), public_callables(), ids=[name for name, _ in public_callables()])
 def test_type_hints_evaluate(name, function):
-    assert typing.get_type_hints(function)  # every public callable is annotated
+    typing.get_type_hints(function)  # raises NameError for a name imported for type checkers only
