@@ -2,12 +2,12 @@
 
 A checkpoint is an orbax-checkpoint step directory ``<dirpath>/<step>`` with two items:
 
-* ``state`` (:class:`NamedArraysHandler`): one uncompressed ``arrays.npz`` of named host
-  arrays, which ``np.load`` reads without this library: ``params/<name>`` for each constrained
-  variational parameter (the names ``SVI.get_params`` gives; nested names joined with ``/``),
-  ``svi_state/<path>`` for each leaf of the ``SVIState``, named by its tree path (e.g.
-  ``svi_state/optim_state/1/0/mu/w_auto_loc``; the SVI rng key as its raw ``uint32`` key data),
-  and ``losses``, every step's loss so far;
+* ``state`` (:class:`~aimz_trainer.checkpoint_handler.NamedArraysHandler`): one uncompressed
+  ``arrays.npz`` of named host arrays, which ``np.load`` reads without this library:
+  ``params/<name>`` for each constrained variational parameter (the names ``SVI.get_params``
+  gives; nested names joined with ``/``), ``svi_state/<path>`` for each leaf of the
+  ``SVIState``, named by its tree path (e.g. ``svi_state/optim_state/1/0/mu/w_auto_loc``; the
+  SVI rng key as its raw ``uint32`` key data), and ``losses``, every step's loss so far;
 * ``meta`` (JSON, the file ``meta/metadata``): ``step``, ``epoch``, the trainer's ``rng_key``
   (raw data and implementation), the Grain iterator state of the next chunk
   (``loader_state``), each callback's ``state_dict`` under its ``state_key``, and descriptive
@@ -84,7 +84,7 @@ _LIBRARY = os.path.dirname(__file__)  # warnings point at the first frame outsid
 
 
 def __getattr__(name: str) -> object:
-    # The orbax item's classes live beside orbax's import (checkpoint_handler): loaded on first use.
+    # The orbax item's classes derive from orbax's: in checkpoint_handler, imported on first use.
     if name in {"NamedArraysHandler", "NamedArraysRestore", "NamedArraysSave"}:
         from aimz_trainer import checkpoint_handler
 
