@@ -1,5 +1,7 @@
 """aimz_trainer: a Lightning-style trainer for NumPyro SVI models in JAX."""
 
+from typing import TYPE_CHECKING
+
 from aimz_trainer.callbacks import (
     Callback,
     CSVLogger,
@@ -15,7 +17,6 @@ from aimz_trainer.callbacks import (
     PosteriorSampler,
     Profiler,
     ProgressBar,
-    TensorBoardLogger,
     ThroughputMonitor,
     Timer,
 )
@@ -47,10 +48,19 @@ from aimz_trainer.records import record_columns
 from aimz_trainer.sharding import make_mesh
 from aimz_trainer.trainer import FitResult, Trainer, TrainerState
 
+if TYPE_CHECKING:
+    from aimz_trainer.callbacks.tensorboard import TensorBoardLogger
+    from aimz_trainer.effects import estimate_effect
+    from aimz_trainer.impact_model import ImpactModel
+    from aimz_trainer.predictor import Predictor
+    from aimz_trainer.store_reading import open_store, verify_store
+
 __version__ = "0.1.0"
 
-# Prediction pulls in xarray and pandas (seconds to import): loaded on first use.
+# Prediction pulls in xarray and pandas (seconds to import), TensorBoard's writer tensorboardX
+# and protobuf: loaded on first use.
 _LAZY = {
+    "TensorBoardLogger": "aimz_trainer.callbacks.tensorboard",
     "ImpactModel": "aimz_trainer.impact_model",
     "Predictor": "aimz_trainer.predictor",
     "estimate_effect": "aimz_trainer.effects",

@@ -2,12 +2,12 @@
 
 A checkpoint is an orbax-checkpoint step directory ``<dirpath>/<step>`` with two items:
 
-* ``state`` (:class:`NamedArraysHandler`): one uncompressed ``arrays.npz`` of named host
-  arrays, which ``np.load`` reads without this library: ``params/<name>`` for each constrained
-  variational parameter (the names ``SVI.get_params`` gives; nested names joined with ``/``),
-  ``svi_state/<path>`` for each leaf of the ``SVIState``, named by its tree path (e.g.
-  ``svi_state/optim_state/1/0/mu/w_auto_loc``; the SVI rng key as its raw ``uint32`` key data),
-  and ``losses``, every step's loss so far;
+* ``state`` (:class:`~aimz_trainer.checkpoint_handler.NamedArraysHandler`): one uncompressed
+  ``arrays.npz`` of named host arrays, which ``np.load`` reads without this library:
+  ``params/<name>`` for each constrained variational parameter (the names ``SVI.get_params``
+  gives; nested names joined with ``/``), ``svi_state/<path>`` for each leaf of the
+  ``SVIState``, named by its tree path (e.g. ``svi_state/optim_state/1/0/mu/w_auto_loc``; the
+  SVI rng key as its raw ``uint32`` key data), and ``losses``, every step's loss so far;
 * ``meta`` (JSON, the file ``meta/metadata``): ``step``, ``epoch``, the trainer's ``rng_key``
   (raw data and implementation), the Grain iterator state of the next chunk
   (``loader_state``), each callback's ``state_dict`` under its ``state_key``, and descriptive
@@ -30,23 +30,25 @@ another mesh as it is.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import io
 import os
 import warnings
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from aimz_trainer.errors import CheckpointError, CheckpointWarning
 from aimz_trainer.step import set_up_guide
+
+if TYPE_CHECKING:
+    import orbax.checkpoint as ocp
+
+    from aimz_trainer.checkpoint_handler import NamedArraysHandler, NamedArraysRestore, NamedArraysSave
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -81,42 +83,21 @@ _PARAMS = "params/"
 _LIBRARY = os.path.dirname(__file__)  # warnings point at the first frame outside it
 
 
-# A checkpoint's state is a few dozen small arrays, already on the host: orbax's
-# tensorstore-backed StandardSave has a fixed CPU cost per save that an .npz does not (the
-# README's checkpoint figures). The archive is built in memory and written in one call:
-# np.savez seeks back into every member's header, a system call each on a file.
-class NamedArraysHandler(ocp.CheckpointHandler):
-    """An orbax item of named host arrays (``{"params/w_auto_loc": array, ...}``), written as
-    one uncompressed ``.npz`` file that plain NumPy reads. The arrays are replicated, so only
-    process 0 writes them."""
+def __getattr__(name: str) -> object:
+    # The orbax item's classes derive from orbax's: in checkpoint_handler, imported on first use.
+    if name in {"NamedArraysHandler", "NamedArraysRestore", "NamedArraysSave"}:
+        from aimz_trainer import checkpoint_handler
 
-    def save(self, directory: Any, args: NamedArraysSave) -> None:  # type: ignore[override]
-        if jax.process_index() == 0:
-            archive = io.BytesIO()
-            np.savez(archive, **args.arrays)
-            (Path(directory) / _ARRAYS_FILE).write_bytes(archive.getbuffer())
-
-    def restore(self, directory: Any, args: NamedArraysRestore | None = None) -> dict[str, np.ndarray]:  # type: ignore[override]
-        with np.load(Path(directory) / _ARRAYS_FILE) as archive:
-            return {name: archive[name] for name in archive.files}
-
-
-@ocp.args.register_with_handler(NamedArraysHandler, for_save=True)
-@dataclasses.dataclass
-class NamedArraysSave(ocp.args.CheckpointArgs):
-    """Save arguments of :class:`NamedArraysHandler`: ``{name: host array}`` (:func:`named_arrays`)."""
-
-    arrays: Mapping[str, np.ndarray]
-
-
-@ocp.args.register_with_handler(NamedArraysHandler, for_restore=True)
-@dataclasses.dataclass
-class NamedArraysRestore(ocp.args.CheckpointArgs):
-    """Restore arguments of :class:`NamedArraysHandler` (nothing to say: the file has it all)."""
+        return getattr(checkpoint_handler, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def save_args(state: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> ocp.args.Composite:
     """The orbax arguments that write one checkpoint: ``state`` from :func:`named_arrays`."""
+    import orbax.checkpoint as ocp
+
+    from aimz_trainer.checkpoint_handler import NamedArraysSave
+
     return ocp.args.Composite(state=NamedArraysSave(dict(state)), meta=ocp.args.JsonSave(dict(meta)))
 
 
@@ -346,11 +327,17 @@ def read_meta(step_dir: Path) -> dict[str, Any]:
 
 
 def _read_json(step_dir: Path) -> dict[str, Any]:
+    import orbax.checkpoint as ocp
+
     return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / "meta")
 
 
 def read_arrays(step_dir: Path) -> dict[str, np.ndarray]:
     """A checkpoint's ``state`` item: ``{name: array}`` (:func:`named_arrays`), on the host."""
+    import orbax.checkpoint as ocp
+
+    from aimz_trainer.checkpoint_handler import NamedArraysHandler, NamedArraysRestore
+
     try:
         return ocp.Checkpointer(NamedArraysHandler()).restore(step_dir / "state", args=NamedArraysRestore())
     except Exception as error:  # numpy and zipfile raise many types for a damaged file

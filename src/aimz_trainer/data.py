@@ -58,9 +58,8 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
-import grain
 import jax
 import numpy as np
 
@@ -69,6 +68,9 @@ from aimz_trainer.errors import ConfigurationError, DataError
 from aimz_trainer.plan import BatchLimit, FitPlan, limited
 from aimz_trainer.records import RecordColumn, is_record_source, record_columns
 from aimz_trainer.sharding import place_replicated
+
+if TYPE_CHECKING:
+    import grain
 
 __all__ = [
     "NONFINITE_ROWS",
@@ -312,6 +314,8 @@ def read_ahead(read: Callable[[Any], Any], items: Sequence[Any], *, prefetch: in
         >>> list(read_ahead(lambda start: np.arange(start, start + 2), [0, 10]))
         [array([0, 1]), array([10, 11])]
     """
+    import grain
+
     dataset = grain.MapDataset.source(items).map(read)
     return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch)))
 
@@ -620,6 +624,8 @@ def make_chunk_loader(
     """The Grain pipeline over ``source``: index records, or (with ``host_arrays``) records
     whose ``rows`` are the gathered rows themselves, beside their indices, read ahead on
     Grain's threads."""
+    import grain  # here, not at module level: only a fit's loaders need it
+
     dataset = grain.MapDataset.source(source)
     if host_arrays is not None:
         dataset = dataset.map(functools.partial(_gather_rows, host_arrays))

@@ -35,7 +35,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax import lax
 from jax.scipy.special import logsumexp
 from numpyro import handlers
@@ -249,11 +248,15 @@ StepMetric = Callable[[StepView], jax.Array]
 
 def grad_norm(view: StepView) -> jax.Array:
     """The global (L2) norm of the step's gradient over every parameter."""
+    import optax  # at the first trace, not at import: a fit may not ask for it
+
     return optax.tree.norm(view.grads)
 
 
 def param_norm(view: StepView) -> jax.Array:
     """The global (L2) norm of the unconstrained parameters the step's gradient was taken at."""
+    import optax  # at the first trace, not at import: a fit may not ask for it
+
     return optax.tree.norm(view.params)
 
 

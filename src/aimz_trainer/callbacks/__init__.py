@@ -1,6 +1,7 @@
 """Callbacks: observe and steer a fit through hooks."""
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from aimz_trainer.callbacks.base import Callback, state_key_of
 from aimz_trainer.callbacks.context import FitContext, FitProgress, FitTiming
@@ -15,9 +16,23 @@ from aimz_trainer.callbacks.model_summary import ModelSummary
 from aimz_trainer.callbacks.posterior import PosteriorSampler
 from aimz_trainer.callbacks.profiler import Profiler
 from aimz_trainer.callbacks.progress import ProgressBar, progress_bar_wanted
-from aimz_trainer.callbacks.tensorboard import TensorBoardLogger
 from aimz_trainer.callbacks.throughput import ThroughputMonitor
 from aimz_trainer.callbacks.timer import Timer
+
+if TYPE_CHECKING:
+    from aimz_trainer.callbacks.tensorboard import TensorBoardLogger
+
+# TensorBoard's event writer (tensorboardX, protobuf) is imported when a run first asks for it.
+_LAZY = {"TensorBoardLogger": "aimz_trainer.callbacks.tensorboard"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "CSVLogger",

@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import jax
-import orbax.checkpoint as ocp
-from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN, preservation_policy
 
 from aimz_trainer._checks import is_int_at_least, require_bool, require_choice
 from aimz_trainer.callbacks.base import Callback, state_key_of
@@ -32,6 +30,9 @@ from aimz_trainer.errors import (
 from aimz_trainer.plan import Every
 
 if TYPE_CHECKING:
+    import orbax.checkpoint as ocp
+    from orbax.checkpoint.checkpoint_managers import BestN
+
     from aimz_trainer.callbacks.context import FitContext, FitProgress
 
 __all__ = ["ModelCheckpoint"]
@@ -172,6 +173,8 @@ class ModelCheckpoint(Callback):
         return self.dirpath
 
     def on_fit_start(self, fit: FitContext, progress: FitProgress) -> None:
+        import orbax.checkpoint as ocp  # here, not at module level: its import takes a quarter of a second
+
         self._last_saved_step = progress.step if progress.step else None  # a resume: that one exists
         if self.save_on_exception:
             fit.record_boundaries = True  # the fit keeps its last consistent state: what on_exception saves
@@ -200,6 +203,8 @@ class ModelCheckpoint(Callback):
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aimz-checkpoint")
 
     def _preservation_policy(self) -> Any:
+        from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN, preservation_policy
+
         if self.save_top_k == -1:
             return preservation_policy.PreserveAll()
         if self.monitor is None:
