@@ -117,6 +117,20 @@ def write_store(directory: Path, rows: int, cols: int, chunk_rows: int, seed: in
         features = rng.normal(size=(stop - start, cols)).astype(np.float32)
         X[start:stop] = features
         y[start:stop] = rng.random(stop - start) < 1 / (1 + np.exp(-(features @ beta)))
+    X.attrs["settings"] = {"rows": rows, "cols": cols, "chunk_rows": chunk_rows, "seed": seed}
+
+
+def store_matches(args: argparse.Namespace) -> bool:
+    """Whether ``--dir`` already holds the store of these settings, complete (written by an
+    earlier run: the seed is recorded last)."""
+    import zarr
+
+    try:
+        X, y = (zarr.open_array(args.dir / f"{name}.zarr", mode="r") for name in ("X", "y"))
+    except (FileNotFoundError, zarr.errors.BaseZarrError):
+        return False
+    settings = {"rows": args.rows, "cols": args.cols, "chunk_rows": args.chunk_rows, "seed": args.seed}
+    return X.attrs.get("settings") == settings and y.shape == (args.rows,)
 
 
 def open_store(directory: Path, rows: int, names: tuple[str, ...]) -> dict[str, CountedRows]:
@@ -217,7 +231,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--predict-batch", type=int, default=100_000)
     parser.add_argument("--exact-shuffle", action="store_true", help="also fit from the store with shuffle=True")
     parser.add_argument("--skip", default="", help="comma-separated runs to leave out")
-    parser.add_argument("--dir", type=Path, default=None, help="where to write the store (default: a temporary one)")
+    parser.add_argument(
+        "--dir", type=Path, default=None,
+        help="where to write the store, kept (a later run of the same settings reuses it); default: a temporary one",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", choices=RUNS, help=argparse.SUPPRESS)
     parser.add_argument("--run-rows", type=int, help=argparse.SUPPRESS)
@@ -234,8 +251,11 @@ def main(argv: list[str]) -> None:
     args.dir = args.dir or Path(tempfile.mkdtemp(prefix="bench_data_"))
     try:
         started = time.perf_counter()
-        write_store(args.dir, args.rows, args.cols, args.chunk_rows, args.seed)
-        print(f"wrote {args.rows} x {args.cols} rows in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+        if store_matches(args):
+            print(f"using the store in {args.dir}", file=sys.stderr)
+        else:
+            write_store(args.dir, args.rows, args.cols, args.chunk_rows, args.seed)
+            print(f"wrote {args.rows} x {args.cols} rows in {time.perf_counter() - started:.0f} s", file=sys.stderr)
         plan = [("fit_memory", args.rows), ("fit_zarr_blocks", args.rows)]
         plan += [("fit_zarr_rows", args.rows)] if args.exact_shuffle else []
         plan += [("predict_memory", small), ("predict_zarr", small), ("predict_zarr", args.rows)]
