@@ -1,7 +1,7 @@
-"""``import aimz_trainer`` loads jax and numpyro, not the libraries only some runs use (orbax,
-Grain, TensorBoard's writer, prediction's xarray and zarr, ...): those are imported where first
-needed. The public names still resolve, and their type hints still evaluate (the command line
-reads them)."""
+"""``import aimz_trainer`` loads its errors only; the fit's API loads jax and numpyro, not the
+libraries only some runs use (orbax, Grain, TensorBoard's writer, prediction's xarray and zarr,
+...): those are imported where first needed. The public names still resolve, and their type
+hints still evaluate (the command line reads them)."""
 
 from __future__ import annotations
 
@@ -37,11 +37,22 @@ DEFERRED = (
 BUILT_BY_THE_TRAINER = {"FitContext"}
 
 
-def test_import_leaves_the_deferred_libraries_unloaded():
-    probe = "import sys, aimz_trainer; print(' '.join(sorted({name.split('.')[0] for name in sys.modules})))"
+def loaded_after(statement: str) -> set[str]:
+    """The top-level modules a fresh process has loaded after ``statement``."""
+    probe = f"import sys; {statement}; print(' '.join(sorted({{name.split('.')[0] for name in sys.modules}})))"
     completed = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120)
-    loaded = set(completed.stdout.split())
-    assert "aimz_trainer" in loaded and "numpyro" in loaded
+    return set(completed.stdout.split())
+
+
+def test_import_loads_nothing_but_the_errors():
+    loaded = loaded_after("import aimz_trainer")
+    assert "aimz_trainer" in loaded
+    assert sorted(loaded.intersection({"jax", "numpyro", *DEFERRED})) == []
+
+
+def test_the_fit_api_leaves_the_deferred_libraries_unloaded():
+    loaded = loaded_after("from aimz_trainer import Callback, EarlyStopping, ModelCheckpoint, Trainer, make_mesh")
+    assert "jax" in loaded and "numpyro" in loaded
     assert sorted(loaded.intersection(DEFERRED)) == []
 
 

@@ -29,7 +29,7 @@ exception's message on one line; ``--debug`` shows the traceback).
 
 The command runs with a fixed ``PYTHONHASHSEED`` (``0`` unless the environment sets one): started
 without one, it starts itself again with it, so that two runs of one recipe, or a run and its
-resume, compute the same losses bit for bit (see :func:`aimz_trainer.distributed.with_fixed_hash_seed`).
+resume, compute the same losses bit for bit (see :func:`aimz_trainer.hash_seed.with_fixed_hash_seed`).
 """
 
 from __future__ import annotations
@@ -510,19 +510,7 @@ def _first_reason(message: str) -> str:
     return ""
 
 
-def command() -> int:
-    """The ``aimz-trainer`` console script: :func:`main` in a process whose hash seed is fixed.
-
-    ``PYTHONHASHSEED`` only takes effect when the interpreter starts, so a process started
-    without it replaces itself (``exec``, same arguments) with one that has it.
-    """
-    from aimz_trainer import distributed
-
-    if distributed.HASH_SEED not in os.environ:
-        arguments = [sys.executable, "-m", "aimz_trainer.cli", *sys.argv[1:]]
-        os.execve(sys.executable, arguments, distributed.with_fixed_hash_seed(os.environ))
-    return main()
-
-
 if __name__ == "__main__":
+    from aimz_trainer.console import command
+
     sys.exit(command())

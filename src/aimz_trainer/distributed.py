@@ -40,6 +40,7 @@ from jax.experimental import multihost_utils
 
 from aimz_trainer._checks import is_int_at_least
 from aimz_trainer.errors import ConfigurationError, DistributedError
+from aimz_trainer.hash_seed import HASH_SEED, with_fixed_hash_seed
 
 __all__ = [
     "ClusterSpec",
@@ -56,7 +57,6 @@ ENV_NUM_PROCESSES = "AIMZ_NUM_PROCESSES"
 ENV_PROCESS_ID = "AIMZ_PROCESS_ID"
 ENV_PORT = "AIMZ_COORDINATOR_PORT"
 DEFAULT_PORT = 61234
-HASH_SEED = "PYTHONHASHSEED"
 
 
 @dataclass(frozen=True)
@@ -265,26 +265,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-def with_fixed_hash_seed(environ: Mapping[str, str]) -> dict[str, str]:
-    """``environ`` with ``PYTHONHASHSEED`` set: kept when it is set, else ``"0"``.
-
-    Python's string hashing decides the order in which JAX lowers some of a model's constants,
-    and XLA fuses (and so rounds) the float sums of the step differently for each order. Two
-    processes with random hash seeds can therefore compute a loss that differs in its last bits:
-    a resumed fit would no longer continue bit for bit, and the processes of one run would hold
-    slightly different copies of the parameters. The seed only takes effect when a process
-    starts, so it is set where processes are started: :func:`launch` and the ``aimz-trainer``
-    command.
-
-    Example:
-        >>> with_fixed_hash_seed({"HOME": "/root"})
-        {'HOME': '/root', 'PYTHONHASHSEED': '0'}
-        >>> with_fixed_hash_seed({"PYTHONHASHSEED": "7"})
-        {'PYTHONHASHSEED': '7'}
-    """
-    return {**environ, HASH_SEED: environ.get(HASH_SEED, "0")}
 
 
 def launch(
