@@ -63,8 +63,8 @@ MIN_COMPILE_SECONDS = 0.0
 """Every program is kept. Measured on a 2-core CPU (a 3-site model, a 2-epoch fit with validation
 and 20 posterior draws, then a prediction): 30 programs compiled in 8.2 s, 5 of them (training
 chunk, validation, init, draws, prediction) 0.5-2.6 s each and 25 tiny ones (random keys,
-eager operations) 0.01-0.19 s, 0.6 s together; the next process read each back in 1.5 ms (median;
-0.3 s for all 30), so even the tiniest pays ~10 times over, at ~3 KB on disk each. A threshold
+eager operations) 0.01-0.19 s, 1.2 s together; the next process read each back in 1.5 ms (median;
+0.3 s for all of them), so even the tiniest pays several times over, at ~3 KB on disk each. A threshold
 above 0 would also leave the programs that compile in about that time cached in one process and
 not in the next, as their compile time varies."""
 
