@@ -204,7 +204,7 @@ def assert_same_outputs(first: Path, second: Path) -> None:
 @pytest.mark.slow
 def test_a_warm_run_reads_every_program_back_with_the_same_results(tmp_path):
     # Under another hash seed: NumPyro's ELBO loops over a set of site names, which the trainer
-    # traces in an order of its own (step.summed_in_site_order), so every program is the same.
+    # traces in an order of its own (step.independent_of_hash_seed), so every program is the same.
     cache_home = tmp_path / "home"
     cold = finish(start(tmp_path / "cold", cache_home, hash_seed="1"))
     directory = cache_home / "aimz_trainer" / f"jax-{jax.__version__}"

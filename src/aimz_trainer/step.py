@@ -117,14 +117,14 @@ def traced_svi(
     that only need the set-up leave ``rng_key`` out (the state is then compiled away).
     """
     with restored_after(svi):
-        svi.loss = summed_in_site_order(svi.loss)
+        svi.loss = independent_of_hash_seed(svi.loss)
         with at_rows(row_plates, indices):  # only the init: the caller chooses the rows of the rest
             state = svi.init(jax.random.key(0) if rng_key is None else rng_key, **batch)
         _sites_in_model_order(svi)
         yield state
 
 
-def summed_in_site_order(elbo: Any) -> Any:
+def independent_of_hash_seed(elbo: Any) -> Any:
     """A copy of ``elbo`` whose traced program does not depend on ``PYTHONHASHSEED``, when it has
     per-site terms (``Trace_ELBO``, ``TraceMeanField_ELBO``: ``sum_sites=True``); else ``elbo``
     itself.
@@ -142,7 +142,7 @@ def summed_in_site_order(elbo: Any) -> Any:
         >>> def model():
         ...     numpyro.sample("b", dist.Normal(0.0, 1.0), obs=1.0)
         ...     numpyro.sample("a", dist.Normal(0.0, 2.0), obs=0.0)
-        >>> elbo = summed_in_site_order(Trace_ELBO())
+        >>> elbo = independent_of_hash_seed(Trace_ELBO())
         >>> round(float(elbo.loss(jax.random.key(0), {}, model, lambda: None)), 4)
         3.031
     """
