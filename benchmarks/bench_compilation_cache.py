@@ -6,8 +6,8 @@ rows, batch 100, 2 epochs with validation on 200 rows, 20 posterior draws: a run
 compilation. Each run is a new Python process with its own cache directory under a temporary
 folder (``AIMZ_TRAINER_COMPILATION_CACHE``, without the ``JAX_*`` cache variables), timed from
 before ``Trainer(...)`` to after ``fit`` returns (the figure a user waits for beyond the
-imports) and as the whole process; ``--pairs`` cold/warm pairs alternate, and the medians are
-printed.
+imports) and as the whole process; ``--pairs`` cold/warm pairs alternate (each pair on stderr),
+and one JSON line gives the medians and the warm/cold ratios.
 
     python benchmarks/bench_compilation_cache.py --pairs 3
 """
@@ -15,6 +15,7 @@ printed.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -52,7 +53,7 @@ print(time.perf_counter() - started)
 def run(cache: Path) -> tuple[float, float]:
     """(fit seconds, process seconds) of one fresh process using ``cache``."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("JAX_COMPILATION_CACHE")}
-    env |= {"AIMZ_TRAINER_COMPILATION_CACHE": str(cache), "JAX_PLATFORMS": "cpu", "PYTHONHASHSEED": "0"}
+    env |= {"AIMZ_TRAINER_COMPILATION_CACHE": str(cache), "JAX_PLATFORMS": "cpu"}
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", FIT], env=env, capture_output=True, text=True, check=True)
     return float(done.stdout.split()[-1]), time.perf_counter() - started
@@ -69,11 +70,15 @@ def main() -> None:
             cold.append(run(cache))
             warm.append(run(cache))
             print(f"pair {pair}: cold fit {cold[-1][0]:.2f} s (process {cold[-1][1]:.2f} s), "
-                  f"warm fit {warm[-1][0]:.2f} s (process {warm[-1][1]:.2f} s)")  # fmt: skip
+                  f"warm fit {warm[-1][0]:.2f} s (process {warm[-1][1]:.2f} s)", file=sys.stderr)  # fmt: skip
             shutil.rmtree(cache)
+    figures = {}
     for name, runs in (("cold", cold), ("warm", warm)):
-        fit, process = (statistics.median(values) for values in zip(*runs, strict=True))
-        print(f"median {name}: fit {fit:.2f} s, process {process:.2f} s")
+        figures[f"{name}_fit_s"], figures[f"{name}_process_s"] = map(statistics.median, zip(*runs, strict=True))
+    figures |= {
+        f"warm_over_cold_{what}": figures[f"warm_{what}_s"] / figures[f"cold_{what}_s"] for what in ("fit", "process")
+    }
+    print(json.dumps({key: round(value, 3) for key, value in figures.items()}))
 
 
 if __name__ == "__main__":
