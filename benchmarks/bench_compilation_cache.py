@@ -3,11 +3,11 @@
 
 Setting: y ~ Normal(w x + b, s) (three latent sites, AutoNormal, Adam, Trace_ELBO) on 1,000
 rows, batch 100, 2 epochs with validation on 200 rows, 20 posterior draws: a run that is mostly
-compilation. Each run is a new Python process with its own cache directory under a temporary
-folder (``AIMZ_TRAINER_COMPILATION_CACHE``, without the ``JAX_*`` cache variables), timed from
-before ``Trainer(...)`` to after ``fit`` returns (the figure a user waits for beyond the
-imports) and as the whole process; ``--pairs`` cold/warm pairs alternate (each pair on stderr),
-and one JSON line gives the medians and the warm/cold ratios.
+compilation. Each run is a new Python process (with a hash seed of its own) that uses a cache
+directory under a temporary folder (``AIMZ_TRAINER_COMPILATION_CACHE``; the ``JAX_*`` cache
+variables removed), timed from before ``Trainer(...)`` to after ``fit`` returns (what a user
+waits for beyond the imports) and as the whole process; ``--pairs`` cold/warm pairs alternate
+(each pair on stderr), and one JSON line gives the medians and the warm/cold ratios.
 
     python benchmarks/bench_compilation_cache.py --pairs 3
 """
