@@ -31,6 +31,10 @@ turns that on:
 
 Which programs are kept: all of them (:data:`MIN_COMPILE_SECONDS`): even the tiny ones a run
 compiles by the dozen are read back faster than they compile.
+
+A program's cache key is its text, which is the same in every process: the one place where a
+fit's programs followed ``PYTHONHASHSEED``, NumPyro's ELBO, is traced in a fixed order
+(:func:`aimz_trainer.step.independent_of_hash_seed`).
 """
 
 from __future__ import annotations
