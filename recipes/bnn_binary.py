@@ -99,6 +99,23 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((ranks[positives].sum() - num_pos * (num_pos + 1) / 2) / (num_pos * num_neg))
 
 
+def speed(steady_steps_per_sec: float | None, chunk_steps: int, first_chunk_s: float) -> str:
+    """The fit's speed as measured: the steady rate, timed after the first chunk (which holds the
+    compilation), when the fit ran more than one chunk; else its only chunk's rate, start-up
+    included.
+
+    Example:
+        >>> speed(1234.5, 50, 2.0)
+        '1,234 steps/s steady'
+        >>> speed(None, 8, 2.0)
+        '4 steps/s over the only chunk (8 steps), start-up and compilation included'
+    """
+    if steady_steps_per_sec is not None:
+        return f"{steady_steps_per_sec:,.0f} steps/s steady"
+    rate = chunk_steps / first_chunk_s
+    return f"{rate:,.0f} steps/s over the only chunk ({chunk_steps} steps), start-up and compilation included"
+
+
 def calibration_error(predicted: np.ndarray, labels: np.ndarray, bins: int = 10) -> float:
     """Expected calibration error: the row-weighted mean gap between the mean predicted
     probability and the observed frequency in ``bins`` equal-width probability bins."""
@@ -206,8 +223,10 @@ def report(settings: Settings, outcome: FitOutcome) -> dict[str, Any]:
     print("loss per epoch (mean ELBO): " + ", ".join(f"{loss:,.0f}" for loss in per_epoch))
     stopped = f", stopped early: {trainer.stop_reason}" if trainer.stop_reason else ""
     print(f"final ELBO loss {summary['final_loss']:,.1f} after {summary['steps']} steps{stopped}")
+    last_chunk = next(chunk for chunk in trainer.plan.chunks if chunk.steps.stop == trainer.state.step)
     print(
-        f"speed: {summary['steps_per_sec'] or float('nan'):,.0f} steps/s steady; {num_samples} posterior draws; "
+        f"speed: {speed(summary['steps_per_sec'], last_chunk.num_steps, trainer.timings['first_chunk_s'])}; "
+        f"{num_samples} posterior draws; "
         f"predictions {predict_wall:.1f} s"
     )
     print(

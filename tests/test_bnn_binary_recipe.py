@@ -3,6 +3,7 @@ logs, predictions and the held-out evaluation."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -82,3 +83,13 @@ def test_continuing_without_a_directory_takes_the_newest_run(tmp_path, monkeypat
     assert fit_directory(None, "bnn_binary", resuming=True) == Path("runs/bnn_binary/run-20260102-000000")
     fresh = fit_directory(None, "bnn_binary", resuming=False)
     assert fresh.parent == Path("runs/bnn_binary") and fresh.name.startswith("run-") and not fresh.exists()
+
+
+@pytest.mark.slow
+def test_a_one_chunk_run_reports_the_speed_it_measured(recipe, tmp_path, capsys):
+    # One epoch of 8 steps is one chunk: no steady rate, which is timed after the first chunk.
+    recipe.main([*TINY, "--trainer.max_epochs", "1", "--trainer.log_every_n_steps", "8", "--output_dir", str(tmp_path)])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line for line in lines if re.search(r"\bnan\b", line, re.IGNORECASE)] == []
+    speed = next(line for line in lines if line.startswith("speed: "))
+    assert re.match(r"speed: [\d,]+ steps/s over the only chunk \(8 steps\), start-up and compilation included", speed)

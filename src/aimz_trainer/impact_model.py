@@ -31,6 +31,7 @@ from numpyro.infer.svi import SVIRunResult, SVIState
 from aimz_trainer._checks import as_key, is_int_at_least, model_parameters, require_bool, require_choice
 from aimz_trainer.array_data import ArrayLoader, read_batches
 from aimz_trainer.callbacks import Callback
+from aimz_trainer.compilation_cache import CompilationCache, use_compilation_cache
 from aimz_trainer.data import is_lazy_source
 from aimz_trainer.effects import scenario_difference
 from aimz_trainer.errors import (
@@ -79,6 +80,10 @@ class ImpactModel:
         param_input: the kernel's parameter that takes the input rows.
         param_output: the kernel's output parameter and observed site.
         devices: devices of the mesh shared by training and prediction (default: all local).
+        compilation_cache: keep compiled programs on disk for the next process (see
+            :mod:`aimz_trainer.compilation_cache`): ``True`` (default) in this user's cache
+            directory (or where ``AIMZ_TRAINER_COMPILATION_CACHE`` says), ``False`` not at all,
+            or a directory. A cache set through JAX (``JAX_COMPILATION_CACHE_DIR``) wins.
 
     Raises:
         KernelValidationError: the kernel's signature breaks the rules above.
@@ -116,7 +121,9 @@ class ImpactModel:
         param_input: str = "X",
         param_output: str = "y",
         devices: int | Sequence[jax.Device] | None = None,
+        compilation_cache: CompilationCache = True,
     ) -> None:
+        use_compilation_cache(compilation_cache)
         check_kernel_signature(kernel, param_input, param_output)
         if not isinstance(inference, SVI | MCMC):
             raise TypeError(

@@ -62,6 +62,7 @@ from tqdm.auto import tqdm
 from aimz_trainer._checks import as_key, check_model_accepts, is_int_at_least, model_parameters, require_bool
 from aimz_trainer._version import library_version
 from aimz_trainer.callbacks.progress import progress_bar_wanted
+from aimz_trainer.compilation_cache import CompilationCache, use_compilation_cache
 from aimz_trainer.data import is_lazy_source, read_ahead, require_finite_read, validate_data
 from aimz_trainer.distributed import require_agreement
 from aimz_trainer.errors import ConfigurationError, NonFinitePredictionError
@@ -133,6 +134,10 @@ class Predictor:
         compress_floats: compress float sites (``p``) with Blosc-lz4. Default: integer sites
             are compressed (Blosc-zstd), float sites written as they are: probabilities hardly
             compress, and compressing them takes CPU from the computation beside the writer.
+        compilation_cache: keep compiled programs on disk for the next process (see
+            :mod:`aimz_trainer.compilation_cache`): ``True`` (default) in this user's cache
+            directory (or where ``AIMZ_TRAINER_COMPILATION_CACHE`` says), ``False`` not at all,
+            or a directory. A cache set through JAX (``JAX_COMPILATION_CACHE_DIR``) wins.
 
     Example:
         >>> import jax, numpy as np, numpyro, numpyro.distributions as dist
@@ -164,7 +169,9 @@ class Predictor:
         params: Mapping[str, Any] | None = None,
         static_kwargs: Mapping[str, Any] | None = None,
         batch_ndims: int = 1,
+        compilation_cache: CompilationCache = True,
     ) -> None:
+        use_compilation_cache(compilation_cache)
         if not callable(model):
             raise ConfigurationError(f"model must be a NumPyro model (a callable); got {type(model).__name__}.")
         if posterior is not None and (not isinstance(posterior, Mapping) or not posterior):

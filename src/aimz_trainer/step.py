@@ -35,7 +35,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+from jax.extend.core import ClosedJaxpr, Jaxpr, JaxprEqn, Literal, jaxpr_as_fun
 from jax.scipy.special import logsumexp
 from numpyro import handlers
 from numpyro.infer import SVI
@@ -114,10 +116,114 @@ def traced_svi(
     that only need the set-up leave ``rng_key`` out (the state is then compiled away).
     """
     with restored_after(svi):
+        svi.loss = independent_of_hash_seed(svi.loss)
         with at_rows(row_plates, indices):  # only the init: the caller chooses the rows of the rest
             state = svi.init(jax.random.key(0) if rng_key is None else rng_key, **batch)
         _sites_in_model_order(svi)
         yield state
+
+
+def independent_of_hash_seed(elbo: Any) -> Any:
+    """A copy of ``elbo`` whose traced program does not depend on ``PYTHONHASHSEED``, when it has
+    per-site terms (``Trace_ELBO``, ``TraceMeanField_ELBO``: ``sum_sites=True``); else ``elbo``
+    itself.
+
+    NumPyro computes the per-site terms, and sums them, in the order of a ``set`` of site names,
+    which follows Python's string hash: with it changed the order of the operations in the traced
+    program (so its persistent compilation-cache key) and the order of the sum (so the loss's
+    last bits). The copy takes NumPyro's own terms (``sum_sites=False``), traced
+    :func:`in_dependency_order`, and sums them in the order of the sites' names: the same
+    program, and the same losses, in every process.
+
+    Example:
+        >>> import numpyro, numpyro.distributions as dist
+        >>> from numpyro.infer import Trace_ELBO
+        >>> def model():
+        ...     numpyro.sample("b", dist.Normal(0.0, 1.0), obs=1.0)
+        ...     numpyro.sample("a", dist.Normal(0.0, 2.0), obs=0.0)
+        >>> elbo = independent_of_hash_seed(Trace_ELBO())
+        >>> round(float(elbo.loss(jax.random.key(0), {}, model, lambda: None)), 4)
+        3.031
+    """
+    if getattr(elbo, "sum_sites", None) is not True:
+        return elbo
+    ordered = copy.copy(elbo)
+    ordered.sum_sites = False
+    per_site = in_dependency_order(ordered.loss_with_mutable_state)
+
+    def loss_with_mutable_state(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        result = per_site(*args, **kwargs)
+        terms = result["loss"]
+        return {**result, "loss": sum((terms[name] for name in sorted(terms)), start=jnp.array(0.0))}
+
+    ordered.loss_with_mutable_state = loss_with_mutable_state  # an instance attribute: ``loss`` calls it
+    return ordered
+
+
+def in_dependency_order(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn``, whose operations are traced in an order set by what its outputs depend on, not by
+    the order in which its Python code ran them.
+
+    ``fn`` is traced to a jaxpr (its array arguments as inputs; the others, and what it closes
+    over, as constants), whose equations are then replayed depth first from its outputs, in
+    their pytree order (dict keys sorted): two runs of ``fn`` that compute the same values by the
+    same operations in another order (a loop over a ``set``) trace the same program. Operations
+    no output needs are left out; a jaxpr with effects (callbacks, prints) is run as traced.
+
+    Example:
+        >>> def sine_first(x):
+        ...     a, b = jnp.sin(x), jnp.cos(x)
+        ...     return a + b
+        >>> def cosine_first(x):
+        ...     b, a = jnp.cos(x), jnp.sin(x)
+        ...     return a + b
+        >>> program = lambda fn: str(jax.make_jaxpr(fn)(1.0))
+        >>> program(sine_first) == program(cosine_first)
+        False
+        >>> program(in_dependency_order(sine_first)) == program(in_dependency_order(cosine_first))
+        True
+    """
+
+    def traced(*args: Any, **kwargs: Any) -> Any:
+        leaves, tree = jax.tree.flatten((args, kwargs))
+        positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, jax.Array | np.ndarray | np.generic)]
+
+        def with_arrays(*arrays: Any) -> Any:
+            filled = list(leaves)
+            for position, array in zip(positions, arrays, strict=True):
+                filled[position] = array
+            args, kwargs = jax.tree.unflatten(tree, filled)
+            return fn(*args, **kwargs)
+
+        arrays = [leaves[i] for i in positions]
+        closed, shapes = jax.make_jaxpr(with_arrays, return_shape=True)(*arrays)
+        if closed.jaxpr.effects:
+            return with_arrays(*arrays)
+        replayed = ClosedJaxpr(closed.jaxpr.replace(eqns=depth_first_from_outputs(closed.jaxpr)), closed.consts)
+        return jax.tree.unflatten(jax.tree.structure(shapes), jaxpr_as_fun(replayed)(*arrays))
+
+    return traced
+
+
+def depth_first_from_outputs(jaxpr: Jaxpr) -> list[JaxprEqn]:
+    """The equations ``jaxpr``'s outputs need, each after those it reads, in the order of a
+    depth-first walk from the outputs (in order) through each equation's inputs (in order)."""
+    producers = {id(var): eqn for eqn in jaxpr.eqns for var in eqn.outvars}
+    ordered: list[JaxprEqn] = []
+    placed: set[int] = set()
+    pending = [(var, False) for var in reversed(jaxpr.outvars)]
+    while pending:  # a loop, not recursion: an ELBO's chains of equations run thousands deep
+        var, inputs_placed = pending.pop()
+        eqn = None if isinstance(var, Literal) else producers.get(id(var))
+        if eqn is None or id(eqn) in placed:
+            continue
+        if inputs_placed:
+            placed.add(id(eqn))
+            ordered.append(eqn)
+        else:
+            pending.append((var, True))
+            pending.extend((read, False) for read in reversed(eqn.invars))
+    return ordered
 
 
 def _sites_in_model_order(svi: SVI) -> None:

@@ -27,6 +27,7 @@ from aimz_trainer.callbacks.context import FitContext, TrainerSettings, TrainerS
 from aimz_trainer.callbacks.logger import MetricLog, MetricLogger, warn_if_no_train_loss_point
 from aimz_trainer.callbacks.timer import Duration, Timer, as_duration
 from aimz_trainer.checkpoint import load_checkpoint
+from aimz_trainer.compilation_cache import CompilationCache, use_compilation_cache
 from aimz_trainer.compile import FitPrograms
 from aimz_trainer.data import (
     BlockShuffle,
@@ -158,6 +159,10 @@ class Trainer:
             validation batch, without loggers or checkpoints (callbacks that log or save are
             left out of the fit); ``max_epochs``, ``max_steps``, the limits and the
             validation intervals are overridden.
+        compilation_cache: keep compiled programs on disk for the next process (see
+            :mod:`aimz_trainer.compilation_cache`): ``True`` (default) in this user's cache
+            directory (or where ``AIMZ_TRAINER_COMPILATION_CACHE`` says), ``False`` not at all,
+            or a directory. A cache set through JAX (``JAX_COMPILATION_CACHE_DIR``) wins.
 
     Example:
         >>> import jax, numpy as np, numpyro, numpyro.distributions as dist
@@ -205,7 +210,9 @@ class Trainer:
         overfit_batches: BatchLimit = 0,
         num_sanity_val_steps: int = 2,
         fast_dev_run: bool | int = False,
+        compilation_cache: CompilationCache = True,
     ) -> None:
+        use_compilation_cache(compilation_cache)
         timer = None if max_time is None else Timer(as_duration(max_time, "max_time"))
         if max_epochs is None and max_steps is None:
             if timer is None:
