@@ -11,11 +11,12 @@ Workloads, each run as a user runs it, in a fresh process:
   it measures steady steps/s from the second).
 
 Each pair runs a workload cold (a new, empty per-user cache directory: ``XDG_CACHE_HOME``
-pointed at a scratch folder, so the library's default cache location lands there, and no
-``JAX_COMPILATION_CACHE_DIR``) and then warm (the same folder, as the cold run left it),
-workloads interleaved, ``--pairs`` times (default 3). Every run logs JAX's compilations
-(``JAX_LOG_COMPILES=1``); from the log come the breakdown of the seconds JAX spent (tracing,
-lowering to MLIR, XLA compilation or cache reads) and the cache's hits and misses.
+pointed at a scratch folder, so the library's default cache location lands there; no
+``JAX_COMPILATION_CACHE_*`` nor ``AIMZ_TRAINER_COMPILATION_CACHE`` setting) and then warm (the
+same folder, as the cold run left it), workloads interleaved, ``--pairs`` times (default 3).
+Every run logs JAX's compilations (``JAX_LOG_COMPILES=1``); from the log come the breakdown of
+the seconds JAX spent (tracing, lowering to MLIR, XLA compilation or cache reads) and the cache's
+hits and misses.
 
 Printed: one JSON line, with per workload the medians of cold and warm wall, the paired ratio
 (median of warm / cold over the pairs), the breakdown of the last pair, the cache's size after a
@@ -66,7 +67,8 @@ def workload_command(name: str, args: argparse.Namespace) -> list[str]:
 
 def run_once(name: str, args: argparse.Namespace, cache_home: Path, workdir: Path) -> dict[str, Any]:
     """One fresh process of workload ``name``: its wall and its compile log's figures."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("JAX_COMPILATION_CACHE")}
+    cache_settings = ("JAX_COMPILATION_CACHE", "AIMZ_TRAINER_COMPILATION_CACHE")  # the library's default decides
+    env = {key: value for key, value in os.environ.items() if not key.startswith(cache_settings)}
     env.update({"XDG_CACHE_HOME": str(cache_home), "JAX_LOG_COMPILES": "1", "CI": "true"})
     env.pop("PYTHONHASHSEED", None)  # as a user's shell has it: the cache must not need one
     started = time.perf_counter()
