@@ -27,12 +27,14 @@ from aimz_trainer.sharding import record_shardings, replicated
 from aimz_trainer.step import (
     StepMetric,
     TrainState,
+    first_batch,
     learning_rate,
     make_init,
     make_params,
     make_posterior_sampler,
     make_train_chunk,
     make_validation_step,
+    traced_svi,
 )
 
 __all__ = ["ChunkOutputs", "FitPrograms"]
@@ -111,10 +113,12 @@ class FitPrograms:
         def init_with_params(
             rng_key: jax.Array, device_data: Any, record: Record, previous: SVIState | None
         ) -> tuple[TrainState, Params]:
-            state = init(rng_key, device_data, record)
-            if previous is not None:
-                state = TrainState(previous, jnp.asarray(True))
-            return state, params(state.svi_state, device_data, record)
+            # One set-up of svi serves the init and the parameters (traced_svi nests).
+            with traced_svi(self._svi, *first_batch(device_data, record, self._padding), plates, rng_key):
+                state = init(rng_key, device_data, record)
+                if previous is not None:
+                    state = TrainState(previous, jnp.asarray(True))
+                return state, params(state.svi_state, device_data, record)
 
         if svi_state is not None:
             expected = jax.eval_shape(init, rng_key, self.device_data, record).svi_state
@@ -125,8 +129,9 @@ class FitPrograms:
                 )
 
         def chunk_with_outputs(state: TrainState, device_data: Any, record: Record) -> tuple[TrainState, ChunkOutputs]:
-            state, losses, metrics = train_chunk(state, device_data, record)
-            final = params(state.svi_state, device_data, record)
+            with traced_svi(self._svi, *first_batch(device_data, record), plates):  # one set-up for both parts
+                state, losses, metrics = train_chunk(state, device_data, record)
+                final = params(state.svi_state, device_data, record)
             return state, ChunkOutputs(losses, final, metrics, learning_rate(state.svi_state.optim_state))
 
         shardings = (rep, rep, record_shardings(self._mesh, record))

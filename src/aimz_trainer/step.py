@@ -29,7 +29,9 @@ CPU even for a one-site model, is why a fit does not do it unasked).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
+import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -114,13 +116,32 @@ def traced_svi(
     Yields the ``SVIState`` of ``svi.init(rng_key, **batch)``: the guide draws its initial
     values from ``rng_key`` while it sets itself up, so this is the one init of a fit. Callers
     that only need the set-up leave ``rng_key`` out (the state is then compiled away).
+
+    Nested in a set-up of the same ``svi`` (a compiled function whose parts each set it up:
+    the training chunk and its parameters), it reuses that one, unless it asks for an init
+    from another ``rng_key``: tracing the set-up (the model, the guide, the init strategy's
+    loop) is most of the time a fit takes to trace.
     """
+    outer = _active_set_ups.get().get(id(svi))
+    if outer is not None and (rng_key is None or rng_key is outer[1]):
+        yield outer[0]
+        return
     with restored_after(svi):
         svi.loss = independent_of_hash_seed(svi.loss)
         with at_rows(row_plates, indices):  # only the init: the caller chooses the rows of the rest
             state = svi.init(jax.random.key(0) if rng_key is None else rng_key, **batch)
         _sites_in_model_order(svi)
-        yield state
+        token = _active_set_ups.set({**_active_set_ups.get(), id(svi): (state, rng_key)})
+        try:
+            yield state
+        finally:
+            _active_set_ups.reset(token)
+
+
+# The set-ups traced_svi has open, {id(svi): (its state, its rng_key)}: those of the trace in progress.
+_active_set_ups: contextvars.ContextVar[Mapping[int, tuple[SVIState, jax.Array | None]]] = contextvars.ContextVar(
+    "_active_set_ups", default=types.MappingProxyType({})
+)
 
 
 def independent_of_hash_seed(elbo: Any) -> Any:
