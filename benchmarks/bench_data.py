@@ -226,7 +226,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--cols", type=int, default=100)
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--fit-epochs", type=int, default=2)
-    parser.add_argument("--chunk-rows", type=int, default=4096)
+    parser.add_argument("--chunk-rows", type=int, default=16384)
     parser.add_argument("--draws", type=int, default=100)
     parser.add_argument("--predict-batch", type=int, default=100_000)
     parser.add_argument("--exact-shuffle", action="store_true", help="also fit from the store with shuffle=True")

@@ -471,7 +471,9 @@ class TestRecords:
             predictor.cleanup()
 
     def test_records_that_are_not_mappings_or_change_shape_are_refused(self):
-        with pytest.raises(DataError, match=r"each record must map the model's keyword names .* record 0 is list"):
+        with pytest.raises(
+            DataError, match=r"or a random-access source of records .* record 0 of the list given is list"
+        ):
             validate_data([[1.0, 2.0]])
         columns = record_columns([{"x": np.zeros(2)}, {"x": np.zeros(3)}])
         with pytest.raises(DataError, match=r"hold 'x' as an array of shape \(2,\) like record 0"):

@@ -180,18 +180,20 @@ def read_rows(source: Any, indices: np.ndarray) -> np.ndarray:
     # Spans that meet (whole runs over several chunks) are read as one slice.
     joined = np.flatnonzero(starts[1:] != stops[:-1]) + 1
     starts, stops = starts[np.concatenate([[0], joined])], stops[np.concatenate([joined - 1, [len(stops) - 1]])]
-    parts = [np.asarray(source[int(start) : int(stop)]) for start, stop in zip(starts, stops, strict=True)]
-    block = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    if storage_rows:
-        offsets = np.cumsum(stops - starts) - (stops - starts)
-        span = np.searchsorted(starts, unique, side="right") - 1
-        block = block[offsets[span] + unique - starts[span]]
-    if len(block) != len(unique):
-        raise DataError(
-            f"a data source returned {len(block)} rows for slices over {len(unique)} rows: a source must return "
-            "source[start:stop] as an array of stop - start rows."
-        )
-    return block[inverse.reshape(-1)].reshape(*indices.shape, *block.shape[1:])
+    # Each span's wanted rows are taken as it is read: a sparse read (a sample) holds its rows
+    # and one span at a time, not every span whole.
+    parts, begin = [], 0
+    for start, stop, end in zip(starts, stops, np.searchsorted(unique, stops), strict=True):
+        block = np.asarray(source[int(start) : int(stop)])
+        if len(block) != stop - start:
+            raise DataError(
+                f"a data source returned {len(block)} rows for source[{start}:{stop}]: a source must return "
+                "source[start:stop] as an array of stop - start rows."
+            )
+        parts.append(block if end - begin == len(block) else block[unique[begin:end] - start])
+        begin = end
+    values = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return values[inverse.reshape(-1)].reshape(*indices.shape, *values.shape[1:])
 
 
 def validate_data(data: Any, *, name: str = "train_data") -> tuple[dict[str, ArrayLike], int]:

@@ -58,8 +58,9 @@ def record_columns(source: Any, *, name: str = "data") -> dict[str, RecordColumn
     first = source[0]
     if not isinstance(first, Mapping) or not first:
         raise DataError(
-            f"{name} is a source of records, so each record must map the model's keyword names to that row's "
-            f"values, e.g. {{'X': row, 'y': target}}; record 0 is {type(first).__name__}."
+            f"{name} must be a mapping from the model's keyword names to arrays, e.g. {{'X': X, 'y': y}}, or a "
+            f"random-access source of records each mapping those names to one row's values; record 0 of the "
+            f"{type(source).__name__} given is {type(first).__name__}."
         )
     reader = _RecordReader(source, {key: np.asarray(value) for key, value in first.items()}, name)
     return {key: RecordColumn(reader, key) for key in first}
