@@ -13,7 +13,10 @@ own), the fit runs first:
 - **fit_memory**: ``fit`` from NumPy arrays read whole from the store (``data_placement="host"``:
   the same batches as from the store, gathered from memory), ``--fit-epochs`` epochs.
 - **fit_zarr_blocks**: from the store, ``shuffle=BlockShuffle(block_rows=chunk_rows,
-  window_blocks=16)``: a chunk of steps reads a few whole Zarr chunks.
+  window_blocks=--window-blocks)``: a chunk of steps reads a few whole Zarr chunks. With
+  ``--aligned`` both fits run compiled chunks of one window's steps (``steps_per_chunk`` and
+  ``log_every_n_steps``: chunks end at log intervals), so that each chunk reads its window's
+  blocks once; by default chunks of 50 steps straddle windows and read most blocks twice.
 - **fit_zarr_rows** (``--exact-shuffle``): from the store, ``shuffle=True``, an exact
   permutation: a batch is a scatter of single rows over the store, so each compiled chunk
   decodes most of the store's chunks; the losses equal ``fit_memory``'s (it then uses
@@ -45,7 +48,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -146,14 +148,18 @@ def fit_run(run: str, args: argparse.Namespace) -> dict[str, Any]:
         data: dict[str, Any] = {name: source.source[:] for name, source in store.items()}
     else:
         data = dict(store)
-    blocks = BlockShuffle(block_rows=args.chunk_rows, window_blocks=16)
+    blocks = BlockShuffle(block_rows=args.chunk_rows, window_blocks=args.window_blocks)
     shuffle = True if args.exact_shuffle else blocks
     if run == "fit_zarr_blocks":
         shuffle = blocks
     times = ChunkTimes()
+    # --aligned: compiled chunks (and so the log's interval, where chunks end) of one window's
+    # steps, so that a chunk reads its window's blocks once instead of parts of two windows.
+    window_steps = args.chunk_rows * args.window_blocks // args.batch if args.aligned else None
     trainer = Trainer(
-        max_epochs=args.fit_epochs, rng_key=jax.random.key(0), enable_progress_bar=False, callbacks=[times]
-    )
+        max_epochs=args.fit_epochs, rng_key=jax.random.key(0), enable_progress_bar=False, callbacks=[times],
+        steps_per_chunk=window_steps, log_every_n_steps=window_steps or 50,
+    )  # fmt: skip
     model = recipe.make_model(args.rows, args.cols, 32, jax.random.key(1))
     with PeakRss() as rss:
         started = time.perf_counter()
@@ -209,13 +215,12 @@ def spawn(run: str, args: argparse.Namespace, rows: int) -> dict[str, Any]:
     command = [
         sys.executable, str(Path(__file__).resolve()), "--only", run, "--dir", str(args.dir), "--rows", str(args.rows),
         "--run-rows", str(rows), *(["--exact-shuffle"] if args.exact_shuffle else []),
-        *forwarded(args, "cols", "batch", "chunk_rows", "fit_epochs", "draws", "predict_batch"),
+        *(["--aligned"] if args.aligned else []),
+        *forwarded(args, "cols", "batch", "chunk_rows", "window_blocks", "fit_epochs", "draws", "predict_batch"),
     ]  # fmt: skip
     print(f"{run} at {rows} rows", file=sys.stderr, flush=True)
-    # One hash seed for every run: NumPyro sums the ELBO's terms in the order of a set of site
-    # names, so the losses' last bits, compared across the runs, depend on it.
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
-    completed = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True, env=env)
+    # Each run with a hash seed of its own: the losses compared across runs do not depend on it.
+    completed = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
     return {"run": run, **json.loads(completed.stdout.strip().splitlines()[-1])}
 
 
@@ -230,6 +235,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--draws", type=int, default=100)
     parser.add_argument("--predict-batch", type=int, default=100_000)
     parser.add_argument("--exact-shuffle", action="store_true", help="also fit from the store with shuffle=True")
+    parser.add_argument("--window-blocks", type=int, default=16)
+    parser.add_argument(
+        "--aligned", action="store_true", help="compiled chunks (and log intervals) of one shuffle window's steps"
+    )
     parser.add_argument("--skip", default="", help="comma-separated runs to leave out")
     parser.add_argument(
         "--dir", type=Path, default=None,

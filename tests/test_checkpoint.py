@@ -450,9 +450,9 @@ class TestExactResume:
 
 
 def start_worker(devices: int, *args) -> subprocess.Popen:
-    # The same string hash seed in every process: numpyro's Trace_ELBO sums its per-site terms in
-    # the order of a set of site names, so the last bits of the *reported* loss (not of the
-    # gradients) depend on PYTHONHASHSEED.
+    # One string hash seed in every process, as the aimz-trainer command sets it. The fit's own
+    # programs no longer depend on it (step.independent_of_hash_seed orders the ELBO's terms);
+    # a model's code that iterates over a set still could.
     env = {
         **os.environ,
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
