@@ -177,7 +177,10 @@ def test_accumulation_changes_the_parameters_every_k_steps_as_numpyro_svi_does()
         expected = unconstrained(reference, state)
         for name in expected:
             np.testing.assert_array_equal(seen[step][name], expected[name], err_msg=f"{name} after step {step}")
-    np.testing.assert_array_equal(result.losses, np.float32(losses))
+    # The parameters are bitwise NumPyro's; the reported losses to float32 rounding: NumPyro sums
+    # the ELBO's per-site terms in the order of a set of site names (it follows this process's hash
+    # seed), the trainer in name order (step.independent_of_hash_seed).
+    np.testing.assert_allclose(result.losses, np.float32(losses), rtol=1e-6)
 
 
 # -- precision ---------------------------------------------------------------------------------
