@@ -121,6 +121,12 @@ class PredictionPlan:
             self.num_samples, self.num_chains, self.local and self.local.sites, self.check_finite,
         )  # fmt: skip
 
+    def process_span(self, start: int) -> tuple[int, int]:
+        """``(begin, end)``: the rows of the batch at ``start`` that this process reads and
+        writes; none (``end <= begin``) when its share of a last batch is padding only."""
+        first, last = self.process_rows
+        return start + first, min(start + last, self.num_rows)
+
     def whole_arrays(self) -> dict[tuple[str, str], np.ndarray]:
         """The arrays written whole, ``{(group, name): values}``: the draws (with their chains)
         and the coordinates. The observed data are rows, written batch by batch with the outputs."""

@@ -459,7 +459,6 @@ class Predictor:
             group_attrs=_group_attrs(plan),
         )  # fmt: skip
         group, outputs, batch, num_rows = plan.group, plan.outputs, plan.batch, plan.num_rows
-        first_row, last_row = plan.process_rows
         failure: BaseException | None = None  # a failed write, with several processes
         try:
             rep, rows_sharding = replicated(self.mesh), batch_sharding(self.mesh)
@@ -476,7 +475,7 @@ class Predictor:
                 bad = {name: int(count) for name, count in nonfinite.items() if int(count)}
                 if bad:  # every process has the whole batch's counts: all of them stop here
                     raise NonFinitePredictionError((start, stop), bad, str(path))
-                begin, end = start + first_row, min(start + last_row, stop)
+                begin, end = plan.process_span(start)
                 if end > begin and failure is None:
                     rows = {(group, n): _rows(result[n], end - begin) for n in outputs}
                     rows.update({("observed_data", n): values for n, values in observed.items()})
@@ -500,7 +499,7 @@ class Predictor:
                 result, nonfinite = forward(
                     latent_device, inputs, plan.rng_key, block0, constants_device, guide_params_device
                 )
-                if processes > 1:  # this process's shards: (draws, last_row - first_row) on its devices
+                if processes > 1:  # this process's shards: its part of the batch's rows, on its devices
                     result = multihost_utils.global_array_to_host_local_array(
                         result, self.mesh, _out_sharding(self.mesh).spec
                     )
@@ -578,11 +577,10 @@ def _read_batch(plan: PredictionPlan, start: int, *, check_finite: bool) -> tupl
     sources, never whole): the model's inputs, padded to its share of a batch, and the observed
     values to write. Rows of a lazy source outside the sample checked up front are checked here
     (``check_finite``)."""
-    stop = min(start + plan.batch, plan.num_rows)
+    begin, end = plan.process_span(start)
     first, last = plan.process_rows
-    begin, end = start + first, min(start + last, stop)
     # A share of the last batch may be padding only: any real row serves as its padding.
-    span = slice(begin, end) if end > begin else slice(stop - 1, stop)
+    span = slice(begin, end) if end > begin else slice(plan.num_rows - 1, plan.num_rows)
     sources = {**plan.observed_data, **plan.model_inputs}
     rows = {name: np.asarray(source[span]) for name, source in sources.items()}
     if check_finite:
