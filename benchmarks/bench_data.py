@@ -29,7 +29,9 @@ own), the fit runs first:
   in the figure).
 
 Figures: ``steady_steps_per_s`` (steps after the first compiled chunk over the time they took,
-so compilation is left out), ``wall_s``, ``rss_growth_mib`` (peak resident set during the call
+so compilation is left out), ``wall_s``, ``cpu_ms_per_step`` (the fit's CPU time, every thread of
+the process, over its steps: what reading costs, even on a machine shared with other work),
+``rss_growth_mib`` (peak resident set during the call
 over the resident set just before it: the in-memory arrays are built before), ``rows_read`` and
 ``bytes_read`` (counted by a wrapper of the store). A last line, ``"run": "summary"``, gives the
 ratios the issue sets bars for: the fit's ``steps_ratio`` (zarr blocks / memory, bar >= 0.8),
@@ -162,11 +164,11 @@ def fit_run(run: str, args: argparse.Namespace) -> dict[str, Any]:
     )  # fmt: skip
     model = recipe.make_model(args.rows, args.cols, 32, jax.random.key(1))
     with PeakRss() as rss:
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         result = trainer.fit(
             recipe.make_svi(model), data, batch_size=args.batch, data_placement="host", shuffle=shuffle
         )
-        wall = time.perf_counter() - started
+        wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     (first_time, first_step), (last_time, last_step) = times.ends[0], times.ends[-1]
     counted = run != "fit_memory"
     return {
@@ -174,6 +176,7 @@ def fit_run(run: str, args: argparse.Namespace) -> dict[str, Any]:
         "shuffle": "blocks" if shuffle is blocks else "rows",
         "steady_steps_per_s": (last_step - first_step) / (last_time - first_time) if last_step > first_step else None,
         "wall_s": wall,
+        "cpu_ms_per_step": 1e3 * cpu / int(result.losses.shape[0]),
         "rss_growth_mib": rss.growth_mib,
         "rows_read": store["X"].rows if counted else None,
         "bytes_read": sum(source.bytes_read for source in store.values()) if counted else None,

@@ -31,8 +31,9 @@ in-memory array (:func:`is_lazy_source`): a ``zarr.Array`` (v2 or v3, local or r
 slicing by rows (``source[start:stop]``, an array back) that is not itself array-convertible.
 Nothing reads a lazy source whole: its checks and digests read its metadata and a fixed
 sample of rows (:func:`sample_indices`), and the host placement reads the rows of each chunk
-on Grain's prefetch threads (:func:`read_rows`: the distinct rows in sorted order, runs of
-consecutive rows read as one slice), each process the rows of its own share of every batch.
+on Grain's prefetch threads (:func:`~aimz_trainer.row_reads.read_rows`: the distinct rows in
+sorted order, runs of consecutive rows read as one slice, a Zarr store's decoded chunks kept for
+the next chunk of steps), each process the rows of its own share of every batch.
 ``"auto"`` placement keeps lazy sources on the host. The rows read are the rows an in-memory
 fit gathers, so the batches and losses are those of the same fit from NumPy arrays. Rows the
 sample does not cover are checked for NaN and infinity as their chunk is read. Record-oriented
@@ -66,7 +67,8 @@ import numpy as np
 from aimz_trainer.distributed import require_agreement
 from aimz_trainer.errors import ConfigurationError, DataError
 from aimz_trainer.plan import BatchLimit, FitPlan, limited
-from aimz_trainer.records import RecordColumn, is_record_source, record_columns
+from aimz_trainer.records import is_record_source, record_columns
+from aimz_trainer.row_reads import cache_storage_chunks, read_rows
 from aimz_trainer.sharding import place_replicated
 
 if TYPE_CHECKING:
@@ -142,58 +144,6 @@ def sample_indices(num_rows: int) -> np.ndarray:
         ([0, 1, 2, 3, 4], 1025)
     """
     return np.arange(0, num_rows, max(1, num_rows // _SAMPLED_ROWS))
-
-
-def read_rows(source: Any, indices: np.ndarray) -> np.ndarray:
-    """Rows ``indices`` (any shape, order and repeats) of ``source``, shaped
-    ``(*indices.shape, *row_shape)``: each distinct row is read once, in increasing order,
-    and each run of consecutive rows with one slice ``source[start:stop]`` (on disk a few
-    large reads rather than one per row). A chunked store (``source.chunks``, as a
-    ``zarr.Array`` has) is read once per storage chunk touched, from the first row wanted in it
-    to the last, runs over whole chunks as one slice. NumPy arrays, memory-mapped ones
-    included, are gathered with ``np.take``.
-
-    Example:
-        >>> class Counted:
-        ...     def __init__(self, array):
-        ...         self.array, self.shape, self.dtype, self.reads = array, array.shape, array.dtype, []
-        ...     def __getitem__(self, rows): self.reads.append((rows.start, rows.stop)); return self.array[rows]
-        >>> source = Counted(np.arange(10) * 10)
-        >>> read_rows(source, np.array([[7, 2], [3, 2]])).tolist(), source.reads
-        ([[70, 20], [30, 20]], [(2, 4), (7, 8)])
-    """
-    if isinstance(source, np.ndarray):
-        return np.asarray(np.take(source, indices, axis=0))
-    if isinstance(source, RecordColumn):  # records, not rows of an array: read once for every column
-        return source.take(indices)
-    unique, inverse = np.unique(indices.ravel(), return_inverse=True)
-    storage_rows = _storage_chunk_rows(source)
-    if storage_rows:
-        # A chunked store decodes whole chunks: one read per chunk touched, from its first row
-        # wanted to its last (the rows between cost no extra decoding), never across two.
-        chunk_of = unique // storage_rows
-        breaks = np.flatnonzero(np.diff(chunk_of) != 0) + 1
-    else:
-        breaks = np.flatnonzero(np.diff(unique) != 1) + 1
-    first, last = np.concatenate([[0], breaks]), np.concatenate([breaks - 1, [len(unique) - 1]])
-    starts, stops = unique[first], unique[last] + 1
-    # Spans that meet (whole runs over several chunks) are read as one slice.
-    joined = np.flatnonzero(starts[1:] != stops[:-1]) + 1
-    starts, stops = starts[np.concatenate([[0], joined])], stops[np.concatenate([joined - 1, [len(stops) - 1]])]
-    # Each span's wanted rows are taken as it is read: a sparse read (a sample) holds its rows
-    # and one span at a time, not every span whole.
-    parts, begin = [], 0
-    for start, stop, end in zip(starts, stops, np.searchsorted(unique, stops), strict=True):
-        block = np.asarray(source[int(start) : int(stop)])
-        if len(block) != stop - start:
-            raise DataError(
-                f"a data source returned {len(block)} rows for source[{start}:{stop}]: a source must return "
-                "source[start:stop] as an array of stop - start rows."
-            )
-        parts.append(block if end - begin == len(block) else block[unique[begin:end] - start])
-        begin = end
-    values = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    return values[inverse.reshape(-1)].reshape(*indices.shape, *values.shape[1:])
 
 
 def validate_data(data: Any, *, name: str = "train_data") -> tuple[dict[str, ArrayLike], int]:
@@ -459,13 +409,14 @@ class PlacedData(NamedTuple):
 
 def place_data(arrays: Mapping[str, Any], placement: Literal["device", "host"], mesh: Any) -> PlacedData:
     """Put ``arrays`` where ``placement`` says: replicated on ``mesh`` (a lazy source read
-    whole), or on the host: NumPy arrays, and lazy sources as they are, read by rows later."""
+    whole), or on the host: NumPy arrays, and lazy sources read by rows later, chunked stores
+    behind a :class:`~aimz_trainer.row_reads.ChunkCache`."""
     num_rows = int(next(iter(arrays.values())).shape[0])
     if placement == "device":
         whole = {key: np.asarray(array[:]) if is_lazy_source(array) else array for key, array in arrays.items()}
         return PlacedData(place_replicated(whole, mesh), None, num_rows)
     host = {key: array if is_lazy_source(array) else np.asarray(array) for key, array in arrays.items()}
-    return PlacedData({}, host, num_rows)
+    return PlacedData({}, cache_storage_chunks(host), num_rows)
 
 
 def row_index_dtype(num_rows: int) -> type[np.signedinteger]:
@@ -515,8 +466,10 @@ class BlockShuffle:
         edges = np.concatenate([[0], np.cumsum(lengths)])[:: int(self.window_blocks)]
         edges = np.unique(np.concatenate([edges, [num_rows]]))
         sizes, window = np.diff(edges), size * int(self.window_blocks)
-        positions = edges[:-1][sizes == window, None] + np.arange(window)
-        order[positions] = rng.permuted(order[positions], axis=1)
+        # Each whole window shuffled in place, in order: the draws of Generator.permuted over
+        # the windows as rows of one 2-D array, without that array's copies.
+        for start in edges[:-1][sizes == window].tolist():
+            rng.shuffle(order[start : start + window])
         for start, stop in zip(edges[:-1][sizes != window], edges[1:][sizes != window], strict=True):
             order[start:stop] = rng.permutation(order[start:stop])
         return order
@@ -691,14 +644,6 @@ def _gather_rows(arrays: Mapping[str, np.ndarray], record: dict[str, Any]) -> di
             gathered = np.concatenate([gathered, np.zeros((padding, *gathered.shape[1:]), gathered.dtype)])
         rows[key] = gathered
     return {**record, "rows": rows}
-
-
-def _storage_chunk_rows(source: Any) -> int | None:
-    """Rows of one storage chunk of a chunked store (a ``zarr.Array``'s ``chunks[0]``), else ``None``."""
-    chunks = getattr(source, "chunks", None)
-    if isinstance(chunks, tuple) and chunks and isinstance(chunks[0], int | np.integer) and chunks[0] > 0:
-        return int(chunks[0])
-    return None
 
 
 class _LazyView(NamedTuple):

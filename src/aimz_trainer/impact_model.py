@@ -977,7 +977,7 @@ class ImpactModel:
             X, y = arrays.pop(self._param_input), arrays.pop(self._param_output, None)
             kwargs = {**arrays, **kwargs}
         # A lazy source (zarr, memmap, ...: aimz_trainer.data) stays unread: fit and predict read it by rows.
-        X = X if isinstance(X, jax.Array | np.ndarray) or is_lazy_source(X) else np.asarray(X)
+        X = _array_or_source(X, f"{method}: X")
         if len(X.shape) == 0:
             raise DataError(f"{method}: X must have one row per observation; got a scalar.")
         if X.shape[0] == 0:
@@ -986,7 +986,7 @@ class ImpactModel:
             raise DataError(f"{method}: y is required when X is an array (or pass a data loader that carries it).")
         rows = {self._param_input: X}
         if y is not None:
-            y = y if isinstance(y, jax.Array | np.ndarray) or is_lazy_source(y) else np.asarray(y)
+            y = _array_or_source(y, f"{method}: y")
             if len(y.shape) == 0 or y.shape[0] != X.shape[0]:
                 raise DataError(f"{method}: y has shape {y.shape}; X has {X.shape[0]} rows and y needs as many.")
             rows[self._param_output] = y
@@ -1133,3 +1133,14 @@ def _from_host(value: Any) -> Any:
     if isinstance(value, _HostKey):
         return jax.random.wrap_key_data(value.data, impl=value.impl)
     return value
+
+
+def _array_or_source(value: Any, what: str) -> Any:
+    """``value`` as it is when an array or a lazy source (read by rows later), else as a NumPy
+    array; a :class:`DataError` naming ``what`` when it is not one (ragged nested lists)."""
+    if isinstance(value, jax.Array | np.ndarray) or is_lazy_source(value):
+        return value
+    try:
+        return np.asarray(value)
+    except (TypeError, ValueError) as error:
+        raise DataError(f"{what} is not an array with one row per observation ({error}).") from error

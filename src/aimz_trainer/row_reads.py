@@ -1,0 +1,224 @@
+"""Reading rows of a lazy source: a few large slices, and decoded storage chunks kept for the next read.
+
+:func:`read_rows` takes any rows (any shape, order and repeats) of a lazy source with as few
+slices as the rows allow, and writes each slice's wanted rows straight into the result. A chunked
+store (a ``zarr.Array``: ``source.chunks``) decodes whole storage chunks whatever the slice, so
+it is read once per chunk touched.
+
+A fit reads the same storage chunks again and again: with a
+:class:`~aimz_trainer.data.BlockShuffle`, consecutive compiled chunks of steps share the blocks
+of the window between them, and Grain reads two of them at once. :class:`ChunkCache` keeps a
+store's last decoded storage chunks (a bounded number, least recently used out) and decodes
+each chunk once for all the threads that want it, so such a fit decodes each storage chunk
+about once an epoch instead of up to twice. Only dense reads go through it (at least half a
+storage chunk): a sparse read (the checks' sample) reads its rows alone, as without a cache.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+
+from aimz_trainer.errors import DataError
+from aimz_trainer.records import RecordColumn
+
+__all__ = ["CACHED_CHUNK_BYTES", "ChunkCache", "cache_storage_chunks", "read_rows", "storage_chunk_rows"]
+
+CACHED_CHUNK_BYTES = 512 << 20  # decoded storage chunks a fit keeps, all its sources together
+
+
+def read_rows(source: Any, indices: np.ndarray) -> np.ndarray:
+    """Rows ``indices`` (any shape, order and repeats) of ``source``, shaped
+    ``(*indices.shape, *row_shape)``: each distinct row is read once, in increasing order,
+    and each run of consecutive rows with one slice ``source[start:stop]`` (on disk a few
+    large reads rather than one per row). A chunked store (``source.chunks``, as a
+    ``zarr.Array`` has) is read once per storage chunk touched, from the first row wanted in it
+    to the last, runs over whole chunks as one slice; through a :class:`ChunkCache`, dense reads
+    take whole chunks from its cache. NumPy arrays, memory-mapped ones included, are gathered
+    with ``np.take``.
+
+    Example:
+        >>> class Counted:
+        ...     def __init__(self, array):
+        ...         self.array, self.shape, self.dtype, self.reads = array, array.shape, array.dtype, []
+        ...     def __getitem__(self, rows): self.reads.append((rows.start, rows.stop)); return self.array[rows]
+        >>> source = Counted(np.arange(10) * 10)
+        >>> read_rows(source, np.array([[7, 2], [3, 2]])).tolist(), source.reads
+        ([[70, 20], [30, 20]], [(2, 4), (7, 8)])
+    """
+    if isinstance(source, np.ndarray):
+        return np.asarray(np.take(source, indices, axis=0))
+    if isinstance(source, RecordColumn):  # records, not rows of an array: read once for every column
+        return source.take(indices)
+    flat = indices.ravel()
+    if flat.size == 0:
+        return np.empty((*indices.shape, *source.shape[1:]), np.dtype(source.dtype))
+    cached = isinstance(source, ChunkCache)
+    chunk_rows = storage_chunk_rows(source)
+    starts, stops, segments = _chunk_spans(flat, chunk_rows) if chunk_rows else _run_spans(flat)
+    if not cached:
+        starts, stops, segments = _joined(starts, stops, segments)
+    read: Callable[[int, int], np.ndarray] = source.read_span if cached else functools.partial(read_slice, source)
+    # segments: runs of consecutive places of the result whose rows lie in one span, grouped
+    # by span. A batch's rows are sorted, so its rows of one span are one run, copied with one
+    # np.take straight into the result: one pass over the data, and one span held at a time.
+    segment_starts, segment_spans = segments
+    segment_stops = np.append(segment_starts[1:], flat.size)
+    by_span = np.argsort(segment_spans, kind="stable")
+    bounds = np.searchsorted(segment_spans[by_span], np.arange(len(starts) + 1))
+    values: np.ndarray | None = None
+    for span, (start, stop) in enumerate(zip(starts.tolist(), stops.tolist(), strict=True)):
+        block = read(start, stop)
+        if values is None:
+            values = np.empty((flat.size, *block.shape[1:]), block.dtype)
+        for segment in by_span[bounds[span] : bounds[span + 1]]:
+            first, last = segment_starts[segment], segment_stops[segment]
+            # "clip" takes without a buffered copy; every row lies in [start, stop) by construction.
+            np.take(block, flat[first:last] - start, axis=0, out=values[first:last], mode="clip")
+    assert values is not None  # flat is not empty: one span at least
+    return values.reshape((*indices.shape, *values.shape[1:]))
+
+
+def read_slice(source: Any, start: int, stop: int) -> np.ndarray:
+    """``source[start:stop]`` as an array, checked to hold ``stop - start`` rows."""
+    block = np.asarray(source[start:stop])
+    if len(block) != stop - start:
+        raise DataError(
+            f"a data source returned {len(block)} rows for source[{start}:{stop}]: a source must return "
+            "source[start:stop] as an array of stop - start rows."
+        )
+    return block
+
+
+def storage_chunk_rows(source: Any) -> int | None:
+    """Rows of one storage chunk of a chunked store (a ``zarr.Array``'s ``chunks[0]``), else ``None``."""
+    chunks = getattr(source, "chunks", None)
+    if isinstance(chunks, tuple) and chunks and isinstance(chunks[0], int | np.integer) and chunks[0] > 0:
+        return int(chunks[0])
+    return None
+
+
+class ChunkCache:
+    """A chunked store read through a cache of its last ``max_chunks`` decoded storage chunks.
+
+    A lazy source itself (``shape``, ``dtype``, ``chunks``, slicing passed to the store), read
+    by :func:`read_rows`: a span of at least half a storage chunk is served from the chunk,
+    decoded whole once (by the first thread that wants it; the others wait for it), a smaller
+    span is read alone. Thread-safe.
+
+    Example:
+        >>> store = np.arange(8) * 10
+        >>> class Chunked:
+        ...     shape, dtype, chunks, reads = store.shape, store.dtype, (4,), []
+        ...     def __getitem__(self, rows): self.reads.append((rows.start, rows.stop)); return store[rows]
+        >>> source = Chunked()
+        >>> cache = ChunkCache(source, max_chunks=2)
+        >>> read_rows(cache, np.array([1, 3, 2])).tolist(), read_rows(cache, np.array([0, 2])).tolist()
+        ([10, 30, 20], [0, 20])
+        >>> source.reads  # chunk 0 decoded once, served twice
+        [(0, 4)]
+    """
+
+    def __init__(self, source: Any, *, max_chunks: int) -> None:
+        chunk_rows = storage_chunk_rows(source)
+        if chunk_rows is None:
+            raise TypeError(f"ChunkCache needs a chunked store (source.chunks); got {type(source).__name__}")
+        self.source = source
+        self.shape = tuple(int(size) for size in source.shape)
+        self.dtype = np.dtype(source.dtype)
+        self.chunks = source.chunks
+        self._chunk_rows = chunk_rows
+        self._max_chunks = max(1, int(max_chunks))
+        self._lock = threading.Lock()
+        self._decoded: OrderedDict[int, Future[np.ndarray]] = OrderedDict()
+
+    def __getitem__(self, rows: Any) -> Any:
+        return self.source[rows]
+
+    def read_span(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)``, all in one storage chunk."""
+        if 2 * (stop - start) < self._chunk_rows:
+            return read_slice(self.source, start, stop)
+        first = start - start % self._chunk_rows
+        return self._chunk(first // self._chunk_rows)[start - first : stop - first]
+
+    def _chunk(self, index: int) -> np.ndarray:
+        with self._lock:
+            decoding = self._decoded.get(index)
+            if decoding is not None:
+                self._decoded.move_to_end(index)
+                decodes = False
+            else:
+                decoding = self._decoded[index] = Future()
+                decodes = True  # this thread decodes it; the others wait for its result
+                while len(self._decoded) > self._max_chunks:
+                    self._decoded.popitem(last=False)  # its waiters hold their future
+        if decodes:
+            first = index * self._chunk_rows
+            try:
+                decoding.set_result(read_slice(self.source, first, min(first + self._chunk_rows, self.shape[0])))
+            except BaseException as error:
+                with self._lock:
+                    if self._decoded.get(index) is decoding:
+                        del self._decoded[index]  # a later read tries again
+                decoding.set_exception(error)
+        return decoding.result()
+
+
+def cache_storage_chunks(arrays: Mapping[str, Any], budget: int = CACHED_CHUNK_BYTES) -> dict[str, Any]:
+    """``arrays`` with each chunked store behind a :class:`ChunkCache`, the caches together
+    holding about ``budget`` bytes: each keeps as many rows as the others (a store of wide
+    rows gets more bytes than one of narrow rows), two storage chunks at least."""
+    chunked = {key: rows for key, array in arrays.items() if (rows := storage_chunk_rows(array)) is not None}
+    row_bytes = sum(_row_bytes(arrays[key]) for key in chunked)
+    cached = {}
+    for key, chunk_rows in chunked.items():
+        rows = budget // max(1, row_bytes)
+        cached[key] = ChunkCache(arrays[key], max_chunks=max(2, rows // chunk_rows))
+    return {**arrays, **cached}
+
+
+def _row_bytes(array: Any) -> int:
+    return int(np.prod(array.shape[1:], dtype=np.int64)) * np.dtype(array.dtype).itemsize
+
+
+Segments = tuple[np.ndarray, np.ndarray]  # (first place of each run of the result, its span)
+
+
+def _chunk_spans(flat: np.ndarray, chunk_rows: int) -> tuple[np.ndarray, np.ndarray, Segments]:
+    """One span per storage chunk touched by rows ``flat``, from its first row wanted to its
+    last (the rows between cost no extra decoding), and the segments of ``flat`` in each:
+    without sorting the rows."""
+    chunks = flat // chunk_rows
+    segment_starts = np.concatenate([[0], np.flatnonzero(np.diff(chunks)) + 1])
+    touched, segment_spans = np.unique(chunks[segment_starts], return_inverse=True)
+    starts = np.full(len(touched), np.iinfo(flat.dtype).max, flat.dtype)
+    stops = np.zeros(len(touched), flat.dtype)
+    np.minimum.at(starts, segment_spans, np.minimum.reduceat(flat, segment_starts))
+    np.maximum.at(stops, segment_spans, np.maximum.reduceat(flat, segment_starts) + 1)
+    return starts, stops, (segment_starts, segment_spans)
+
+
+def _run_spans(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray, Segments]:
+    """One span per run of consecutive rows wanted, and the segments of ``flat`` in each."""
+    rows = np.unique(flat)
+    breaks = np.flatnonzero(np.diff(rows) > 1) + 1
+    starts, stops = rows[np.concatenate([[0], breaks])], rows[np.append(breaks - 1, len(rows) - 1)] + 1
+    span_of = np.searchsorted(stops, flat, side="right")
+    segment_starts = np.concatenate([[0], np.flatnonzero(np.diff(span_of)) + 1])
+    return starts, stops, (segment_starts, span_of[segment_starts])
+
+
+def _joined(starts: np.ndarray, stops: np.ndarray, segments: Segments) -> tuple[np.ndarray, np.ndarray, Segments]:
+    """Spans that meet (whole runs over several storage chunks) as one slice."""
+    new_span = np.concatenate([[0], np.cumsum(starts[1:] != stops[:-1])])
+    firsts = np.flatnonzero(np.diff(new_span, prepend=-1))
+    lasts = np.append(firsts[1:] - 1, len(starts) - 1)
+    segment_starts, segment_spans = segments
+    return starts[firsts], stops[lasts], (segment_starts, new_span[segment_spans])

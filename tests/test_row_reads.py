@@ -1,0 +1,157 @@
+"""Reading rows of lazy sources: :func:`read_rows` against NumPy's own indexing for any rows of any
+source kind, how many reads it makes, and :class:`ChunkCache`: each storage chunk decoded once
+for every thread that wants it, least recently used out, sparse reads past it, errors passed to
+every waiter; a fit from a chunked store decodes each storage chunk once while the cache holds
+them all."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import jax
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aimz_trainer import BlockShuffle, Trainer
+from aimz_trainer.row_reads import ChunkCache, cache_storage_chunks, read_rows
+
+from .conftest import linear_data, linear_svi
+
+
+class Store:
+    """A lazy source over ``values`` that records every slice read; ``chunks`` when chunked."""
+
+    def __init__(self, values: np.ndarray, chunk_rows: int | None = None, delay: float = 0.0) -> None:
+        self.values, self.shape, self.dtype = values, values.shape, values.dtype
+        if chunk_rows is not None:
+            self.chunks = (chunk_rows, *values.shape[1:])
+        self.delay = delay
+        self.reads: list[tuple[int, int]] = []
+        self.fail_next = False
+        self._lock = threading.Lock()
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        assert isinstance(rows, slice) and rows.step is None, rows
+        with self._lock:
+            self.reads.append((rows.start, rows.stop))
+            failing, self.fail_next = self.fail_next, False
+        time.sleep(self.delay)  # long enough for other threads to want the same chunk meanwhile
+        if failing:
+            raise OSError("the disk went away")
+        return self.values[rows].copy()
+
+
+@st.composite
+def sources_and_rows(draw):
+    num_rows = draw(st.integers(1, 300))
+    row_shape = draw(st.sampled_from([(), (3,), (2, 2)]))
+    values = np.arange(num_rows * int(np.prod(row_shape)), dtype=np.float32).reshape(num_rows, *row_shape)
+    kind = draw(st.sampled_from(["runs", "chunked", "cached"]))
+    chunk_rows = None if kind == "runs" else draw(st.integers(1, 64))
+    shape = draw(st.sampled_from([(), (5,), (3, 4), (2, 0)]))
+    rows = draw(st.lists(st.integers(0, num_rows - 1), min_size=int(np.prod(shape)), max_size=int(np.prod(shape))))
+    indices = np.array(rows, dtype=draw(st.sampled_from([np.int32, np.int64]))).reshape(shape)
+    store = Store(values, chunk_rows)
+    source = ChunkCache(store, max_chunks=draw(st.integers(1, 8))) if kind == "cached" else store
+    return store, source, indices
+
+
+@settings(max_examples=300, deadline=None)
+@given(sources_and_rows())
+def test_read_rows_equals_numpy_indexing_for_any_rows_of_any_source(case):
+    store, source, indices = case
+    values = read_rows(source, indices)
+    np.testing.assert_array_equal(values, store.values[indices], strict=True)
+    wanted = set(np.unique(indices).tolist())
+    read = [row for start, stop in store.reads for row in range(start, stop)]
+    assert wanted <= set(read)
+    if not hasattr(store, "chunks"):  # runs of consecutive rows: each wanted row once, nothing else
+        assert sorted(read) == sorted(wanted)
+    elif not isinstance(source, ChunkCache):  # spans of the chunks touched: no row read twice
+        assert len(read) == len(set(read))
+        assert {row // store.chunks[0] for row in read} == {row // store.chunks[0] for row in wanted}
+
+
+def test_a_dense_read_decodes_whole_chunks_once_and_a_sparse_one_reads_its_span():
+    store = Store(np.arange(100, dtype=np.float32), chunk_rows=10)
+    cache = ChunkCache(store, max_chunks=3)
+    np.testing.assert_array_equal(read_rows(cache, np.array([[12, 18], [25, 14]])), [[12, 18], [25, 14]])
+    assert store.reads == [(10, 20), (25, 26)]  # chunk 1 spans 7 of its 10 rows: whole; chunk 2 one row
+    read_rows(cache, np.array([19, 11, 15]))
+    assert store.reads == [(10, 20), (25, 26)]  # served from the cache
+    read_rows(cache, np.arange(30, 60))  # chunks 3, 4, 5: chunk 1 is the least recently used, out
+    read_rows(cache, np.array([11, 19]))
+    assert store.reads[-4:] == [(30, 40), (40, 50), (50, 60), (10, 20)]
+
+
+def test_threads_wanting_one_chunk_wait_for_a_single_decode():
+    store = Store(np.arange(4000, dtype=np.float32).reshape(1000, 4), chunk_rows=100, delay=0.05)
+    cache = ChunkCache(store, max_chunks=10)
+    indices = np.random.default_rng(0).permutation(1000)[:600].reshape(6, 100)
+    results = [None] * 8
+
+    def read(i):
+        results[i] = read_rows(cache, indices)
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for result in results:
+        np.testing.assert_array_equal(result, store.values[indices])
+    assert sorted(store.reads) == [(start, start + 100) for start in range(0, 1000, 100)]
+
+
+def test_a_failed_decode_reaches_every_waiter_and_the_next_read_tries_again():
+    store = Store(np.arange(20, dtype=np.float32), chunk_rows=10, delay=0.05)
+    cache = ChunkCache(store, max_chunks=2)
+    store.fail_next = True
+    errors = []
+
+    def read():
+        try:
+            read_rows(cache, np.arange(10))
+        except OSError as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=read) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(errors) == 3 and store.reads == [(0, 10)]
+    np.testing.assert_array_equal(read_rows(cache, np.arange(10)), np.arange(10))
+    assert store.reads == [(0, 10), (0, 10)]
+
+
+def test_the_budget_keeps_as_many_rows_of_every_store():
+    wide = Store(np.zeros((1000, 99), np.float32), chunk_rows=10)
+    narrow = Store(np.zeros(1000, np.float32), chunk_rows=5)
+    in_memory = np.zeros(1000)
+    cached = cache_storage_chunks({"X": wide, "y": narrow, "z": in_memory}, budget=400 * 100)  # 100 rows of both
+    assert cached["z"] is in_memory and cached["X"].source is wide and cached["y"].source is narrow
+    assert (cached["X"]._max_chunks, cached["y"]._max_chunks) == (10, 20)
+    assert cache_storage_chunks({"X": wide}, budget=1)["X"]._max_chunks == 2  # two chunks at least
+
+
+def test_a_fit_from_a_chunked_store_decodes_each_chunk_once_while_the_cache_holds_them():
+    num_rows, chunk_rows = 4096, 128
+    data = linear_data(num_rows)
+    stores = {name: Store(values, chunk_rows) for name, values in data.items()}
+
+    def fit(arrays):
+        trainer = Trainer(max_epochs=3, rng_key=jax.random.key(0), enable_progress_bar=False)
+        shuffle = BlockShuffle(block_rows=chunk_rows, window_blocks=4)
+        return trainer.fit(linear_svi(num_rows), arrays, batch_size=256, data_placement="host", shuffle=shuffle)
+
+    reference, result = fit(data), fit(stores)
+    np.testing.assert_array_equal(result.losses, reference.losses, strict=True)
+    for name, store in stores.items():
+        # The checks' sample first (every 4th row: one span of each chunk), then the fit: 3 epochs
+        # of 4,096 rows, each chunk decoded whole once (32 chunks of 8 bytes a row fit the cache).
+        whole = [(start, start + chunk_rows) for start in range(0, num_rows, chunk_rows)]
+        fit_reads = [read for read in store.reads if read[1] - read[0] == chunk_rows]
+        assert sorted(fit_reads) == whole, name
