@@ -30,7 +30,7 @@ from aimz_trainer.records import RecordColumn
 
 __all__ = ["CACHED_CHUNK_BYTES", "ChunkCache", "cache_storage_chunks", "read_rows", "storage_chunk_rows"]
 
-CACHED_CHUNK_BYTES = 512 << 20  # decoded storage chunks a fit keeps, all its sources together
+CACHED_CHUNK_BYTES = 256 << 20  # decoded storage chunks a fit keeps, all its sources together
 
 
 def read_rows(source: Any, indices: np.ndarray) -> np.ndarray:
