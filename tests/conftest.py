@@ -24,10 +24,13 @@ from tests.predictor_worker import linear_model as dyadic_model
 # One XLA compilation cache for the session and every subprocess it starts (they inherit the
 # environment): the suite compiles the same few programs hundreds of times, and an executable
 # read from the cache is the one the compile would give, so results are unchanged. Set before
-# the first compile (conftest loads before any test); removed at exit.
-_XLA_CACHE_DIR = tempfile.mkdtemp(prefix="aimz-tests-xla-cache-")
-atexit.register(shutil.rmtree, _XLA_CACHE_DIR, ignore_errors=True)
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE_DIR)
+# the first compile (conftest loads before any test); removed at exit by the process that made
+# it. A worker that imports this module (and may be killed) uses the directory it inherited; a
+# cache directory of the user's own is never written to.
+if "AIMZ_TESTS_XLA_CACHE" not in os.environ:
+    os.environ["AIMZ_TESTS_XLA_CACHE"] = tempfile.mkdtemp(prefix="aimz-tests-xla-cache-")
+    atexit.register(shutil.rmtree, os.environ["AIMZ_TESTS_XLA_CACHE"], ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["AIMZ_TESTS_XLA_CACHE"]
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 for _flag, _kind in [
