@@ -225,20 +225,27 @@ class TestWhatPaddingCannotDo:
 # -- 3 forced CPU devices against 1 and against NumPyro ----------------------------------------
 
 
-def run_worker(mode: str, device_count: int) -> dict:
+def run_workers(mode: str, *device_counts: int) -> list[dict]:
+    """The worker's results with each of ``device_counts`` forced CPU devices, the processes run
+    side by side (most of each is single-threaded start-up and tracing)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={device_count}", "JAX_PLATFORMS": "cpu"}
-    completed = subprocess.run(
-        [sys.executable, "-m", "tests.uneven_worker", mode], cwd=root, env=env, capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    processes = []
+    for count in device_counts:
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={count}", "JAX_PLATFORMS": "cpu"}
+        command = [sys.executable, "-m", "tests.uneven_worker", mode]
+        pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+        processes.append(subprocess.Popen(command, cwd=root, env=env, text=True, **pipes))
+    results = []
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr[-3000:]
+        results.append(json.loads(stdout.strip().splitlines()[-1]))
+    return results
 
 
 @pytest.fixture(scope="module")
 def fits() -> dict[int, dict]:
-    return {devices: run_worker("fit", devices) for devices in (3, 1)}
+    return dict(zip((3, 1), run_workers("fit", 3, 1), strict=True))
 
 
 @pytest.mark.slow
@@ -277,7 +284,7 @@ class TestThreeDevices:
         assert "val_batch_size=40 does not split evenly over 3 devices" in refused["val_batch_size"]
 
     def test_predictions_equal_one_devices(self):
-        three, one = run_worker("predict", 3), run_worker("predict", 1)
+        three, one = run_workers("predict", 3, 1)
         assert (three["devices"], one["devices"]) == (3, 1)
         for name in ("y", "mu", "log_likelihood", "in_sample_y", "two_rows_y"):
             np.testing.assert_array_equal(three[name], one[name])  # dyadic inputs: exact
