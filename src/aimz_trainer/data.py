@@ -68,7 +68,7 @@ from aimz_trainer.distributed import require_agreement
 from aimz_trainer.errors import ConfigurationError, DataError
 from aimz_trainer.plan import BatchLimit, FitPlan, limited
 from aimz_trainer.records import is_record_source, record_columns
-from aimz_trainer.row_reads import cache_storage_chunks, read_rows
+from aimz_trainer.row_reads import ChunkCache, cache_storage_chunks, read_rows
 from aimz_trainer.sharding import place_replicated
 
 if TYPE_CHECKING:
@@ -407,16 +407,28 @@ class PlacedData(NamedTuple):
     num_rows: int
 
 
-def place_data(arrays: Mapping[str, Any], placement: Literal["device", "host"], mesh: Any) -> PlacedData:
+def place_data(
+    arrays: Mapping[str, Any],
+    placement: Literal["device", "host"],
+    mesh: Any,
+    *,
+    shuffle: bool | BlockShuffle = False,
+) -> PlacedData:
     """Put ``arrays`` where ``placement`` says: replicated on ``mesh`` (a lazy source read
     whole), or on the host: NumPy arrays, and lazy sources read by rows later, chunked stores
-    behind a :class:`~aimz_trainer.row_reads.ChunkCache`."""
+    behind a :class:`~aimz_trainer.row_reads.ChunkCache` sized for the reads of ``shuffle``."""
     num_rows = int(next(iter(arrays.values())).shape[0])
     if placement == "device":
         whole = {key: np.asarray(array[:]) if is_lazy_source(array) else array for key, array in arrays.items()}
         return PlacedData(place_replicated(whole, mesh), None, num_rows)
     host = {key: array if is_lazy_source(array) else np.asarray(array) for key, array in arrays.items()}
-    return PlacedData({}, cache_storage_chunks(host), num_rows)
+    # Other orders than a BlockShuffle reuse no more than the chunk two reads in a row share.
+    cached_rows = shuffle.cached_rows if isinstance(shuffle, BlockShuffle) else 0
+    host = cache_storage_chunks(host, cached_rows)
+    for key, array in host.items():
+        if isinstance(array, ChunkCache):
+            _log.info("%r: up to %s decoded storage chunks kept (%s bytes)", key, array.max_chunks, array.max_bytes)
+    return PlacedData({}, host, num_rows)
 
 
 def row_index_dtype(num_rows: int) -> type[np.signedinteger]:
@@ -432,7 +444,8 @@ class BlockShuffle:
 
     Batches mix rows of ``window_blocks`` blocks only: pick a window of several batches
     (``block_rows * window_blocks >= batch_size``; more for a better mix) and blocks of about
-    a storage chunk (a Zarr chunk's rows) so that each block is one read.
+    a storage chunk (a Zarr chunk's rows) so that each block is one read. A fit from a chunked
+    store keeps :attr:`cached_rows` (two and a half windows) of decoded rows in memory.
 
     Example:
         Blocks of 2 rows, windows of 2 blocks: the first window holds the blocks ``[0, 1]`` and
@@ -473,6 +486,19 @@ class BlockShuffle:
         for start, stop in zip(edges[:-1][sizes != window], edges[1:][sizes != window], strict=True):
             order[start:stop] = rng.permutation(order[start:stop])
         return order
+
+    @property
+    def cached_rows(self) -> int:
+        """Rows of decoded storage chunks a fit from a chunked store keeps
+        (:class:`~aimz_trainer.row_reads.ChunkCache`): two and a half windows. Two compiled
+        chunks read at once touch up to three windows, the window between them shared; at two
+        and a half, the shared window is still there when the later chunk reads it.
+
+        Example:
+            >>> BlockShuffle(block_rows=16384, window_blocks=16).cached_rows  # 265 MB at 404 bytes a row
+            655360
+        """
+        return int(self.block_rows) * int(self.window_blocks) * 5 // 2
 
     def record(self) -> dict[str, int]:
         """As a checkpoint records it: ``{"block_rows", "window_blocks"}``."""

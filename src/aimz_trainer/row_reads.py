@@ -11,7 +11,8 @@ of the window between them, and Grain reads two of them at once. :class:`ChunkCa
 store's last decoded storage chunks (a bounded number, least recently used out) and decodes
 each chunk once for all the threads that want it, so such a fit decodes each storage chunk
 about once an epoch instead of up to twice. Only dense reads go through it (at least half a
-storage chunk): a sparse read (the checks' sample) reads its rows alone, as without a cache.
+storage chunk): a sparse read (the checks' sample) reads its rows alone, as without a cache. How
+many chunks it keeps follows the shuffle (:meth:`~aimz_trainer.data.BlockShuffle.cached_rows`).
 """
 
 from __future__ import annotations
@@ -28,9 +29,7 @@ import numpy as np
 from aimz_trainer.errors import DataError
 from aimz_trainer.records import RecordColumn
 
-__all__ = ["CACHED_CHUNK_BYTES", "ChunkCache", "cache_storage_chunks", "read_rows", "storage_chunk_rows"]
-
-CACHED_CHUNK_BYTES = 256 << 20  # decoded storage chunks a fit keeps, all its sources together
+__all__ = ["ChunkCache", "cache_storage_chunks", "read_rows", "storage_chunk_rows"]
 
 
 def read_rows(source: Any, indices: np.ndarray) -> np.ndarray:
@@ -105,7 +104,8 @@ def storage_chunk_rows(source: Any) -> int | None:
 
 
 class ChunkCache:
-    """A chunked store read through a cache of its last ``max_chunks`` decoded storage chunks.
+    """A chunked store read through a cache of its last ``max_chunks`` decoded storage chunks
+    (at most ``max_bytes``).
 
     A lazy source itself (``shape``, ``dtype``, ``chunks``, slicing passed to the store), read
     by :func:`read_rows`: a span of at least half a storage chunk is served from the chunk,
@@ -134,12 +134,18 @@ class ChunkCache:
         self.dtype = np.dtype(source.dtype)
         self.chunks = source.chunks
         self._chunk_rows = chunk_rows
-        self._max_chunks = max(1, int(max_chunks))
+        self.max_chunks = max(1, int(max_chunks))
         self._lock = threading.Lock()
         self._decoded: OrderedDict[int, Future[np.ndarray]] = OrderedDict()
 
     def __getitem__(self, rows: Any) -> Any:
         return self.source[rows]
+
+    @property
+    def max_bytes(self) -> int:
+        """The bytes of ``max_chunks`` decoded storage chunks."""
+        row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        return self.max_chunks * self._chunk_rows * row_bytes
 
     def read_span(self, start: int, stop: int) -> np.ndarray:
         """Rows ``[start, stop)``, all in one storage chunk."""
@@ -157,7 +163,7 @@ class ChunkCache:
             else:
                 decoding = self._decoded[index] = Future()
                 decodes = True  # this thread decodes it; the others wait for its result
-                while len(self._decoded) > self._max_chunks:
+                while len(self._decoded) > self.max_chunks:
                     self._decoded.popitem(last=False)  # its waiters hold their future
         if decodes:
             first = index * self._chunk_rows
@@ -171,21 +177,24 @@ class ChunkCache:
         return decoding.result()
 
 
-def cache_storage_chunks(arrays: Mapping[str, Any], budget: int = CACHED_CHUNK_BYTES) -> dict[str, Any]:
-    """``arrays`` with each chunked store behind a :class:`ChunkCache`, the caches together
-    holding about ``budget`` bytes: each keeps as many rows as the others (a store of wide
-    rows gets more bytes than one of narrow rows), two storage chunks at least."""
-    chunked = {key: rows for key, array in arrays.items() if (rows := storage_chunk_rows(array)) is not None}
-    row_bytes = sum(_row_bytes(arrays[key]) for key in chunked)
-    cached = {}
-    for key, chunk_rows in chunked.items():
-        rows = budget // max(1, row_bytes)
-        cached[key] = ChunkCache(arrays[key], max_chunks=max(2, rows // chunk_rows))
-    return {**arrays, **cached}
+def cache_storage_chunks(arrays: Mapping[str, Any], rows: int) -> dict[str, Any]:
+    """``arrays`` with each chunked store behind a :class:`ChunkCache` of the storage chunks
+    that hold about ``rows`` rows, two chunks at least.
 
-
-def _row_bytes(array: Any) -> int:
-    return int(np.prod(array.shape[1:], dtype=np.int64)) * np.dtype(array.dtype).itemsize
+    Example:
+        >>> class Chunked:
+        ...     shape, dtype, chunks = (100, 3), np.dtype(np.float32), (10, 3)
+        ...     def __getitem__(self, rows): return np.zeros((100, 3), np.float32)[rows]
+        >>> cached = cache_storage_chunks({"X": Chunked(), "y": np.zeros(100)}, rows=45)
+        >>> type(cached["X"]).__name__, type(cached["y"]).__name__
+        ('ChunkCache', 'ndarray')
+    """
+    return {
+        key: ChunkCache(array, max_chunks=max(2, -(-rows // chunk_rows)))
+        if (chunk_rows := storage_chunk_rows(array)) is not None
+        else array
+        for key, array in arrays.items()
+    }
 
 
 Segments = tuple[np.ndarray, np.ndarray]  # (first place of each run of the result, its span)

@@ -610,7 +610,7 @@ class Trainer:
             device_data_budget(self.mesh.local_devices[0], self.mesh.local_mesh.size),
             lazy=any(map(is_lazy_source, [*inputs.arrays.values(), *(inputs.val_arrays or {}).values()])),
         )
-        train = place_data(inputs.arrays, self.placement, self.mesh)
+        train = place_data(inputs.arrays, self.placement, self.mesh, shuffle=inputs.shuffle)
         source = ChunkSource(
             plan,
             seed=_numpy_seed(keys.shuffle),
