@@ -52,6 +52,8 @@ columns with weight 0.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import hashlib
@@ -92,10 +94,12 @@ __all__ = [
     "place_data",
     "read_ahead",
     "read_rows",
+    "read_sample",
     "require_finite_read",
     "require_finite_rows",
     "resolve_placement",
     "sample_indices",
+    "samples_read_once",
     "validate_batch_size",
     "validate_data",
     "validate_val_data",
@@ -221,6 +225,51 @@ def nonfinite(array: Any) -> tuple[tuple[int, ...], int] | None:
     return tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), value.shape)), int(bad.sum())
 
 
+_shared_samples: contextvars.ContextVar[dict[int, tuple[Any, np.ndarray]] | None] = contextvars.ContextVar(
+    "_shared_samples", default=None
+)
+
+
+@contextlib.contextmanager
+def samples_read_once() -> Iterator[None]:
+    """Within it (one fit, one prediction; also as a decorator), each lazy source's sample
+    (:func:`sample_indices`) is read once, however many checks and digests want it: from a
+    chunked store each sampled row costs its whole storage chunk. Nested uses share the
+    outermost one's; the data are read anew by the next call.
+
+    Example:
+        >>> class Counted:
+        ...     shape, dtype, reads = (8,), np.dtype(np.float32), 0
+        ...     def __getitem__(self, rows): Counted.reads += 1; return np.zeros(8, np.float32)[rows]
+        >>> source = Counted()
+        >>> with samples_read_once():
+        ...     require_finite_rows("data", {"x": source}, ""); digest_rows(hashlib.sha256(), {"x": source})
+        >>> Counted.reads  # one slice of the 8 sampled rows, once
+        1
+    """
+    if _shared_samples.get() is not None:
+        yield
+        return
+    token = _shared_samples.set({})
+    try:
+        yield
+    finally:
+        _shared_samples.reset(token)
+
+
+def read_sample(source: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows, values)``: the rows of a lazy source that checks and digests read
+    (:func:`sample_indices`) and their values, read once per :func:`samples_read_once`."""
+    rows = sample_indices(int(source.shape[0]))
+    shared = _shared_samples.get()
+    if shared is None:
+        return rows, read_rows(source, rows)
+    kept = shared.get(id(source))
+    if kept is None or kept[0] is not source:  # the source itself is kept: its id is not reused meanwhile
+        kept = shared[id(source)] = (source, read_rows(source, rows))
+    return rows, kept[1]
+
+
 def require_finite_rows(name: str, arrays: Mapping[str, Any], consequence: str) -> None:
     """Raise :class:`DataError` at the first NaN or infinity of ``arrays`` (rows of ``name``),
     naming the array, the value, its row and ``consequence``. Of a lazy source, only the
@@ -228,11 +277,11 @@ def require_finite_rows(name: str, arrays: Mapping[str, Any], consequence: str) 
     reads them."""
     for key, array in arrays.items():
         if is_lazy_source(array):
-            rows = sample_indices(int(array.shape[0]))
-            if (found := nonfinite(read_rows(array, rows))) is not None:
+            rows, values = read_sample(array)
+            if (found := nonfinite(values)) is not None:
                 index, _ = found
                 raise DataError(
-                    f"{name}[{key!r}] holds {read_rows(array, rows)[index]} at row {rows[index[0]]} (a row of the "
+                    f"{name}[{key!r}] holds {values[index]} at row {rows[index[0]]} (a row of the "
                     f"sample checked before the fit; {name} is read lazily): {consequence}"
                 )
             continue
@@ -322,7 +371,7 @@ def digest_rows(digest: hashlib._Hash, arrays: Mapping[str, Any]) -> None:
     for name, value in sorted(arrays.items()):
         if is_lazy_source(value):
             # The rows array[::step] holds, read by rows: the digest of the same data in memory.
-            array, sample = value, read_rows(value, sample_indices(int(value.shape[0])))
+            array, (_, sample) = value, read_sample(value)
         else:
             array = np.asarray(value)
             sample = array[:: max(1, len(array) // _SAMPLED_ROWS)] if array.ndim else array

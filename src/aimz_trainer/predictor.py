@@ -63,7 +63,7 @@ from aimz_trainer._checks import as_key, check_model_accepts, is_int_at_least, m
 from aimz_trainer._version import library_version
 from aimz_trainer.callbacks.progress import progress_bar_wanted
 from aimz_trainer.compilation_cache import CompilationCache, use_compilation_cache
-from aimz_trainer.data import is_lazy_source, read_ahead, require_finite_read, validate_data
+from aimz_trainer.data import is_lazy_source, read_ahead, require_finite_read, samples_read_once, validate_data
 from aimz_trainer.distributed import require_agreement
 from aimz_trainer.errors import ConfigurationError, NonFinitePredictionError
 from aimz_trainer.forward import Mode, make_forward, prior_draws
@@ -245,6 +245,7 @@ class Predictor:
 
     # -- public API ----------------------------------------------------------------------------
 
+    @samples_read_once()  # the checks and the store's fingerprint share one read of a source's sample
     def predict(
         self,
         data: Mapping[str, Any],

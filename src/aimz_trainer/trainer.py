@@ -40,6 +40,7 @@ from aimz_trainer.data import (
     make_chunk_loader,
     place_data,
     resolve_placement,
+    samples_read_once,
 )
 from aimz_trainer.errors import CheckpointError, ConfigurationError
 from aimz_trainer.evaluation import EvaluationSource, evaluate
@@ -502,6 +503,7 @@ class Trainer:
         finally:
             log.close()
 
+    @samples_read_once()  # the checks and the checkpoint's digest share one read of a source's sample
     def fit(
         self,
         svi: SVI,
