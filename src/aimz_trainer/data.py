@@ -110,6 +110,7 @@ ArrayLike = np.ndarray | jax.Array
 
 _NUMERIC_KINDS = "biuf"
 _SAMPLED_ROWS = 1024  # rows a digest or a check of a lazy source reads, at most about
+_ORDER_PIECE = 1 << 20  # rows of an epoch order completed at a time
 
 _log = logging.getLogger(__name__)
 
@@ -522,7 +523,9 @@ class BlockShuffle:
         # Row i of the order is start of its block + its place in the block. Built in the index
         # dtype: an epoch of 20 million rows is 80 MB an array, not 160.
         order = np.repeat(starts - (np.cumsum(lengths, dtype=dtype) - lengths), lengths)
-        order += np.arange(num_rows, dtype=dtype)
+        for first in range(0, num_rows, _ORDER_PIECE):  # a piece at a time: no second array of every row
+            last = min(first + _ORDER_PIECE, num_rows)
+            order[first:last] += np.arange(first, last, dtype=dtype)
         # Windows start at block boundaries: all hold window_blocks * block_rows rows but the one
         # with the short last block and the last one, shuffled on their own.
         edges = np.concatenate([[0], np.cumsum(lengths)])[:: int(self.window_blocks)]
@@ -589,27 +592,34 @@ class ChunkSource:
         chunk = self._plan.chunks[index]
         first_in_epoch = chunk.first_step - chunk.epoch * self._plan.steps_per_epoch
         size = self._plan.batch_size
-        rows = self.epoch_order(chunk.epoch)[first_in_epoch * size : (first_in_epoch + chunk.num_steps) * size]
+        rows = self._rows(chunk.epoch, first_in_epoch * size, (first_in_epoch + chunk.num_steps) * size)
         batches = _padded_columns(np.sort(rows.reshape(chunk.num_steps, size), axis=1), self._plan.padded_batch_size)
         batches = batches[:, self._columns]
         indices = np.zeros((self._plan.steps_per_chunk, batches.shape[1]), self._index_dtype)
         indices[: chunk.num_steps] = batches
         return {"indices": indices, "rows": {}, "num_steps": np.int32(chunk.num_steps)}
 
-    @functools.lru_cache(maxsize=2)  # noqa: B019 - one source per fit; two epochs in flight at most
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """The epoch's row order, padded to whole batches (see the module docstring)."""
+        """The rows the epoch's batches take, in order: its order padded to whole batches (see the
+        module docstring), or cut to them with ``drop_last``."""
+        return self._rows(epoch, 0, self._plan.steps_per_epoch * self._plan.batch_size)
+
+    def _rows(self, epoch: int, start: int, stop: int) -> np.ndarray:
+        """Places ``[start, stop)`` of the epoch's padded order: past the last row, the order
+        starts again (never built whole: an epoch's order is a large array at scale)."""
+        order = self._order(epoch)
+        if stop <= len(order):
+            return order[start:stop]
+        return np.concatenate([order[start:], order[: stop - len(order)]])
+
+    @functools.lru_cache(maxsize=2)  # noqa: B019 - one source per fit; two epochs in flight at most
+    def _order(self, epoch: int) -> np.ndarray:
         n = self._plan.num_rows
         if isinstance(self._shuffle, BlockShuffle):
-            order = self._shuffle.order(n, np.random.default_rng([*self._seed, epoch]))
-        elif self._shuffle:  # the permutation of arange(n), shuffled as permutation(n) shuffles it
-            order = np.random.default_rng([*self._seed, epoch]).permutation(np.arange(n, dtype=self._index_dtype))
-        else:
-            order = np.arange(n, dtype=self._index_dtype)
-        padding = self._plan.steps_per_epoch * self._plan.batch_size - n
-        if padding > 0:
-            order = np.concatenate([order, order[:padding]])
-        return order
+            return self._shuffle.order(n, np.random.default_rng([*self._seed, epoch]))
+        if self._shuffle:  # the permutation of arange(n), shuffled as permutation(n) shuffles it
+            return np.random.default_rng([*self._seed, epoch]).permutation(np.arange(n, dtype=self._index_dtype))
+        return np.arange(n, dtype=self._index_dtype)
 
 
 class ValidationSource:
