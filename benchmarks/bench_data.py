@@ -15,8 +15,8 @@ own), the fit runs first:
 - **fit_zarr_blocks**: from the store, ``shuffle=BlockShuffle(block_rows=chunk_rows,
   window_blocks=--window-blocks)``: a chunk of steps reads a few whole Zarr chunks. With
   ``--aligned`` both fits run compiled chunks of one window's steps (``steps_per_chunk`` and
-  ``log_every_n_steps``: chunks end at log intervals), so that each chunk reads its window's
-  blocks once; by default chunks of 50 steps straddle windows and read most blocks twice.
+  ``log_every_n_steps``: chunks end at log intervals); by default chunks of 50 steps straddle
+  windows, and the fit's cache of decoded storage chunks serves the window two chunks share.
 - **fit_zarr_rows** (``--exact-shuffle``): from the store, ``shuffle=True``, an exact
   permutation: a batch is a scatter of single rows over the store, so each compiled chunk
   decodes most of the store's chunks; the losses equal ``fit_memory``'s (it then uses
