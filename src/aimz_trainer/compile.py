@@ -1,8 +1,8 @@
 """The compiled programs of one fit: lowered and compiled on the mesh, in the background where
 that pays.
 
-Compilation is most of a fit's start-up on a CPU, so ``init`` and validation compile on a
-worker thread while the training chunk compiles; XLA compiles outside the GIL. Tracing stays
+Compilation is most of a fit's start-up on a CPU, so the training chunk and validation compile
+on a worker thread while ``init`` is lowered and compiled; XLA compiles outside the GIL. Tracing stays
 on the calling thread: it temporarily touches the user's ``svi``. Posterior draws compile on
 first use: they are bigger, and a compile in the background slows training on a small
 machine for as long as it runs.
@@ -136,15 +136,17 @@ class FitPrograms:
 
         shardings = (rep, rep, record_shardings(self._mesh, record))
         with model_guide_checked():  # the chunk's trace is the ELBO's first
-            lowered_init = jax.jit(init_with_params, in_shardings=(*shardings, rep), out_shardings=rep).lower(
+            traced_init = jax.jit(init_with_params, in_shardings=(*shardings, rep), out_shardings=rep).trace(
                 rng_key, self.device_data, record, svi_state
             )
-            # init runs once: unoptimized code compiles faster than it loses at run time.
-            compiled_init = self._pool.submit(lowered_init.compile, {"xla_backend_optimization_level": 0})
             chunk = jax.jit(chunk_with_outputs, in_shardings=shardings, out_shardings=rep)
-            lowered_chunk = chunk.lower(lowered_init.out_info[0], self.device_data, record)
-        compiled_chunk = lowered_chunk.compile()
-        return *compiled_init.result()(rng_key, self.device_data, record, svi_state), compiled_chunk
+            lowered_chunk = chunk.lower(traced_init.out_info[0], self.device_data, record)
+        # The chunk, the longest compile (or cache read), starts first: init is lowered while it
+        # runs, then compiled beside it, so the first step waits for the chunk's compile alone.
+        compiled_chunk = self._pool.submit(lowered_chunk.compile)
+        # init runs once: unoptimized code compiles faster than it loses at run time.
+        compiled_init = traced_init.lower().compile({"xla_backend_optimization_level": 0})
+        return *compiled_init(rng_key, self.device_data, record, svi_state), compiled_chunk.result()
 
     def prepare_validation(
         self,
