@@ -103,14 +103,7 @@ class FitKeys(NamedTuple):
 
     @classmethod
     def split(cls, rng_key: jax.Array) -> FitKeys:
-        return cls(*_split_into_four(rng_key))
-
-
-@jax.jit
-def _split_into_four(rng_key: jax.Array) -> tuple[jax.Array, ...]:
-    # One program: unpacked eagerly, the split array compiles a second one (unstack) before
-    # the first step.
-    return tuple(jax.random.split(rng_key, 4))
+        return cls(*jax.random.split(rng_key, 4))
 
 
 class Trainer:
