@@ -1,11 +1,13 @@
 """The compiled programs of one fit: lowered and compiled on the mesh, in the background where
 that pays.
 
-Compilation is most of a fit's start-up on a CPU, so the training chunk and validation compile
-on a worker thread while ``init`` is lowered and compiled; XLA compiles outside the GIL. Tracing stays
-on the calling thread: it temporarily touches the user's ``svi``. Posterior draws compile on
-first use: they are bigger, and a compile in the background slows training on a small
-machine for as long as it runs.
+Compilation is most of a fit's start-up on a CPU, so the training chunk, the longest compile,
+starts on a worker thread as soon as it is lowered; validation is traced (with the shapes of
+the initial parameters) and compiled on that thread after it, and ``init`` is lowered and
+compiled on the calling thread meanwhile: XLA compiles outside the GIL, and the first step
+waits for the chunk's compile alone. Tracing stays on the calling thread: it temporarily
+touches the user's ``svi``. Posterior draws compile on first use: they are bigger, and a
+compile in the background slows training on a small machine for as long as it runs.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
+from jax.stages import Traced
 from numpyro.infer import SVI
 from numpyro.infer.svi import SVIState
 
@@ -96,15 +99,18 @@ class FitPrograms:
         self.draw_record = draw_record
         self._step_metrics = dict(step_metrics)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="aimz-compile")
+        self._init: tuple[Traced, jax.Array, Record, SVIState | None] | None = None
+        self._chunk: Future[Any] | None = None
         self._validate: Future[Any] | None = None
         self._samplers: dict[int, Any] = {}
 
-    def start(
-        self, rng_key: jax.Array, record: Record, svi_state: SVIState | None = None
-    ) -> tuple[TrainState, Params, Callable[[TrainState, Any, Record], tuple[TrainState, ChunkOutputs]]]:
-        """Compile init and the training chunk; return the initial state (``svi_state``, a
-        previous fit's, when given: init then only sets ``svi`` up), its parameters and
-        ``chunk(state, device_data, record) -> (state, ChunkOutputs)``."""
+    def lower(self, rng_key: jax.Array, record: Record, svi_state: SVIState | None = None) -> Params:
+        """Trace init and the training chunk, and start compiling the chunk on the worker
+        thread; return the shapes of the initial parameters (as ``jax.ShapeDtypeStruct``), what
+        validation is traced with while the chunk compiles. Then :meth:`start`.
+
+        ``svi_state``: a previous fit's state to continue from (init then only sets ``svi``
+        up)."""
         rep, plates = self._rep, self._layout.row_plates
         init = make_init(self._svi, plates, padding=self._padding)
         train_chunk = make_train_chunk(self._svi, plates, self._step_metrics, padding=self._padding)
@@ -141,12 +147,21 @@ class FitPrograms:
             )
             chunk = jax.jit(chunk_with_outputs, in_shardings=shardings, out_shardings=rep)
             lowered_chunk = chunk.lower(traced_init.out_info[0], self.device_data, record)
-        # The chunk, the longest compile (or cache read), starts first: init is lowered while it
-        # runs, then compiled beside it, so the first step waits for the chunk's compile alone.
-        compiled_chunk = self._pool.submit(lowered_chunk.compile)
+        # The chunk, the longest compile (or cache read), starts first: what the fit sets up
+        # before its first step (init, validation) is traced and compiled while it runs.
+        self._chunk = self._pool.submit(lowered_chunk.compile)
+        self._init = (traced_init, rng_key, record, svi_state)
+        return traced_init.out_info[1]
+
+    def start(self) -> tuple[TrainState, Params, Callable[[TrainState, Any, Record], tuple[TrainState, ChunkOutputs]]]:
+        """Compile init (on this thread, beside the chunk's compile) and run it; return the
+        initial state, its parameters and, once compiled, ``chunk(state, device_data, record)
+        -> (state, ChunkOutputs)``."""
+        assert self._init is not None and self._chunk is not None, "lower first"
+        traced_init, rng_key, record, svi_state = self._init
         # init runs once: unoptimized code compiles faster than it loses at run time.
         compiled_init = traced_init.lower().compile({"xla_backend_optimization_level": 0})
-        return *compiled_init(rng_key, self.device_data, record, svi_state), compiled_chunk.result()
+        return *compiled_init(rng_key, self.device_data, record, svi_state), self._chunk.result()
 
     def prepare_validation(
         self,
@@ -158,8 +173,8 @@ class FitPrograms:
         num_train_rows: int,
         batch_size: int,
     ) -> None:
-        """Trace validation now and compile it on the worker thread (``batch_size``: the real
-        rows of each validation batch)."""
+        """Trace validation now and compile it on the worker thread (``params``: the constrained
+        parameters, or their shapes; ``batch_size``: the real rows of each validation batch)."""
         rep = self._rep
         padding = RowPadding.of(self._layout, batch_size)
         validate = jax.jit(

@@ -692,10 +692,9 @@ class Trainer:
         """Compile, restore, loop and draw: the stages that hold compiled programs."""
         self.plan = fit.plan
         state = fit.state
-        train_state, state.params, chunk_fn = programs.start(keys.init, records.first, init_state)
-        state.svi_state = train_state.svi_state
+        params_shapes = programs.lower(keys.init, records.first, init_state)
         validator = None
-        if inputs.val_arrays is not None:
+        if inputs.val_arrays is not None:  # traced, and compiled, while the chunk compiles
             validator = Validator(
                 programs,
                 place_data(inputs.val_arrays, self.placement, self.mesh),  # type: ignore[arg-type]
@@ -705,9 +704,11 @@ class Trainer:
                 num_train_rows=inputs.num_rows,
                 rng_key=keys.validation,
                 every=self._validate_every(inputs),
-                params=state.params,
+                params=params_shapes,
                 limit_batches=self.limit_val_batches,
             )
+        train_state, state.params, chunk_fn = programs.start()
+        state.svi_state = train_state.svi_state
         losses: list[np.ndarray] = []
         if resume is not None:
             train_state, saved_losses = restore(resume, train_state, state, shape, callbacks)
