@@ -7,7 +7,9 @@ from collections import Counter
 
 import jax
 import numpy as np
+import pytest
 
+import aimz_trainer.trainer as trainer_module
 from aimz_trainer import Trainer
 from aimz_trainer.compile import FitPrograms
 
@@ -62,8 +64,8 @@ def test_validation_is_traced_with_the_shapes_of_the_parameters_init_returns(mon
         seen["shapes"] = lower(self, *args, **kwargs)
         return seen["shapes"]
 
-    def spy_start(self):
-        outputs = start(self)
+    def spy_start(self, first_record):
+        outputs = start(self, first_record)
         seen["params"] = outputs[1]
         return outputs
 
@@ -79,3 +81,31 @@ def test_validation_leaves_the_training_bitwise_unchanged():
     np.testing.assert_array_equal(validated.losses, plain.losses)
     for name in plain.params:
         np.testing.assert_array_equal(validated.params[name], plain.params[name])
+
+
+@pytest.mark.parametrize("placement", ["device", "host"])
+def test_grain_starts_while_the_chunk_compiles_when_records_need_no_rows_from_it(placement, monkeypatch):
+    order: list[str] = []
+    open_loader = trainer_module.make_chunk_loader
+
+    def spy_loader(source, host_arrays, **kwargs):
+        order.append("loader")
+        return open_loader(source, host_arrays, **kwargs)
+
+    def listener(event: str, duration: float, **kwargs) -> None:
+        if event == TRACE and kwargs.get("fun_name") == "chunk_with_outputs":
+            order.append("chunk traced")
+
+    monkeypatch.setattr(trainer_module, "make_chunk_loader", spy_loader)
+    data = linear_data(1000)
+    trainer = Trainer(max_epochs=1, rng_key=jax.random.key(0), enable_progress_bar=False)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        result = trainer.fit(linear_svi(1000), data, batch_size=100, data_placement=placement)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    # On the devices a record holds row indices only: the programs trace from the source's own
+    # record and Grain opens after. From the host, the first record's gathered rows come first.
+    expected = ["chunk traced", "loader"] if placement == "device" else ["loader", "chunk traced"]
+    assert order == expected
+    assert result.losses.shape == (10,)

@@ -99,15 +99,16 @@ class FitPrograms:
         self.draw_record = draw_record
         self._step_metrics = dict(step_metrics)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="aimz-compile")
-        self._init: tuple[Traced, jax.Array, Record, SVIState | None] | None = None
+        self._init: tuple[Traced, jax.Array, SVIState | None] | None = None
         self._chunk: Future[Any] | None = None
         self._validate: Future[Any] | None = None
         self._samplers: dict[int, Any] = {}
 
     def lower(self, rng_key: jax.Array, record: Record, svi_state: SVIState | None = None) -> Params:
-        """Trace init and the training chunk, and start compiling the chunk on the worker
-        thread; return the shapes of the initial parameters (as ``jax.ShapeDtypeStruct``), what
-        validation is traced with while the chunk compiles. Then :meth:`start`.
+        """Trace init and the training chunk with ``record`` (any record of the fit: they share
+        their shapes), and start compiling the chunk on the worker thread; return the shapes of
+        the initial parameters (as ``jax.ShapeDtypeStruct``), what validation is traced with
+        while the chunk compiles. Then :meth:`start`.
 
         ``svi_state``: a previous fit's state to continue from (init then only sets ``svi``
         up)."""
@@ -150,18 +151,27 @@ class FitPrograms:
         # The chunk, the longest compile (or cache read), starts first: what the fit sets up
         # before its first step (init, validation) is traced and compiled while it runs.
         self._chunk = self._pool.submit(lowered_chunk.compile)
-        self._init = (traced_init, rng_key, record, svi_state)
+        self._init = (traced_init, rng_key, svi_state)
         return traced_init.out_info[1]
 
-    def start(self) -> tuple[TrainState, Params, Callable[[TrainState, Any, Record], tuple[TrainState, ChunkOutputs]]]:
-        """Compile init (on this thread, beside the chunk's compile) and run it; return the
-        initial state, its parameters and, once compiled, ``chunk(state, device_data, record)
-        -> (state, ChunkOutputs)``."""
+    def start(
+        self, first_record: Callable[[], Record]
+    ) -> tuple[TrainState, Params, Callable[[TrainState, Any, Record], tuple[TrainState, ChunkOutputs]]]:
+        """Compile init (on this thread, beside the chunk's compile), then read the fit's first
+        record (``first_record()``) and run init on it; return the initial state, its
+        parameters and, once compiled, ``chunk(state, device_data, record) -> (state,
+        ChunkOutputs)``.
+
+        The record is read after init's compile: opening a loader imports and starts Grain,
+        Python work that, beside the chunk's compile, runs in the time XLA takes outside the
+        GIL, but beside a read from the compilation cache (which holds the GIL) takes about
+        twice as long."""
         assert self._init is not None and self._chunk is not None, "lower first"
-        traced_init, rng_key, record, svi_state = self._init
+        traced_init, rng_key, svi_state = self._init
         # init runs once: unoptimized code compiles faster than it loses at run time.
         compiled_init = traced_init.lower().compile({"xla_backend_optimization_level": 0})
-        return *compiled_init(rng_key, self.device_data, record, svi_state), self._chunk.result()
+        state = compiled_init(rng_key, self.device_data, first_record(), svi_state)
+        return *state, self._chunk.result()
 
     def prepare_validation(
         self,
