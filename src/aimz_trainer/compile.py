@@ -1,13 +1,13 @@
 """The compiled programs of one fit: lowered and compiled on the mesh, in the background where
 that pays.
 
-Compilation is most of a fit's start-up on a CPU, so the training chunk, the longest compile,
-starts on a worker thread as soon as it is lowered; validation is traced (with the shapes of
-the initial parameters) and compiled on that thread after it, and ``init`` is lowered and
-compiled on the calling thread meanwhile: XLA compiles outside the GIL, and the first step
-waits for the chunk's compile alone. Tracing stays on the calling thread: it temporarily
-touches the user's ``svi``. Posterior draws compile on first use: they are bigger, and a
-compile in the background slows training on a small machine for as long as it runs.
+Compilation is most of a fit's start-up on a CPU, so each program compiles on a worker thread
+from the moment it is lowered: ``init`` while the training chunk is traced, the chunk while
+the calling thread traces validation (with the shapes of the initial parameters, its compile
+queued behind them) and opens the data loader (Grain's import and threads); XLA compiles
+outside the GIL. Tracing stays on the calling thread: it temporarily touches the user's
+``svi``. Posterior draws compile on first use: they are bigger, and a compile in the
+background slows training on a small machine for as long as it runs.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
-from jax.stages import Traced
 from numpyro.infer import SVI
 from numpyro.infer.svi import SVIState
 
@@ -98,17 +97,18 @@ class FitPrograms:
         self.device_data = device_data
         self.draw_record = draw_record
         self._step_metrics = dict(step_metrics)
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="aimz-compile")
-        self._init: tuple[Traced, jax.Array, SVIState | None] | None = None
+        self._pool = ThreadPoolExecutor(2, thread_name_prefix="aimz-compile")  # init and the chunk at once
+        self._init: Future[Any] | None = None
+        self._init_args: tuple[jax.Array, SVIState | None] | None = None
         self._chunk: Future[Any] | None = None
         self._validate: Future[Any] | None = None
         self._samplers: dict[int, Any] = {}
 
     def lower(self, rng_key: jax.Array, record: Record, svi_state: SVIState | None = None) -> Params:
         """Trace init and the training chunk with ``record`` (any record of the fit: they share
-        their shapes), and start compiling the chunk on the worker thread; return the shapes of
-        the initial parameters (as ``jax.ShapeDtypeStruct``), what validation is traced with
-        while the chunk compiles. Then :meth:`start`.
+        their shapes), each compiled on a worker thread from the moment it is lowered; return
+        the shapes of the initial parameters (as ``jax.ShapeDtypeStruct``), what validation is
+        traced with while they compile. Then :meth:`start`.
 
         ``svi_state``: a previous fit's state to continue from (init then only sets ``svi``
         up)."""
@@ -143,35 +143,26 @@ class FitPrograms:
 
         shardings = (rep, rep, record_shardings(self._mesh, record))
         with model_guide_checked():  # the chunk's trace is the ELBO's first
-            traced_init = jax.jit(init_with_params, in_shardings=(*shardings, rep), out_shardings=rep).trace(
+            lowered_init = jax.jit(init_with_params, in_shardings=(*shardings, rep), out_shardings=rep).lower(
                 rng_key, self.device_data, record, svi_state
             )
+            # init runs once: unoptimized code compiles faster than it loses at run time.
+            self._init = self._pool.submit(lowered_init.compile, {"xla_backend_optimization_level": 0})
             chunk = jax.jit(chunk_with_outputs, in_shardings=shardings, out_shardings=rep)
-            lowered_chunk = chunk.lower(traced_init.out_info[0], self.device_data, record)
-        # The chunk, the longest compile (or cache read), starts first: what the fit sets up
-        # before its first step (init, validation) is traced and compiled while it runs.
+            lowered_chunk = chunk.lower(lowered_init.out_info[0], self.device_data, record)
         self._chunk = self._pool.submit(lowered_chunk.compile)
-        self._init = (traced_init, rng_key, svi_state)
-        return traced_init.out_info[1]
+        self._init_args = (rng_key, svi_state)
+        return lowered_init.out_info[1]
 
     def start(
-        self, first_record: Callable[[], Record]
+        self, record: Record
     ) -> tuple[TrainState, Params, Callable[[TrainState, Any, Record], tuple[TrainState, ChunkOutputs]]]:
-        """Compile init (on this thread, beside the chunk's compile), then read the fit's first
-        record (``first_record()``) and run init on it; return the initial state, its
-        parameters and, once compiled, ``chunk(state, device_data, record) -> (state,
-        ChunkOutputs)``.
-
-        The record is read after init's compile: opening a loader imports and starts Grain,
-        Python work that, beside the chunk's compile, runs in the time XLA takes outside the
-        GIL, but beside a read from the compilation cache (which holds the GIL) takes about
-        twice as long."""
+        """Run init on ``record``, the fit's first, once compiled; return the initial state,
+        its parameters and, once compiled, ``chunk(state, device_data, record) -> (state,
+        ChunkOutputs)``."""
         assert self._init is not None and self._chunk is not None, "lower first"
-        traced_init, rng_key, svi_state = self._init
-        # init runs once: unoptimized code compiles faster than it loses at run time.
-        compiled_init = traced_init.lower().compile({"xla_backend_optimization_level": 0})
-        state = compiled_init(rng_key, self.device_data, first_record(), svi_state)
-        return *state, self._chunk.result()
+        rng_key, svi_state = self._init_args
+        return *self._init.result()(rng_key, self.device_data, record, svi_state), self._chunk.result()
 
     def prepare_validation(
         self,

@@ -713,7 +713,7 @@ class Trainer:
                 params=params_shapes,
                 limit_batches=self.limit_val_batches,
             )
-        train_state, state.params, chunk_fn = programs.start(lambda: records.first)
+        train_state, state.params, chunk_fn = programs.start(records.first)  # Grain opens while they compile
         state.svi_state = train_state.svi_state
         losses: list[np.ndarray] = []
         if resume is not None:
