@@ -15,8 +15,10 @@ pointed at a scratch folder, so the library's default cache location lands there
 ``JAX_COMPILATION_CACHE_*`` nor ``AIMZ_TRAINER_COMPILATION_CACHE`` setting) and then warm (the
 same folder, as the cold run left it), workloads interleaved, ``--pairs`` times (default 3).
 Every run logs JAX's compilations (``JAX_LOG_COMPILES=1``); from the log come the breakdown of
-the seconds JAX spent (tracing, lowering to MLIR, XLA compilation or cache reads) and the cache's
-hits and misses.
+the seconds JAX spent (tracing, lowering to MLIR, XLA compilation or cache reads), the same per
+program for the costliest ones (``programs``: a fit's ``init_with_params``, ``chunk_with_outputs``,
+``validate``, ``sample``; compiles on a worker thread overlap the rest, so these do not add up to
+the wall) and the cache's hits and misses.
 
 Printed: one JSON line, with per workload the medians of cold and warm wall, the paired ratio
 (median of warm / cold over the pairs), the breakdown of the last pair, the cache's size after a
@@ -50,8 +52,10 @@ WARM_RATIO_BAR, FIRST_STEP_COLD_BAR_S, FIRST_STEP_WARM_BAR_S = 0.55, 2.0, 1.0
 
 # JAX_LOG_COMPILES lines: what each compiled function cost, and whether the cache served it.
 _DURATION = re.compile(
-    r"Finished (?P<what>tracing|jaxpr to MLIR module conversion|XLA compilation)\b.*? in (?P<s>[0-9.]+) sec"
+    r"Finished (?P<what>tracing|jaxpr to MLIR module conversion|XLA compilation)"
+    r"(?: of)? (?:jit\()?(?P<name>[\w.<>-]+)\)?.*? in (?P<s>[0-9.]+) sec"
 )
+TOP_PROGRAMS = 6  # the programs of the breakdown by name: the fit's own and the costliest eager ones
 _PHASES = {"tracing": "tracing_s", "jaxpr to MLIR module conversion": "lowering_s", "XLA compilation": "compile_s"}
 
 
@@ -79,8 +83,14 @@ def run_once(name: str, args: argparse.Namespace, cache_home: Path, workdir: Pat
     if completed.returncode != 0:
         raise RuntimeError(f"{name} failed ({completed.returncode}):\n{completed.stderr[-3000:]}")
     figures: dict[str, Any] = {"wall_s": wall, "tracing_s": 0.0, "lowering_s": 0.0, "compile_s": 0.0}
+    programs: dict[str, dict[str, float]] = {}
     for match in _DURATION.finditer(completed.stderr):
-        figures[_PHASES[match["what"]]] += float(match["s"])
+        phase, seconds = _PHASES[match["what"]], float(match["s"])
+        figures[phase] += seconds
+        program = programs.setdefault(match["name"], {"tracing_s": 0.0, "lowering_s": 0.0, "compile_s": 0.0})
+        program[phase] += seconds
+    costliest = sorted(programs.items(), key=lambda item: -sum(item[1].values()))[:TOP_PROGRAMS]
+    figures["programs"] = {name: {k: round(v, 3) for k, v in phases.items()} for name, phases in costliest}
     figures["compiles"] = completed.stderr.count("Finished XLA compilation")
     figures["cache_hits"] = completed.stderr.count("Persistent compilation cache hit")
     figures["cache_misses"] = completed.stderr.count("PERSISTENT COMPILATION CACHE MISS")

@@ -1,11 +1,13 @@
 """The compiled programs of one fit: lowered and compiled on the mesh, in the background where
 that pays.
 
-Compilation is most of a fit's start-up on a CPU, so ``init`` and validation compile on a
-worker thread while the training chunk compiles; XLA compiles outside the GIL. Tracing stays
-on the calling thread: it temporarily touches the user's ``svi``. Posterior draws compile on
-first use: they are bigger, and a compile in the background slows training on a small
-machine for as long as it runs.
+Compilation is most of a fit's start-up on a CPU, so each program compiles on a worker thread
+from the moment it is lowered: ``init`` while the training chunk is traced, the chunk while
+the calling thread traces validation (with the shapes of the initial parameters, its compile
+queued behind them) and opens the data loader (Grain's import and threads); XLA compiles
+outside the GIL. Tracing stays on the calling thread: it temporarily touches the user's
+``svi``. Posterior draws compile on first use: they are bigger, and a compile in the
+background slows training on a small machine for as long as it runs.
 """
 
 from __future__ import annotations
@@ -95,16 +97,21 @@ class FitPrograms:
         self.device_data = device_data
         self.draw_record = draw_record
         self._step_metrics = dict(step_metrics)
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="aimz-compile")
+        self._pool = ThreadPoolExecutor(2, thread_name_prefix="aimz-compile")  # init and the chunk at once
+        self._init: Future[Any] | None = None
+        self._init_args: tuple[jax.Array, SVIState | None] | None = None
+        self._chunk: Future[Any] | None = None
         self._validate: Future[Any] | None = None
         self._samplers: dict[int, Any] = {}
 
-    def start(
-        self, rng_key: jax.Array, record: Record, svi_state: SVIState | None = None
-    ) -> tuple[TrainState, Params, Callable[[TrainState, Any, Record], tuple[TrainState, ChunkOutputs]]]:
-        """Compile init and the training chunk; return the initial state (``svi_state``, a
-        previous fit's, when given: init then only sets ``svi`` up), its parameters and
-        ``chunk(state, device_data, record) -> (state, ChunkOutputs)``."""
+    def lower(self, rng_key: jax.Array, record: Record, svi_state: SVIState | None = None) -> Params:
+        """Trace init and the training chunk with ``record`` (any record of the fit: they share
+        their shapes), each compiled on a worker thread from the moment it is lowered; return
+        the shapes of the initial parameters (as ``jax.ShapeDtypeStruct``), what validation is
+        traced with while they compile. Then :meth:`start`.
+
+        ``svi_state``: a previous fit's state to continue from (init then only sets ``svi``
+        up)."""
         rep, plates = self._rep, self._layout.row_plates
         init = make_init(self._svi, plates, padding=self._padding)
         train_chunk = make_train_chunk(self._svi, plates, self._step_metrics, padding=self._padding)
@@ -140,11 +147,22 @@ class FitPrograms:
                 rng_key, self.device_data, record, svi_state
             )
             # init runs once: unoptimized code compiles faster than it loses at run time.
-            compiled_init = self._pool.submit(lowered_init.compile, {"xla_backend_optimization_level": 0})
+            self._init = self._pool.submit(lowered_init.compile, {"xla_backend_optimization_level": 0})
             chunk = jax.jit(chunk_with_outputs, in_shardings=shardings, out_shardings=rep)
             lowered_chunk = chunk.lower(lowered_init.out_info[0], self.device_data, record)
-        compiled_chunk = lowered_chunk.compile()
-        return *compiled_init.result()(rng_key, self.device_data, record, svi_state), compiled_chunk
+        self._chunk = self._pool.submit(lowered_chunk.compile)
+        self._init_args = (rng_key, svi_state)
+        return lowered_init.out_info[1]
+
+    def start(
+        self, record: Record
+    ) -> tuple[TrainState, Params, Callable[[TrainState, Any, Record], tuple[TrainState, ChunkOutputs]]]:
+        """Run init on ``record``, the fit's first, once compiled; return the initial state,
+        its parameters and, once compiled, ``chunk(state, device_data, record) -> (state,
+        ChunkOutputs)``."""
+        assert self._init is not None and self._chunk is not None, "lower first"
+        rng_key, svi_state = self._init_args
+        return *self._init.result()(rng_key, self.device_data, record, svi_state), self._chunk.result()
 
     def prepare_validation(
         self,
@@ -156,8 +174,8 @@ class FitPrograms:
         num_train_rows: int,
         batch_size: int,
     ) -> None:
-        """Trace validation now and compile it on the worker thread (``batch_size``: the real
-        rows of each validation batch)."""
+        """Trace validation now and compile it on the worker thread (``params``: the constrained
+        parameters, or their shapes; ``batch_size``: the real rows of each validation batch)."""
         rep = self._rep
         padding = RowPadding.of(self._layout, batch_size)
         validate = jax.jit(

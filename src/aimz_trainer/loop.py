@@ -16,6 +16,7 @@ does not drop when a validation pass is slow.
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -43,21 +44,44 @@ Record = dict[str, Any]
 
 class Records:
     """The Grain records of a fit's chunks as global arrays, with the loader's state after
-    each (what a checkpoint records). The first is read ahead, to compile with."""
+    each (what a checkpoint records).
 
-    def __init__(self, loader: Any, to_global: Callable[[Record], Record]) -> None:
-        self._loader = loader
+    The loader is opened (Grain imported, its threads started), and the first record read, on
+    first use: a fit compiles from ``like`` (a record of the same shapes, known without Grain)
+    when it has one, and opens the loader while the training chunk compiles.
+    """
+
+    def __init__(
+        self, open_loader: Callable[[], Any], to_global: Callable[[Record], Record], like: Record | None = None
+    ) -> None:
+        self._open_loader = open_loader
         self._to_global = to_global
-        self.first = to_global(next(loader))
-        self.first_state: dict[str, Any] = loader.get_state()
+        self._like = like
         self._first_taken = False
 
+    @functools.cached_property
+    def _opened(self) -> tuple[Any, Record, dict[str, Any]]:
+        """The loader, its first record and its state after it."""
+        loader = self._open_loader()
+        return loader, self._to_global(next(loader)), loader.get_state()
+
+    @property
+    def first(self) -> Record:
+        """The first record (the loader opened if it was not)."""
+        return self._opened[1]
+
+    @property
+    def like(self) -> Record:
+        """A record of the records' shapes, what the fit's programs are traced with."""
+        return self.first if self._like is None else self._like
+
     def __next__(self) -> tuple[Record, dict[str, Any]]:
+        loader, first, first_state = self._opened
         if not self._first_taken:
             self._first_taken = True
-            return self.first, self.first_state
-        record = self._to_global(next(self._loader))
-        return record, self._loader.get_state()
+            return first, first_state
+        record = self._to_global(next(loader))
+        return record, loader.get_state()
 
     def __iter__(self) -> Iterator[tuple[Record, dict[str, Any]]]:
         return self

@@ -620,11 +620,17 @@ class Trainer:
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
-        loader = iter(make_chunk_loader(source, train.host_arrays))
-        if resume is not None:
-            loader.set_state(loader_state_of(resume))
+
+        def open_loader() -> Any:
+            loader = iter(make_chunk_loader(source, train.host_arrays))
+            if resume is not None:
+                loader.set_state(loader_state_of(resume))
+            return loader
+
         to_global = records_to_global(self.mesh, plan.padded_batch_size)
-        records = Records(loader, to_global)
+        # With the data on the devices a record is the source's own (the loader gathers no rows):
+        # the programs compile from it while Grain starts.
+        records = Records(open_loader, to_global, like=to_global(source[0]) if train.host_arrays is None else None)
         # Fixed rows, not the run's first batch: a resumed fit starts from another batch, and
         # draws of a deterministic site computed on it would differ from an uninterrupted fit's.
         draw_record = leading_batch(
@@ -694,10 +700,9 @@ class Trainer:
         """Compile, restore, loop and draw: the stages that hold compiled programs."""
         self.plan = fit.plan
         state = fit.state
-        train_state, state.params, chunk_fn = programs.start(keys.init, records.first, init_state)
-        state.svi_state = train_state.svi_state
+        params_shapes = programs.lower(keys.init, records.like, init_state)
         validator = None
-        if inputs.val_arrays is not None:
+        if inputs.val_arrays is not None:  # traced, and compiled, while the chunk compiles
             validator = Validator(
                 programs,
                 place_data(inputs.val_arrays, self.placement, self.mesh),  # type: ignore[arg-type]
@@ -707,9 +712,11 @@ class Trainer:
                 num_train_rows=inputs.num_rows,
                 rng_key=keys.validation,
                 every=self._validate_every(inputs),
-                params=state.params,
+                params=params_shapes,
                 limit_batches=self.limit_val_batches,
             )
+        train_state, state.params, chunk_fn = programs.start(records.first)  # Grain opens while they compile
+        state.svi_state = train_state.svi_state
         losses: list[np.ndarray] = []
         if resume is not None:
             train_state, saved_losses = restore(resume, train_state, state, shape, callbacks)

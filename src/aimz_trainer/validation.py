@@ -34,7 +34,7 @@ class Validator:
         rng_key: the key of every pass: the same keys each time, so passes compare like for
             like.
         every: when a pass is due.
-        params: constrained variational parameters to trace the program with.
+        params: constrained variational parameters, or their shapes, to trace the program with.
         limit_batches: how many of the batches a pass runs (:func:`~aimz_trainer.plan.limited`).
     """
 

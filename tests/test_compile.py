@@ -1,0 +1,111 @@
+"""FitPrograms: each program of a fit traced and compiled once, on the thread meant for it."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+
+import jax
+import numpy as np
+import pytest
+
+import aimz_trainer.trainer as trainer_module
+from aimz_trainer import Trainer
+from aimz_trainer.compile import FitPrograms
+
+from .conftest import linear_data, linear_svi
+
+TRACE = "/jax/core/compile/jaxpr_trace_duration"
+COMPILE = "/jax/core/compile/backend_compile_duration"  # a persistent-cache read counts too
+PROGRAMS = ("init_with_params", "chunk_with_outputs", "validate", "sample")
+
+
+def fit(*, validate: bool = True):
+    """1,050 rows in batches of 100: 11 steps an epoch, in chunks of 4, 4 and 3 (a short last
+    chunk), validated every epoch on 200 more, then 3 posterior draws."""
+    data = linear_data(1250)
+    train = {key: value[:1050] for key, value in data.items()}
+    val = {key: value[1050:] for key, value in data.items()} if validate else None
+    trainer = Trainer(max_epochs=2, steps_per_chunk=4, rng_key=jax.random.key(0), enable_progress_bar=False)
+    return trainer.fit(linear_svi(1050), train, batch_size=100, val_data=val, num_samples=3)
+
+
+def test_each_program_is_traced_and_compiled_once_the_chunk_and_validation_off_the_main_thread():
+    events: list[tuple[str, str, str]] = []
+
+    def listener(event: str, duration: float, **kwargs) -> None:
+        name = str(kwargs.get("fun_name")).removeprefix("jit(").removesuffix(")")  # a compile says jit(<name>)
+        if event in (TRACE, COMPILE) and name in PROGRAMS:
+            events.append((event, name, threading.current_thread().name))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        result = fit()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert result.losses.shape == (22,)
+    traces = Counter(name for event, name, _ in events if event == TRACE)
+    compiles = {name: thread for event, name, thread in events if event == COMPILE}
+    # The short last chunk of each epoch runs the same program: no trace or compile per length.
+    assert traces == dict.fromkeys(PROGRAMS, 1)
+    assert Counter(name for event, name, _ in events if event == COMPILE) == dict.fromkeys(PROGRAMS, 1)
+    # init, the chunk and validation (traced before the first step) compile on the workers,
+    # while this thread traces; the draws compile here when first asked for.
+    for name in ("init_with_params", "chunk_with_outputs", "validate"):
+        assert compiles[name].startswith("aimz-compile")
+    assert compiles["sample"] == threading.main_thread().name
+
+
+def test_validation_is_traced_with_the_shapes_of_the_parameters_init_returns(monkeypatch):
+    seen = {}
+    lower, start = FitPrograms.lower, FitPrograms.start
+
+    def spy_lower(self, *args, **kwargs):
+        seen["shapes"] = lower(self, *args, **kwargs)
+        return seen["shapes"]
+
+    def spy_start(self, record):
+        outputs = start(self, record)
+        seen["params"] = outputs[1]
+        return outputs
+
+    monkeypatch.setattr(FitPrograms, "lower", spy_lower)
+    monkeypatch.setattr(FitPrograms, "start", spy_start)
+    fit()
+    as_traced = jax.tree.map(lambda x: (x.shape, x.dtype, x.weak_type), seen["shapes"])
+    assert as_traced == jax.tree.map(lambda x: (x.shape, x.dtype, jax.typeof(x).weak_type), seen["params"])
+
+
+def test_validation_leaves_the_training_bitwise_unchanged():
+    validated, plain = fit(), fit(validate=False)
+    np.testing.assert_array_equal(validated.losses, plain.losses)
+    for name in plain.params:
+        np.testing.assert_array_equal(validated.params[name], plain.params[name])
+
+
+@pytest.mark.parametrize("placement", ["device", "host"])
+def test_grain_starts_while_the_chunk_compiles_when_records_need_no_rows_from_it(placement, monkeypatch):
+    order: list[str] = []
+    open_loader = trainer_module.make_chunk_loader
+
+    def spy_loader(source, host_arrays, **kwargs):
+        order.append("loader")
+        return open_loader(source, host_arrays, **kwargs)
+
+    def listener(event: str, duration: float, **kwargs) -> None:
+        if event == TRACE and kwargs.get("fun_name") == "chunk_with_outputs":
+            order.append("chunk traced")
+
+    monkeypatch.setattr(trainer_module, "make_chunk_loader", spy_loader)
+    data = linear_data(1000)
+    trainer = Trainer(max_epochs=1, rng_key=jax.random.key(0), enable_progress_bar=False)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        result = trainer.fit(linear_svi(1000), data, batch_size=100, data_placement=placement)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    # On the devices a record holds row indices only: the programs trace from the source's own
+    # record and Grain opens after. From the host, the first record's gathered rows come first.
+    expected = ["chunk traced", "loader"] if placement == "device" else ["loader", "chunk traced"]
+    assert order == expected
+    assert result.losses.shape == (10,)
