@@ -233,7 +233,7 @@ _shared_samples: contextvars.ContextVar[dict[int, tuple[Any, np.ndarray]] | None
 
 @contextlib.contextmanager
 def samples_read_once() -> Iterator[None]:
-    """Within it (one fit, one prediction; also as a decorator), each lazy source's sample
+    """Within it (the checks of one fit or prediction), each lazy source's sample
     (:func:`sample_indices`) is read once, however many checks and digests want it: from a
     chunked store each sampled row costs its whole storage chunk. Nested uses share the
     outermost one's; the data are read anew by the next call.

@@ -245,7 +245,6 @@ class Predictor:
 
     # -- public API ----------------------------------------------------------------------------
 
-    @samples_read_once()  # the checks and the store's fingerprint share one read of a source's sample
     def predict(
         self,
         data: Mapping[str, Any],
@@ -298,12 +297,14 @@ class Predictor:
         )  # fmt: skip
         self._require_posterior()
         require_shareable(output_dir, resume)
-        arrays, num_rows = self._model_data(data)
-        plan = self._plan(
-            arrays, num_rows, batch_size, mode=Mode.DRAWS, group="posterior_predictive" if in_sample else "predictions",
-            draws=self.posterior, draws_group="posterior", in_sample=in_sample, intervention=intervention,
-            return_sites=return_sites, rng_key=rng_key,
-        )  # fmt: skip
+        group = "posterior_predictive" if in_sample else "predictions"
+        with samples_read_once():  # the checks and the store's fingerprint share one read of a source's sample
+            arrays, num_rows = self._model_data(data)
+            plan = self._plan(
+                arrays, num_rows, batch_size, mode=Mode.DRAWS, group=group, draws=self.posterior,
+                draws_group="posterior", in_sample=in_sample, intervention=intervention, return_sites=return_sites,
+                rng_key=rng_key,
+            )  # fmt: skip
         return self._stream(plan, output_dir=output_dir, resume=resume, progress=progress, chunks=chunks)
 
     def sample_prior_predictive(

@@ -503,7 +503,6 @@ class Trainer:
         finally:
             log.close()
 
-    @samples_read_once()  # the checks and the checkpoint's digest share one read of a source's sample
     def fit(
         self,
         svi: SVI,
@@ -574,34 +573,36 @@ class Trainer:
         if init_state is not None and ckpt_path is not None:
             raise ConfigurationError("pass init_state or ckpt_path, not both: a checkpoint holds its own SVI state.")
         started = time.perf_counter()
-        inputs = check_fit_inputs(
-            svi,
-            train_data,
-            batch_size,
-            val_data,
-            val_batch_size,
-            val_num_samples,
-            num_samples,
-            shuffle,
-            drop_last,
-            self.mesh,
-        )
-        if self.overfit_batches:
-            inputs = inputs._replace(shuffle=False)  # the same batches every epoch
-        if self.limit_val_batches == 0:
-            inputs = inputs._replace(val_arrays=None)
-        callbacks = self._fit_callbacks()
-        resume = open_checkpoint(ckpt_path, callbacks) if ckpt_path is not None else None
-        if resume is not None:
-            self.rng_key = resume.rng_key
-        keys = FitKeys.split(self.rng_key)
-        fit, metric_log = self._start_context(inputs, callbacks, keys)
-        check_callbacks(callbacks, fit)
-        plan = fit.plan = self._plan(inputs, callbacks, fit)
-        # Recorded in checkpoints, compared on resume. The optimizer probe compiles a small
-        # function: only a fit that saves or resumes pays for it.
-        checkpointing = resume is not None or any(c.saves_checkpoints for c in callbacks)
-        fingerprint = fit_fingerprint(inputs.arrays, svi.optim) if checkpointing else {}
+        # The checks and the checkpoint's digest share one read of each lazy source's sample.
+        with samples_read_once():
+            inputs = check_fit_inputs(
+                svi,
+                train_data,
+                batch_size,
+                val_data,
+                val_batch_size,
+                val_num_samples,
+                num_samples,
+                shuffle,
+                drop_last,
+                self.mesh,
+            )
+            if self.overfit_batches:
+                inputs = inputs._replace(shuffle=False)  # the same batches every epoch
+            if self.limit_val_batches == 0:
+                inputs = inputs._replace(val_arrays=None)
+            callbacks = self._fit_callbacks()
+            resume = open_checkpoint(ckpt_path, callbacks) if ckpt_path is not None else None
+            if resume is not None:
+                self.rng_key = resume.rng_key
+            keys = FitKeys.split(self.rng_key)
+            fit, metric_log = self._start_context(inputs, callbacks, keys)
+            check_callbacks(callbacks, fit)
+            plan = fit.plan = self._plan(inputs, callbacks, fit)
+            # Recorded in checkpoints, compared on resume. The optimizer probe compiles a small
+            # function: only a fit that saves or resumes pays for it.
+            checkpointing = resume is not None or any(c.saves_checkpoints for c in callbacks)
+            fingerprint = fit_fingerprint(inputs.arrays, svi.optim) if checkpointing else {}
         shape = fit_shape(plan, shuffle=inputs.shuffle, drop_last=inputs.drop_last, fingerprint=fingerprint)
         start_index = resume_position(plan, resume, shape) if resume is not None else 0
         warn_if_no_train_loss_point(plan, start_index, self.log_every_n_steps, callbacks)
