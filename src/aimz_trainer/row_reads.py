@@ -144,8 +144,16 @@ class ChunkCache:
     @property
     def max_bytes(self) -> int:
         """The bytes of ``max_chunks`` decoded storage chunks."""
-        row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
-        return self.max_chunks * self._chunk_rows * row_bytes
+        return self.max_chunks * self._chunk_rows * self._row_bytes
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes of the whole store, decoded."""
+        return self.shape[0] * self._row_bytes
+
+    @property
+    def _row_bytes(self) -> int:
+        return int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
 
     def read_span(self, start: int, stop: int) -> np.ndarray:
         """Rows ``[start, stop)``, all in one storage chunk."""
