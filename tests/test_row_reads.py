@@ -10,18 +10,10 @@ import time
 
 import jax
 import numpy as np
-import numpyro
-import numpyro.distributions as dist
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from numpyro.infer import SVI, Trace_ELBO
-from numpyro.infer.autoguide import AutoNormal
-from optax import adam
 
 from aimz_trainer import BlockShuffle, Trainer
-from aimz_trainer.data import place_data, sample_indices
-from aimz_trainer.errors import DataError
 from aimz_trainer.row_reads import ChunkCache, cache_storage_chunks, read_rows
 
 from .conftest import linear_data, linear_svi
@@ -166,50 +158,3 @@ def test_a_fit_from_a_chunked_store_decodes_each_chunk_about_once_an_epoch():
         whole = [read for read in store.reads if read[1] - read[0] == chunk_rows]
         assert {start // chunk_rows for start, _ in whole} == set(range(num_chunks)), name
         assert len(whole) <= 3 * num_chunks * 1.1, (name, len(whole))
-
-
-def wide_linear_svi(num_rows: int, features: int) -> SVI:
-    def model(X, y=None):
-        w = numpyro.sample("w", dist.Normal(0.0, 1.0).expand([features]).to_event(1))
-        with numpyro.plate("data", num_rows, subsample_size=X.shape[0]):
-            numpyro.sample("y", dist.Normal(X @ w, 0.3), obs=y)
-
-    return SVI(model, AutoNormal(model), adam(0.05), Trace_ELBO())
-
-
-def test_a_column_small_beside_the_chunks_kept_of_the_others_is_read_whole_once():
-    num_rows, features, chunk_rows = 2048, 16, 64
-    rng = np.random.default_rng(0)
-    X = rng.normal(size=(num_rows, features)).astype(np.float32)
-    data = {"X": X, "y": (X @ np.linspace(-1, 1, features) + 0.3 * rng.normal(size=num_rows)).astype(np.float32)}
-    stores = {name: Store(values, chunk_rows) for name, values in data.items()}
-    shuffle = BlockShuffle(block_rows=chunk_rows, window_blocks=4)
-
-    def fit(arrays):
-        trainer = Trainer(max_epochs=2, rng_key=jax.random.key(0), enable_progress_bar=False)
-        return trainer.fit(
-            wide_linear_svi(num_rows, features), arrays, batch_size=128, data_placement="host", shuffle=shuffle
-        )
-
-    reference, result = fit(data), fit(stores)
-    np.testing.assert_array_equal(result.losses, reference.losses, strict=True)
-    # The labels (8 KB) are no more than the 640 rows of features kept decoded (40 KB): besides
-    # the checks' sample, one read of every row. The features are read chunk by chunk.
-    labels = [read for read in stores["y"].reads if read[1] - read[0] > chunk_rows]
-    assert labels == [(0, num_rows)]
-    assert all(stop - start <= chunk_rows for start, stop in stores["X"].reads)
-    placed = place_data(stores, "host", None, shuffle=shuffle).host_arrays
-    assert isinstance(placed["X"], ChunkCache) and placed["y"] is not stores["y"]
-    np.testing.assert_array_equal(placed["y"], data["y"], strict=True)
-
-
-def test_a_column_read_whole_is_checked_for_nan_at_every_row():
-    num_rows = 4096
-    X, y = np.zeros((num_rows, 16), np.float32), np.zeros(num_rows, np.float32)
-    y[2001] = np.nan
-    assert 2001 not in sample_indices(num_rows)  # the checks before the fit do not see it
-    stores = {"X": Store(X, 64), "y": Store(y, 64)}
-    trainer = Trainer(max_epochs=1, rng_key=jax.random.key(0), enable_progress_bar=False)
-    with pytest.raises(DataError, match=r"'y' holds nan at row 2001 \(1 non-finite"):
-        trainer.fit(wide_linear_svi(num_rows, 16), stores, batch_size=128, shuffle=BlockShuffle(64, 4))
-    assert (0, num_rows) in stores["y"].reads

@@ -29,13 +29,11 @@ Data larger than memory: any array of ``train_data`` may be a *lazy source* inst
 in-memory array (:func:`is_lazy_source`): a ``zarr.Array`` (v2 or v3, local or remote), an
 ``np.memmap`` (``np.load(path, mmap_mode="r")``), or any object with ``shape``, ``dtype`` and
 slicing by rows (``source[start:stop]``, an array back) that is not itself array-convertible.
-The checks and digests never read a lazy source whole: they read its metadata and a fixed
+Nothing reads a lazy source whole: its checks and digests read its metadata and a fixed
 sample of rows (:func:`sample_indices`), and the host placement reads the rows of each chunk
 on Grain's prefetch threads (:func:`~aimz_trainer.row_reads.read_rows`: the distinct rows in
 sorted order, runs of consecutive rows read as one slice, a Zarr store's decoded chunks kept for
-the next chunk of steps), each process the rows of its own share of every batch. A chunked column
-no larger than the decoded chunks kept of the other columns (labels beside wide features) is read
-whole instead, once, when the fit starts.
+the next chunk of steps), each process the rows of its own share of every batch.
 ``"auto"`` placement keeps lazy sources on the host. The rows read are the rows an in-memory
 fit gathers, so the batches and losses are those of the same fit from NumPy arrays. Rows the
 sample does not cover are checked for NaN and infinity as their chunk is read. Record-oriented
@@ -72,7 +70,7 @@ from aimz_trainer.distributed import require_agreement
 from aimz_trainer.errors import ConfigurationError, DataError
 from aimz_trainer.plan import BatchLimit, FitPlan, limited
 from aimz_trainer.records import is_record_source, record_columns
-from aimz_trainer.row_reads import ChunkCache, cache_storage_chunks, read_rows, read_slice
+from aimz_trainer.row_reads import ChunkCache, cache_storage_chunks, read_rows
 from aimz_trainer.sharding import place_replicated
 
 if TYPE_CHECKING:
@@ -296,16 +294,15 @@ def require_finite_rows(name: str, arrays: Mapping[str, Any], consequence: str) 
             )
 
 
-def require_finite_read(name: str, rows: np.ndarray, row_numbers: np.ndarray | None, consequence: str) -> None:
+def require_finite_read(name: str, rows: np.ndarray, row_numbers: np.ndarray, consequence: str) -> None:
     """Raise :class:`DataError` at the first NaN or infinity of ``rows``, just read from the lazy
     source ``name`` (rows the sample checked up front may not have covered), naming the value,
-    its row (``row_numbers``: the row number of each of ``rows``' leading entries; ``None``: the
-    source's rows from the first) and ``consequence``."""
+    its row (``row_numbers``: the row number of each of ``rows``' leading entries) and
+    ``consequence``."""
     if (found := nonfinite(rows)) is not None:
         index, count = found
-        row = index[0] if row_numbers is None else row_numbers[index[: row_numbers.ndim]]
         raise DataError(
-            f"the lazy source {name!r} holds {rows[index]} at row {row} ({count} "
+            f"the lazy source {name!r} holds {rows[index]} at row {row_numbers[index[: row_numbers.ndim]]} ({count} "
             f"non-finite value(s) in the rows read): {consequence}"
         )
 
@@ -478,17 +475,8 @@ def place_data(
     # Other orders than a BlockShuffle reuse no more than the chunk two reads in a row share.
     cached_rows = shuffle.cached_rows if isinstance(shuffle, BlockShuffle) else 0
     host = cache_storage_chunks(host, cached_rows)
-    kept = sum(array.max_bytes for array in host.values() if isinstance(array, ChunkCache))
     for key, array in host.items():
-        if not isinstance(array, ChunkCache):
-            continue
-        if array.nbytes <= kept - array.max_bytes:
-            # Small beside what the fit keeps of the other columns (labels beside wide features):
-            # one read whose chunks are decoded concurrently, instead of a read per chunk every epoch.
-            host[key] = read_slice(array.source, 0, num_rows)
-            require_finite_read(key, host[key], None, NONFINITE_ROWS)
-            _log.info("%r: read whole (%s bytes, at most the other columns' decoded chunks kept)", key, array.nbytes)
-        else:
+        if isinstance(array, ChunkCache):
             _log.info("%r: up to %s decoded storage chunks kept (%s bytes)", key, array.max_chunks, array.max_bytes)
     return PlacedData({}, host, num_rows)
 

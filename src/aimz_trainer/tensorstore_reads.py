@@ -1,0 +1,63 @@
+"""A Zarr array on local disk, read through TensorStore.
+
+A fit from a Zarr store decodes one storage chunk for every few steps, next to compiled steps
+that keep every core busy. Zarr-python hands each read to its event loop and its I/O threads
+and copies the chunk once more into the result; TensorStore, the C++ reader that orbax also
+uses, reads and decodes the same chunk outside the GIL, with less CPU (a 6.5 MB chunk, or a
+64 kB one of compressed labels, in a third to a half less). :func:`opened_with_tensorstore`
+opens a ``zarr.Array`` again with TensorStore, read-only, where both read the same values: a
+local store (v2 or v3, any codec TensorStore knows) whose shape and dtype (byte order included)
+TensorStore reports as Zarr does. Anything else (a remote or in-memory store, a codec
+TensorStore lacks) keeps Zarr's own reads.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["opened_with_tensorstore"]
+
+_log = logging.getLogger(__name__)
+
+_DRIVERS = {2: "zarr", 3: "zarr3"}
+
+
+def opened_with_tensorstore(source: Any) -> Any | None:
+    """``source`` opened again with TensorStore (read-only; slicing it by rows and
+    ``np.asarray`` read the rows), when it is a ``zarr.Array`` of a local store that TensorStore
+    reads with the same shape and dtype; else ``None``.
+
+    Example:
+        >>> import tempfile, zarr
+        >>> array = zarr.create_array(tempfile.mkdtemp() + "/x.zarr", shape=(6,), chunks=(4,), dtype="int32")
+        >>> array[:] = np.arange(6)
+        >>> np.asarray(opened_with_tensorstore(array)[2:5]).tolist()
+        [2, 3, 4]
+        >>> opened_with_tensorstore(np.arange(6)) is None  # not a Zarr array
+        True
+    """
+    zarr = sys.modules.get("zarr")  # a Zarr array exists only where zarr was imported
+    if zarr is None or not isinstance(source, zarr.Array) or not isinstance(source.store, zarr.storage.LocalStore):
+        return None
+    driver = _DRIVERS.get(source.metadata.zarr_format)
+    if driver is None:
+        return None
+    import tensorstore
+
+    path = Path(source.store.root) / source.path
+    try:
+        view = tensorstore.open(
+            {"driver": driver, "kvstore": {"driver": "file", "path": str(path)}}, read=True
+        ).result()
+    except ValueError as error:  # TensorStore's errors: a codec or metadata it does not read
+        _log.debug("%s read by zarr: TensorStore cannot open it (%s)", path, error)
+        return None
+    if tuple(view.shape) != tuple(source.shape) or np.dtype(view.dtype.numpy_dtype) != np.dtype(source.dtype):
+        _log.debug("%s read by zarr: TensorStore reads %s %s", path, view.shape, view.dtype)
+        return None
+    return view
