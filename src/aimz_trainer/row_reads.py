@@ -132,7 +132,7 @@ class ChunkCache:
         if chunk_rows is None:
             raise TypeError(f"ChunkCache needs a chunked store (source.chunks); got {type(source).__name__}")
         self.source = source
-        self._reader = source if reader is None else reader
+        self.reader = source if reader is None else reader
         self.shape = tuple(int(size) for size in source.shape)
         self.dtype = np.dtype(source.dtype)
         self.chunks = source.chunks
@@ -153,7 +153,7 @@ class ChunkCache:
     def read_span(self, start: int, stop: int) -> np.ndarray:
         """Rows ``[start, stop)``, all in one storage chunk."""
         if 2 * (stop - start) < self._chunk_rows:
-            return read_slice(self._reader, start, stop)
+            return read_slice(self.reader, start, stop)
         first = start - start % self._chunk_rows
         return self._chunk(first // self._chunk_rows)[start - first : stop - first]
 
@@ -171,7 +171,7 @@ class ChunkCache:
         if decodes:
             first = index * self._chunk_rows
             try:
-                decoding.set_result(read_slice(self._reader, first, min(first + self._chunk_rows, self.shape[0])))
+                decoding.set_result(read_slice(self.reader, first, min(first + self._chunk_rows, self.shape[0])))
             except BaseException as error:
                 with self._lock:
                     if self._decoded.get(index) is decoding:
