@@ -82,8 +82,9 @@ def test_tensorstore_reads_what_zarr_reads(case, tmp_path_factory):
     view = opened_with_tensorstore(array)
     assert view is not None
     for start, stop in [(0, num_rows), (num_rows // 3, num_rows), (0, 1)]:
-        read = np.asarray(view[start:stop])
+        read = view[start:stop]
         np.testing.assert_array_equal(read, array[start:stop], strict=True)
+        assert read.flags.owndata  # NumPy's memory
 
 
 def test_zarr_keeps_the_reads_tensorstore_would_answer_otherwise(tmp_path):
@@ -93,7 +94,7 @@ def test_zarr_keeps_the_reads_tensorstore_would_answer_otherwise(tmp_path):
     assert opened_with_tensorstore(in_memory) is None  # no file to open again
     assert opened_with_tensorstore(big_endian) is None  # TensorStore reads it in native order
     assert opened_with_tensorstore(np.zeros(4)) is None
-    assert isinstance(opened_with_tensorstore(on_disk), tensorstore.TensorStore)
+    assert isinstance(opened_with_tensorstore(on_disk).store, tensorstore.TensorStore)
     (tmp_path / "x.zarr" / "zarr.json").unlink()  # the store went away since zarr opened it
     assert opened_with_tensorstore(on_disk) is None
 
@@ -109,7 +110,7 @@ def test_a_fit_from_zarr_arrays_on_disk_decodes_with_tensorstore_and_equals_the_
     shuffle = BlockShuffle(block_rows=128, window_blocks=4)
     placed = place_data(stores, "host", None, shuffle=shuffle).host_arrays
     assert all(isinstance(cache, ChunkCache) for cache in placed.values())
-    assert all(isinstance(cache.reader, tensorstore.TensorStore) for cache in placed.values())
+    assert all(isinstance(cache.reader.store, tensorstore.TensorStore) for cache in placed.values())
 
     def fit(arrays):
         trainer = Trainer(max_epochs=2, rng_key=jax.random.key(0), enable_progress_bar=False)
