@@ -96,9 +96,7 @@ def zarr_fit(directory: str) -> None:
         "placement": trainer.placement,
         "losses": np.asarray(result.losses).tolist(),
         "rows_read": rows_read,
-        # The reads of single rows are the sample's: their rows, then the reads of batches.
-        "prediction_sample": {name: [a for a, b in source.reads if b == a + 1] for name, source in data.items()},
-        "prediction_reads": {name: [[a, b] for a, b in source.reads if b > a + 1] for name, source in data.items()},
+        "prediction_reads": {name: [[a, b] for a, b in source.reads] for name, source in data.items()},
         "store": tree.attrs["store_path"],
     }), flush=True)  # fmt: skip
 

@@ -58,7 +58,7 @@ from aimz_trainer.checkpoint import (
     resolve_checkpoint,
 )
 from aimz_trainer.errors import CheckpointWarning
-from aimz_trainer.resume import data_digest, optimizer_probe
+from aimz_trainer.resume import data_digest, fingerprint_differences, fit_fingerprint, optimizer_probe
 
 from .checkpoint_worker import BATCH_SIZE, EVERY_N_TRAIN_STEPS, MAX_EPOCHS, NUM_ROWS
 from .conftest import NOISE, Recorder, linear_data, linear_svi
@@ -201,7 +201,7 @@ class TestWhatIsSaved:
         assert meta["params_tree"] == {name: [[], "float32"] for name in PARAM_NAMES}
         fit_shape = dict(meta["fit"])
         assert fit_shape.pop("steps_per_chunk") >= EVERY_N_TRAIN_STEPS
-        assert fit_shape.pop("data_digest") == data_digest(DATA)
+        assert fit_shape.pop("sampled_rows_digest") == data_digest(DATA)
         assert fit_shape.pop("optimizer_probe") == optimizer_probe(linear_svi(NUM_ROWS).optim)
         assert fit_shape == {
             "num_rows": NUM_ROWS,
@@ -893,3 +893,15 @@ def test_tensorboard_events_after_a_resume_are_those_of_the_resumed_fit(tmp_path
     assert [event.step for event in events.Scalars("train_loss_epoch")] == [9, 19, 29, 39]
     epoch_means = [float(result.losses[e * 10 : (e + 1) * 10].mean()) for e in range(MAX_EPOCHS)]
     np.testing.assert_allclose([event.value for event in events.Scalars("train_loss_epoch")], epoch_means, rtol=1e-6)
+
+
+def test_a_checkpoint_holding_the_digest_of_the_older_sample_is_not_compared_on_it():
+    # Before the sample was runs of rows, checkpoints recorded "data_digest" of rows spread one
+    # by one: not the digest a fit computes now, so not compared (the resume goes on).
+    current = fit_fingerprint(DATA, linear_svi(NUM_ROWS).optim)
+    older = {"data_digest": "0123456789abcdef", "optimizer_probe": current["optimizer_probe"]}
+    assert fingerprint_differences(older, current) == []
+    other = {**older, "sampled_rows_digest": "0123456789abcdef"}
+    assert [difference.split(" (")[0] for difference in fingerprint_differences(other, current)] == [
+        "other training data"
+    ]

@@ -378,11 +378,11 @@ def test_digest_rows_tells_apart_a_changed_sampled_row_a_shape_and_a_name_but_no
     base = hexdigest({"X": X, "y": y})
     assert hexdigest({"y": y, "X": X}) == base  # by name, not by the order given
     changed = X.copy()
-    changed[2] = -1  # a sampled row (every 2nd of 2,048)
+    changed[2] = -1  # a sampled row (of the first run of 64)
     assert hexdigest({"X": changed, "y": y}) != base
     assert hexdigest({"X": X[:-2], "y": y}) != base
     assert hexdigest({"X": X.astype(np.float64), "y": y}) != base
     assert hexdigest({"Z": X, "y": y}) != base
     unsampled = X.copy()
-    unsampled[3] = -1  # between two sampled rows: a sample, not every row, as documented
+    unsampled[100] = -1  # between two runs of the sample: a sample, not every row, as documented
     assert hexdigest({"X": unsampled, "y": y}) == base

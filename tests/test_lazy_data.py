@@ -6,7 +6,7 @@ batch; two processes over loopback, reading one store, each read their half of e
 ImpactModel fits and predicts from sources as from NumPy.
 
 The data: 4,096 rows of ``linear_data``, batches of 256 (16 steps an epoch), 2 epochs. At 4,096
-rows the checks' sample (:func:`~aimz_trainer.data.sample_indices`) is every 4th row.
+rows the checks' sample (:func:`~aimz_trainer.data.sample_indices`) is 16 runs of 64 rows.
 """
 
 from __future__ import annotations
@@ -74,6 +74,13 @@ class CountingRows:
         for start, stop in self.reads:
             counts[start:stop] += 1
         return counts
+
+
+def sample_runs(num_rows: int) -> list[tuple[int, int]]:
+    """The slices that read the checks' sample: one per run of consecutive rows."""
+    rows = sample_indices(num_rows)
+    breaks = np.flatnonzero(np.diff(rows) > 1) + 1
+    return [(int(run[0]), int(run[-1]) + 1) for run in np.split(rows, breaks)]
 
 
 def write_zarr(directory: Path, zarr_format: int) -> dict[str, zarr.Array]:
@@ -216,8 +223,9 @@ class TestChecks:
 
     def test_a_nan_outside_the_sample_stops_the_fit_when_its_chunk_is_read(self):
         data = {name: values.copy() for name, values in DATA.items()}
-        data["y"][4093] = np.inf  # not a multiple of 4: outside the sample
-        with pytest.raises(DataError, match=r"the lazy source 'y' holds inf at row 4093"):
+        data["y"][100] = np.inf
+        assert 100 not in sample_indices(4096)  # between the sample's first two runs
+        with pytest.raises(DataError, match=r"the lazy source 'y' holds inf at row 100"):
             fit({"x": data["x"], "y": CountingRows(data["y"])})
 
     def test_auto_placement_says_why_it_chose_the_host(self, caplog):
@@ -325,7 +333,7 @@ def test_a_prediction_from_a_source_equals_the_one_from_numpy_reading_batch_by_b
         # The NaN check's sample (read once, for the store's fingerprint too) and the rows of one key
         # block the model is traced on, twice (for the fingerprint's outputs' shapes), then the
         # batches in order: never whole.
-        sampled = [(int(row), int(row) + 1) for row in sample_indices(3000)]
+        sampled = sample_runs(3000)
         batches = [(start, min(start + 512, 3000)) for start in range(0, 3000, 512)]
         assert source.reads == [*sampled, (0, 4), (0, 4), *batches]
     finally:
@@ -373,9 +381,11 @@ def test_two_processes_reading_one_store_each_read_their_half_of_every_batch(tmp
     for process, result in enumerate((first, second)):
         for name in ("x", "y"):
             batches = [[start + 480 * process, start + 480 * (process + 1)] for start in range(0, 4800, 960)]
-            assert sorted(set(result["prediction_sample"][name])) == sample_indices(4800).tolist()  # checks
-            probes, *reads = result["prediction_reads"][name]  # the first key block, for tracing the model
-            assert probes == [0, 120] and [read for read in reads if read != probes] == batches, (process, name)
+            # The checks' sample, then the first key block (for tracing the model), then the batches.
+            reads = result["prediction_reads"][name]
+            sampled, rest = reads[: reads.index([0, 120])], reads[reads.index([0, 120]) :]
+            assert sorted(row for a, b in sampled for row in range(a, b)) == sample_indices(4800).tolist()
+            assert [read for read in rest if read != [0, 120]] == batches, (process, name)
     predictor = zarr_predictor(make_mesh(1))
     try:
         reference = predictor.predict(data, batch_size=960)
@@ -395,13 +405,14 @@ def test_a_prediction_writes_the_observed_values_of_a_source_batch_by_batch_and_
         source = CountingRows(y)
         tree = predictor.predict({"x": x, "y": source}, batch_size=512)
         np.testing.assert_array_equal(tree["observed_data"]["y"].values, y, strict=True)
-        sampled = [(int(row), int(row) + 1) for row in sample_indices(3000)]
+        sampled = sample_runs(3000)
         # The NaN check's sample, the key block the model is traced on, then the batches: never whole.
         batches = [(start, min(start + 512, 3000)) for start in range(0, 3000, 512)]
         assert source.reads == [*sampled, (0, 4), *batches]
         bad = y.copy()
-        bad[2999] = np.nan  # outside the sample: found as its batch is read
-        with pytest.raises(DataError, match=r"the lazy source 'x' holds nan at row 2999 .* predictions would be NaN"):
+        bad[100] = np.nan  # outside the sample: found as its batch is read
+        assert 100 not in sample_indices(3000)
+        with pytest.raises(DataError, match=r"the lazy source 'x' holds nan at row 100 .* predictions would be NaN"):
             predictor.predict({"x": CountingRows(np.where(np.isnan(bad), np.nan, x))}, batch_size=512)
     finally:
         predictor.cleanup()

@@ -152,7 +152,7 @@ def test_a_fit_from_a_chunked_store_decodes_each_chunk_about_once_an_epoch():
     np.testing.assert_array_equal(result.losses, reference.losses, strict=True)
     num_chunks = num_rows // chunk_rows
     for name, store in stores.items():
-        # Besides the checks' sample (every 4th row: one shorter span of each chunk), the fit's
+        # Besides the checks' sample (16 runs of 64 rows: shorter spans), the fit's
         # reads are whole chunks: each decoded about once an epoch for 3 epochs, though the
         # compiled chunks of 50 steps straddle the windows of 4 blocks (2 steps).
         whole = [read for read in store.reads if read[1] - read[0] == chunk_rows]

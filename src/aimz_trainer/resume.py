@@ -346,22 +346,24 @@ def optimizer_probe(optim: Any) -> list[float] | None:
 
 def data_digest(arrays: Mapping[str, Any]) -> str:
     """A short digest of training data (:func:`~aimz_trainer.data.digest_rows`: names, shapes,
-    dtypes and every n/1024-th row): tells apart datasets given by mistake."""
+    dtypes and 1,024 sampled rows): tells apart datasets given by mistake."""
     digest = hashlib.sha256()
     digest_rows(digest, arrays)
     return digest.hexdigest()[:16]
 
 
 def fit_fingerprint(arrays: Mapping[str, Any], optim: Any) -> dict[str, Any]:
-    """What a resumed fit checks it still has: ``{"data_digest", "optimizer_probe"}``."""
-    return {"data_digest": data_digest(arrays), "optimizer_probe": optimizer_probe(optim)}
+    """What a resumed fit checks it still has: ``{"sampled_rows_digest", "optimizer_probe"}``.
+    (Checkpoints written before the sample was runs of rows hold a ``"data_digest"`` of other
+    rows instead: not compared, as any value missing on one side.)"""
+    return {"sampled_rows_digest": data_digest(arrays), "optimizer_probe": optimizer_probe(optim)}
 
 
 def fingerprint_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """How a fit's :func:`fit_fingerprint` differs from the one a checkpoint recorded (a value
     missing on either side is not compared)."""
     differences = []
-    data = saved.get("data_digest"), current.get("data_digest")
+    data = saved.get("sampled_rows_digest"), current.get("sampled_rows_digest")
     if None not in data and data[0] != data[1]:
         differences.append(
             f"other training data (the digest of their sampled rows is {data[0]} in the checkpoint, {data[1]} now)"

@@ -28,7 +28,6 @@ import numpy as np
 
 from aimz_trainer.errors import DataError
 from aimz_trainer.records import RecordColumn
-from aimz_trainer.tensorstore_reads import opened_with_tensorstore
 
 __all__ = ["ChunkCache", "cache_storage_chunks", "read_rows", "storage_chunk_rows"]
 
@@ -111,8 +110,7 @@ class ChunkCache:
     A lazy source itself (``shape``, ``dtype``, ``chunks``, slicing passed to the store), read
     by :func:`read_rows`: a span of at least half a storage chunk is served from the chunk,
     decoded whole once (by the first thread that wants it; the others wait for it), a smaller
-    span is read alone. Both are read from ``reader`` (slicing by rows, as ``source``; the store
-    itself by default), the same store opened by a faster reader. Thread-safe.
+    span is read alone. Thread-safe.
 
     Example:
         >>> store = np.arange(8) * 10
@@ -127,12 +125,11 @@ class ChunkCache:
         [(0, 4)]
     """
 
-    def __init__(self, source: Any, *, max_chunks: int, reader: Any = None) -> None:
+    def __init__(self, source: Any, *, max_chunks: int) -> None:
         chunk_rows = storage_chunk_rows(source)
         if chunk_rows is None:
             raise TypeError(f"ChunkCache needs a chunked store (source.chunks); got {type(source).__name__}")
         self.source = source
-        self.reader = source if reader is None else reader
         self.shape = tuple(int(size) for size in source.shape)
         self.dtype = np.dtype(source.dtype)
         self.chunks = source.chunks
@@ -153,7 +150,7 @@ class ChunkCache:
     def read_span(self, start: int, stop: int) -> np.ndarray:
         """Rows ``[start, stop)``, all in one storage chunk."""
         if 2 * (stop - start) < self._chunk_rows:
-            return read_slice(self.reader, start, stop)
+            return read_slice(self.source, start, stop)
         first = start - start % self._chunk_rows
         return self._chunk(first // self._chunk_rows)[start - first : stop - first]
 
@@ -171,7 +168,7 @@ class ChunkCache:
         if decodes:
             first = index * self._chunk_rows
             try:
-                decoding.set_result(read_slice(self.reader, first, min(first + self._chunk_rows, self.shape[0])))
+                decoding.set_result(read_slice(self.source, first, min(first + self._chunk_rows, self.shape[0])))
             except BaseException as error:
                 with self._lock:
                     if self._decoded.get(index) is decoding:
@@ -182,8 +179,7 @@ class ChunkCache:
 
 def cache_storage_chunks(arrays: Mapping[str, Any], rows: int) -> dict[str, Any]:
     """``arrays`` with each chunked store behind a :class:`ChunkCache` of the storage chunks
-    that hold about ``rows`` rows, two chunks at least, a Zarr array on local disk decoded by
-    TensorStore (:func:`~aimz_trainer.tensorstore_reads.opened_with_tensorstore`).
+    that hold about ``rows`` rows, two chunks at least.
 
     Example:
         >>> class Chunked:
@@ -194,7 +190,7 @@ def cache_storage_chunks(arrays: Mapping[str, Any], rows: int) -> dict[str, Any]
         ('ChunkCache', 'ndarray')
     """
     return {
-        key: ChunkCache(array, max_chunks=max(2, -(-rows // chunk_rows)), reader=opened_with_tensorstore(array))
+        key: ChunkCache(array, max_chunks=max(2, -(-rows // chunk_rows)))
         if (chunk_rows := storage_chunk_rows(array)) is not None
         else array
         for key, array in arrays.items()
