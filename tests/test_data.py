@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from aimz_trainer.data import (
     ChunkSource,
@@ -16,6 +18,7 @@ from aimz_trainer.data import (
     digest_rows,
     make_chunk_loader,
     resolve_placement,
+    sample_indices,
     validate_batch_size,
     validate_data,
 )
@@ -386,3 +389,15 @@ def test_digest_rows_tells_apart_a_changed_sampled_row_a_shape_and_a_name_but_no
     unsampled = X.copy()
     unsampled[100] = -1  # between two runs of the sample: a sample, not every row, as documented
     assert hexdigest({"X": unsampled, "y": y}) == base
+
+
+@given(num_rows=st.one_of(st.integers(0, 5000), st.integers(5000, 2**40)))
+def test_the_sample_is_every_row_of_small_data_else_16_separate_runs_of_64_from_the_first_row_to_the_last(num_rows):
+    rows = sample_indices(num_rows)
+    if num_rows < 2048:
+        np.testing.assert_array_equal(rows, np.arange(num_rows))
+        return
+    assert rows.shape == (1024,) and rows[0] == 0 and rows[-1] == num_rows - 1
+    runs = rows.reshape(16, 64)
+    np.testing.assert_array_equal(np.diff(runs, axis=1), 1)  # each run consecutive
+    assert (np.diff(runs[:, 0]) > 64).all()  # the runs apart: sorted, no row twice
