@@ -153,8 +153,8 @@ def open_store(directory: Path, rows: int, names: tuple[str, ...]) -> dict[str, 
 
 def fit_run(run: str, args: argparse.Namespace) -> dict[str, Any]:
     recipe = load_recipe(with_trainer=True)
-    # The Zarr arrays themselves (a wrapper would hide them from the fit's TensorStore reads):
-    # the bytes read are the process's own count.
+    # The Zarr arrays themselves, as a user passes them; the bytes read are the process's own
+    # count: whole storage chunks decoded, whatever rows a read returns.
     store = {name: source.source for name, source in open_store(args.dir, args.rows, ("X", "y")).items()}
     data: dict[str, Any] = {name: array[:] for name, array in store.items()} if run == "fit_memory" else store
     blocks = BlockShuffle(block_rows=args.chunk_rows, window_blocks=args.window_blocks)
