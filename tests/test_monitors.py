@@ -285,6 +285,24 @@ class TestProfiler:
             trainer.fit(linear_svi(NUM_ROWS), linear_data(NUM_ROWS), batch_size=BATCH)
         assert profiler.traced_steps is None and not (tmp_path / "plugins").exists()
 
+    def test_each_process_of_a_several_process_fit_traces_into_a_directory_of_its_own(self, tmp_path, monkeypatch):
+        """The trace files are named after the host: two processes of one host sharing a run's
+        directory would overwrite each other's. As process 1 of 2 (the Profiler's view only):"""
+        import aimz_trainer.callbacks.profiler as profiler_module
+
+        monkeypatch.setattr(profiler_module, "process_count", lambda: 2)
+        monkeypatch.setattr(profiler_module, "process_index", lambda: 1)
+        (tmp_path / "process_0" / "plugins" / "profile" / "other").mkdir(parents=True)  # process 0's run
+        profiler = Profiler(tmp_path, steps=(0, EVERY))
+        trainer = Trainer(max_steps=15, log_every_n_steps=EVERY, callbacks=[profiler], enable_progress_bar=False)
+        trainer.fit(linear_svi(NUM_ROWS), linear_data(NUM_ROWS), batch_size=BATCH)
+        assert (
+            profiler.trace_dir is not None
+            and profiler.trace_dir.parent == tmp_path / "process_1" / "plugins" / "profile"
+        )
+        assert sorted(path.name for path in tmp_path.iterdir()) == ["process_0", "process_1"]
+        assert len(list(profiler.trace_dir.glob("*.xplane.pb"))) == 1
+
     @pytest.mark.parametrize("steps", [(5, 5), (-1, 3), (1,), [1.0, 2.0], "1-2", (True, 3)])
     def test_bad_steps_are_refused(self, tmp_path, steps):
         with pytest.raises(ConfigurationError, match=r"steps must be None or \(start, stop\)"):

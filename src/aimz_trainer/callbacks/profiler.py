@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
+from jax import process_count, process_index
 
 from aimz_trainer._checks import is_int_at_least
 from aimz_trainer.callbacks.base import Callback
@@ -37,7 +38,10 @@ class Profiler(Callback):
     hooks run, so the trace starts one chunk early and stops one chunk late: it also holds part
     of the chunk before the first traced one and of the chunk after the last.
 
-    Every process of a multi-process fit writes its own trace into the run's directory.
+    Every process of a multi-process fit writes its own trace, under
+    ``<log_dir>/process_<index>/plugins/profile/<run>/``: the trace files are named after the
+    host, and several processes of one host writing into one run's directory would overwrite
+    each other's (TensorBoard shows each process as a run).
 
     Args:
         log_dir: the directory the trace goes under (created; must be writable).
@@ -47,7 +51,7 @@ class Profiler(Callback):
     Attributes:
         traced_steps: after the trace, the steps it holds in full (a ``range``); ``None``
             before, or when the fit ended before ``start``.
-        trace_dir: after the trace, the directory of its ``.xplane.pb`` files.
+        trace_dir: after the trace, the directory of its ``.xplane.pb`` files (this process's).
 
     Example:
         >>> import tempfile
@@ -128,11 +132,16 @@ class Profiler(Callback):
         """The index of the chunk that holds ``step``."""
         return bisect.bisect_right(self._chunk_starts, step) - 1
 
+    def _trace_root(self) -> Path:
+        """Where this process's trace goes: ``log_dir``, or its ``process_<index>`` directory
+        when the fit has several processes."""
+        return self.log_dir if process_count() == 1 else self.log_dir / f"process_{process_index()}"
+
     def _start(self, first_step: int) -> None:
-        profile = self.log_dir / "plugins" / "profile"
+        profile = self._trace_root() / "plugins" / "profile"
         self._runs_before = set(profile.iterdir()) if profile.is_dir() else set()
         try:
-            jax.profiler.start_trace(self.log_dir)
+            jax.profiler.start_trace(self._trace_root())
         except RuntimeError as error:  # another trace is running: only one at a time
             warnings.warn(f"Profiler: no trace ({error})", FitWarning, stacklevel=2)
             self._chunks = None
@@ -144,7 +153,7 @@ class Profiler(Callback):
         jax.profiler.stop_trace()
         self.traced_steps = range(self._first_step, end_step)
         self._first_step, self._chunks = None, None
-        new_runs = set((self.log_dir / "plugins" / "profile").iterdir()) - self._runs_before
+        new_runs = set((self._trace_root() / "plugins" / "profile").iterdir()) - self._runs_before
         self.trace_dir = max(new_runs, key=lambda path: path.stat().st_mtime) if new_runs else None
 
     def teardown(self, fit: FitContext) -> None:
