@@ -132,7 +132,7 @@ def store_matches(args: argparse.Namespace) -> bool:
     import zarr
 
     try:
-        X, y = (zarr.open_array(args.dir / f"{name}.zarr", mode="r") for name in ("X", "y"))
+        X, y = open_arrays(args.dir, ("X", "y")).values()
     except (FileNotFoundError, zarr.errors.BaseZarrError):
         return False
     settings = {"rows": args.rows, "cols": args.cols, "chunk_rows": args.chunk_rows, "seed": args.seed}
@@ -145,17 +145,22 @@ def bytes_read_so_far() -> int:
         return next(int(line.split()[1]) for line in io if line.startswith("rchar:"))
 
 
-def open_store(directory: Path, rows: int, names: tuple[str, ...]) -> dict[str, CountedRows]:
+def open_arrays(directory: Path, names: tuple[str, ...]) -> dict[str, Any]:
+    """The store's Zarr arrays ``names``, read-only."""
     import zarr
 
-    return {name: CountedRows(zarr.open_array(directory / f"{name}.zarr", mode="r"), rows) for name in names}
+    return {name: zarr.open_array(directory / f"{name}.zarr", mode="r") for name in names}
+
+
+def open_store(directory: Path, rows: int, names: tuple[str, ...]) -> dict[str, CountedRows]:
+    return {name: CountedRows(array, rows) for name, array in open_arrays(directory, names).items()}
 
 
 def fit_run(run: str, args: argparse.Namespace) -> dict[str, Any]:
     recipe = load_recipe(with_trainer=True)
     # The Zarr arrays themselves, as a user passes them; the bytes read are the process's own
     # count: whole storage chunks decoded, whatever rows a read returns.
-    store = {name: source.source for name, source in open_store(args.dir, args.rows, ("X", "y")).items()}
+    store = open_arrays(args.dir, ("X", "y"))
     data: dict[str, Any] = {name: array[:] for name, array in store.items()} if run == "fit_memory" else store
     blocks = BlockShuffle(block_rows=args.chunk_rows, window_blocks=args.window_blocks)
     shuffle = True if args.exact_shuffle else blocks
@@ -201,7 +206,7 @@ def predict_run(run: str, args: argparse.Namespace, rows: int) -> dict[str, Any]
     warm_up = store["X"].source[: min(args.predict_batch, rows)]  # the measured call's batch shape: compiled once
     model = recipe.make_model(rows, args.cols, 32, jax.random.key(1))
     svi = recipe.make_svi(model)
-    labels = open_store(args.dir, rows, ("y",))["y"].source[:64]
+    labels = open_arrays(args.dir, ("y",))["y"][:64]
     params = svi.get_params(svi.init(jax.random.key(2), warm_up[:64], y=labels))
     posterior = svi.guide.sample_posterior(jax.random.key(3), params, warm_up[:2], sample_shape=(args.draws,))
     predictor = Predictor(model, {k: v for k, v in posterior.items() if k != "p"}, rng_key=jax.random.key(4))
