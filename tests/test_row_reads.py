@@ -1,20 +1,25 @@
 """Reading rows of lazy sources: :func:`read_rows` against NumPy's own indexing for any rows of any
 source kind, how many reads it makes, and :class:`ChunkCache`: each storage chunk decoded once
 for every thread that wants it, least recently used out, sparse reads past it, errors passed to
-every waiter; a fit from a chunked store decodes each storage chunk about once an epoch."""
+every waiter; a fit from a chunked store decodes each storage chunk about once an epoch; chunks of
+a local Zarr store read straight from their files equal zarr's own read, in every layout."""
 
 from __future__ import annotations
 
+import sys
+import tempfile
 import threading
 import time
 
 import jax
+import numcodecs
 import numpy as np
+import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aimz_trainer import BlockShuffle, Trainer
-from aimz_trainer.row_reads import ChunkCache, cache_storage_chunks, read_rows
+from aimz_trainer.row_reads import ChunkCache, cache_storage_chunks, chunk_file_reader, read_rows
 
 from .conftest import linear_data, linear_svi
 
@@ -158,3 +163,109 @@ def test_a_fit_from_a_chunked_store_decodes_each_chunk_about_once_an_epoch():
         whole = [read for read in store.reads if read[1] - read[0] == chunk_rows]
         assert {start // chunk_rows for start, _ in whole} == set(range(num_chunks)), name
         assert len(whole) <= 3 * num_chunks * 1.1, (name, len(whole))
+
+
+@st.composite
+def zarr_layouts(draw):
+    """A Zarr array's layout: format, dtype and byte order, compression, sharding, memory order,
+    chunk key encoding, chunks of whole rows or not, a path inside a group, which chunks were
+    written (the others read back as the fill value)."""
+    zarr_format = draw(st.sampled_from([2, 3]))
+    dtype = np.dtype(draw(st.sampled_from(["f4", "f8", "i4", "i1", "u2", "c8", "?"])))
+    num_rows = draw(st.integers(1, 40))
+    row_shape = draw(st.sampled_from([(), (3,), (2, 2)]))
+    chunk_rows = draw(st.integers(1, 16))
+    whole_rows = not row_shape or draw(st.booleans())
+    layout = {
+        "zarr_format": zarr_format,
+        "dtype": dtype,
+        "big_endian": dtype.itemsize > 1 and draw(st.booleans()),  # stored big-endian
+        "shape": (num_rows, *row_shape),
+        "chunks": (chunk_rows, *(row_shape if whole_rows else (1,) * len(row_shape))),
+        "compressed": draw(st.booleans()),
+        "order": draw(st.sampled_from("CF")),
+        "separator": draw(st.sampled_from("/.")),
+        "sharded": zarr_format == 3 and draw(st.booleans()),
+        "path": draw(st.sampled_from(["x", "group/x"])),
+        "fill_value": draw(st.sampled_from([0, 7])),
+        "written": draw(st.lists(st.integers(0, num_rows - 1), max_size=2).map(sorted)),
+    }
+    return layout
+
+
+def create_zarr_array(directory: str, layout: dict) -> zarr.Array:
+    zarr_format, dtype, serializer = layout["zarr_format"], layout["dtype"], "auto"
+    if layout["big_endian"] and zarr_format == 2:
+        dtype = dtype.newbyteorder(">")
+    elif layout["big_endian"]:
+        serializer = zarr.codecs.BytesCodec(endian="big")
+    if zarr_format == 2:
+        compressors = numcodecs.Zstd() if layout["compressed"] else None
+        encoding = {"name": "v2", "separator": layout["separator"]}
+    else:
+        compressors = zarr.codecs.ZstdCodec() if layout["compressed"] else None
+        encoding = {"name": "default", "separator": layout["separator"]}
+    shards = tuple(2 * size for size in layout["chunks"]) if layout["sharded"] else None
+    array = zarr.open_group(f"{directory}/store.zarr", mode="w", zarr_format=zarr_format).create_array(
+        layout["path"],
+        shape=layout["shape"],
+        chunks=layout["chunks"],
+        shards=shards,
+        dtype=dtype,
+        serializer=serializer,
+        compressors=compressors,
+        order=layout["order"] if zarr_format == 2 else None,
+        # every chunk written is stored, even one equal to the fill value
+        config={"write_empty_chunks": True} | ({"order": layout["order"]} if zarr_format == 3 else {}),
+        chunk_key_encoding=encoding,
+        fill_value=layout["fill_value"],
+    )
+    values = (np.arange(np.prod(layout["shape"])) % 100).reshape(layout["shape"]).astype(dtype)
+    if layout["written"] == []:
+        array[:] = values
+    else:  # two slices at most written: the chunks between read back as the fill value
+        start, stop = layout["written"][0], layout["written"][-1] + 1
+        array[start:stop] = values[start:stop]
+    return zarr.open_array(f"{directory}/store.zarr/{layout['path']}", mode="r")
+
+
+@settings(max_examples=120, deadline=None)
+@given(zarr_layouts())
+def test_chunks_read_from_their_files_equal_zarrs_own_read_in_every_layout(layout):
+    with tempfile.TemporaryDirectory() as directory:
+        array = create_zarr_array(directory, layout)
+        expected = array[:]
+        raw = (
+            not layout["compressed"]
+            and not layout["sharded"]
+            and not layout["big_endian"]
+            and tuple(array.chunks[1:]) == tuple(array.shape[1:])
+            and (layout["order"] == "C" or layout["zarr_format"] == 3)  # Zarr v3 stores C order always
+        )
+        read_file = chunk_file_reader(array)
+        assert (read_file is not None) == raw, layout
+        cache = ChunkCache(array, max_chunks=2)
+        chunk_rows = array.chunks[0]
+        from_files = 0
+        for first in range(0, len(expected), chunk_rows):
+            stop = min(first + chunk_rows, len(expected))
+            np.testing.assert_array_equal(cache.read_span(first, stop), expected[first:stop], strict=True)
+            stored = read_file(first // chunk_rows) if read_file is not None else None
+            if stored is not None:
+                from_files += 1
+                assert stored.shape == array.chunks and stored.dtype == expected.dtype
+                np.testing.assert_array_equal(stored[: stop - first], expected[first:stop], strict=True)
+        if raw and layout["written"] == []:
+            assert from_files == -(-len(expected) // chunk_rows)  # every chunk written: every one from its file
+
+
+def test_a_chunk_file_of_the_wrong_size_is_left_to_zarr():
+    with tempfile.TemporaryDirectory() as directory:
+        array = zarr.create_array(f"{directory}/x.zarr", shape=(8, 2), chunks=(4, 2), dtype="f4", compressors=None)
+        array[:] = np.arange(16).reshape(8, 2)
+        read_file = chunk_file_reader(array)
+        with open(f"{directory}/x.zarr/c/1/0", "ab") as chunk_file:
+            chunk_file.write(b"more")
+        assert read_file is not None and read_file(1) is None and read_file(0) is not None
+        assert chunk_file_reader(np.zeros((8, 2))) is None
+        assert sys.modules["zarr"] is zarr
