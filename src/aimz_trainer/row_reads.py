@@ -14,10 +14,10 @@ about once an epoch instead of up to twice. Only dense reads go through it (at l
 storage chunk): a sparse read (the checks' sample) reads its rows alone, as without a cache. How
 many chunks it keeps follows the shuffle (:meth:`~aimz_trainer.data.BlockShuffle.cached_rows`).
 
-A Zarr array in a local directory whose chunks are stored as their raw bytes (no filters, no
-compression, native byte order, chunks of whole rows) has each chunk read straight from its file
-into the cache (:func:`chunk_file_reader`): zarr's own read of such a chunk spends most of its
-time outside the file (its event loop, a copy into the result), about four times the read itself.
+A chunk of a Zarr array in a local directory, stored as its bytes or compressed by one codec, is
+read straight from its file into the cache (:func:`chunk_file_reader`): zarr's own read of such a
+chunk spends most of its time outside the file and the decompression (its event loop, a copy
+into the result), about four times the read itself for a chunk stored uncompressed.
 """
 
 from __future__ import annotations
@@ -118,8 +118,8 @@ class ChunkCache:
     A lazy source itself (``shape``, ``dtype``, ``chunks``, slicing passed to the store), read
     by :func:`read_rows`: a span of at least half a storage chunk is served from the chunk,
     decoded whole once (by the first thread that wants it; the others wait for it), a smaller
-    span is read alone. Thread-safe. A chunk of a local Zarr array stored raw is read from its
-    file (:func:`chunk_file_reader`), any other through the source.
+    span is read alone. Thread-safe. A chunk of a local Zarr array is read from its file where
+    :func:`chunk_file_reader` can, any other through the source.
 
     Example:
         >>> store = np.arange(8) * 10
@@ -190,19 +190,20 @@ class ChunkCache:
 
 
 def chunk_file_reader(source: Any) -> Callable[[int], np.ndarray | None] | None:
-    """A reader of storage chunk ``index`` of ``source`` straight from its file, where
-    ``source`` is a ``zarr.Array`` in a local directory whose chunks hold whole rows stored as
-    their raw bytes: no filters, no compression, no sharding, native byte order and C order, a
-    plain numeric dtype. ``None`` for any other source.
+    """A reader of storage chunk ``index`` of ``source`` straight from its file, where ``source``
+    is a ``zarr.Array`` in a local directory whose chunks hold whole rows of a plain numeric dtype
+    in native byte order and C order, stored as their bytes or compressed by one codec: any
+    compressor of Zarr v2 (no filters), Zstd, Gzip or Blosc in Zarr v3 (no sharding, no
+    transpose). ``None`` for any other source.
 
     The reader returns the whole stored chunk (the last one padded to the chunk's rows, as Zarr
-    stores it), or ``None`` where the chunk's file is missing or not the chunk's size: zarr's
-    own read then gives what it gives (the fill value, an error).
+    stores it), or ``None`` where the chunk's file is missing, not the chunk's size or does not
+    decode: zarr's own read then gives what it gives (the fill value, an error).
 
     Example:
         >>> import tempfile, zarr
         >>> directory = tempfile.mkdtemp()
-        >>> array = zarr.create_array(f"{directory}/x.zarr", shape=(5, 2), chunks=(2, 2), dtype="f4", compressors=None)
+        >>> array = zarr.create_array(f"{directory}/x.zarr", shape=(5, 2), chunks=(2, 2), dtype="f4")
         >>> array[:] = np.arange(10).reshape(5, 2)
         >>> read = chunk_file_reader(array)
         >>> read(2).tolist(), read is not None
@@ -213,42 +214,63 @@ def chunk_file_reader(source: Any) -> Callable[[int], np.ndarray | None] | None:
         return None
     store, metadata, dtype = source.store_path.store, source.metadata, np.dtype(source.dtype)
     chunk_shape = tuple(int(size) for size in source.chunks)
-    raw = (
+    if not (
         isinstance(store, zarr.storage.LocalStore)
         and dtype.kind in "biufc"
         and dtype.isnative
         and chunk_shape[1:] == tuple(source.shape[1:])
         and not source.filters
-        and not source.compressors
-        and (
-            metadata.order == "C"
-            if metadata.zarr_format == 2
-            else not metadata.storage_transformers
-            and len(metadata.codecs) == 1  # the bytes alone: no sharding around them
-            and isinstance(metadata.codecs[0], zarr.codecs.BytesCodec)
-            and metadata.codecs[0].endian in (None, sys.byteorder)
-        )
-    )
-    if not raw:
+        and len(source.compressors) <= 1
+    ):
         return None
+    if metadata.zarr_format == 2:
+        if metadata.order != "C":
+            return None
+        decompressor = source.compressors[0] if source.compressors else None  # numcodecs' own codec
+    else:
+        serializer, *compressors = metadata.codecs  # no filters: the bytes codec comes first
+        if (
+            metadata.storage_transformers
+            or not isinstance(serializer, zarr.codecs.BytesCodec)  # a sharding codec stores several chunks a file
+            or serializer.endian not in (None, sys.byteorder)
+        ):
+            return None
+        decompressor = _numcodecs_decompressor(compressors[0]) if compressors else None
+        if compressors and decompressor is None:
+            return None
     directory = Path(store.root) / source.store_path.path
-    return functools.partial(_read_chunk_file, directory, metadata.encode_chunk_key, chunk_shape, dtype)
+    return functools.partial(_read_chunk_file, directory, metadata.encode_chunk_key, chunk_shape, dtype, decompressor)
 
 
-_file_reads: tuple[int, ThreadPoolExecutor] | None = None
-_file_reads_lock = threading.Lock()
+def _numcodecs_decompressor(codec: Any) -> Any:
+    """The numcodecs codec that decodes what Zarr v3's ``codec`` encoded (zarr's own codecs
+    wrap these), or ``None``."""
+    import numcodecs
+    import zarr
+
+    kinds = {
+        zarr.codecs.ZstdCodec: numcodecs.Zstd,
+        zarr.codecs.GzipCodec: numcodecs.GZip,
+        zarr.codecs.BloscCodec: numcodecs.Blosc,
+    }
+    return next((decoder() for kind, decoder in kinds.items() if type(codec) is kind), None)
 
 
-def _file_read_thread() -> ThreadPoolExecutor:
-    """This process's one thread for reading chunk files. glibc's malloc gives each thread an
-    arena of its own and returns a freed buffer to the arena it came from: chunks read on Grain's
-    several threads left holes in several arenas, ~250 MB more resident memory in a fit of 20
-    million rows than with their buffers all allocated on one thread."""
-    global _file_reads
-    with _file_reads_lock:
-        if _file_reads is None or _file_reads[0] != os.getpid():  # a forked child has no thread of its own yet
-            _file_reads = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="aimz_trainer-chunk-files"))
-        return _file_reads[1]
+_buffer_thread: tuple[int, ThreadPoolExecutor] | None = None
+_buffer_thread_lock = threading.Lock()
+
+
+def _chunk_buffer(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An empty array allocated on this process's one thread for chunk buffers. glibc's malloc
+    gives each thread an arena of its own and returns a freed buffer to the arena it came from:
+    chunks allocated on Grain's several threads left holes in several arenas, ~250 MB more
+    resident memory in a fit of 20 million rows than with them all allocated on one thread."""
+    global _buffer_thread
+    with _buffer_thread_lock:
+        if _buffer_thread is None or _buffer_thread[0] != os.getpid():  # a forked child has no thread of its own yet
+            _buffer_thread = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="aimz_trainer-chunk-buffers"))
+        allocate = _buffer_thread[1]
+    return allocate.submit(np.empty, shape, dtype).result()
 
 
 def _read_chunk_file(
@@ -256,14 +278,32 @@ def _read_chunk_file(
     chunk_key: Callable[[tuple[int, ...]], str],
     chunk_shape: tuple[int, ...],
     dtype: np.dtype,
+    decompressor: Any,
     index: int,
 ) -> np.ndarray | None:
-    path = directory / chunk_key((index, *[0] * (len(chunk_shape) - 1)))
     try:
-        values = _file_read_thread().submit(np.fromfile, path, dtype=dtype).result()
+        with open(directory / chunk_key((index, *[0] * (len(chunk_shape) - 1))), "rb") as file:
+            return _chunk_from_file(file, chunk_shape, dtype, decompressor)
     except FileNotFoundError:
         return None
-    return values.reshape(chunk_shape) if values.size == np.prod(chunk_shape) else None
+
+
+def _chunk_from_file(file: Any, chunk_shape: tuple[int, ...], dtype: np.dtype, decompressor: Any) -> np.ndarray | None:
+    nbytes = int(np.prod(chunk_shape)) * dtype.itemsize
+    if decompressor is None:
+        if os.fstat(file.fileno()).st_size != nbytes:
+            return None
+        chunk = _chunk_buffer(chunk_shape, dtype)
+        return chunk if file.readinto(memoryview(chunk).cast("B")) == nbytes else None
+    try:
+        decoded = np.frombuffer(decompressor.decode(file.read()), np.uint8)
+    except Exception:  # corrupt: zarr's own read reports it
+        return None
+    if decoded.nbytes != nbytes:
+        return None
+    chunk = _chunk_buffer(chunk_shape, dtype)
+    memoryview(chunk).cast("B")[:] = decoded
+    return chunk
 
 
 def cache_storage_chunks(arrays: Mapping[str, Any], rows: int) -> dict[str, Any]:
