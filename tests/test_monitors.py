@@ -303,6 +303,26 @@ class TestProfiler:
         assert sorted(path.name for path in tmp_path.iterdir()) == ["process_0", "process_1"]
         assert len(list(profiler.trace_dir.glob("*.xplane.pb"))) == 1
 
+    def test_a_trace_ending_in_the_second_of_an_earlier_run_gets_a_name_of_its_own(self, tmp_path):
+        """JAX names a run after the second its trace ends in: the runs of the next minute exist
+        already here (as two traces in one second make them), and stay as they were."""
+        profile = tmp_path / "plugins" / "profile"
+        now = time.time()
+        earlier = [time.strftime("%Y_%m_%d_%H_%M_%S", time.localtime(now + second)) for second in range(-1, 60)]
+        for name in earlier:
+            (profile / name).mkdir(parents=True)
+            (profile / name / "host.xplane.pb").write_bytes(b"an earlier trace")
+        profiler = Profiler(tmp_path, steps=(0, EVERY))
+        trainer = Trainer(max_steps=15, log_every_n_steps=EVERY, callbacks=[profiler], enable_progress_bar=False)
+        trainer.fit(linear_svi(NUM_ROWS), linear_data(NUM_ROWS), batch_size=BATCH)
+        assert profiler.trace_dir is not None and profiler.trace_dir.parent == profile
+        assert profiler.trace_dir.name.endswith("_2") and profiler.trace_dir.name[:-2] in earlier
+        assert sorted(path.name for path in profile.iterdir()) == sorted([*earlier, profiler.trace_dir.name])
+        for name in earlier:
+            assert [path.read_bytes() for path in (profile / name).iterdir()] == [b"an earlier trace"]
+        assert len(list(profiler.trace_dir.glob("*.xplane.pb"))) == 1
+        assert sorted(path.name for path in tmp_path.iterdir()) == ["plugins"]  # the staging directory is gone
+
     @pytest.mark.parametrize("steps", [(5, 5), (-1, 3), (1,), [1.0, 2.0], "1-2", (True, 3)])
     def test_bad_steps_are_refused(self, tmp_path, steps):
         with pytest.raises(ConfigurationError, match=r"steps must be None or \(start, stop\)"):

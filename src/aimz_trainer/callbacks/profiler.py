@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import bisect
 import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,6 +39,9 @@ class Profiler(Callback):
     ``log_every_n_steps``, where a chunk always ends. The loop keeps one chunk in flight while
     hooks run, so the trace starts one chunk early and stops one chunk late: it also holds part
     of the chunk before the first traced one and of the chunk after the last.
+
+    Each trace is a run of its own, named after the second it ended (JAX's name), with ``_2``,
+    ``_3``, ... after it where a run of that name exists: no trace writes over another's.
 
     Every process of a multi-process fit writes its own trace, under
     ``<log_dir>/process_<index>/plugins/profile/<run>/``: the trace files are named after the
@@ -79,7 +84,7 @@ class Profiler(Callback):
         self.trace_dir: Path | None = None
         self._chunks: tuple[int, int] | None = None  # indices of the first and last chunk to trace
         self._first_step: int | None = None  # first step traced in full, while tracing
-        self._runs_before: set[Path] = set()
+        self._staging: Path | None = None  # the directory a trace in progress writes to
         self._chunk_starts: list[int] = []  # the first step of every chunk of the fit's plan
 
     def on_fit_start(self, fit: FitContext, progress: FitProgress) -> None:
@@ -138,23 +143,47 @@ class Profiler(Callback):
         return self.log_dir if process_count() == 1 else self.log_dir / f"process_{process_index()}"
 
     def _start(self, first_step: int) -> None:
-        profile = self._trace_root() / "plugins" / "profile"
-        self._runs_before = set(profile.iterdir()) if profile.is_dir() else set()
+        # JAX names a trace's run directory after the second it ends in: a second trace ending in
+        # the same second would write over the first's files. It traces into a directory of its
+        # own, moved to a name no run has on stop.
+        self._staging = Path(
+            tempfile.mkdtemp(prefix=".profiler-", dir=writable_directory(self._trace_root(), "log_dir"))
+        )
         try:
-            jax.profiler.start_trace(self._trace_root())
+            jax.profiler.start_trace(self._staging)
         except RuntimeError as error:  # another trace is running: only one at a time
+            shutil.rmtree(self._staging, ignore_errors=True)
             warnings.warn(f"Profiler: no trace ({error})", FitWarning, stacklevel=2)
             self._chunks = None
             return
         self._first_step = first_step
 
     def _stop(self, end_step: int) -> None:
-        assert self._first_step is not None
-        jax.profiler.stop_trace()
-        self.traced_steps = range(self._first_step, end_step)
-        self._first_step, self._chunks = None, None
-        new_runs = set((self._trace_root() / "plugins" / "profile").iterdir()) - self._runs_before
-        self.trace_dir = max(new_runs, key=lambda path: path.stat().st_mtime) if new_runs else None
+        assert self._first_step is not None and self._staging is not None
+        try:
+            jax.profiler.stop_trace()
+        finally:
+            self.traced_steps = range(self._first_step, end_step)
+            self._first_step, self._chunks = None, None
+            self.trace_dir = self._keep_run(self._staging)
+            self._staging = None
+
+    def _keep_run(self, staging: Path) -> Path | None:
+        """Move the run JAX wrote under ``staging`` to ``<trace root>/plugins/profile/``, under its
+        own name or, where a run has that name, with ``_2``, ``_3``, ... after it; return where."""
+        runs = sorted((staging / "plugins" / "profile").glob("*"))
+        profile = self._trace_root() / "plugins" / "profile"
+        profile.mkdir(parents=True, exist_ok=True)
+        kept = None
+        for run in runs:  # one run: a trace exports once
+            kept = profile / run.name
+            suffix = 1
+            while kept.exists():
+                suffix += 1
+                kept = profile / f"{run.name}_{suffix}"
+            run.rename(kept)
+        shutil.rmtree(staging, ignore_errors=True)
+        return kept
 
     def teardown(self, fit: FitContext) -> None:
         if self._first_step is not None:  # a hook failed before on_fit_end: do not leave the trace running
