@@ -248,12 +248,12 @@ def _numcodecs_decompressor(codec: Any) -> Any:
     import numcodecs
     import zarr
 
-    kinds = {
+    decoder = {
         zarr.codecs.ZstdCodec: numcodecs.Zstd,
         zarr.codecs.GzipCodec: numcodecs.GZip,
         zarr.codecs.BloscCodec: numcodecs.Blosc,
-    }
-    return next((decoder() for kind, decoder in kinds.items() if type(codec) is kind), None)
+    }.get(type(codec))
+    return decoder() if decoder is not None else None
 
 
 _buffer_thread: tuple[int, ThreadPoolExecutor] | None = None
