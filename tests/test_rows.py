@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
@@ -18,7 +19,7 @@ from optax import adam
 
 from aimz_trainer import ConfigurationError, ImpactModel, Predictor, Trainer, estimate_effect
 from aimz_trainer.errors import MinibatchScalingWarning
-from aimz_trainer.plates import check_trainable, model_layout
+from aimz_trainer.plates import abstract_sites, check_trainable, model_layout, trace_model
 
 from .conftest import LOCAL_NOISE, local_data, local_model
 
@@ -108,6 +109,87 @@ class TestCheckTrainable:
         with pytest.warns(MinibatchScalingWarning) as caught:
             quiet_trainer(max_epochs=2).fit(svi, data, batch_size=10)
         assert len([w for w in caught if w.category is MinibatchScalingWarning]) == 1
+
+
+class TestAbstractSites:
+    """The Predictor plans from an abstract run of the model: it must see the sites a run on
+    values records (trace_model), without computing them."""
+
+    @staticmethod
+    def summary(site):
+        fn = site.get("fn")
+        support = getattr(fn, "support", None)
+        return {
+            "type": site["type"],
+            "shape": tuple(np.shape(site["value"])),
+            "dtype": np.dtype(jnp.result_type(site["value"])),
+            "observed": bool(site.get("is_observed")),
+            "frames": [(f.name, f.dim, f.size) for f in site.get("cond_indep_stack", ())],
+            "event": None if fn is None else (tuple(fn.event_shape), fn.event_dim),
+            "support": None if support is None else type(support).__name__,
+            "bounds": [np.asarray(getattr(support, b, 0)).tolist() for b in ("lower_bound", "upper_bound")],
+        }
+
+    def test_the_sites_of_a_run_on_values(self):
+        def model(x, k, y=None):
+            p = numpyro.sample("p", dist.Beta(2.0, 2.0))
+            w = numpyro.sample("w", dist.MultivariateNormal(jnp.zeros(3), jnp.eye(3)))
+            mix = numpyro.sample("mix", dist.Dirichlet(jnp.ones(4)))
+            numpyro.deterministic("scale", jnp.exp(w[0]))
+            with numpyro.plate("groups", 4):
+                numpyro.sample("g", dist.Normal(0.0, 1.0))
+            with numpyro.plate("data", 1000, subsample_size=x.shape[0]):
+                mu = numpyro.deterministic("mu", x @ w)
+                numpyro.sample("count", dist.Binomial(10, p))
+                numpyro.sample("cls", dist.Categorical(probs=mix))
+                numpyro.sample("flag", dist.Bernoulli(p))
+                numpyro.sample("events", dist.Poisson(jnp.exp(mu)))
+                numpyro.sample("pair", dist.Normal(mu[:, None], 1.0).expand([x.shape[0], 2]).to_event(1))
+                numpyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+        kwargs = {"x": np.ones((6, 3), np.float32), "k": np.arange(6, dtype=np.int32), "y": np.zeros(6, np.float32)}
+        abstract = abstract_sites(model, kwargs)
+        on_values = {n: s for n, s in trace_model(model, kwargs).items() if s["type"] in ("sample", "deterministic")}
+        assert list(abstract) == list(on_values)  # run order
+        assert {n: self.summary(s) for n, s in abstract.items()} == {n: self.summary(s) for n, s in on_values.items()}
+        assert all(isinstance(s["value"], jax.ShapeDtypeStruct) for s in abstract.values())  # nothing computed
+
+    @pytest.mark.parametrize("count", ["computed scalar", "per row"])
+    def test_a_bound_computed_from_values_runs_the_model_on_values(self, count):
+        def model(x, n):
+            p = numpyro.sample("p", dist.Beta(2.0, 2.0))
+            total = jnp.max(n) if count == "computed scalar" else n
+            with numpyro.plate("data", 100, subsample_size=x.shape[0]):
+                numpyro.sample("y", dist.Binomial(total, p))
+
+        kwargs = {"x": np.ones(5, np.float32), "n": np.array([3, 9, 4, 1, 5], np.int32)}
+        sites = abstract_sites(model, kwargs)
+        assert isinstance(sites["y"]["value"], jax.Array)  # from the run on values
+        expected = np.asarray(trace_model(model, kwargs)["y"]["fn"].support.upper_bound)
+        np.testing.assert_array_equal(np.asarray(sites["y"]["fn"].support.upper_bound), expected)
+
+    def test_the_predictor_plans_without_running_the_model_on_values(self, tmp_path):
+        runs = []
+
+        def model(x, n, y=None):
+            runs.append(isinstance(x, jax.core.Tracer))
+            p = numpyro.sample("p", dist.Beta(2.0, 2.0))
+            with numpyro.plate("data", x.shape[0]):
+                numpyro.sample("y", dist.Binomial(jnp.max(n) if y is None else 10, p), obs=y)
+
+        posterior = {"p": np.linspace(0.1, 0.9, 4).astype(np.float32)}
+        predictor = Predictor(model, posterior, rng_key=jax.random.key(0), rows_per_key=4)
+        data = {"x": np.ones(8, np.float32), "n": np.full(8, 10, np.int32)}
+        tree = predictor.predict(data, batch_size=8, output_dir=tmp_path)
+        # A count the model computes from the data: its bound is only known from values, and
+        # the draws of at most 10 are stored as int8, as a run on values finds.
+        assert tree["posterior_predictive"]["y"].dtype == np.int8
+        runs.clear()
+        fixed = Predictor(lambda x, n, y=None: model(x, n, y=np.zeros(len(x), np.int32)), posterior, rows_per_key=4)
+        fixed.predict(data, batch_size=8, output_dir=tmp_path / "fixed", return_sites="y")
+        assert runs and all(runs), runs  # every run of the model was a trace
+        predictor.cleanup()
+        fixed.cleanup()
 
 
 @pytest.mark.slow

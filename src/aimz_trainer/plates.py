@@ -39,6 +39,8 @@ from aimz_trainer.errors import AimzTrainerError, ConfigurationError, DataError,
 __all__ = [
     "ModelLayout",
     "RowPadding",
+    "SiteFn",
+    "abstract_sites",
     "at_rows",
     "check_paddable",
     "check_trainable",
@@ -405,6 +407,65 @@ def trace_model(model: Callable[..., Any], kwargs: Mapping[str, Any], *, rng_see
     with handlers.trace() as trace, handlers.seed(rng_seed=rng_seed):
         on_rows(model)(**kwargs)
     return trace
+
+
+class SiteFn(NamedTuple):
+    """What is read of a site's distribution without running it: its support, event shape and
+    event dim."""
+
+    support: Any
+    event_shape: tuple[int, ...]
+    event_dim: int
+
+
+def abstract_sites(model: Callable[..., Any], kwargs: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The sample and deterministic sites of one run of ``model(**kwargs)``, in run order, as
+    :func:`trace_model` records them, from an abstract run (nothing computed): each site's
+    ``"value"`` is a ``jax.ShapeDtypeStruct`` and its ``"fn"`` a :class:`SiteFn` (``None`` for
+    a deterministic site); ``"type"``, ``"is_observed"`` and ``"cond_indep_stack"`` are the
+    trace's. A model run on values computes op by op, each operation compiled on its first
+    use in a process. Where a support's bound comes from a computed value (an integer interval
+    up to a count the model computes), only a run on values knows it: the model then runs on
+    ``kwargs`` (:func:`trace_model`) and that run's sites are returned.
+
+    Example:
+        >>> import numpyro, numpyro.distributions as dist
+        >>> def model(x):
+        ...     p = numpyro.sample("p", dist.Beta(1.0, 1.0))
+        ...     with numpyro.plate("data", 100, subsample_size=len(x)):
+        ...         numpyro.sample("y", dist.Binomial(10, p))
+        >>> sites = abstract_sites(model, {"x": np.zeros(3)})
+        >>> sites["y"]["value"].shape, sites["y"]["fn"].support.upper_bound
+        ((3,), 10)
+    """
+    found: dict[str, dict[str, Any]] = {}
+
+    def run(arrays: Mapping[str, Any]) -> None:
+        for name, site in trace_model(model, arrays).items():
+            if site["type"] not in ("sample", "deterministic"):
+                continue
+            fn, value = site.get("fn"), site["value"]
+            support = getattr(fn, "support", None)
+            bounds = (getattr(support, "lower_bound", None), getattr(support, "upper_bound", None))
+            if any(isinstance(bound, jax.core.Tracer) for bound in bounds):
+                raise _NeedsValues
+            found[name] = {
+                "type": site["type"],
+                "value": jax.ShapeDtypeStruct(np.shape(value), jnp.result_type(value)),
+                "is_observed": bool(site.get("is_observed")),
+                "cond_indep_stack": tuple(site.get("cond_indep_stack", ())),
+                "fn": None if fn is None else SiteFn(support, tuple(fn.event_shape), fn.event_dim),
+            }
+
+    try:
+        jax.eval_shape(run, dict(kwargs))
+    except _NeedsValues:
+        return {n: s for n, s in trace_model(model, kwargs).items() if s["type"] in ("sample", "deterministic")}
+    return found
+
+
+class _NeedsValues(Exception):
+    """Raised inside :func:`abstract_sites`' abstract run: a support's bound is a computed value."""
 
 
 def on_rows(fn: Callable[..., Any], rows: jax.Array | None = None) -> Callable[..., Any]:

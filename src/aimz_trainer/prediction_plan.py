@@ -24,7 +24,7 @@ from numpyro.distributions import constraints
 from aimz_trainer.data import digest_rows, nonfinite, require_finite_rows
 from aimz_trainer.errors import ConfigurationError, DataError
 from aimz_trainer.forward import DO_PREFIX, LocalDraws, Mode, deterministic_draws, make_forward
-from aimz_trainer.plates import ModelLayout, model_layout, site_dims, trace_model
+from aimz_trainer.plates import ModelLayout, abstract_sites, model_layout, site_dims
 from aimz_trainer.store import ArraySpec
 
 __all__ = ["NONFINITE_PREDICTIONS", "PredictionPlan", "batch_rows", "make_plan", "require_finite"]
@@ -191,9 +191,7 @@ def make_plan(
     num_samples = len(next(iter(draws.values())))
     probe = {key: np.asarray(value[:rows_per_key]) for key, value in arrays.items()}
     layout = model_layout(model, arrays, batch_rows=rows_per_key, name="data")
-    sites = {
-        name: site for name, site in trace_model(model, probe).items() if site["type"] in ("sample", "deterministic")
-    }
+    sites = abstract_sites(model, probe)
     constants, row_values = _split_intervention(intervention, sites, layout.global_sites, num_rows)
     samples = [n for n, s in sites.items() if s["type"] == "sample"]
     problems = []
