@@ -420,13 +420,14 @@ class SiteFn(NamedTuple):
 
 def abstract_sites(model: Callable[..., Any], kwargs: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """The sample and deterministic sites of one run of ``model(**kwargs)``, in run order, as
-    :func:`trace_model` records them, from an abstract run (nothing computed): each site's
-    ``"value"`` is a ``jax.ShapeDtypeStruct`` and its ``"fn"`` a :class:`SiteFn` (``None`` for
-    a deterministic site); ``"type"``, ``"is_observed"`` and ``"cond_indep_stack"`` are the
-    trace's. A model run on values computes op by op, each operation compiled on its first
-    use in a process. Where a support's bound comes from a computed value (an integer interval
-    up to a count the model computes), only a run on values knows it: the model then runs on
-    ``kwargs`` (:func:`trace_model`) and that run's sites are returned.
+    :func:`trace_model` records them, from an abstract run on the array arguments (nothing is
+    computed; the other arguments pass as they are): each site's ``"value"`` is a
+    ``jax.ShapeDtypeStruct`` and its ``"fn"`` a :class:`SiteFn` (``None`` for a deterministic
+    site); ``"type"``, ``"is_observed"`` and ``"cond_indep_stack"`` are the trace's. A run on
+    values computes op by op, each operation compiled on its first use in a process. Where a
+    support's bound comes from a computed value (an integer interval up to a count the model
+    computes), only a run on values knows it: the model then runs on ``kwargs``
+    (:func:`trace_model`) and that run's sites are returned.
 
     Example:
         >>> import numpyro, numpyro.distributions as dist
@@ -439,9 +440,11 @@ def abstract_sites(model: Callable[..., Any], kwargs: Mapping[str, Any]) -> dict
         ((3,), 10)
     """
     found: dict[str, dict[str, Any]] = {}
+    arrays = {key: value for key, value in kwargs.items() if isinstance(value, jax.Array | np.ndarray)}
+    static = {key: value for key, value in kwargs.items() if key not in arrays}
 
     def run(arrays: Mapping[str, Any]) -> None:
-        for name, site in trace_model(model, arrays).items():
+        for name, site in trace_model(model, {**arrays, **static}).items():
             if site["type"] not in ("sample", "deterministic"):
                 continue
             fn, value = site.get("fn"), site["value"]
@@ -458,7 +461,7 @@ def abstract_sites(model: Callable[..., Any], kwargs: Mapping[str, Any]) -> dict
             }
 
     try:
-        jax.eval_shape(run, dict(kwargs))
+        jax.eval_shape(run, arrays)
     except _NeedsValues:
         return {n: s for n, s in trace_model(model, kwargs).items() if s["type"] in ("sample", "deterministic")}
     return found
