@@ -193,7 +193,7 @@ class TestWhatIsSaved:
         assert (saved.path, saved.step, saved.epoch) == (reference.dirpath / "14", 14, 1)
         np.testing.assert_array_equal(saved.losses, reference.result.losses[:14], strict=True)
         meta = saved.meta
-        assert meta["format"] == CHECKPOINT_FORMAT == 3 and (meta["step"], meta["epoch"]) == (14, 1)
+        assert meta["format"] == CHECKPOINT_FORMAT == 4 and (meta["step"], meta["epoch"]) == (14, 1)
         assert meta["rng_key"]["data"] == np.asarray(jax.random.key_data(jax.random.key(0))).tolist()
         assert meta["rng_key"]["impl"] == str(jax.random.key_impl(jax.random.key(0)))
         assert meta["loader_state"]["next_index"] == 3  # chunks [0, 7), [7, 10), [10, 14) done

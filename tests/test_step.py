@@ -12,9 +12,17 @@ import pytest
 from jax.scipy.special import logsumexp
 from numpyro.handlers import block, seed
 from numpyro.infer import SVI, Trace_ELBO, log_likelihood
-from numpyro.infer.autoguide import AutoDelta, AutoGuideList, AutoNormal
+from numpyro.infer.autoguide import (
+    AutoDelta,
+    AutoDiagonalNormal,
+    AutoGuideList,
+    AutoLowRankMultivariateNormal,
+    AutoMultivariateNormal,
+    AutoNormal,
+)
 from optax import adam
 
+from aimz_trainer import Trainer
 from aimz_trainer._checks import check_model_accepts
 from aimz_trainer.data import ChunkSource, ValidationSource, make_chunk_loader
 from aimz_trainer.errors import DataError
@@ -22,6 +30,7 @@ from aimz_trainer.plan import FitPlan
 from aimz_trainer.plates import ModelLayout, model_layout
 from aimz_trainer.step import (
     TrainState,
+    _reachable,
     batch_from,
     first_batch,
     make_init,
@@ -31,6 +40,7 @@ from aimz_trainer.step import (
     make_validation_step,
     pointwise_lpd,
     sample_posterior,
+    set_up_guide,
     traced_svi,
 )
 
@@ -464,3 +474,96 @@ class TestCheckModelAccepts:
 
     def test_uninspectable_callables_are_not_checked(self):
         check_model_accepts(max, ["anything"])  # inspect.signature(max) fails
+
+
+def _guide_list(model):
+    guide = AutoGuideList(model)
+    guide.append(AutoNormal(block(model, hide=["b", "mu"])))
+    guide.append(AutoDelta(block(model, expose=["b"])))
+    return guide
+
+
+class _NumpyInSetUp(AutoNormal):
+    """A guide whose set-up reads a computed value with NumPy: it only runs on values."""
+
+    def _setup_prototype(self, *args, **kwargs):
+        super()._setup_prototype(*args, **kwargs)
+        self.init_total = float(np.sum([np.sum(np.asarray(value)) for value in self._init_locs.values()]))
+
+
+class TestSetUpGuide:
+    """``set_up_guide`` computes NumPyro's set-up of a guide in one compiled program: the guide must
+    be left as a set-up on values (the guide's own first call, op by op) leaves it."""
+
+    @staticmethod
+    def model(x, y=None, *, seen=None):
+        w = numpyro.sample("w", dist.Normal(0.0, 1.0))
+        b = numpyro.sample("b", dist.Normal(0.0, 1.0))
+        scale = numpyro.sample("scale", dist.LogNormal(0.0, 0.5))
+        if seen is not None:
+            seen.append(isinstance(w, jax.core.Tracer))
+        with numpyro.plate("data", x.shape[0]):
+            mu = numpyro.deterministic("mu", w * x + b)
+            numpyro.sample("y", dist.Normal(mu, scale), obs=y)
+
+    @staticmethod
+    def compare(compiled, eager, kwargs):
+        assert list(compiled.prototype_trace) == list(eager.prototype_trace)
+        for name, site in eager.prototype_trace.items():
+            value = compiled.prototype_trace[name]["value"]  # computed by XLA whole, or op by op: to an ulp
+            np.testing.assert_allclose(np.asarray(value), np.asarray(site["value"]), rtol=1e-6)
+        parts = [compiled, *getattr(compiled, "_guides", ())]
+        assert not any(isinstance(node, jax.core.Tracer) for part in parts for node in _reachable(vars(part)))
+        svi = SVI(TestSetUpGuide.model, eager, adam(0.05), Trace_ELBO())
+        params = svi.get_params(svi.init(jax.random.key(3), **kwargs))
+        params = jax.tree.map(lambda value: value * 1.1, params)  # away from the initial values
+        for guide in (compiled, eager):
+            guide.drawn = guide.sample_posterior(jax.random.key(4), params, sample_shape=(5,), **kwargs)
+        assert sorted(compiled.drawn) == sorted(eager.drawn)
+        for name, value in eager.drawn.items():
+            np.testing.assert_array_equal(np.asarray(compiled.drawn[name]), np.asarray(value))
+        if hasattr(eager, "median") and not isinstance(eager, AutoGuideList):
+            for name, value in eager.median(params).items():
+                np.testing.assert_array_equal(np.asarray(compiled.median(params)[name]), np.asarray(value))
+
+    @pytest.mark.parametrize(
+        "make_guide",
+        [AutoNormal, AutoDiagonalNormal, AutoDelta, AutoMultivariateNormal, AutoLowRankMultivariateNormal, _guide_list],
+    )
+    def test_leaves_the_guide_as_a_set_up_on_values(self, make_guide):
+        kwargs = {"x": np.linspace(-1, 1, 6, dtype=np.float32), "y": np.linspace(0, 1, 6, dtype=np.float32)}
+        compiled, eager = make_guide(self.model), make_guide(self.model)
+        seen = []
+        set_up_guide(compiled, jax.random.key(1), {**kwargs, "seen": seen})
+        assert seen and all(seen), seen  # every run of the model was traced: nothing ran op by op
+        seed(eager, jax.random.key(1))(**kwargs)
+        self.compare(compiled, eager, kwargs)
+
+    def test_a_set_up_that_only_runs_on_values_runs_on_values(self):
+        kwargs = {"x": np.linspace(-1, 1, 6, dtype=np.float32), "y": np.linspace(0, 1, 6, dtype=np.float32)}
+        compiled, eager = _NumpyInSetUp(self.model), _NumpyInSetUp(self.model)
+        seen = []
+        set_up_guide(compiled, jax.random.key(1), {**kwargs, "seen": seen})
+        assert False in seen  # the compiled set-up could not trace: the set-up ran on values
+        seed(eager, jax.random.key(1))(**kwargs)
+        assert compiled.init_total == eager.init_total
+        self.compare(compiled, eager, kwargs)
+
+    @pytest.mark.parametrize("make_guide", [AutoDiagonalNormal, AutoMultivariateNormal, AutoNormal])
+    def test_a_fits_parameters_read_right_by_the_guide_set_up_on_values(self, make_guide):
+        """The sites' layout in a fit's parameters is the one a set-up on values reads: an
+        AutoContinuous guide's latent vector in the model's order (``w`` before ``b``), not by
+        name, so ``guide.sample_posterior`` gives each site its own values, those the fit drew."""
+        x = np.linspace(-1, 1, 200, dtype=np.float32)
+        data = {"x": x, "y": (3.0 * x - 5.0).astype(np.float32)}
+        guide = make_guide(self.model)
+        svi = SVI(self.model, guide, adam(0.05), Trace_ELBO())
+        result = Trainer(max_epochs=150, rng_key=jax.random.key(0), enable_progress_bar=False).fit(
+            svi, data, batch_size=200, num_samples=100
+        )
+        fitted = {name: float(result.posterior[name].mean()) for name in ("w", "b")}
+        assert fitted["w"] - fitted["b"] > 2.0  # on their way to 3 and -5: apart, so a swap shows
+        seed(guide, jax.random.key(1))(**data)  # NumPyro's own set-up, on values
+        draws = guide.sample_posterior(jax.random.key(2), result.params, sample_shape=(400,), **data)
+        for name, mean in fitted.items():
+            assert abs(float(draws[name].mean()) - mean) < 0.1, (name, float(draws[name].mean()), mean)

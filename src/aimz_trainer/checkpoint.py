@@ -74,9 +74,11 @@ __all__ = [
     "warn_checkpoint",
 ]
 
-# 2 packed the arrays into one buffer per dtype, sliced by the parameter tree; 1 stored them
-# with orbax's StandardSave (tensorstore).
-CHECKPOINT_FORMAT = 3
+# 3 held an AutoContinuous guide's latent vector (auto_loc, ...) with its sites in name order,
+# where a guide set up on values reads them in the model's order: read by this version, its
+# sites could be swapped without a sign, so it is refused; 2 packed the arrays into one buffer
+# per dtype, sliced by the parameter tree; 1 stored them with orbax's StandardSave (tensorstore).
+CHECKPOINT_FORMAT = 4
 _ARRAYS_FILE = "arrays.npz"
 _ITEMS = ("meta", "state")
 _PARAMS = "params/"

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
+import functools
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -130,7 +131,6 @@ def traced_svi(
         svi.loss = independent_of_hash_seed(svi.loss)
         with at_rows(row_plates, indices):  # only the init: the caller chooses the rows of the rest
             state = svi.init(jax.random.key(0) if rng_key is None else rng_key, **batch)
-        _sites_in_model_order(svi)
         token = _active_set_ups.set({**_active_set_ups.get(), id(svi): (state, rng_key)})
         try:
             yield state
@@ -247,15 +247,36 @@ def depth_first_from_outputs(jaxpr: Jaxpr) -> list[JaxprEqn]:
     return ordered
 
 
-def _sites_in_model_order(svi: SVI) -> None:
-    """Put an ``AutoGuide``'s sites back in the model's order. Set up under a trace, NumPyro
-    returns them sorted by name (a pytree), set up eagerly in the model's order; and
-    ``sample_posterior`` draws them in that order from one key, so only the model's order makes
-    a compiled draw equal NumPyro's own for the same key."""
-    for part in _stateful_parts(svi):
-        locs = getattr(part, "_init_locs", None)
-        if isinstance(part, AutoGuide) and isinstance(locs, dict) and part.prototype_trace is not None:
-            part._init_locs = {name: locs[name] for name in part.prototype_trace if name in locs}
+class _LocsInModelOrder:
+    """Mixed into an ``AutoGuide``'s class while it is set up under a trace: the initial values
+    its set-up stores (``_init_locs``) are kept in the model's order of its sites.
+
+    Set up under a trace, NumPyro finds them sorted by name (a pytree out of a loop); set up on
+    values, in the model's order. An ``AutoContinuous`` guide ravels them in that order into its
+    one latent vector (``_init_latent``, ``_unpack_latent``): set up under a trace it would lay
+    the sites out by name, so a fit's ``auto_loc`` would not be read right by the same guide set
+    up on values (``guide.sample_posterior`` would give ``b``'s values as ``w``'s); and an
+    ``AutoNormal`` draws its sites in this order from one key. The order is set where the set-up
+    stores the values, before anything reads them."""
+
+    __slots__ = ()  # the guide's own layout: its class can be swapped for this one and back
+
+    @property
+    def _init_locs(self) -> Any:
+        return vars(self)["_init_locs"]
+
+    @_init_locs.setter
+    def _init_locs(self, locs: Any) -> None:
+        prototype = vars(self).get("prototype_trace")
+        if isinstance(locs, dict) and prototype is not None:
+            locs = {name: locs[name] for name in prototype if name in locs}
+        vars(self)["_init_locs"] = locs
+
+
+@functools.cache
+def _with_locs_in_model_order(cls: type) -> type:
+    names = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "__slots__": ()}
+    return type(cls.__name__, (cls, _LocsInModelOrder), names)  # the guide's layout first: swappable
 
 
 @contextlib.contextmanager
@@ -265,14 +286,16 @@ def restored_after(obj: SVI | Callable[..., Any]) -> Iterator[None]:
     was set up before (:func:`set_up_guide`); on exit, put back exactly as it was: what they set
     up on themselves inside a trace holds tracers."""
     parts = _stateful_parts(obj)
-    saved = [(part, dict(vars(part))) for part in parts]
+    saved = [(part, type(part), dict(vars(part))) for part in parts]
     for part in parts:
         if isinstance(part, AutoGuide):
             part.prototype_trace = None  # what an AutoGuide checks before it sets itself up
+            part.__class__ = _with_locs_in_model_order(type(part))
     try:
         yield
     finally:
-        for part, attributes in saved:
+        for part, cls, attributes in saved:
+            part.__class__ = cls
             vars(part).clear()
             vars(part).update(attributes)
 
@@ -319,8 +342,139 @@ def set_up_guide(guide: Callable[..., Any], rng_key: jax.Array, kwargs: Mapping[
         >>> sorted(guide.sample_posterior(jax.random.key(1), {"w_auto_loc": 0.0, "w_auto_scale": 1.0}))
         ['w']
     """
-    if isinstance(guide, AutoGuide) and guide.prototype_trace is None:
+    if not isinstance(guide, AutoGuide) or guide.prototype_trace is not None:
+        return
+    state = _set_up_compiled(guide, rng_key, kwargs)
+    if state is None:
         handlers.seed(guide, rng_key)(**kwargs)  # an AutoGuide sets itself up on its first call
+        return
+    for part, attributes in zip(_stateful_parts(guide), state, strict=True):
+        vars(part).update(attributes)
+
+
+def _set_up_compiled(guide: AutoGuide, rng_key: jax.Array, kwargs: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """What setting ``guide`` up on ``kwargs`` leaves on it and on every guide inside it (their
+    attributes), computed by one compiled program instead of op by op (each operation of
+    NumPyro's set-up compiled on its first use: seconds on a CPU). ``kwargs`` enter as
+    constants, so what the guide keeps of them is the arrays themselves, as after a set-up on
+    values; every value the set-up computes is an output of the program, put back where the
+    set-up left it (containers, objects, closures). ``None`` where that cannot be done: the
+    set-up does not trace (Python control flow on values), or a computed value stays out of
+    reach."""
+    parts = _stateful_parts(guide)
+    traced: list[tuple[list[dict[str, Any]], list[Any]]] = []
+
+    def set_up(key: jax.Array) -> list[jax.Array]:
+        with restored_after(guide):  # the guide itself is left as it was, not set up
+            handlers.seed(guide, key)(**kwargs)
+            attributes = [dict(vars(part)) for part in parts]
+        tracers = [node for node in _reachable(attributes) if _is_tracer(node)]
+        traced.append((attributes, tracers))
+        return tracers
+
+    try:
+        values = jax.jit(set_up)(rng_key)
+        ((attributes, tracers),) = traced
+        concrete = {id(tracer): value for tracer, value in zip(tracers, values, strict=True)}
+        state = _substituted(attributes, concrete, {})
+    except Exception:  # a set-up that only runs on values, or a structure that cannot be rebuilt
+        return None
+    return None if any(_is_tracer(node) for node in _reachable(state)) else state
+
+
+def _is_tracer(value: Any) -> bool:
+    return isinstance(value, jax.core.Tracer)
+
+
+_ATOMS = (str, bytes, int, float, complex, bool, type(None), np.ndarray, np.generic, type, types.ModuleType)
+
+
+def _children(node: Any) -> list[Any]:
+    """What ``node`` holds: a container's items, an object's attributes (``__dict__`` and
+    ``__slots__``), a ``functools.partial``'s function and arguments, a function's closure and
+    defaults (not its module's globals), a bound method's function and object."""
+    if isinstance(node, dict):
+        return [*node.keys(), *node.values()]
+    if isinstance(node, list | tuple | set | frozenset):
+        return list(node)
+    if isinstance(node, functools.partial):
+        return [node.func, node.args, node.keywords]
+    if isinstance(node, types.FunctionType):
+        return [
+            *(cell.cell_contents for cell in node.__closure__ or () if _cell_is_set(cell)),
+            node.__defaults__,
+            node.__kwdefaults__,
+        ]
+    if isinstance(node, types.MethodType):
+        return [node.__func__, node.__self__]
+    held = list(vars(node).values()) if hasattr(node, "__dict__") else []
+    return held + [getattr(node, name) for name in _slots(node) if hasattr(node, name)]
+
+
+def _slots(node: Any) -> list[str]:
+    return [name for cls in type(node).__mro__ for name in getattr(cls, "__slots__", ()) if name != "__dict__"]
+
+
+def _cell_is_set(cell: Any) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 -- an empty cell raises
+    except ValueError:
+        return False
+    return True
+
+
+def _reachable(root: Any) -> Iterator[Any]:
+    """Every object reachable from ``root`` through :func:`_children`, each once."""
+    pending, seen = [root], set()
+    while pending:
+        node = pending.pop()
+        if isinstance(node, _ATOMS) or id(node) in seen:
+            continue
+        seen.add(id(node))
+        yield node
+        if not isinstance(node, jax.Array):
+            pending.extend(_children(node))
+
+
+def _substituted(node: Any, concrete: Mapping[int, Any], memo: dict[int, Any]) -> Any:
+    """``node`` with every tracer in ``concrete`` replaced by its value, where :func:`_children`
+    reaches it: mutable holders changed in place, tuples and partials rebuilt."""
+    if _is_tracer(node):
+        return concrete.get(id(node), node)
+    if isinstance(node, (*_ATOMS, jax.Array)) or id(node) in memo:
+        return memo.get(id(node), node)
+    memo[id(node)] = node
+
+    def sub(value: Any) -> Any:
+        return _substituted(value, concrete, memo)
+
+    if isinstance(node, dict):
+        for key, value in list(node.items()):
+            if (new := sub(value)) is not value:
+                node[key] = new
+    elif isinstance(node, list):
+        node[:] = [sub(value) for value in node]
+    elif isinstance(node, tuple):
+        items = [sub(value) for value in node]
+        if any(new is not old for new, old in zip(items, node, strict=True)):
+            memo[id(node)] = type(node)._make(items) if hasattr(node, "_make") else type(node)(items)
+    elif isinstance(node, functools.partial):
+        func, args, keywords = sub(node.func), sub(node.args), sub(node.keywords)
+        node.__setstate__((func, args, keywords, vars(node) or None))
+    elif isinstance(node, types.FunctionType):
+        for cell in node.__closure__ or ():
+            if _cell_is_set(cell) and (new := sub(cell.cell_contents)) is not cell.cell_contents:
+                cell.cell_contents = new
+        node.__defaults__, node.__kwdefaults__ = sub(node.__defaults__), sub(node.__kwdefaults__)
+    elif isinstance(node, types.MethodType):
+        sub(node.__self__)
+    else:
+        if hasattr(node, "__dict__"):
+            sub(vars(node))
+        for name in _slots(node):
+            if hasattr(node, name) and (new := sub(getattr(node, name))) is not getattr(node, name):
+                object.__setattr__(node, name, new)
+    return memo[id(node)]
 
 
 def model_kwargs(svi: SVI, batch: Batch) -> dict[str, Any]:
