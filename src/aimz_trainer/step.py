@@ -22,8 +22,11 @@ current trace and then puts the objects back exactly as the user handed them ove
 ``svi`` and guide never hold a tracer, and set-up costs one trace instead of hundreds of eager
 compilations. A guide that code outside the library reads after a fit (``arviz.from_numpyro_svi``
 calls ``guide.sample_posterior``) must be set up on concrete values as ``SVI.init`` leaves it:
-:func:`set_up_guide` does that, once, eagerly (its cost, about 2 s of compilation on a 2-core
-CPU even for a one-site model, is why a fit does not do it unasked).
+:func:`set_up_guide` does that, once, computing NumPyro's set-up in one compiled program and
+leaving its values where a set-up on values leaves them (still a compile, so a fit does not do it
+unasked). Set up under a trace, a guide keeps its sites in the model's order, as a set-up on
+values does (:class:`_LocsInModelOrder`): a fit's parameters and a guide set up afterwards agree
+on where each site sits in an ``AutoContinuous`` guide's latent vector.
 """
 
 from __future__ import annotations
@@ -295,7 +298,8 @@ def restored_after(obj: SVI | Callable[..., Any]) -> Iterator[None]:
         yield
     finally:
         for part, cls, attributes in saved:
-            part.__class__ = cls
+            if type(part) is not cls:  # an AutoGuide's, swapped above
+                part.__class__ = cls
             vars(part).clear()
             vars(part).update(attributes)
 
