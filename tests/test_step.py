@@ -536,6 +536,7 @@ class TestSetUpGuide:
         seen = []
         set_up_guide(compiled, jax.random.key(1), {**kwargs, "seen": seen})
         assert seen and all(seen), seen  # every run of the model was traced: nothing ran op by op
+        assert compiled.prototype_trace["y"]["value"] is kwargs["y"]  # the data kept as given, as on values
         seed(eager, jax.random.key(1))(**kwargs)
         self.compare(compiled, eager, kwargs)
 

@@ -359,27 +359,31 @@ def set_up_guide(guide: Callable[..., Any], rng_key: jax.Array, kwargs: Mapping[
 def _set_up_compiled(guide: AutoGuide, rng_key: jax.Array, kwargs: Mapping[str, Any]) -> list[dict[str, Any]] | None:
     """What setting ``guide`` up on ``kwargs`` leaves on it and on every guide inside it (their
     attributes), computed by one compiled program instead of op by op (each operation of
-    NumPyro's set-up compiled on its first use: seconds on a CPU). ``kwargs`` enter as
-    constants, so what the guide keeps of them is the arrays themselves, as after a set-up on
-    values; every value the set-up computes is an output of the program, put back where the
-    set-up left it (containers, objects, closures). ``None`` where that cannot be done: the
-    set-up does not trace (Python control flow on values), or a computed value stays out of
-    reach."""
+    NumPyro's set-up compiled on its first use: seconds on a CPU). Every value the set-up
+    computes is an output of the program, put back where the set-up left it (containers,
+    objects, closures); where it keeps an input itself, the input array is put back, as a set-up
+    on values keeps it. The arrays of ``kwargs`` are the program's arguments (its compilation,
+    and its cache entry, serve any data of their shapes), the rest pass as they are. ``None``
+    where that cannot be done: the set-up does not trace (Python control flow on values), or a
+    computed value stays out of reach."""
     parts = _stateful_parts(guide)
-    traced: list[tuple[list[dict[str, Any]], list[Any]]] = []
+    arrays = {key: value for key, value in kwargs.items() if isinstance(value, jax.Array | np.ndarray)}
+    static = {key: value for key, value in kwargs.items() if key not in arrays}
+    traced: list[tuple[list[dict[str, Any]], list[Any], dict[int, Any]]] = []
 
-    def set_up(key: jax.Array) -> list[jax.Array]:
+    def set_up(key: jax.Array, inputs: dict[str, jax.Array]) -> list[jax.Array]:
         with restored_after(guide):  # the guide itself is left as it was, not set up
-            handlers.seed(guide, key)(**kwargs)
+            handlers.seed(guide, key)(**inputs, **static)
             attributes = [dict(vars(part)) for part in parts]
-        tracers = [node for node in _reachable(attributes) if _is_tracer(node)]
-        traced.append((attributes, tracers))
+        given = {id(inputs[name]): arrays[name] for name in inputs}
+        tracers = [node for node in _reachable(attributes) if _is_tracer(node) and id(node) not in given]
+        traced.append((attributes, tracers, given))
         return tracers
 
     try:
-        values = jax.jit(set_up)(rng_key)
-        ((attributes, tracers),) = traced
-        concrete = {id(tracer): value for tracer, value in zip(tracers, values, strict=True)}
+        values = jax.jit(set_up)(rng_key, arrays)
+        ((attributes, tracers, given),) = traced
+        concrete = {**given, **{id(tracer): value for tracer, value in zip(tracers, values, strict=True)}}
         state = _substituted(attributes, concrete, {})
     except Exception:  # a set-up that only runs on values, or a structure that cannot be rebuilt
         return None
