@@ -49,6 +49,7 @@ __all__ = [
     "on_rows",
     "padding_masked",
     "site_dims",
+    "split_arrays",
     "trace_model",
 ]
 
@@ -440,8 +441,7 @@ def abstract_sites(model: Callable[..., Any], kwargs: Mapping[str, Any]) -> dict
         ((3,), 10)
     """
     found: dict[str, dict[str, Any]] = {}
-    arrays = {key: value for key, value in kwargs.items() if isinstance(value, jax.Array | np.ndarray)}
-    static = {key: value for key, value in kwargs.items() if key not in arrays}
+    arrays, static = split_arrays(kwargs)
 
     def run(arrays: Mapping[str, Any]) -> None:
         for name, site in trace_model(model, {**arrays, **static}).items():
@@ -465,6 +465,13 @@ def abstract_sites(model: Callable[..., Any], kwargs: Mapping[str, Any]) -> dict
     except _NeedsValues:
         return {n: s for n, s in trace_model(model, kwargs).items() if s["type"] in ("sample", "deterministic")}
     return found
+
+
+def split_arrays(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(arrays, the rest)`` of a model's keyword arguments: what a trace takes as its inputs,
+    and what passes into the model as it is."""
+    arrays = {key: value for key, value in kwargs.items() if isinstance(value, jax.Array | np.ndarray)}
+    return arrays, {key: value for key, value in kwargs.items() if key not in arrays}
 
 
 class _NeedsValues(Exception):

@@ -52,7 +52,7 @@ from numpyro.infer.svi import SVIState
 from numpyro.infer.util import log_likelihood
 
 from aimz_trainer.errors import ConfigurationError
-from aimz_trainer.plates import ModelLayout, RowPadding, at_rows, on_rows, padding_masked
+from aimz_trainer.plates import ModelLayout, RowPadding, at_rows, on_rows, padding_masked, split_arrays
 
 __all__ = [
     "BUILT_IN_STEP_METRICS",
@@ -367,8 +367,7 @@ def _set_up_compiled(guide: AutoGuide, rng_key: jax.Array, kwargs: Mapping[str, 
     where that cannot be done: the set-up does not trace (Python control flow on values), or a
     computed value stays out of reach."""
     parts = _stateful_parts(guide)
-    arrays = {key: value for key, value in kwargs.items() if isinstance(value, jax.Array | np.ndarray)}
-    static = {key: value for key, value in kwargs.items() if key not in arrays}
+    arrays, static = split_arrays(kwargs)
     traced: list[tuple[list[dict[str, Any]], list[Any], dict[int, Any]]] = []
 
     def set_up(key: jax.Array, inputs: dict[str, jax.Array]) -> list[jax.Array]:
