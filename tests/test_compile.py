@@ -8,6 +8,7 @@ from collections import Counter
 import jax
 import numpy as np
 import pytest
+from numpyro.infer.autoguide import AutoNormal
 
 import aimz_trainer.trainer as trainer_module
 from aimz_trainer import Trainer
@@ -109,3 +110,34 @@ def test_grain_starts_while_the_chunk_compiles_when_records_need_no_rows_from_it
     expected = ["chunk traced", "loader"] if placement == "device" else ["loader", "chunk traced"]
     assert order == expected
     assert result.losses.shape == (10,)
+
+
+def test_init_and_the_chunk_share_one_traced_set_up_of_the_guide(monkeypatch):
+    set_ups = []
+    set_up = AutoNormal._setup_prototype
+
+    def counted(self, *args, **kwargs):
+        set_ups.append(self)
+        return set_up(self, *args, **kwargs)
+
+    lower = FitPrograms.lower
+
+    def lower_counted(self, *args, **kwargs):
+        set_ups.clear()
+        shapes = lower(self, *args, **kwargs)
+        seen["set_ups_while_lowered"] = len(set_ups)
+        return shapes
+
+    seen: dict[str, int] = {}
+    monkeypatch.setattr(AutoNormal, "_setup_prototype", counted)
+    monkeypatch.setattr(FitPrograms, "lower", lower_counted)
+    result = fit(validate=False)
+    # Traced apart, init and the chunk each set the guide up (2).
+    assert seen["set_ups_while_lowered"] == 1
+    # The programs split out of one trace compute what each traced on its own computes.
+    monkeypatch.setattr(trainer_module.FitPrograms, "lower", lower)
+    monkeypatch.setattr("aimz_trainer.compile.split_trace", lambda *args, **kwargs: None)
+    apart = fit(validate=False)
+    np.testing.assert_array_equal(result.losses, apart.losses)
+    for name in result.params:
+        np.testing.assert_array_equal(result.params[name], apart.params[name])

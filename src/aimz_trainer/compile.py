@@ -26,6 +26,7 @@ from aimz_trainer.checkpoint import tree_signature
 from aimz_trainer.errors import ConfigurationError
 from aimz_trainer.plates import ModelLayout, RowPadding, model_guide_checked
 from aimz_trainer.sharding import record_shardings, replicated
+from aimz_trainer.split_trace import HandOver, split_trace
 from aimz_trainer.step import (
     StepMetric,
     TrainState,
@@ -141,14 +142,31 @@ class FitPrograms:
                 final = params(state.svi_state, device_data, record)
             return state, ChunkOutputs(losses, final, metrics, learning_rate(state.svi_state.optim_state))
 
+        def init_then_chunk(
+            hand_over: HandOver, rng_key: jax.Array, device_data: Any, record: Record, previous: SVIState | None
+        ) -> tuple[tuple[TrainState, Params], tuple[TrainState, ChunkOutputs]]:
+            # Both parts inside one set-up: the chunk's nests in the init's.
+            with traced_svi(self._svi, *first_batch(device_data, record, self._padding), plates, rng_key):
+                state, params = init_with_params(rng_key, device_data, record, previous)
+                return (state, params), chunk_with_outputs(hand_over(state), device_data, record)
+
         shardings = (rep, rep, record_shardings(self._mesh, record))
         with model_guide_checked():  # the chunk's trace is the ELBO's first
-            lowered_init = jax.jit(init_with_params, in_shardings=(*shardings, rep), out_shardings=rep).lower(
+            parts = None
+            if self._padding.rows == record["indices"].shape[1]:  # init's set-up batch is the chunk's
+                parts = split_trace(
+                    init_then_chunk,
+                    (rng_key, self.device_data, record, svi_state),
+                    second_args=(1, 2),
+                    names=("init_with_params", "chunk_with_outputs"),
+                )
+            init_part, chunk_part = parts or (init_with_params, chunk_with_outputs)
+            lowered_init = jax.jit(init_part, in_shardings=(*shardings, rep), out_shardings=rep).lower(
                 rng_key, self.device_data, record, svi_state
             )
             # init runs once: unoptimized code compiles faster than it loses at run time.
             self._init = self._pool.submit(lowered_init.compile, {"xla_backend_optimization_level": 0})
-            chunk = jax.jit(chunk_with_outputs, in_shardings=shardings, out_shardings=rep)
+            chunk = jax.jit(chunk_part, in_shardings=shardings, out_shardings=rep)
             lowered_chunk = chunk.lower(lowered_init.out_info[0], self.device_data, record)
         self._chunk = self._pool.submit(lowered_chunk.compile)
         self._init_args = (rng_key, svi_state)
