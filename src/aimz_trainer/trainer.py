@@ -45,6 +45,7 @@ from aimz_trainer.data import (
 from aimz_trainer.errors import CheckpointError, ConfigurationError
 from aimz_trainer.evaluation import EvaluationSource, evaluate
 from aimz_trainer.fit_inputs import FitInputs, check_fit_inputs
+from aimz_trainer.gc_pause import gc_paused
 from aimz_trainer.loop import ChunkLoop, Records
 from aimz_trainer.plan import BatchLimit, Every, FitPlan, epoch_length, limited
 from aimz_trainer.preemption import catch_preemption, save_on_preemption
@@ -701,22 +702,23 @@ class Trainer:
         """Compile, restore, loop and draw: the stages that hold compiled programs."""
         self.plan = fit.plan
         state = fit.state
-        params_shapes = programs.lower(keys.init, records.like, init_state)
-        validator = None
-        if inputs.val_arrays is not None:  # traced, and compiled, while the chunk compiles
-            validator = Validator(
-                programs,
-                place_data(inputs.val_arrays, self.placement, self.mesh),  # type: ignore[arg-type]
-                self.mesh,
-                batch_size=inputs.val_batch_size,
-                num_samples=inputs.val_num_samples,
-                num_train_rows=inputs.num_rows,
-                rng_key=keys.validation,
-                every=self._validate_every(inputs),
-                params=params_shapes,
-                limit_batches=self.limit_val_batches,
-            )
-        train_state, state.params, chunk_fn = programs.start(records.first)  # Grain opens while they compile
+        with gc_paused():  # the programs' traces and Grain's start: the collector would walk the process each time
+            params_shapes = programs.lower(keys.init, records.like, init_state)
+            validator = None
+            if inputs.val_arrays is not None:  # traced, and compiled, while the chunk compiles
+                validator = Validator(
+                    programs,
+                    place_data(inputs.val_arrays, self.placement, self.mesh),  # type: ignore[arg-type]
+                    self.mesh,
+                    batch_size=inputs.val_batch_size,
+                    num_samples=inputs.val_num_samples,
+                    num_train_rows=inputs.num_rows,
+                    rng_key=keys.validation,
+                    every=self._validate_every(inputs),
+                    params=params_shapes,
+                    limit_batches=self.limit_val_batches,
+                )
+            train_state, state.params, chunk_fn = programs.start(records.first)  # Grain opens while they compile
         state.svi_state = train_state.svi_state
         losses: list[np.ndarray] = []
         if resume is not None:
