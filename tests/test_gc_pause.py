@@ -9,6 +9,7 @@ import threading
 import jax
 import pytest
 
+import aimz_trainer.compile as compile_module
 from aimz_trainer import Trainer
 from aimz_trainer.compile import FitPrograms
 from aimz_trainer.gc_pause import gc_paused
@@ -70,7 +71,7 @@ def test_it_comes_back_on_after_an_exception():
     assert gc.isenabled()
 
 
-def test_a_fit_traces_its_programs_with_the_collector_off_and_turns_it_back_on(monkeypatch):
+def test_a_fit_traces_its_programs_and_draws_with_the_collector_off_and_turns_it_back_on(monkeypatch):
     seen = []
     lower = FitPrograms.lower
 
@@ -78,9 +79,21 @@ def test_a_fit_traces_its_programs_with_the_collector_off_and_turns_it_back_on(m
         seen.append(gc.isenabled())
         return lower(self, *args, **kwargs)
 
+    def sampler_spy(*args, **kwargs):
+        sampler = make_sampler(*args, **kwargs)
+
+        def traced(*inputs):
+            seen.append(("draws", gc.isenabled()))
+            return sampler(*inputs)
+
+        return traced
+
+    make_sampler = compile_module.make_posterior_sampler
     monkeypatch.setattr(FitPrograms, "lower", spy)
+    monkeypatch.setattr(compile_module, "make_posterior_sampler", sampler_spy)
     data = linear_data(200)
     trainer = Trainer(max_epochs=1, rng_key=jax.random.key(0), enable_progress_bar=False)
-    trainer.fit(linear_svi(200), data, batch_size=50)
-    assert seen == [False]
+    result = trainer.fit(linear_svi(200), data, batch_size=50, num_samples=4)
+    assert result.posterior["b"].shape == (4,)
+    assert seen == [False, ("draws", False)]
     assert gc.isenabled()

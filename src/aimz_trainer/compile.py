@@ -24,6 +24,7 @@ from numpyro.infer.svi import SVIState
 
 from aimz_trainer.checkpoint import tree_signature
 from aimz_trainer.errors import ConfigurationError
+from aimz_trainer.gc_pause import gc_paused
 from aimz_trainer.plates import ModelLayout, RowPadding, model_guide_checked
 from aimz_trainer.sharding import record_shardings, replicated
 from aimz_trainer.split_trace import HandOver, split_trace
@@ -218,7 +219,8 @@ class FitPrograms:
                 in_shardings=(rep, rep, rep, record_shardings(self._mesh, self.draw_record)),
                 out_shardings=rep,
             )
-            lowered = sampler.lower(svi_state, rng_key, self.device_data, self.draw_record)
+            with gc_paused():
+                lowered = sampler.lower(svi_state, rng_key, self.device_data, self.draw_record)
             # Optimization level 1 compiles faster than the default and runs a function that
             # is called a few times as fast.
             self._samplers[num_samples] = lowered.compile({"xla_backend_optimization_level": 1})
