@@ -8,13 +8,15 @@ from collections import Counter
 import jax
 import numpy as np
 import pytest
+from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoNormal
+from optax import adam
 
 import aimz_trainer.trainer as trainer_module
 from aimz_trainer import Trainer
 from aimz_trainer.compile import FitPrograms
 
-from .conftest import linear_data, linear_svi
+from .conftest import linear_data, linear_model, linear_svi
 
 TRACE = "/jax/core/compile/jaxpr_trace_duration"
 COMPILE = "/jax/core/compile/backend_compile_duration"  # a persistent-cache read counts too
@@ -141,3 +143,43 @@ def test_init_and_the_chunk_share_one_traced_set_up_of_the_guide(monkeypatch):
     np.testing.assert_array_equal(result.losses, apart.losses)
     for name in result.params:
         np.testing.assert_array_equal(result.params[name], apart.params[name])
+
+
+def test_a_model_with_a_callback_is_traced_apart_and_trains_as_numpyro_does(monkeypatch):
+    """A callback in the model would run in both programs split out of one trace: no split."""
+    model = linear_model(200)
+    seen = []
+
+    def with_callback(x, y=None):
+        jax.debug.callback(lambda rows: seen.append(int(rows)), x.shape[0])
+        model(x, y)
+
+    set_ups = []
+    set_up = AutoNormal._setup_prototype
+
+    def counted(self, *args, **kwargs):
+        set_ups.append(self)
+        return set_up(self, *args, **kwargs)
+
+    lower = FitPrograms.lower
+    while_lowered = {}
+
+    def lower_counted(self, *args, **kwargs):
+        set_ups.clear()
+        shapes = lower(self, *args, **kwargs)
+        while_lowered["set_ups"] = len(set_ups)
+        return shapes
+
+    monkeypatch.setattr(AutoNormal, "_setup_prototype", counted)
+    monkeypatch.setattr(FitPrograms, "lower", lower_counted)
+    data = linear_data(200)
+    trainer = Trainer(max_epochs=1, rng_key=jax.random.key(0), enable_progress_bar=False)
+    svi = SVI(with_callback, AutoNormal(with_callback), adam(0.05), Trace_ELBO())
+    result = trainer.fit(svi, data, batch_size=50)
+    # The trace that could not be split, then init's and the chunk's, each on its own.
+    assert while_lowered == {"set_ups": 3}
+    assert seen and set(seen) == {50}  # the callback ran, on batches of 50 rows
+    plain = Trainer(max_epochs=1, rng_key=jax.random.key(0), enable_progress_bar=False).fit(
+        linear_svi(200), data, batch_size=50
+    )
+    np.testing.assert_allclose(result.losses, plain.losses, rtol=1e-6)
