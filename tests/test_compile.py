@@ -114,38 +114,41 @@ def test_grain_starts_while_the_chunk_compiles_when_records_need_no_rows_from_it
     assert result.losses.shape == (10,)
 
 
-def test_init_and_the_chunk_share_one_traced_set_up_of_the_guide(monkeypatch):
-    set_ups = []
-    set_up = AutoNormal._setup_prototype
+@pytest.fixture
+def set_ups_while_lowered(monkeypatch):
+    """``{"count": n}``: how many times the last ``FitPrograms.lower`` set an ``AutoNormal`` up."""
+    set_ups, seen = [], {}
+    set_up, lower = AutoNormal._setup_prototype, FitPrograms.lower
 
     def counted(self, *args, **kwargs):
         set_ups.append(self)
         return set_up(self, *args, **kwargs)
 
-    lower = FitPrograms.lower
-
     def lower_counted(self, *args, **kwargs):
         set_ups.clear()
         shapes = lower(self, *args, **kwargs)
-        seen["set_ups_while_lowered"] = len(set_ups)
+        seen["count"] = len(set_ups)
         return shapes
 
-    seen: dict[str, int] = {}
     monkeypatch.setattr(AutoNormal, "_setup_prototype", counted)
     monkeypatch.setattr(FitPrograms, "lower", lower_counted)
+    return seen
+
+
+def test_init_and_the_chunk_share_one_traced_set_up_of_the_guide(monkeypatch, set_ups_while_lowered):
     result = fit(validate=False)
     # Traced apart, init and the chunk each set the guide up (2).
-    assert seen["set_ups_while_lowered"] == 1
+    assert set_ups_while_lowered == {"count": 1}
     # The programs split out of one trace compute what each traced on its own computes.
-    monkeypatch.setattr(trainer_module.FitPrograms, "lower", lower)
     monkeypatch.setattr("aimz_trainer.compile.split_trace", lambda *args, **kwargs: None)
     apart = fit(validate=False)
+    assert set_ups_while_lowered == {"count": 2}
     np.testing.assert_array_equal(result.losses, apart.losses)
     for name in result.params:
         np.testing.assert_array_equal(result.params[name], apart.params[name])
 
 
-def test_a_model_with_a_callback_is_traced_apart_and_trains_as_numpyro_does(monkeypatch):
+def test_a_model_with_a_callback_is_traced_apart_and_trains_as_numpyro_does(set_ups_while_lowered):
     """A callback in the model would run in both programs split out of one trace: no split."""
     model = linear_model(200)
     seen = []
@@ -154,30 +157,12 @@ def test_a_model_with_a_callback_is_traced_apart_and_trains_as_numpyro_does(monk
         jax.debug.callback(lambda rows: seen.append(int(rows)), x.shape[0])
         model(x, y)
 
-    set_ups = []
-    set_up = AutoNormal._setup_prototype
-
-    def counted(self, *args, **kwargs):
-        set_ups.append(self)
-        return set_up(self, *args, **kwargs)
-
-    lower = FitPrograms.lower
-    while_lowered = {}
-
-    def lower_counted(self, *args, **kwargs):
-        set_ups.clear()
-        shapes = lower(self, *args, **kwargs)
-        while_lowered["set_ups"] = len(set_ups)
-        return shapes
-
-    monkeypatch.setattr(AutoNormal, "_setup_prototype", counted)
-    monkeypatch.setattr(FitPrograms, "lower", lower_counted)
     data = linear_data(200)
     trainer = Trainer(max_epochs=1, rng_key=jax.random.key(0), enable_progress_bar=False)
     svi = SVI(with_callback, AutoNormal(with_callback), adam(0.05), Trace_ELBO())
     result = trainer.fit(svi, data, batch_size=50)
     # The trace that could not be split, then init's and the chunk's, each on its own.
-    assert while_lowered == {"set_ups": 3}
+    assert set_ups_while_lowered == {"count": 3}
     assert seen and set(seen) == {50}  # the callback ran, on batches of 50 rows
     plain = Trainer(max_epochs=1, rng_key=jax.random.key(0), enable_progress_bar=False).fit(
         linear_svi(200), data, batch_size=50
