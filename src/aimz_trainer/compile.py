@@ -2,12 +2,13 @@
 that pays.
 
 Compilation is most of a fit's start-up on a CPU, so each program compiles on a worker thread
-from the moment it is lowered: ``init`` while the training chunk is traced, the chunk while
+from the moment it is lowered: ``init`` while the training chunk is lowered, the chunk while
 the calling thread traces validation (with the shapes of the initial parameters, its compile
 queued behind them) and opens the data loader (Grain's import and threads); XLA compiles
-outside the GIL. Tracing stays on the calling thread: it temporarily touches the user's
-``svi``. Posterior draws compile on first use: they are bigger, and a compile in the
-background slows training on a small machine for as long as it runs.
+outside the GIL. ``init`` and the chunk are traced as one function, which sets the SVI up once,
+and split in two (:mod:`aimz_trainer.split_trace`). Tracing stays on the calling thread: it
+temporarily touches the user's ``svi``. Posterior draws compile on first use: they are bigger,
+and a compile in the background slows training on a small machine for as long as it runs.
 """
 
 from __future__ import annotations
@@ -108,7 +109,8 @@ class FitPrograms:
 
     def lower(self, rng_key: jax.Array, record: Record, svi_state: SVIState | None = None) -> Params:
         """Trace init and the training chunk with ``record`` (any record of the fit: they share
-        their shapes), each compiled on a worker thread from the moment it is lowered; return
+        their shapes), as one function where the chunk needs nothing of init's trace but its
+        state, each compiled on a worker thread from the moment it is lowered; return
         the shapes of the initial parameters (as ``jax.ShapeDtypeStruct``), what validation is
         traced with while they compile. Then :meth:`start`.
 
