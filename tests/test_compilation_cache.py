@@ -209,10 +209,13 @@ def test_a_warm_run_reads_every_program_back_with_the_same_results(tmp_path):
     cold = finish(start(tmp_path / "cold", cache_home, hash_seed="1"))
     directory = cache_home / "aimz_trainer" / f"jax-{jax.__version__}"
     assert cold["cache_dir"] == str(directory) and mode(directory) == 0o700
-    assert cold["hits"] == 0 and cold["misses"] > 0
+    assert cold["hits"] == 0 and cold["misses"] > 0 and cold["compiled"] == cold["misses"]
     entries = sorted(directory.glob("*-cache"))
+    # What the run compiled before its Trainer was built too (the cache is on from the import).
+    assert any(entry.name.startswith("jit__truncated_normal-") for entry in entries)
     warm = finish(start(tmp_path / "warm", cache_home, hash_seed="2"))
     assert warm["misses"] == 0 and warm["hits"] == cold["misses"]
+    assert warm["compiled"] == 0  # nothing compiled twice
     assert sorted(directory.glob("*-cache")) == entries
     assert_same_outputs(tmp_path / "cold", tmp_path / "warm")
 

@@ -4,7 +4,10 @@ A short run is mostly compilation (a small fit on a CPU spends most of its secon
 its programs). JAX can keep compiled programs in a directory and read them back in the next
 process instead of compiling again; :func:`use_compilation_cache`, which every entry point calls
 (``Trainer``, ``Predictor``, ``ImpactModel``, and through them the command and the recipes),
-turns that on:
+turns that on. Importing an entry point calls it too, as the environment says: what a script
+compiles before it builds one (a network's initialisation, eager operations on its data) is read
+back by the next process as well; the entry point's ``compilation_cache`` argument then moves
+the cache or turns it off for what follows.
 
 - where: ``<user cache dir>/aimz_trainer/jax-<jax version>``, the user cache dir being
   ``$XDG_CACHE_HOME`` or ``~/.cache`` on Linux, ``~/Library/Caches`` on macOS,

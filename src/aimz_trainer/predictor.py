@@ -90,6 +90,8 @@ from aimz_trainer.store_reading import Chunks, check_chunks, open_store
 
 __all__ = ["DEFAULT_BATCH_SIZE", "Predictor"]
 
+use_compilation_cache()  # from the import on: see aimz_trainer.compilation_cache
+
 DEFAULT_BATCH_SIZE = 100_000  # rows per compiled call and per Zarr block
 
 Draws = dict[str, jax.Array]

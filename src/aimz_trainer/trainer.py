@@ -66,6 +66,8 @@ from aimz_trainer.validation import Validator, sanity_check
 
 __all__ = ["FitKeys", "FitResult", "Trainer", "TrainerState"]
 
+use_compilation_cache()  # from the import on: see aimz_trainer.compilation_cache
+
 Params = dict[str, jax.Array]
 
 # Lightning's bound for a fit limited by time alone.
