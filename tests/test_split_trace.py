@@ -97,3 +97,18 @@ def test_the_parts_carry_the_names_their_programs_get():
     first, second = split_trace(draw_then_scale, ARGS, second_args=[1], names=("init", "chunk"))
     assert "jit_init" in jax.jit(first).lower(*ARGS).as_text()[:2000]
     assert "jit_chunk" in jax.jit(second).lower(ARGS[1], ARGS[1]).as_text()[:2000]
+
+
+def test_the_joint_trace_carries_the_joint_functions_name():
+    names = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/jaxpr_trace_duration":
+            names.append(kwargs.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        split_trace(draw_then_scale, ARGS, second_args=[1])
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert "draw_then_scale" in names

@@ -68,6 +68,7 @@ def split_trace(
             raise ValueError("joint did not call hand_over")
         return first_out, second_out, handed[0]
 
+    traced.__name__ = getattr(joint, "__name__", "joint")  # what JAX's logs call the trace
     closed, (first_shapes, second_shapes, _) = jax.make_jaxpr(traced, return_shape=True)(*args)
     jaxpr = closed.jaxpr
     if jaxpr.effects:
