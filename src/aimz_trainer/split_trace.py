@@ -37,10 +37,9 @@ def split_trace(
     Returns ``(first, second)``: ``first(*args) -> first_out`` and ``second(v, *[args[i] for i
     in second_args]) -> second_out``, named ``names`` (what ``jax.jit`` names their programs),
     each evaluating only the traced equations its outputs need (in the order they were traced);
-    both take arguments of the traced shapes. Returns ``None``
-    where ``second_out`` needs anything else of the trace (another argument, a value computed
-    before the hand-over but not handed over) or the trace has effects (a callback would run in
-    both parts).
+    both take arguments of the traced shapes. Returns ``None`` where ``second_out`` needs
+    anything else of the trace (another argument, a value computed before the hand-over but not
+    handed over) or the trace has effects (a callback would run in both parts).
 
     Example:
         >>> import jax.numpy as jnp
