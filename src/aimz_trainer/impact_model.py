@@ -82,8 +82,10 @@ class ImpactModel:
         devices: devices of the mesh shared by training and prediction (default: all local).
         compilation_cache: keep compiled programs on disk for the next process (see
             :mod:`aimz_trainer.compilation_cache`): ``True`` (default) in this user's cache
-            directory (or where ``AIMZ_TRAINER_COMPILATION_CACHE`` says), ``False`` not at all,
-            or a directory. A cache set through JAX (``JAX_COMPILATION_CACHE_DIR``) wins.
+            directory (or where ``AIMZ_TRAINER_COMPILATION_CACHE`` says), ``False`` none from
+            here on, or a directory. Importing this class already turned the environment's
+            choice on (``AIMZ_TRAINER_COMPILATION_CACHE=0`` keeps the whole process off it). A
+            cache set through JAX (``JAX_COMPILATION_CACHE_DIR``) wins.
 
     Raises:
         KernelValidationError: the kernel's signature breaks the rules above.

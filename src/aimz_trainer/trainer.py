@@ -165,8 +165,10 @@ class Trainer:
             validation intervals are overridden.
         compilation_cache: keep compiled programs on disk for the next process (see
             :mod:`aimz_trainer.compilation_cache`): ``True`` (default) in this user's cache
-            directory (or where ``AIMZ_TRAINER_COMPILATION_CACHE`` says), ``False`` not at all,
-            or a directory. A cache set through JAX (``JAX_COMPILATION_CACHE_DIR``) wins.
+            directory (or where ``AIMZ_TRAINER_COMPILATION_CACHE`` says), ``False`` none from
+            here on, or a directory. Importing this class already turned the environment's
+            choice on (``AIMZ_TRAINER_COMPILATION_CACHE=0`` keeps the whole process off it). A
+            cache set through JAX (``JAX_COMPILATION_CACHE_DIR``) wins.
 
     Example:
         >>> import jax, numpy as np, numpyro, numpyro.distributions as dist
