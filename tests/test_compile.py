@@ -61,18 +61,18 @@ def test_each_program_is_traced_and_compiled_once_the_chunk_and_validation_off_t
 
 def test_validation_is_traced_with_the_shapes_of_the_parameters_init_returns(monkeypatch):
     seen = {}
-    lower, start = FitPrograms.lower, FitPrograms.start
+    lower_validation, start = FitPrograms._lower_validation, FitPrograms.start
 
-    def spy_lower(self, *args, **kwargs):
-        seen["shapes"] = lower(self, *args, **kwargs)
-        return seen["shapes"]
+    def spy_lower_validation(self, validate, params, validation):
+        seen["shapes"] = params
+        return lower_validation(self, validate, params, validation)
 
     def spy_start(self, record):
         outputs = start(self, record)
         seen["params"] = outputs[1]
         return outputs
 
-    monkeypatch.setattr(FitPrograms, "lower", spy_lower)
+    monkeypatch.setattr(FitPrograms, "_lower_validation", spy_lower_validation)
     monkeypatch.setattr(FitPrograms, "start", spy_start)
     fit()
     as_traced = jax.tree.map(lambda x: (x.shape, x.dtype, x.weak_type), seen["shapes"])
@@ -146,6 +146,36 @@ def test_init_and_the_chunk_share_one_traced_set_up_of_the_guide(monkeypatch, se
     np.testing.assert_array_equal(result.losses, apart.losses)
     for name in result.params:
         np.testing.assert_array_equal(result.params[name], apart.params[name])
+
+
+def validated(val_batch_size=None):
+    """The linear model fitted with validation every epoch; its last pass's metrics and losses."""
+    data = linear_data(1250)
+    train = {key: value[:1050] for key, value in data.items()}
+    val = {key: value[1050:] for key, value in data.items()}
+    trainer = Trainer(max_epochs=2, steps_per_chunk=4, rng_key=jax.random.key(0), enable_progress_bar=False)
+    result = trainer.fit(linear_svi(1050), train, batch_size=100, val_data=val, val_batch_size=val_batch_size)
+    return {name: trainer.callback_metrics[name] for name in ("val_loss", "val_lpd")}, result.losses
+
+
+def test_validation_shares_the_one_traced_set_up_and_validates_as_traced_apart(monkeypatch, set_ups_while_lowered):
+    metrics, losses = validated()
+    # Traced apart, init, the chunk and validation each set the guide up (3). Validation's
+    # guide draws run the model on the set-up's batch for sites it does not return: JAX's
+    # dead-code elimination drops that, or validation could not be split out.
+    assert set_ups_while_lowered == {"count": 1}
+    monkeypatch.setattr("aimz_trainer.compile.split_trace", lambda *args, **kwargs: None)
+    apart_metrics, apart_losses = validated()
+    assert set_ups_while_lowered == {"count": 3}
+    assert metrics == apart_metrics  # bitwise: floats from the same program
+    np.testing.assert_array_equal(losses, apart_losses)
+
+
+def test_validation_batches_of_other_shapes_set_the_guide_up_on_their_own(set_ups_while_lowered):
+    """A set-up's structure follows its batch's shapes: 120 rows is not the chunk's 100."""
+    metrics, _ = validated(val_batch_size=120)
+    assert set_ups_while_lowered == {"count": 2}
+    assert np.isfinite(metrics["val_loss"]) and np.isfinite(metrics["val_lpd"])
 
 
 def test_a_model_with_a_callback_is_traced_apart_and_trains_as_numpyro_does(set_ups_while_lowered):

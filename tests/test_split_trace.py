@@ -1,5 +1,5 @@
-"""split_trace: one trace of two functions split into one program each, or no split where the
-second would read anything but what it was handed and the arguments it may read."""
+"""split_trace: one trace of several functions split into one program each, or no split of a
+later part that would read anything but what it was handed and the arguments it may read."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ ARGS = (jax.random.key(3), jnp.linspace(-1.0, 1.0, 5))
 
 def test_each_part_computes_what_the_joint_function_computes():
     key, x = ARGS
-    first, second = split_trace(draw_then_scale, ARGS, second_args=[1])
+    first, second = split_trace(draw_then_scale, ARGS, reads=[[0, 1], [1]])
     (total, noise), second_out = jax.jit(lambda key, x: draw_then_scale(lambda v: v, key, x))(key, x)
     got_total, got_noise = jax.jit(first)(key, x)
     np.testing.assert_array_equal(got_total, total)
@@ -36,7 +36,7 @@ def test_each_part_computes_what_the_joint_function_computes():
 
 
 def test_the_second_part_runs_on_any_value_handed_to_it():
-    _, second = split_trace(draw_then_scale, ARGS, second_args=[1])
+    _, second = split_trace(draw_then_scale, ARGS, reads=[[0, 1], [1]])
     x = ARGS[1]
     handed = jnp.arange(5.0)
     expected = handed
@@ -52,14 +52,14 @@ def test_the_joint_function_is_traced_once():
         calls.append(1)
         return draw_then_scale(hand_over, key, x)
 
-    first, second = split_trace(counted, ARGS, second_args=[1])
+    first, second = split_trace(counted, ARGS, reads=[[0, 1], [1]])
     jax.jit(first).lower(*ARGS)
     jax.jit(second).lower(ARGS[1], ARGS[1])
     assert len(calls) == 1
 
 
 def test_each_part_keeps_only_the_equations_its_outputs_need():
-    first, second = split_trace(draw_then_scale, ARGS, second_args=[1])
+    first, second = split_trace(draw_then_scale, ARGS, reads=[[0, 1], [1]])
     first_jaxpr = jax.make_jaxpr(first)(*ARGS)
     second_jaxpr = jax.make_jaxpr(second)(ARGS[1], ARGS[1])
     first_ops = {eqn.primitive.name for eqn in first_jaxpr.eqns}
@@ -70,31 +70,62 @@ def test_each_part_keeps_only_the_equations_its_outputs_need():
     assert "optimization_barrier" not in first_ops | second_ops
 
 
-@pytest.mark.parametrize(
-    "joint",
-    [
-        # the second part reads an argument it was not given
-        lambda hand_over, key, x: (x, hand_over(x) + jax.random.normal(key, x.shape)),
-        # the second part reads a value of the first that was not handed over
-        lambda hand_over, key, x: ((), hand_over(x) + jax.random.normal(key, x.shape)),
-        # a callback: it would run in both parts
-        lambda hand_over, key, x: (jax.debug.print("{}", x) or x, hand_over(x) * 2.0),
-    ],
-    ids=["other-argument", "value-not-handed-over", "effects"],
-)
+def reads_another_argument(hand_over, key, x):
+    return x, hand_over(x) + jax.random.normal(key, x.shape)
+
+
+def reads_a_value_not_handed_over(hand_over, key, x):
+    noise = jax.random.normal(key, x.shape)
+    return x * 2.0, hand_over(x) + noise
+
+
+def with_callback(hand_over, key, x):  # it would run in both parts
+    return jax.debug.print("{}", x) or x, hand_over(x) * 2.0
+
+
+@pytest.mark.parametrize("joint", [reads_another_argument, reads_a_value_not_handed_over, with_callback])
 def test_no_split_where_the_second_part_needs_more_than_it_is_given(joint):
-    assert split_trace(joint, ARGS, second_args=[1]) is None
+    parts = split_trace(joint, ARGS, reads=[[0, 1], [1]])
+    if joint.__name__ == "with_callback":
+        assert parts is None
+    else:  # the first part reads its own arguments only: it is split out all the same
+        first, second = parts
+        assert second is None
+        np.testing.assert_array_equal(jax.jit(first)(*ARGS), jax.jit(lambda *a: joint(lambda v: v, *a)[0])(*ARGS))
 
 
-def test_hand_over_is_called_exactly_once():
-    with pytest.raises(ValueError, match="did not call hand_over"):
-        split_trace(lambda hand_over, key, x: (x, x), ARGS, second_args=[1])
-    with pytest.raises(ValueError, match="more than once"):
-        split_trace(lambda hand_over, key, x: (hand_over(x), hand_over(x)), ARGS, second_args=[1])
+def test_hand_over_is_called_once_per_later_part():
+    with pytest.raises(ValueError, match="called hand_over 0 times"):
+        split_trace(lambda hand_over, key, x: (x, x), ARGS, reads=[[0, 1], [1]])
+    with pytest.raises(ValueError, match="more than once per later part"):
+        split_trace(lambda hand_over, key, x: (hand_over(x), hand_over(x)), ARGS, reads=[[0, 1], [1]])
+    with pytest.raises(ValueError, match="3 parts need as many names"):
+        split_trace(draw_then_scale, ARGS, reads=[[0, 1], [1], [0]], names=("a", "b"))
+
+
+def test_each_later_part_reads_what_it_was_handed_and_its_own_arguments():
+    def three_parts(hand_over, key, x, y):
+        noise = jax.random.normal(key, x.shape)
+        first = x + noise
+        return first, hand_over(first) * y, jnp.sum(hand_over(noise) - x), hand_over(first) + noise
+
+    args = (*ARGS, jnp.float32(3.0))
+    first, times_y, summed, unsplit = split_trace(three_parts, args, reads=[[0, 1], [2], [1], []])
+    assert unsplit is None  # it reads noise, which was handed to another part, not to it
+    key, x, y = args
+    np.testing.assert_array_equal(
+        jax.jit(first)(key, x), jax.jit(lambda key, x: x + jax.random.normal(key, x.shape))(key, x)
+    )
+    handed = jnp.arange(5.0)
+    np.testing.assert_array_equal(times_y(handed, y), handed * y)
+    np.testing.assert_array_equal(summed(handed, x), jnp.sum(handed - x))
+    # each part's program holds its own equations only: no draw outside the first
+    assert "random_bits" not in str(jax.make_jaxpr(times_y)(handed, y))
+    assert "random_bits" not in str(jax.make_jaxpr(summed)(handed, x))
 
 
 def test_the_parts_carry_the_names_their_programs_get():
-    first, second = split_trace(draw_then_scale, ARGS, second_args=[1], names=("init", "chunk"))
+    first, second = split_trace(draw_then_scale, ARGS, reads=[[0, 1], [1]], names=("init", "chunk"))
     assert "jit_init" in jax.jit(first).lower(*ARGS).as_text()[:2000]
     assert "jit_chunk" in jax.jit(second).lower(ARGS[1], ARGS[1]).as_text()[:2000]
 
@@ -108,7 +139,7 @@ def test_the_joint_trace_carries_the_joint_functions_name():
 
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
-        split_trace(draw_then_scale, ARGS, second_args=[1])
+        split_trace(draw_then_scale, ARGS, reads=[[0, 1], [1]])
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert "draw_then_scale" in names

@@ -3,12 +3,12 @@ that pays.
 
 Compilation is most of a fit's start-up on a CPU, so each program compiles on a worker thread
 from the moment it is lowered: ``init`` while the training chunk is lowered, the chunk while
-the calling thread traces validation (with the shapes of the initial parameters, its compile
-queued behind them) and opens the data loader (Grain's import and threads); XLA compiles
-outside the GIL. ``init`` and the chunk are traced as one function, which sets the SVI up once,
-and split in two (:mod:`aimz_trainer.split_trace`). Tracing stays on the calling thread: it
-temporarily touches the user's ``svi``. Posterior draws compile on first use: they are bigger,
-and a compile in the background slows training on a small machine for as long as it runs.
+the calling thread lowers validation (its compile queued behind them) and opens the data loader
+(Grain's import and threads); XLA compiles outside the GIL. ``init``, the chunk and validation
+are traced as one function, which sets the SVI up once, and split into one program each
+(:mod:`aimz_trainer.split_trace`). Tracing stays on the calling thread: it temporarily touches
+the user's ``svi``. Posterior draws compile on first use: they are bigger, and a compile in the
+background slows training on a small machine for as long as it runs.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from aimz_trainer.step import (
     traced_svi,
 )
 
-__all__ = ["ChunkOutputs", "FitPrograms"]
+__all__ = ["ChunkOutputs", "FitPrograms", "ValidationInputs"]
 
 Record = dict[str, Any]
 Params = dict[str, jax.Array]
@@ -64,6 +64,26 @@ class ChunkOutputs(NamedTuple):
     params: Params
     step_metrics: dict[str, jax.Array]
     learning_rate: jax.Array | None
+
+
+class ValidationInputs(NamedTuple):
+    """What a fit's validation program is traced with.
+
+    Attributes:
+        rng_key: a key of the validation pass (any: only its shape is traced).
+        device_data: the held-out arrays on the devices (empty with host placement).
+        record: a validation batch's record (any: they share their shapes).
+        num_samples: guide draws behind ``val_lpd``.
+        num_train_rows: training rows (``val_loss`` is per training observation).
+        batch_size: the real rows of each validation batch.
+    """
+
+    rng_key: jax.Array
+    device_data: Mapping[str, jax.Array]
+    record: Record
+    num_samples: int
+    num_train_rows: int
+    batch_size: int
 
 
 class FitPrograms:
@@ -107,12 +127,18 @@ class FitPrograms:
         self._validate: Future[Any] | None = None
         self._samplers: dict[int, Any] = {}
 
-    def lower(self, rng_key: jax.Array, record: Record, svi_state: SVIState | None = None) -> Params:
-        """Trace init and the training chunk with ``record`` (any record of the fit: they share
-        their shapes), as one function where the chunk needs nothing of init's trace but its
-        state, each compiled on a worker thread from the moment it is lowered; return
-        the shapes of the initial parameters (as ``jax.ShapeDtypeStruct``), what validation is
-        traced with while they compile. Then :meth:`start`.
+    def lower(
+        self,
+        rng_key: jax.Array,
+        record: Record,
+        svi_state: SVIState | None = None,
+        validation: ValidationInputs | None = None,
+    ) -> None:
+        """Trace init, the training chunk and (with ``validation``) validation with ``record``
+        (any record of the fit: they share their shapes), as one function where the chunk
+        needs nothing of init's trace but its state and validation nothing but init's
+        parameters, each compiled on a worker thread from the moment it is lowered (validation
+        after the other two, traced with the shapes of init's parameters). Then :meth:`start`.
 
         ``svi_state``: a previous fit's state to continue from (init then only sets ``svi``
         up)."""
@@ -145,35 +171,49 @@ class FitPrograms:
                 final = params(state.svi_state, device_data, record)
             return state, ChunkOutputs(losses, final, metrics, learning_rate(state.svi_state.optim_state))
 
-        def init_then_chunk(
-            hand_over: HandOver, rng_key: jax.Array, device_data: Any, record: Record, previous: SVIState | None
-        ) -> tuple[tuple[TrainState, Params], tuple[TrainState, ChunkOutputs]]:
-            # Both parts inside one set-up: the chunk's nests in the init's.
+        validate = self._validation_step(validation) if validation is not None else None
+        # Validation joins the one trace where it would set svi up on a batch of the same
+        # shapes: a set-up's structure (a guide's plates, its per-row parameters) follows them.
+        joined = validate is not None and jax.eval_shape(
+            first_batch, validation.device_data, validation.record
+        ) == jax.eval_shape(lambda data, record: first_batch(data, record, self._padding), self.device_data, record)
+
+        def set_up_once(
+            hand_over: HandOver, rng_key: jax.Array, device_data: Any, record: Record, previous: SVIState | None,
+            *validation_args: Any,
+        ) -> tuple[Any, ...]:  # fmt: skip
+            # Every part inside one set-up: the others' nest in the init's.
             with traced_svi(self._svi, *first_batch(device_data, record, self._padding), plates, rng_key):
                 state, params = init_with_params(rng_key, device_data, record, previous)
-                return (state, params), chunk_with_outputs(hand_over(state), device_data, record)
+                chunk_outputs = chunk_with_outputs(hand_over(state), device_data, record)
+                if not validation_args:
+                    return (state, params), chunk_outputs
+                return (state, params), chunk_outputs, validate(hand_over(params), *validation_args)
 
         shardings = (rep, rep, record_shardings(self._mesh, record))
         with model_guide_checked():  # the chunk's trace is the ELBO's first
-            parts = None
+            parts: dict[str, Callable[..., Any] | None] = {}
             if self._padding.rows == record["indices"].shape[1]:  # init's set-up batch is the chunk's
-                parts = split_trace(
-                    init_then_chunk,
-                    (rng_key, self.device_data, record, svi_state),
-                    second_args=(1, 2),
-                    names=("init_with_params", "chunk_with_outputs"),
-                )
-            init_part, chunk_part = parts or (init_with_params, chunk_with_outputs)
-            lowered_init = jax.jit(init_part, in_shardings=(*shardings, rep), out_shardings=rep).lower(
-                rng_key, self.device_data, record, svi_state
-            )
+                args, reads = (rng_key, self.device_data, record, svi_state), [(0, 1, 2, 3), (1, 2)]
+                names = ["init_with_params", "chunk_with_outputs"]
+                if joined:
+                    args += (validation.rng_key, validation.device_data, validation.record)
+                    reads.append((4, 5, 6))
+                    names.append("validate")
+                parts = dict(zip(names, split_trace(set_up_once, args, reads, names) or (), strict=False))
+            lowered_init = jax.jit(
+                parts.get("init_with_params") or init_with_params, in_shardings=(*shardings, rep), out_shardings=rep
+            ).lower(rng_key, self.device_data, record, svi_state)
             # init runs once: unoptimized code compiles faster than it loses at run time.
             self._init = self._pool.submit(lowered_init.compile, {"xla_backend_optimization_level": 0})
-            chunk = jax.jit(chunk_part, in_shardings=shardings, out_shardings=rep)
+            chunk = jax.jit(
+                parts.get("chunk_with_outputs") or chunk_with_outputs, in_shardings=shardings, out_shardings=rep
+            )
             lowered_chunk = chunk.lower(lowered_init.out_info[0], self.device_data, record)
         self._chunk = self._pool.submit(lowered_chunk.compile)
         self._init_args = (rng_key, svi_state)
-        return lowered_init.out_info[1]
+        if validation is not None:
+            self._lower_validation(parts.get("validate") or validate, lowered_init.out_info[1], validation)
 
     def start(
         self, record: Record
@@ -185,26 +225,25 @@ class FitPrograms:
         rng_key, svi_state = self._init_args
         return *self._init.result()(rng_key, self.device_data, record, svi_state), self._chunk.result()
 
-    def prepare_validation(
-        self,
-        params: Params,
-        rng_key: jax.Array,
-        device_data: Mapping[str, jax.Array],
-        record: Record,
-        num_samples: int,
-        num_train_rows: int,
-        batch_size: int,
-    ) -> None:
-        """Trace validation now and compile it on the worker thread (``params``: the constrained
-        parameters, or their shapes; ``batch_size``: the real rows of each validation batch)."""
-        rep = self._rep
-        padding = RowPadding.of(self._layout, batch_size)
-        validate = jax.jit(
-            make_validation_step(self._svi, num_samples, num_train_rows, self._layout, padding=padding),
-            in_shardings=(rep, rep, rep, record_shardings(self._mesh, record)),
-            out_shardings=rep,
+    def prepare_validation(self, params: Params, validation: ValidationInputs) -> None:
+        """Trace validation now, on its own, and compile it on the worker thread (``params``:
+        the constrained parameters, or their shapes). A fit's :meth:`lower` does this itself."""
+        self._lower_validation(self._validation_step(validation), params, validation)
+
+    def _validation_step(self, validation: ValidationInputs) -> Callable[..., Any]:
+        padding = RowPadding.of(self._layout, validation.batch_size)
+        return make_validation_step(
+            self._svi, validation.num_samples, validation.num_train_rows, self._layout, padding=padding
         )
-        self._validate = self._pool.submit(validate.lower(params, rng_key, device_data, record).compile)
+
+    def _lower_validation(self, validate: Callable[..., Any], params: Params, validation: ValidationInputs) -> None:
+        rep = self._rep
+        lowered = jax.jit(
+            validate,
+            in_shardings=(rep, rep, rep, record_shardings(self._mesh, validation.record)),
+            out_shardings=rep,
+        ).lower(params, validation.rng_key, validation.device_data, validation.record)
+        self._validate = self._pool.submit(lowered.compile)
 
     def validate(self, params: Params, rng_key: jax.Array, device_data: Any, record: Record) -> Any:
         """One validation batch's sums of the constrained ``params`` (see

@@ -87,6 +87,7 @@ __all__ = [
     "data_bytes",
     "device_data_budget",
     "digest_rows",
+    "first_record",
     "is_lazy_source",
     "leading_batch",
     "make_chunk_loader",
@@ -706,10 +707,17 @@ def leading_batch(
     source = ValidationSource(
         num_rows, batch_size, process_index=process_index, process_count=process_count, padded_size=padded_size
     )
-    record = source[0]
-    if host_arrays is not None:
-        record = _gather_rows(host_arrays, record)
+    record = first_record(source, host_arrays)
     return {"indices": record["indices"], "rows": record["rows"]}
+
+
+def first_record(
+    source: ChunkSource | ValidationSource, host_arrays: Mapping[str, np.ndarray] | None
+) -> dict[str, Any]:
+    """The first record :func:`make_chunk_loader` gives over ``source``, made here, without
+    starting a loader: what programs are traced with."""
+    record = source[0]
+    return _gather_rows(host_arrays, record) if host_arrays is not None else record
 
 
 def _padded_columns(batches: np.ndarray, width: int) -> np.ndarray:

@@ -116,9 +116,9 @@ def evaluate(
             num_train_rows=num_train_rows,
             rng_key=validation_key,
             every=Every(),
-            params=params,
             limit_batches=limit_batches,
         )
+        programs.prepare_validation(params, validator.inputs)
         return validator.run(params)
     finally:
         programs.close()

@@ -1,12 +1,12 @@
-"""One trace of two functions, the second fed by the first, split into one function each.
+"""One trace of several functions, each later one fed by the first, split into one function each.
 
-A fit's init and its training chunk both set the SVI up (the model, the guide, the init
-strategy's search) inside their traces; traced apart, that set-up is traced twice. Traced as
-one function, ``second(first(...))``, it is traced once, and the equations each part's outputs
-need are then taken out of that one trace: the first part's from its inputs, the second's from
-the value handed over and the inputs it may read. Where the second part would read anything
-else of the first (a value the set-up drew), the parts are not split: the caller traces them
-apart, as they were.
+A fit's init, its training chunk and its validation all set the SVI up (the model, the guide,
+the init strategy's search) inside their traces; traced apart, that set-up is traced once per
+program. Traced as one function, init and then the others fed with what init returned, it is
+traced once, and the equations each part's outputs need are then taken out of that one trace:
+the first part's from its inputs, each later part's from the value handed to it and the inputs
+it may read. Where a later part would read anything else of the trace (a value the set-up
+drew), that part is not split out: the caller traces it apart, as it was.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 from jax.extend.core import ClosedJaxpr, Jaxpr, JaxprEqn, Literal, Var, jaxpr_as_fun
+from jax.interpreters.partial_eval import dce_jaxpr
 
 __all__ = ["HandOver", "split_trace"]
 
@@ -23,89 +24,113 @@ HandOver = Callable[[Any], Any]
 
 
 def split_trace(
-    joint: Callable[..., tuple[Any, Any]],
+    joint: Callable[..., tuple[Any, ...]],
     args: Sequence[Any],
-    second_args: Sequence[int],
-    names: tuple[str, str] = ("first", "second"),
-) -> tuple[Callable[..., Any], Callable[..., Any]] | None:
-    """Trace ``joint(hand_over, *args) -> (first_out, second_out)`` once and split it in two.
+    reads: Sequence[Sequence[int]],
+    names: Sequence[str] | None = None,
+) -> tuple[Callable[..., Any] | None, ...] | None:
+    """Trace ``joint(hand_over, *args) -> (first_out, *later_outs)`` once and split it into
+    one function per part.
 
-    ``joint`` computes ``first_out``, passes one value ``v`` through ``hand_over(v)`` (which
-    returns it unchanged; called exactly once) and computes ``second_out`` from what that
-    returned and the arguments at the positions ``second_args``.
+    ``joint`` computes ``first_out`` from the arguments at the positions ``reads[0]`` and, for
+    each later part ``k`` (from 1) in turn, passes one value ``v`` through its ``k``-th call of
+    ``hand_over(v)`` (which returns ``v`` unchanged) and computes ``later_outs[k - 1]`` from what
+    that returned and the arguments at the positions ``reads[k]``.
 
-    Returns ``(first, second)``: ``first(*args) -> first_out`` and ``second(v, *[args[i] for i
-    in second_args]) -> second_out``, named ``names`` (what ``jax.jit`` names their programs),
-    each evaluating only the traced equations its outputs need (in the order they were traced);
-    both take arguments of the traced shapes. Returns ``None`` where ``second_out`` needs
+    Returns ``(first, *later)``: ``first(*[args[i] for i in reads[0]]) -> first_out`` and
+    ``later[k - 1](v, *[args[i] for i in reads[k]]) -> later_outs[k - 1]``, named ``names``
+    (what ``jax.jit`` names their programs; ``part0``, ``part1``, ... by default), each
+    evaluating only the traced equations its outputs need (in the order they were traced);
+    they take arguments of the traced shapes. A part is ``None`` where its outputs need
     anything else of the trace (another argument, a value computed before the hand-over but not
-    handed over) or the trace has effects (a callback would run in both parts).
+    handed over). Returns ``None`` where the trace has effects (a callback would run in several
+    parts).
 
     Example:
         >>> import jax.numpy as jnp
         >>> def joint(hand_over, scale, x):
         ...     y = jnp.exp(scale) * x
-        ...     return y, hand_over(y) + x
-        >>> first, second = split_trace(joint, (jnp.float32(0.0), jnp.ones(2)), second_args=[1])
-        >>> first(jnp.float32(0.0), jnp.ones(2)).tolist(), second(jnp.full(2, 5.0), jnp.ones(2)).tolist()
+        ...     return y, hand_over(y) + x, hand_over(y) * scale
+        >>> args = (jnp.float32(0.0), jnp.ones(2))
+        >>> first, plus_x, times_scale = split_trace(joint, args, reads=[[0, 1], [1], []])
+        >>> first(*args).tolist(), plus_x(jnp.full(2, 5.0), jnp.ones(2)).tolist()
         ([1.0, 1.0], [6.0, 6.0])
-        >>> split_trace(lambda hand_over, a, b: (a, hand_over(a) + b), (1.0, 2.0), second_args=[]) is None
+        >>> times_scale is None  # it reads scale, which it was not given
         True
     """
-    handed: list[Any] = []
+    later_args = reads[1:]
+    names = [f"part{index}" for index in range(len(reads))] if names is None else list(names)
+    if len(names) != len(reads):
+        raise ValueError(f"{len(reads)} parts need as many names; got {len(names)}")
+    handed: list[list[Any]] = []
 
     def hand_over(value: Any) -> Any:
-        if handed:
-            raise ValueError("joint called hand_over more than once")
+        if len(handed) == len(later_args):
+            raise ValueError(f"joint called hand_over more than once per later part ({len(later_args)})")
         leaves, tree = jax.tree.flatten(value)
-        handed.append(jax.lax.optimization_barrier(leaves))  # fresh variables: where the second part starts
-        return jax.tree.unflatten(tree, handed[0])
+        handed.append(jax.lax.optimization_barrier(leaves))  # fresh variables: where a later part starts
+        return jax.tree.unflatten(tree, handed[-1])
 
-    def traced(*args: Any) -> tuple[Any, Any, Any]:
-        first_out, second_out = joint(hand_over, *args)
-        if not handed:
-            raise ValueError("joint did not call hand_over")
-        return first_out, second_out, handed[0]
+    def traced(*args: Any) -> tuple[Any, list[list[Any]]]:
+        outs = tuple(joint(hand_over, *args))
+        if len(handed) != len(later_args) or len(outs) != len(later_args) + 1:
+            raise ValueError(
+                f"joint called hand_over {len(handed)} times and returned {len(outs)} outputs; "
+                f"{len(later_args)} later parts need one call each, and one output per part"
+            )
+        return outs, handed
 
     traced.__name__ = getattr(joint, "__name__", "joint")  # what JAX's logs call the trace
-    closed, (first_shapes, second_shapes, _) = jax.make_jaxpr(traced, return_shape=True)(*args)
+    closed, (out_shapes, handed_shapes) = jax.make_jaxpr(traced, return_shape=True)(*args)
     jaxpr = closed.jaxpr
     if jaxpr.effects:
         return None
-    first_count, second_count = len(jax.tree.leaves(first_shapes)), len(jax.tree.leaves(second_shapes))
-    first_outvars = jaxpr.outvars[:first_count]
-    second_outvars = jaxpr.outvars[first_count : first_count + second_count]
-    handed_vars = jaxpr.outvars[first_count + second_count :]
-    arg_vars, start = [], 0
-    for arg in args:
-        count = len(jax.tree.leaves(arg))
-        arg_vars.append(jaxpr.invars[start : start + count])
+    outvars = _grouped(jaxpr.outvars, [*out_shapes, *handed_shapes])
+    part_outvars, handed_vars = outvars[: len(out_shapes)], outvars[len(out_shapes) :]
+    arg_vars = _grouped(jaxpr.invars, args)
+    part_invars = [
+        [var for i in reads[0] for var in arg_vars[i]],
+        *(
+            [*handed_vars[k], *(var for i in positions for var in arg_vars[i])]
+            for k, positions in enumerate(later_args)
+        ),
+    ]
+
+    def as_function(index: int) -> Callable[..., Any] | None:
+        part = _part(jaxpr, part_invars[index], part_outvars[index])
+        if part is None:
+            return None
+        fun, tree = jaxpr_as_fun(ClosedJaxpr(part, closed.consts)), jax.tree.structure(out_shapes[index])
+
+        def evaluated(*args: Any) -> Any:
+            return jax.tree.unflatten(tree, fun(*jax.tree.leaves(args)))
+
+        evaluated.__name__ = names[index]
+        return evaluated
+
+    return tuple(as_function(index) for index in range(len(out_shapes)))
+
+
+def _grouped(variables: Sequence[Any], trees: Sequence[Any]) -> list[list[Any]]:
+    """``variables`` cut into consecutive groups, one per tree of ``trees``, as many as its leaves."""
+    groups, start = [], 0
+    for tree in trees:
+        count = len(jax.tree.leaves(tree))
+        groups.append(list(variables[start : start + count]))
         start += count
-    second_invars = [*handed_vars, *(var for i in second_args for var in arg_vars[i])]
-    first_part = _part(jaxpr, jaxpr.invars, first_outvars)
-    second_part = _part(jaxpr, second_invars, second_outvars)
-    if first_part is None or second_part is None:
-        return None
-    first_fun = jaxpr_as_fun(ClosedJaxpr(first_part, closed.consts))
-    second_fun = jaxpr_as_fun(ClosedJaxpr(second_part, closed.consts))
-    first_tree, second_tree = jax.tree.structure(first_shapes), jax.tree.structure(second_shapes)
-
-    def first(*args: Any) -> Any:
-        return jax.tree.unflatten(first_tree, first_fun(*jax.tree.leaves(args)))
-
-    def second(handed: Any, *args: Any) -> Any:
-        return jax.tree.unflatten(second_tree, second_fun(*jax.tree.leaves((handed, args))))
-
-    first.__name__, second.__name__ = names
-    return first, second
+    return groups
 
 
 def _part(jaxpr: Jaxpr, invars: Sequence[Var], outvars: Sequence[Any]) -> Jaxpr | None:
     """``jaxpr`` with ``invars`` as its inputs, ``outvars`` as its outputs and the equations
     these need, in their order; ``None`` where they need a variable neither an input, a
     constant nor computed by an equation from these."""
-    producers = {id(var): eqn for eqn in jaxpr.eqns for var in eqn.outvars}
-    given = {id(var) for var in (*invars, *jaxpr.constvars)}
+    # JAX's dead-code elimination first: it also drops what loops and calls compute for
+    # outputs of theirs that these do not need (a guide's postprocessing runs the whole model
+    # on the set-up's batch to return the latent sites alone).
+    live, _ = dce_jaxpr(jaxpr.replace(outvars=list(outvars)), used_outputs=True)
+    producers = {id(var): eqn for eqn in live.eqns for var in eqn.outvars}
+    given = {id(var) for var in (*invars, *live.constvars)}
     needed: set[int] = set()
     pending = list(outvars)
     while pending:  # a loop, not recursion: a set-up's chains of equations run thousands deep
@@ -118,5 +143,5 @@ def _part(jaxpr: Jaxpr, invars: Sequence[Var], outvars: Sequence[Any]) -> Jaxpr 
         if id(eqn) not in needed:
             needed.add(id(eqn))
             pending.extend(eqn.invars)
-    eqns = [eqn for eqn in jaxpr.eqns if id(eqn) in needed]
+    eqns = [eqn for eqn in live.eqns if id(eqn) in needed]
     return jaxpr.replace(invars=list(invars), outvars=list(outvars), eqns=eqns)

@@ -707,9 +707,8 @@ class Trainer:
         self.plan = fit.plan
         state = fit.state
         with gc_paused():  # the programs' traces and Grain's start: the collector would walk the process each time
-            params_shapes = programs.lower(keys.init, records.like, init_state)
             validator = None
-            if inputs.val_arrays is not None:  # traced, and compiled, while the chunk compiles
+            if inputs.val_arrays is not None:
                 validator = Validator(
                     programs,
                     place_data(inputs.val_arrays, self.placement, self.mesh),  # type: ignore[arg-type]
@@ -719,9 +718,9 @@ class Trainer:
                     num_train_rows=inputs.num_rows,
                     rng_key=keys.validation,
                     every=self._validate_every(inputs),
-                    params=params_shapes,
                     limit_batches=self.limit_val_batches,
                 )
+            programs.lower(keys.init, records.like, init_state, validator.inputs if validator is not None else None)
             train_state, state.params, chunk_fn = programs.start(records.first)  # Grain opens while they compile
         state.svi_state = train_state.svi_state
         losses: list[np.ndarray] = []

@@ -10,8 +10,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from aimz_trainer.compile import FitPrograms
-from aimz_trainer.data import PlacedData, ValidationSource, make_chunk_loader
+from aimz_trainer.compile import FitPrograms, ValidationInputs
+from aimz_trainer.data import PlacedData, ValidationSource, first_record, make_chunk_loader
 from aimz_trainer.errors import FitWarning
 from aimz_trainer.plan import BatchLimit, Every
 from aimz_trainer.sharding import padded_batch_size, records_to_global
@@ -20,8 +20,10 @@ __all__ = ["Validator", "sanity_check", "validation_metrics"]
 
 
 class Validator:
-    """Validates an SVI state on held-out data; compiles its program on creation (in the
-    background).
+    """Validates an SVI state on held-out data with the validation program of ``programs``,
+    traced from :attr:`inputs` (by :meth:`FitPrograms.lower
+    <aimz_trainer.compile.FitPrograms.lower>` in a fit, else by
+    :meth:`~aimz_trainer.compile.FitPrograms.prepare_validation`).
 
     Args:
         programs: the fit's compiled programs.
@@ -34,7 +36,6 @@ class Validator:
         rng_key: the key of every pass: the same keys each time, so passes compare like for
             like.
         every: when a pass is due.
-        params: constrained variational parameters, or their shapes, to trace the program with.
         limit_batches: how many of the batches a pass runs (:func:`~aimz_trainer.plan.limited`).
     """
 
@@ -49,7 +50,6 @@ class Validator:
         num_train_rows: int,
         rng_key: jax.Array,
         every: Every,
-        params: dict[str, jax.Array],
         limit_batches: BatchLimit = 1.0,
     ) -> None:
         self._programs = programs
@@ -66,8 +66,8 @@ class Validator:
         self._to_global = records_to_global(mesh, padded)
         self._key = rng_key
         self.every = every
-        first = self._to_global(next(iter(make_chunk_loader(self._source, data.host_arrays))))
-        programs.prepare_validation(params, rng_key, data.device_data, first, num_samples, num_train_rows, batch_size)
+        first = self._to_global(first_record(self._source, data.host_arrays))
+        self.inputs = ValidationInputs(rng_key, data.device_data, first, num_samples, num_train_rows, batch_size)
 
     def run(self, params: dict[str, jax.Array], num_batches: int | None = None) -> dict[str, float]:
         """``val_loss`` (when the model has no per-row latents) and ``val_lpd`` (when it has an
