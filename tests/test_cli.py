@@ -257,6 +257,29 @@ def main(argv):
 """
 
 
+GC_PROBE = """
+import gc
+import numpyro
+
+
+def main(options):
+    # numpyro's objects, imported with the script, are frozen out of the collector's walks;
+    # what the run makes after is not.
+    made = [[]]
+    print("frozen", gc.get_freeze_count() > 100_000, any(o is numpyro.sample for o in gc.get_objects()))
+    print("run's own", any(o is made for o in gc.get_objects()), gc.isenabled())
+    return {}
+"""
+
+
+def test_the_command_freezes_what_it_imported_before_the_run(tmp_path):
+    script = tmp_path / "gc_probe.py"
+    script.write_text(GC_PROBE)
+    lines = succeeded(aimz_trainer("run", str(script))).splitlines()
+    assert "frozen True False" in lines
+    assert "run's own True True" in lines
+
+
 @pytest.mark.slow
 def test_two_runs_started_without_a_hash_seed_compute_the_same_loss(tmp_path):
     # The bnn step's float sums round differently under different hash seeds (9144.538 vs

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 from aimz_trainer._version import library_version
 from aimz_trainer.commands import CHECKPOINTS, LOGS, PREDICTIONS, execute, fit_directory
 from aimz_trainer.errors import CommandLineError
+from aimz_trainer.gc_pause import freeze_imported
 from aimz_trainer.recipe import (
     CHECKPOINT_SKIP,
     FIT_SKIP,
@@ -141,7 +142,9 @@ def split_launch_options(argv: Sequence[str]) -> tuple[Launch, list[str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command with ``argv`` (default: ``sys.argv[1:]``); returns its exit status."""
+    """The command with ``argv`` (default: ``sys.argv[1:]``); returns its exit status. It runs
+    as the process's command: once a run's recipe is imported, what the process holds is frozen
+    out of the cyclic collector's walks (:func:`~aimz_trainer.gc_pause.freeze_imported`)."""
     arguments = list(sys.argv[1:] if argv is None else argv)
     name = arguments[0] if arguments else ""
     debug = "--debug" in arguments
@@ -242,6 +245,7 @@ def run_script(argv: Sequence[str]) -> int:
         return 0 if argv else 2
     recipe, options = argv[0], list(argv[1:])
     module = load_recipe(recipe)
+    freeze_imported()
     summary = module.main(options)
     if isinstance(getattr(module, "RECIPE", None), Recipe):
         return 0  # a declared recipe's main is fit's, which has said where everything went
@@ -278,6 +282,7 @@ def _run_configured(name: str, argv: list[str]) -> dict[str, Any]:
     parser = build_parser(name, declaration, None if declaration is None else description_of(module))
     config = parse(parser, argv)
     assert declaration is not None  # without one, only --help gets here, and it exits
+    freeze_imported()  # jax, numpyro, the recipe's libraries: the full collections of the run walked them all
     return execute(name, declaration, parser, config, ["aimz-trainer", name, *argv])
 
 
