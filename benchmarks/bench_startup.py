@@ -16,8 +16,8 @@ pointed at a scratch folder, so the library's default cache location lands there
 same folder, as the cold run left it), workloads interleaved, ``--pairs`` times (default 3).
 Every run logs JAX's compilations (``JAX_LOG_COMPILES=1``); from the log come the breakdown of
 the seconds JAX spent (tracing, lowering to MLIR, XLA compilation or cache reads), the same per
-program for the costliest ones (``programs``: a fit's ``init_then_chunk``, the one trace that
-``init_with_params`` and ``chunk_with_outputs`` are lowered from, ``validate``, ``sample``;
+program for the costliest ones (``programs``: a fit's ``set_up_once``, the one trace that
+``init_with_params``, ``chunk_with_outputs`` and ``validate`` are lowered from, ``sample``;
 compiles on a worker thread overlap the rest, so these do not add up to the wall) and the
 cache's hits and misses.
 
