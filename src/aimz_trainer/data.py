@@ -711,9 +711,7 @@ def leading_batch(
     return {"indices": record["indices"], "rows": record["rows"]}
 
 
-def first_record(
-    source: ChunkSource | ValidationSource, host_arrays: Mapping[str, np.ndarray] | None
-) -> dict[str, Any]:
+def first_record(source: ValidationSource, host_arrays: Mapping[str, np.ndarray] | None) -> dict[str, Any]:
     """The first record :func:`make_chunk_loader` gives over ``source``, made here, without
     starting a loader: what programs are traced with."""
     record = source[0]

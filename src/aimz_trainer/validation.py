@@ -37,6 +37,10 @@ class Validator:
             like.
         every: when a pass is due.
         limit_batches: how many of the batches a pass runs (:func:`~aimz_trainer.plan.limited`).
+
+    Attributes:
+        inputs: what the validation program is traced with (the pass's key, the held-out data
+            on the devices, the first batch's record, the settings above).
     """
 
     def __init__(
