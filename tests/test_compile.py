@@ -16,7 +16,7 @@ import aimz_trainer.trainer as trainer_module
 from aimz_trainer import Trainer
 from aimz_trainer.compile import FitPrograms
 
-from .conftest import linear_data, linear_model, linear_svi
+from .conftest import linear_data, linear_model, linear_svi, local_data, local_model
 
 TRACE = "/jax/core/compile/jaxpr_trace_duration"
 COMPILE = "/jax/core/compile/backend_compile_duration"  # a persistent-cache read counts too
@@ -148,26 +148,33 @@ def test_init_and_the_chunk_share_one_traced_set_up_of_the_guide(monkeypatch, se
         np.testing.assert_array_equal(result.params[name], apart.params[name])
 
 
-def validated(val_batch_size=None):
-    """The linear model fitted with validation every epoch; its last pass's metrics and losses."""
-    data = linear_data(1250)
+def validated(val_batch_size=None, *, per_row_latents=False):
+    """The linear model (or one with a latent per row) fitted with validation every epoch; its
+    last pass's metrics and the losses."""
+    data = local_data(1250)[0] if per_row_latents else linear_data(1250)
     train = {key: value[:1050] for key, value in data.items()}
     val = {key: value[1050:] for key, value in data.items()}
+    model = local_model(1050) if per_row_latents else linear_model(1050)
+    svi = SVI(model, AutoNormal(model), adam(0.05), Trace_ELBO())
     trainer = Trainer(max_epochs=2, steps_per_chunk=4, rng_key=jax.random.key(0), enable_progress_bar=False)
-    result = trainer.fit(linear_svi(1050), train, batch_size=100, val_data=val, val_batch_size=val_batch_size)
-    return {name: trainer.callback_metrics[name] for name in ("val_loss", "val_lpd")}, result.losses
+    result = trainer.fit(svi, train, batch_size=100, val_data=val, val_batch_size=val_batch_size)
+    return {name: value for name, value in trainer.callback_metrics.items() if name.startswith("val_")}, result.losses
 
 
-def test_validation_shares_the_one_traced_set_up_and_validates_as_traced_apart(monkeypatch, set_ups_while_lowered):
-    metrics, losses = validated()
+@pytest.mark.parametrize("per_row_latents", [False, True], ids=["global-latents", "per-row-latents"])
+def test_validation_shares_the_one_traced_set_up_and_validates_as_traced_apart(
+    monkeypatch, set_ups_while_lowered, per_row_latents
+):
+    metrics, losses = validated(per_row_latents=per_row_latents)
     # Traced apart, init, the chunk and validation each set the guide up (3). Validation's
     # guide draws run the model on the set-up's batch for sites it does not return: JAX's
     # dead-code elimination drops that, or validation could not be split out.
     assert set_ups_while_lowered == {"count": 1}
     monkeypatch.setattr("aimz_trainer.compile.split_trace", lambda *args, **kwargs: None)
-    apart_metrics, apart_losses = validated()
+    apart_metrics, apart_losses = validated(per_row_latents=per_row_latents)
     assert set_ups_while_lowered == {"count": 3}
-    assert metrics == apart_metrics  # bitwise: floats from the same program
+    # bitwise: floats from the same computation (a model with per-row latents has no val_loss)
+    assert metrics == apart_metrics and set(metrics) == ({"val_lpd"} if per_row_latents else {"val_lpd", "val_loss"})
     np.testing.assert_array_equal(losses, apart_losses)
 
 
