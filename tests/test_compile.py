@@ -23,14 +23,21 @@ COMPILE = "/jax/core/compile/backend_compile_duration"  # a persistent-cache rea
 PROGRAMS = ("init_with_params", "chunk_with_outputs", "validate", "sample")
 
 
-def fit(*, validate: bool = True):
-    """1,050 rows in batches of 100: 11 steps an epoch, in chunks of 4, 4 and 3 (a short last
-    chunk), validated every epoch on 200 more, then 3 posterior draws."""
-    data = linear_data(1250)
+def fitted(*, validate: bool = True, per_row_latents: bool = False, val_batch_size: int | None = None):
+    """``(trainer, result)``: 1,050 rows in batches of 100: 11 steps an epoch, in chunks of 4,
+    4 and 3 (a short last chunk), validated every epoch on 200 more, then 3 posterior draws; of
+    the linear model, or of one with a latent per row."""
+    data = local_data(1250)[0] if per_row_latents else linear_data(1250)
     train = {key: value[:1050] for key, value in data.items()}
     val = {key: value[1050:] for key, value in data.items()} if validate else None
+    model = local_model(1050) if per_row_latents else linear_model(1050)
+    svi = SVI(model, AutoNormal(model), adam(0.05), Trace_ELBO())
     trainer = Trainer(max_epochs=2, steps_per_chunk=4, rng_key=jax.random.key(0), enable_progress_bar=False)
-    return trainer.fit(linear_svi(1050), train, batch_size=100, val_data=val, num_samples=3)
+    return trainer, trainer.fit(svi, train, batch_size=100, val_data=val, val_batch_size=val_batch_size, num_samples=3)
+
+
+def fit(*, validate: bool = True):
+    return fitted(validate=validate)[1]
 
 
 def test_each_program_is_traced_and_compiled_once_the_chunk_and_validation_off_the_main_thread():
@@ -148,16 +155,9 @@ def test_init_and_the_chunk_share_one_traced_set_up_of_the_guide(monkeypatch, se
         np.testing.assert_array_equal(result.params[name], apart.params[name])
 
 
-def validated(val_batch_size=None, *, per_row_latents=False):
-    """The linear model (or one with a latent per row) fitted with validation every epoch; its
-    last pass's metrics and the losses."""
-    data = local_data(1250)[0] if per_row_latents else linear_data(1250)
-    train = {key: value[:1050] for key, value in data.items()}
-    val = {key: value[1050:] for key, value in data.items()}
-    model = local_model(1050) if per_row_latents else linear_model(1050)
-    svi = SVI(model, AutoNormal(model), adam(0.05), Trace_ELBO())
-    trainer = Trainer(max_epochs=2, steps_per_chunk=4, rng_key=jax.random.key(0), enable_progress_bar=False)
-    result = trainer.fit(svi, train, batch_size=100, val_data=val, val_batch_size=val_batch_size)
+def validated(**options):
+    """The last validation pass's metrics and the losses of :func:`fitted` with ``options``."""
+    trainer, result = fitted(**options)
     return {name: value for name, value in trainer.callback_metrics.items() if name.startswith("val_")}, result.losses
 
 
