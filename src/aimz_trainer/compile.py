@@ -172,11 +172,6 @@ class FitPrograms:
             return state, ChunkOutputs(losses, final, metrics, learning_rate(state.svi_state.optim_state))
 
         validate = self._validation_step(validation) if validation is not None else None
-        # Validation joins the one trace where it would set svi up on a batch of the same
-        # shapes: a set-up's structure (a guide's plates, its per-row parameters) follows them.
-        joined = validate is not None and jax.eval_shape(
-            first_batch, validation.device_data, validation.record
-        ) == jax.eval_shape(lambda data, record: first_batch(data, record, self._padding), self.device_data, record)
 
         def set_up_once(
             hand_over: HandOver, rng_key: jax.Array, device_data: Any, record: Record, previous: SVIState | None,
@@ -196,7 +191,11 @@ class FitPrograms:
             if self._padding.rows == record["indices"].shape[1]:  # init's set-up batch is the chunk's
                 args, reads = (rng_key, self.device_data, record, svi_state), [(0, 1, 2, 3), (1, 2)]
                 names = ["init_with_params", "chunk_with_outputs"]
-                if joined:
+                # Validation joins where it would set svi up on a batch of the set-up's shapes
+                # (no padding here): a set-up's structure (plates, per-row parameters) follows them.
+                if validation is not None and jax.eval_shape(
+                    first_batch, validation.device_data, validation.record
+                ) == jax.eval_shape(first_batch, self.device_data, record):
                     args += (validation.rng_key, validation.device_data, validation.record)
                     reads.append((4, 5, 6))
                     names.append("validate")
