@@ -176,10 +176,10 @@ def worker_env(cache_home: Path, hash_seed: str) -> dict[str, str]:
     return {**env, "JAX_PLATFORMS": "cpu", "XDG_CACHE_HOME": str(cache_home), "PYTHONHASHSEED": hash_seed}
 
 
-def start(out_dir: Path, cache_home: Path, hash_seed: str) -> subprocess.Popen:
+def start(out_dir: Path, cache_home: Path, hash_seed: str, *options: str) -> subprocess.Popen:
     out_dir.mkdir(parents=True)
     return subprocess.Popen(
-        [sys.executable, "-m", "tests.compilation_cache_worker", str(out_dir)],
+        [sys.executable, "-m", "tests.compilation_cache_worker", str(out_dir), *options],
         cwd=ROOT,
         env=worker_env(cache_home, hash_seed),
         stdout=subprocess.PIPE,
@@ -194,11 +194,18 @@ def finish(process: subprocess.Popen) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
+def outputs(directory: Path) -> dict[str, bytes]:
+    """The bytes of each array a worker wrote, by file name."""
+    arrays = {path.name: np.load(path).tobytes() for path in directory.glob("*.npy")}
+    assert "losses.npy" in arrays
+    return arrays
+
+
 def assert_same_outputs(first: Path, second: Path) -> None:
-    names = sorted(path.name for path in first.glob("*.npy"))
-    assert names == sorted(path.name for path in second.glob("*.npy")) and "losses.npy" in names
-    for name in names:
-        assert np.load(first / name).tobytes() == np.load(second / name).tobytes(), name
+    first_arrays, second_arrays = outputs(first), outputs(second)
+    assert sorted(first_arrays) == sorted(second_arrays)
+    for name, values in first_arrays.items():
+        assert values == second_arrays[name], name
 
 
 @pytest.mark.slow
@@ -228,3 +235,22 @@ def test_two_processes_fill_one_empty_cache_at_once(tmp_path):
     outcomes = [finish(first), finish(second)]
     assert all(outcome["cache_dir"] == outcomes[0]["cache_dir"] for outcome in outcomes)
     assert_same_outputs(tmp_path / "a", tmp_path / "b")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores to choose from"
+)
+def test_a_program_read_back_computes_as_one_compiled_on_the_cores_of_the_process_that_runs_it(tmp_path):
+    # XLA's CPU runtime splits a matrix product's sum over the threads it has, so on CPU a fit's
+    # last bits follow the cores a process may use. A cache entry is the program, not its thread
+    # count: read back by a process on 1 core, a program written by one on 2 computes as a
+    # program compiled on 1 core does.
+    filled = tmp_path / "filled"
+    finish(start(tmp_path / "two_cores", filled, "0", "--dense", "--cores", "2"))
+    finish(start(tmp_path / "one_core", tmp_path / "empty", "0", "--dense", "--cores", "1"))
+    if outputs(tmp_path / "two_cores") == outputs(tmp_path / "one_core"):
+        pytest.skip("this XLA computes the dense layer's fit to the same bits on 1 core as on 2")
+    warm = finish(start(tmp_path / "warm_one_core", filled, "0", "--dense", "--cores", "1"))
+    assert warm["misses"] == 0 and warm["compiled"] == 0 and warm["hits"] > 0
+    assert_same_outputs(tmp_path / "one_core", tmp_path / "warm_one_core")
