@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoNormal
-from optax import adam
+from optax import adam, inject_hyperparams
 
 import aimz_trainer.trainer as trainer_module
 from aimz_trainer import Trainer
 from aimz_trainer.compile import FitPrograms
+from aimz_trainer.step import learning_rate
 
 from .conftest import linear_data, linear_model, linear_svi, local_data, local_model
 
@@ -23,15 +24,15 @@ COMPILE = "/jax/core/compile/backend_compile_duration"  # a persistent-cache rea
 PROGRAMS = ("init_with_params", "chunk_with_outputs", "validate", "sample")
 
 
-def fitted(*, validate: bool = True, per_row_latents: bool = False, val_batch_size: int | None = None):
+def fitted(*, validate: bool = True, per_row_latents: bool = False, val_batch_size: int | None = None, optim=None):
     """``(trainer, result)``: 1,050 rows in batches of 100: 11 steps an epoch, in chunks of 4,
     4 and 3 (a short last chunk), validated every epoch on 200 more, then 3 posterior draws; of
-    the linear model, or of one with a latent per row."""
+    the linear model, or of one with a latent per row; with Adam at 0.05, or ``optim``."""
     data = local_data(1250)[0] if per_row_latents else linear_data(1250)
     train = {key: value[:1050] for key, value in data.items()}
     val = {key: value[1050:] for key, value in data.items()} if validate else None
     model = local_model(1050) if per_row_latents else linear_model(1050)
-    svi = SVI(model, AutoNormal(model), adam(0.05), Trace_ELBO())
+    svi = SVI(model, AutoNormal(model), adam(0.05) if optim is None else optim, Trace_ELBO())
     trainer = Trainer(max_epochs=2, steps_per_chunk=4, rng_key=jax.random.key(0), enable_progress_bar=False)
     return trainer, trainer.fit(svi, train, batch_size=100, val_data=val, val_batch_size=val_batch_size, num_samples=3)
 
@@ -153,6 +154,41 @@ def test_init_and_the_chunk_share_one_traced_set_up_of_the_guide(monkeypatch, se
     np.testing.assert_array_equal(result.losses, apart.losses)
     for name in result.params:
         np.testing.assert_array_equal(result.params[name], apart.params[name])
+
+
+@pytest.fixture
+def lowered_texts(monkeypatch):
+    """The text of each program the test lowers and compiles, by the name its module has."""
+    texts: dict[str, list[str]] = {}
+    compile_lowered = jax.stages.Lowered.compile
+
+    def spy(self, *args, **kwargs):
+        text = self.as_text()
+        texts.setdefault(text.split("@", 1)[1].split(" ", 1)[0], []).append(text)
+        return compile_lowered(self, *args, **kwargs)
+
+    monkeypatch.setattr(jax.stages.Lowered, "compile", spy)
+    return texts
+
+
+def test_init_is_one_program_for_every_learning_rate_the_optimizer_keeps_in_its_state(monkeypatch, lowered_texts):
+    # optax.inject_hyperparams keeps the rate in the optimizer's state, which init returns: as a
+    # constant of init's program, it would make the program's text (its compilation-cache key)
+    # change with the rate. Left out and put in after init runs, it does not.
+    runs = {rate: fitted(optim=inject_hyperparams(adam)(learning_rate=rate)) for rate in (0.05, 0.02)}
+    inits, chunks = lowered_texts["jit_init_with_params"], lowered_texts["jit_chunk_with_outputs"]
+    assert len(inits) == len(chunks) == 2 and inits[0] == inits[1] and chunks[0] == chunks[1]
+    assert "0.0199999996" not in inits[1] and "2.000000e-02" not in inits[1]
+    for rate, (trainer, result) in runs.items():
+        assert learning_rate(trainer.state.svi_state.optim_state) == np.float32(rate)  # put in after init
+        # ... and the fit computes what the same fit traced apart, with the rate in init, does.
+        with monkeypatch.context() as apart:
+            apart.setattr("aimz_trainer.compile.split_trace", lambda *args, **kwargs: None)
+            _, traced_apart = fitted(optim=inject_hyperparams(adam)(learning_rate=rate))
+        np.testing.assert_array_equal(result.losses, traced_apart.losses)
+        for name in result.params:
+            np.testing.assert_array_equal(result.params[name], traced_apart.params[name])
+    assert not np.array_equal(runs[0.05][1].losses, runs[0.02][1].losses)
 
 
 def validated(**options):

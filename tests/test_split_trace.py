@@ -160,3 +160,43 @@ def test_a_part_splits_where_only_a_loop_output_it_does_not_use_reads_other_valu
     assert "random_bits" not in str(jax.make_jaxpr(doubled)(handed))
     noise, unused = jax.jit(first)(*ARGS)
     np.testing.assert_array_equal(unused[0], ARGS[1] + noise)  # the first part keeps what it returns
+
+
+def with_settings(rate):
+    """A first part that returns, beside what it computes, settings as literals: ``rate`` and a
+    count of a fixed dtype, and a Python number (weakly typed)."""
+
+    def joint(hand_over, x):
+        state = {"x": x * 2.0, "rate": jnp.float32(rate), "count": jnp.zeros((), jnp.int32), "weak": 0}
+        return state, hand_over(state["x"]) + 1.0
+
+    return joint
+
+
+def test_a_part_leaves_its_literal_outputs_out_of_its_program_and_puts_them_back():
+    x = jnp.arange(3.0)
+    texts, outputs = [], []
+    for rate in (0.05, 0.02):
+        first, _ = split_trace(with_settings(rate), [x], reads=[[0], []])
+        computed, complete = first.without_literal_outputs()
+        texts.append(jax.jit(computed).lower(x).as_text())
+        leaves = jax.jit(computed)(x)
+        assert len(leaves) == 2  # x * 2 and the weakly typed 0: the others are not the program's
+        outputs.append(complete(leaves, jnp.asarray))
+        assert jax.tree.structure(outputs[-1]) == jax.tree.structure(first(x))
+    assert texts[0] == texts[1]  # one program (one cache key) for both rates
+    for rate, state in zip((0.05, 0.02), outputs, strict=True):
+        np.testing.assert_array_equal(state["x"], x * 2.0)
+        assert state["rate"].dtype == jnp.float32 and state["rate"] == np.float32(rate)
+        assert state["count"].dtype == jnp.int32 and state["count"] == 0
+        assert state["weak"] == 0 and jax.typeof(state["weak"]).weak_type
+
+
+def test_shapes_in_the_place_of_the_literals_lower_what_comes_next():
+    x = jnp.arange(3.0)
+    first, _ = split_trace(with_settings(0.05), [x], reads=[[0], []])
+    computed, complete = first.without_literal_outputs()
+    shapes = complete(jax.jit(computed).lower(x).out_info, lambda value: jax.ShapeDtypeStruct(value.shape, value.dtype))
+    assert jax.tree.map(lambda s: (s.shape, s.dtype), shapes) == jax.tree.map(
+        lambda v: (v.shape, v.dtype), jax.eval_shape(first, x)
+    )

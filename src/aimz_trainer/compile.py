@@ -6,7 +6,9 @@ from the moment it is lowered: ``init`` while the training chunk is lowered, the
 the calling thread lowers validation (its compile queued behind them) and opens the data loader
 (Grain's import and threads); XLA compiles outside the GIL. ``init``, the chunk and validation
 are traced as one function, which sets the SVI up once, and split into one program each
-(:mod:`aimz_trainer.split_trace`). Tracing stays on the calling thread: it temporarily touches
+(:mod:`aimz_trainer.split_trace`); split out, init leaves the literals it returns (the
+hyperparameters an optimizer keeps in its state) out of its program, so that another learning
+rate reads the same programs back. Tracing stays on the calling thread: it temporarily touches
 the user's ``svi``. Posterior draws compile on first use: they are bigger, and a compile in the
 background slows training on a small machine for as long as it runs.
 """
@@ -19,6 +21,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 from numpyro.infer import SVI
 from numpyro.infer.svi import SVIState
@@ -27,7 +30,7 @@ from aimz_trainer.checkpoint import tree_signature
 from aimz_trainer.errors import ConfigurationError
 from aimz_trainer.gc_pause import gc_paused
 from aimz_trainer.plates import ModelLayout, RowPadding, model_guide_checked
-from aimz_trainer.sharding import record_shardings, replicated
+from aimz_trainer.sharding import record_shardings, replicated, to_global_array
 from aimz_trainer.split_trace import HandOver, split_trace
 from aimz_trainer.step import (
     StepMetric,
@@ -123,6 +126,7 @@ class FitPrograms:
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="aimz-compile")  # init and the chunk at once
         self._init: Future[Any] | None = None
         self._init_args: tuple[jax.Array, SVIState | None] | None = None
+        self._complete_init: Callable[[Any, Callable[[np.ndarray], Any]], Any] | None = None
         self._chunk: Future[Any] | None = None
         self._validate: Future[Any] | None = None
         self._samplers: dict[int, Any] = {}
@@ -200,19 +204,35 @@ class FitPrograms:
                     reads.append((4, 5, 6))
                     names.append("validate")
                 parts = dict(zip(names, split_trace(set_up_once, args, reads, names) or (), strict=False))
-            lowered_init = jax.jit(
-                parts.get("init_with_params") or init_with_params, in_shardings=(*shardings, rep), out_shardings=rep
-            ).lower(rng_key, self.device_data, record, svi_state)
+            init_part = parts.get("init_with_params")
+            # Split out, init leaves its literal outputs (hyperparameters an optimizer keeps in
+            # its state) to be put in after it runs: its program is then the same for any value.
+            init_program, self._complete_init = (
+                init_part.without_literal_outputs() if init_part is not None else (init_with_params, None)
+            )
+            lowered_init = jax.jit(init_program, in_shardings=(*shardings, rep), out_shardings=rep).lower(
+                rng_key, self.device_data, record, svi_state
+            )
+
+            def literal_shape(value: np.ndarray) -> jax.ShapeDtypeStruct:
+                return jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=rep)
+
+            init_shapes = self._init_outputs(lowered_init.out_info, literal_shape)
             # init runs once: unoptimized code compiles faster than it loses at run time.
             self._init = self._pool.submit(lowered_init.compile, {"xla_backend_optimization_level": 0})
             chunk = jax.jit(
                 parts.get("chunk_with_outputs") or chunk_with_outputs, in_shardings=shardings, out_shardings=rep
             )
-            lowered_chunk = chunk.lower(lowered_init.out_info[0], self.device_data, record)
+            lowered_chunk = chunk.lower(init_shapes[0], self.device_data, record)
         self._chunk = self._pool.submit(lowered_chunk.compile)
         self._init_args = (rng_key, svi_state)
         if validation is not None:
-            self._lower_validation(parts.get("validate") or validate, lowered_init.out_info[1], validation)
+            self._lower_validation(parts.get("validate") or validate, init_shapes[1], validation)
+
+    def _init_outputs(self, outputs: Any, make: Callable[[np.ndarray], Any]) -> Any:
+        """Init's outputs (state, params) from what its program returned (with ``make(value)``
+        for each literal it left out)."""
+        return outputs if self._complete_init is None else self._complete_init(outputs, make)
 
     def start(
         self, record: Record
@@ -222,7 +242,9 @@ class FitPrograms:
         ChunkOutputs)``."""
         assert self._init is not None and self._chunk is not None, "lower first"
         rng_key, svi_state = self._init_args
-        return *self._init.result()(rng_key, self.device_data, record, svi_state), self._chunk.result()
+        outputs = self._init.result()(rng_key, self.device_data, record, svi_state)
+        state, params = self._init_outputs(outputs, lambda value: to_global_array(value, self._rep, value.shape))
+        return state, params, self._chunk.result()
 
     def prepare_validation(self, params: Params, validation: ValidationInputs) -> None:
         """Trace validation now, on its own, and compile it on the worker thread (``params``:

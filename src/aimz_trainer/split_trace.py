@@ -7,6 +7,12 @@ traced once, and the equations each part's outputs need are then taken out of th
 the first part's from its inputs, each later part's from the value handed to it and the inputs
 it may read. Where a later part would read anything else of the trace (a value the set-up
 drew), that part is not split out: the caller traces it apart, as it was.
+
+A part can also leave out the outputs its trace gives as literals (:meth:`Part.without_literal_outputs`):
+a program that returned them would hold their values as constants, so its text, and its key in
+the compilation cache, would change with them. An optimizer that keeps its hyperparameters in
+its state (``optax.inject_hyperparams``) returns them from init as literals: left out of the
+program and put in after it runs, another learning rate reads the same compiled init back.
 """
 
 from __future__ import annotations
@@ -15,12 +21,66 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from jax.extend.core import ClosedJaxpr, Jaxpr, JaxprEqn, Literal, Var, jaxpr_as_fun
 from jax.interpreters.partial_eval import dce_jaxpr
 
-__all__ = ["HandOver", "split_trace"]
+__all__ = ["HandOver", "Part", "split_trace"]
 
 HandOver = Callable[[Any], Any]
+
+
+class Part:
+    """One part of a split trace, called as the function it stands for: ``part(*args)``
+    evaluates the traced equations its outputs need (``__name__`` is what ``jax.jit`` names its
+    program)."""
+
+    def __init__(self, name: str, closed: ClosedJaxpr, out_tree: Any) -> None:
+        self.__name__ = name
+        self._closed = closed
+        self._out_tree = out_tree
+
+    def __call__(self, *args: Any) -> Any:
+        return jax.tree.unflatten(self._out_tree, jaxpr_as_fun(self._closed)(*jax.tree.leaves(args)))
+
+    def without_literal_outputs(
+        self,
+    ) -> tuple[Callable[..., list[Any]], Callable[[Sequence[Any], Callable[[np.ndarray], Any]], Any]]:
+        """``(computed, complete)``: ``computed(*args)`` returns the part's output leaves that its
+        equations compute, leaving out those the trace gives as literals of a fixed dtype (a
+        weakly typed one, a Python number's, stays in); ``complete(leaves, make)`` returns the
+        part's outputs from those leaves, with ``make(value)`` in the place of each literal
+        (``value`` a NumPy array of its dtype): an array, or its shape for lowering what comes
+        next.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> def joint(hand_over, x):
+            ...     return (x * 2, jnp.float32(0.5)), hand_over(x) + 1
+            >>> first, _ = split_trace(joint, [jnp.ones(2)], reads=[[0], []])
+            >>> computed, complete = first.without_literal_outputs()
+            >>> leaves = computed(jnp.ones(2))
+            >>> len(leaves), complete(leaves, float)[1]
+            (1, 0.5)
+        """
+        jaxpr = self._closed.jaxpr
+        apart = [isinstance(var, Literal) and not var.aval.weak_type for var in jaxpr.outvars]
+        kept = [var for var, out in zip(jaxpr.outvars, apart, strict=True) if not out]
+        fun = jaxpr_as_fun(ClosedJaxpr(jaxpr.replace(outvars=kept), self._closed.consts))
+
+        def computed(*args: Any) -> list[Any]:
+            return fun(*jax.tree.leaves(args))
+
+        def complete(leaves: Sequence[Any], make: Callable[[np.ndarray], Any]) -> Any:
+            given = iter(leaves)
+            outputs = [
+                make(np.asarray(var.val, var.aval.dtype)) if out else next(given)
+                for var, out in zip(jaxpr.outvars, apart, strict=True)
+            ]
+            return jax.tree.unflatten(self._out_tree, outputs)
+
+        computed.__name__ = self.__name__
+        return computed, complete
 
 
 def split_trace(
@@ -28,7 +88,7 @@ def split_trace(
     args: Sequence[Any],
     reads: Sequence[Sequence[int]],
     names: Sequence[str] | None = None,
-) -> tuple[Callable[..., Any] | None, ...] | None:
+) -> tuple[Part | None, ...] | None:
     """Trace ``joint(hand_over, *args) -> (first_out, *later_outs)`` once and split it into
     one function per part.
 
@@ -37,8 +97,8 @@ def split_trace(
     ``hand_over(v)`` (which returns ``v`` unchanged) and computes ``later_outs[k - 1]`` from what
     that returned and the arguments at the positions ``reads[k]``.
 
-    Returns ``(first, *later)``: ``first(*[args[i] for i in reads[0]]) -> first_out`` and
-    ``later[k - 1](v, *[args[i] for i in reads[k]]) -> later_outs[k - 1]``, named ``names``
+    Returns ``(first, *later)``, each a :class:`Part`: ``first(*[args[i] for i in reads[0]]) ->
+    first_out`` and ``later[k - 1](v, *[args[i] for i in reads[k]]) -> later_outs[k - 1]``, named ``names``
     (what ``jax.jit`` names their programs; ``part0``, ``part1``, ... by default), each
     evaluating only the traced equations its outputs need (in the order they were traced);
     they take arguments of the traced shapes. A part is ``None`` where its outputs need
@@ -96,19 +156,13 @@ def split_trace(
         ),
     ]
 
-    def as_function(index: int) -> Callable[..., Any] | None:
+    def as_part(index: int) -> Part | None:
         part = _part(jaxpr, part_invars[index], part_outvars[index])
         if part is None:
             return None
-        fun, tree = jaxpr_as_fun(ClosedJaxpr(part, closed.consts)), jax.tree.structure(out_shapes[index])
+        return Part(names[index], ClosedJaxpr(part, closed.consts), jax.tree.structure(out_shapes[index]))
 
-        def evaluated(*args: Any) -> Any:
-            return jax.tree.unflatten(tree, fun(*jax.tree.leaves(args)))
-
-        evaluated.__name__ = names[index]
-        return evaluated
-
-    return tuple(as_function(index) for index in range(len(out_shapes)))
+    return tuple(as_part(index) for index in range(len(out_shapes)))
 
 
 def _grouped(variables: Sequence[Any], trees: Sequence[Any]) -> list[list[Any]]:
