@@ -35,7 +35,7 @@ from numpyro import deterministic, plate, sample
 from numpyro.contrib.module import random_nnx_module
 from numpyro.infer import SVI, Trace_ELBO, init_to_uniform
 from numpyro.infer.autoguide import AutoNormal
-from optax import adam
+from optax import adam, inject_hyperparams
 
 from aimz_trainer import ConfigurationError, EarlyStopping
 from aimz_trainer.recipe import Experiment, FitOutcome, Recipe, RecipeContext, spec
@@ -80,9 +80,14 @@ def make_model(num_rows: int, num_features: int, hidden: int, rng_key: Array) ->
 
 
 def make_svi(model: Callable[..., None], learning_rate: float = 1e-3) -> SVI:
-    """AutoNormal guide, Adam and Trace_ELBO, as in the tutorial."""
+    """AutoNormal guide, Adam and Trace_ELBO, as in the tutorial.
+
+    Adam's rate is a value in the optimizer's state (``optax.inject_hyperparams``), not a
+    constant of the compiled training chunk: a run with another ``--model.learning_rate``
+    reads the chunk back from the compilation cache and compiles only init."""
     guide = AutoNormal(model=model, init_loc_fn=init_to_uniform(radius=0.1))
-    return SVI(model, guide=guide, optim=adam(learning_rate=learning_rate), loss=Trace_ELBO())
+    optim = inject_hyperparams(adam)(learning_rate=learning_rate)
+    return SVI(model, guide=guide, optim=optim, loss=Trace_ELBO())
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:
