@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -248,3 +249,36 @@ def test_cluster_spec_sources():
         distributed.cluster_spec(environ={"AIMZ_NUM_PROCESSES": "2", "AIMZ_PROCESS_ID": "0"})
     with pytest.raises(ConfigurationError, match="together"):
         distributed.cluster_spec("h:1")
+
+
+def ephemeral_ports() -> range | None:
+    """The ports this Linux machine hands out by itself (binding port 0, connecting), if known."""
+    path = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    if not path.exists():
+        return None
+    low, high = map(int, path.read_text().split())
+    return range(low, high + 1)
+
+
+def test_a_free_port_is_one_the_system_does_not_hand_out_by_itself():
+    # A port the system picked could go to another socket (a connection of a run beside this
+    # one) before the coordinator binds it: a two-process test once failed so on CI.
+    ports = {distributed.free_port() for _ in range(20)}
+    assert all(port in distributed.COORDINATOR_PORTS for port in ports) and len(ports) > 1  # drawn
+    system = ephemeral_ports()
+    if system is not None and not (set(system) & set(distributed.COORDINATOR_PORTS)):
+        assert not any(port in system for port in ports)
+    for port in ports:  # free on every address, as the coordinator binds
+        with socket.socket() as probe:
+            probe.bind(("", port))
+
+
+def test_a_port_in_use_is_drawn_again(monkeypatch):
+    taken_port = distributed.free_port()
+    free = next(port for port in iter(distributed.free_port, None) if port != taken_port)
+    draws = iter([taken_port, free])
+    monkeypatch.setattr(distributed.random.SystemRandom, "choice", lambda self, ports: next(draws))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", taken_port))
+        taken.listen()
+        assert distributed.free_port() == free

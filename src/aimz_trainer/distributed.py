@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -260,11 +261,31 @@ def require_agreement(view: Mapping[str, object], given: str, advice: str) -> No
         )
 
 
+# Ports the system never hands out on its own: below the ephemeral ranges (Linux 32768-60999,
+# macOS and Windows 49152-65535), above the well-known and common service ports.
+COORDINATOR_PORTS = range(10_000, 32_768)
+
+
 def free_port() -> int:
-    """A TCP port free on this machine now (for a local coordinator)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    """A TCP port free on every address of this machine now (for a local coordinator), drawn
+    from :data:`COORDINATOR_PORTS`.
+
+    A port the system picked (binding port 0) is an ephemeral one: between this check and the
+    coordinator's bind, the system may give it to another socket, a connection of another run
+    on this machine say, and the coordinator then fails to start ("address already in use").
+    The system gives out no port of this range by itself; another run choosing the same one
+    at the same time is unlikely (a random draw of 22,768).
+    """
+    draw = random.SystemRandom()
+    for _ in range(100):
+        port = draw.choice(COORDINATOR_PORTS)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("", port))  # every address: the coordinator listens on all of them
+            except OSError:
+                continue
+        return port
+    raise DistributedError(f"no free TCP port found in {COORDINATOR_PORTS} after 100 draws")
 
 
 def launch(

@@ -64,7 +64,12 @@ class Part:
             (1, 0.5)
         """
         jaxpr = self._closed.jaxpr
-        apart = [isinstance(var, Literal) and not var.aval.weak_type for var in jaxpr.outvars]
+        apart = [
+            isinstance(var, Literal)
+            and not var.aval.weak_type
+            and not jax.dtypes.issubdtype(var.aval.dtype, jax.dtypes.extended)  # a key's, say: no NumPy value
+            for var in jaxpr.outvars
+        ]
         kept = [var for var, out in zip(jaxpr.outvars, apart, strict=True) if not out]
         fun = jaxpr_as_fun(ClosedJaxpr(jaxpr.replace(outvars=kept), self._closed.consts))
 
